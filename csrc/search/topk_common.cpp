@@ -1,0 +1,75 @@
+#include "search/topk_common.h"
+
+#include "common/checks.h"
+
+#include <limits>
+
+namespace xmodal {
+
+Metric parse_metric(const std::string& name) {
+  if (name == "ip") return Metric::IP;
+  if (name == "cosine") return Metric::Cosine;
+  if (name == "l2") return Metric::L2;
+  if (name == "sqeuclidean") return Metric::SqEuclidean;
+  if (name == "cosine_distance") return Metric::CosineDistance;
+  if (name == "kl") return Metric::KL;
+  TORCH_CHECK(false, "metric must be one of 'ip', 'cosine', 'l2', 'sqeuclidean', 'cosine_distance', 'kl', got '",
+              name, "'");
+}
+
+const char* metric_name(Metric m) {
+  switch (m) {
+    case Metric::IP: return "ip";
+    case Metric::Cosine: return "cosine";
+    case Metric::L2: return "l2";
+    case Metric::SqEuclidean: return "sqeuclidean";
+    case Metric::CosineDistance: return "cosine_distance";
+    case Metric::KL: return "kl";
+  }
+  return "?";
+}
+
+SearchArgs validate_search_args(const at::Tensor& queries, const at::Tensor& database, int64_t k,
+                                const std::string& metric, const std::optional<at::Tensor>& mask) {
+  SearchArgs a;
+  a.metric = parse_metric(metric);
+  TORCH_CHECK(queries.dim() == 1 || queries.dim() == 2, "queries must be 1-D [D] or 2-D [Q, D], got shape ",
+              queries.sizes());
+  check_dim(database, 2, "database", "[N, D]");
+  check_float_dtype(queries, "queries");
+  check_float_dtype(database, "database");
+  check_same_dtype(queries, "queries", database, "database");
+  check_same_device(queries, "queries", database, "database");
+  a.squeeze = queries.dim() == 1;
+  a.queries = a.squeeze ? queries.unsqueeze(0) : queries;
+  a.database = database;
+  TORCH_CHECK(a.queries.size(1) == database.size(1), "queries and database must have the same dimension D, got ",
+              a.queries.size(1), " and ", database.size(1));
+  TORCH_CHECK(k > 0, "k must be positive, got ", k);
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool, "mask must be a bool tensor, got ", m.scalar_type());
+    TORCH_CHECK(m.dim() == 1 && m.size(0) == database.size(0), "mask must have shape [N] = [", database.size(0),
+                "], got ", m.sizes());
+    check_same_device(m, "mask", database, "database");
+    a.mask = m.contiguous();
+  }
+  a.k = k;
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> padded_results(const SearchArgs& a) {
+  const int64_t Q = a.queries.size(0);
+  const double pad = larger_is_better(a.metric) ? -std::numeric_limits<double>::infinity()
+                                                : std::numeric_limits<double>::infinity();
+  auto values = at::full({Q, a.k}, pad, a.queries.options());
+  auto indices = at::full({Q, a.k}, -1, a.queries.options().dtype(at::kLong));
+  return finish_results(a, values, indices);
+}
+
+std::tuple<at::Tensor, at::Tensor> finish_results(const SearchArgs& a, at::Tensor values, at::Tensor indices) {
+  if (a.squeeze) return {values.squeeze(0), indices.squeeze(0)};
+  return {values, indices};
+}
+
+}  // namespace xmodal

@@ -1,0 +1,38 @@
+// What the CPU and CUDA top-k search kernels share: metric names, argument validation, output shapes.
+#pragma once
+#include <ATen/ATen.h>
+#include <optional>
+#include <string>
+
+namespace xmodal {
+
+enum class Metric { IP, Cosine, L2, SqEuclidean, CosineDistance, KL };
+
+// The kernels rank by a "key" where larger is better:
+//   ip: q·x                      cosine, cosine_distance: q·x / ||x||   (the query's norm is applied at the end)
+//   l2, sqeuclidean: 2 q·x - ||x||²  (the query's ||q||² is added at the end, then clamped at 0)
+//   kl: Σ q log d  (minus infinity where some d_i = 0 < q_i); KL = Σ q log q - key
+// and turn the k best keys into the metric's values once per query.
+Metric parse_metric(const std::string& name);
+const char* metric_name(Metric m);
+inline bool larger_is_better(Metric m) { return m == Metric::IP || m == Metric::Cosine; }
+
+struct SearchArgs {
+  at::Tensor queries;   // [Q, D] (a 1-D query is viewed as [1, D])
+  at::Tensor database;  // [N, D]
+  std::optional<at::Tensor> mask;  // bool [N]
+  int64_t k;
+  Metric metric;
+  bool squeeze;  // the caller passed a 1-D query: drop the leading dim of the results
+};
+
+// Validates every argument (names it in the error) and normalises shapes.
+SearchArgs validate_search_args(const at::Tensor& queries, const at::Tensor& database, int64_t k,
+                                const std::string& metric, const std::optional<at::Tensor>& mask);
+
+// Values and indices filled with padding (index -1, value -inf for similarities, +inf for distances).
+std::tuple<at::Tensor, at::Tensor> padded_results(const SearchArgs& a);
+
+std::tuple<at::Tensor, at::Tensor> finish_results(const SearchArgs& a, at::Tensor values, at::Tensor indices);
+
+}  // namespace xmodal

@@ -1,0 +1,319 @@
+// Fused top-k similarity search on the CPU.
+//
+// The database is cut into tiles of rows that fit in L2; each thread owns a contiguous range of tiles.
+// For every tile it computes a [query block x tile] score block with a GEMM (MKL/oneDNN through ATen, or
+// MKL's bf16/fp16 GEMM with fp32 output), turns the scores into ranking keys while they are in cache, and
+// feeds them to per-query candidate buffers (topk_select.h). The Q x N score matrix never exists: extra
+// memory is O(threads * Q * k + tile). Per-thread buffers are merged at the end.
+#include "search/topk_common.h"
+#include "search/topk_select.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <dlfcn.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <vector>
+
+namespace xmodal {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------
+// 16-bit GEMM with fp32 output. ATen's CPU matmul rounds bf16/fp16 results to 16 bits, which would turn
+// near ties into exact ties and cost ranking accuracy; MKL (linked into libtorch_cpu) has
+// cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32, which accumulate and write fp32 (AMX where present).
+// We look them up at run time and fall back to ATen (16-bit output) where a torch build lacks them.
+using Gemm16Fn = void (*)(int layout, int transa, int transb, int m, int n, int k, float alpha, const void* a,
+                          int lda, const void* b, int ldb, float beta, float* c, int ldc);
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
+
+Gemm16Fn find_gemm16(at::ScalarType t) {
+  static void* handle = [] {
+    const char* off = std::getenv("XMODAL_DISABLE_MKL_GEMM16");
+    if (off && off[0] == '1') return static_cast<void*>(nullptr);
+    return dlopen("libtorch_cpu.so", RTLD_NOLOAD | RTLD_LAZY);
+  }();
+  if (!handle) return nullptr;
+  static auto bf16 = reinterpret_cast<Gemm16Fn>(dlsym(handle, "cblas_gemm_bf16bf16f32"));
+  static auto f16 = reinterpret_cast<Gemm16Fn>(dlsym(handle, "cblas_gemm_f16f16f32"));
+  return t == at::kBFloat16 ? bf16 : (t == at::kHalf ? f16 : nullptr);
+}
+
+// out[m, n] = a[m, :] · b[n, :]   (row-major out with leading dimension n)
+template <typename acc_t>
+void gemm_nt(const at::Tensor& a, const at::Tensor& b, acc_t* out) {
+  const int64_t m = a.size(0), n = b.size(0), d = a.size(1);
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  if (a.scalar_type() == acc_dtype) {
+    auto o = at::from_blob(out, {m, n}, at::TensorOptions().dtype(acc_dtype));
+    at::mm_out(o, a, b.t());
+    return;
+  }
+  Gemm16Fn fn = find_gemm16(a.scalar_type());
+  const bool rows_ok = a.stride(1) == 1 && b.stride(1) == 1 && d > 0 && a.stride(0) >= d && b.stride(0) >= d &&
+                       std::max({m, n, d, a.stride(0), b.stride(0)}) < (int64_t(1) << 31);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (fn && rows_ok) {
+      fn(kCblasRowMajor, kCblasNoTrans, kCblasTrans, int(m), int(n), int(d), 1.0f, a.data_ptr(), int(a.stride(0)),
+         b.data_ptr(), int(b.stride(0)), 0.0f, out, int(n));
+      return;
+    }
+  }
+  auto o = at::from_blob(out, {m, n}, at::TensorOptions().dtype(acc_dtype));
+  o.copy_(at::mm(a, b.t()));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct QuerySide {  // per-query terms, computed once per call
+  at::Tensor gemm_operand;  // what multiplies the database tile (the queries, or fp32/64 queries for kl)
+  at::Tensor positive;      // kl: 1 where q_i > 0 (to detect d_i = 0 < q_i with a second GEMM)
+  std::vector<acc_t> term;  // cosine: 1/||q||; l2: ||q||²; kl: Σ q log q
+};
+
+template <typename acc_t>
+struct TileSide {  // per-database-row terms for one tile
+  at::Tensor gemm_operand;  // the tile rows, or log of them for kl
+  at::Tensor zeros;         // kl: 1 where d_i = 0 (undefined when !has_zeros)
+  bool has_zeros = false;
+  std::vector<acc_t> term;  // cosine: 1/||x||; l2: ||x||²
+};
+
+constexpr double kNormEps = 1e-12;  // zero vectors normalise to zero, as F.normalize does
+
+template <typename acc_t>
+QuerySide<acc_t> prepare_queries(const at::Tensor& queries, Metric metric) {
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  QuerySide<acc_t> qs;
+  at::Tensor term;
+  switch (metric) {
+    case Metric::IP: break;
+    case Metric::Cosine:
+    case Metric::CosineDistance:
+      term = at::linalg_vector_norm(queries, 2, {1}, false, acc_dtype).clamp_min(kNormEps).reciprocal();
+      break;
+    case Metric::L2:
+    case Metric::SqEuclidean:
+      term = at::linalg_vector_norm(queries, 2, {1}, false, acc_dtype).square();
+      break;
+    case Metric::KL: {
+      at::Tensor q = queries.to(acc_dtype);
+      TORCH_CHECK(!(q < 0).any().item<bool>(), "queries must be non-negative with metric 'kl', found a negative entry");
+      term = at::xlogy(q, q).sum(1);
+      qs.positive = (q > 0).to(acc_dtype).contiguous();
+      qs.gemm_operand = q.contiguous();
+      break;
+    }
+  }
+  if (!qs.gemm_operand.defined()) qs.gemm_operand = queries.stride(1) == 1 ? queries : queries.contiguous();
+  if (term.defined()) {
+    term = term.contiguous();
+    qs.term.assign(term.template data_ptr<acc_t>(), term.template data_ptr<acc_t>() + term.numel());
+  }
+  return qs;
+}
+
+template <typename acc_t>
+void prepare_tile(const at::Tensor& tile, Metric metric, int64_t first_row, TileSide<acc_t>& ts) {
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  ts.term.clear();
+  ts.has_zeros = false;
+  at::Tensor term;
+  switch (metric) {
+    case Metric::IP: break;
+    case Metric::Cosine:
+    case Metric::CosineDistance:
+      term = at::linalg_vector_norm(tile, 2, {1}, false, acc_dtype).clamp_min(kNormEps).reciprocal();
+      break;
+    case Metric::L2:
+    case Metric::SqEuclidean:
+      term = at::linalg_vector_norm(tile, 2, {1}, false, acc_dtype).square();
+      break;
+    case Metric::KL: {
+      at::Tensor d = tile.to(acc_dtype);
+      TORCH_CHECK(!(d < 0).any().item<bool>(), "database must be non-negative with metric 'kl', found a negative "
+                  "entry in rows ", first_row, " to ", first_row + tile.size(0) - 1);
+      at::Tensor zero = d == 0;
+      ts.has_zeros = zero.any().item<bool>();
+      at::Tensor logd = at::log(d);
+      if (ts.has_zeros) {
+        logd.masked_fill_(zero, 0);  // 0·log 0 = 0; d_i = 0 < q_i is caught by the zeros GEMM
+        ts.zeros = zero.to(acc_dtype);
+      }
+      ts.gemm_operand = logd;
+      break;
+    }
+  }
+  if (metric != Metric::KL) ts.gemm_operand = tile.stride(1) == 1 ? tile : tile.contiguous();
+  if (term.defined()) {
+    term = term.contiguous();
+    ts.term.assign(term.template data_ptr<acc_t>(), term.template data_ptr<acc_t>() + term.numel());
+  }
+}
+
+// Ranking keys of one query's row of scores against one tile (larger is better); see topk_common.h.
+template <typename acc_t, typename ord_t>
+void row_keys(Metric metric, const acc_t* score, const acc_t* zero_hits, const acc_t* term, const bool* mask,
+              int64_t n, ord_t* keys) {
+  switch (metric) {
+    case Metric::IP:
+      for (int64_t j = 0; j < n; ++j) keys[j] = to_ord<acc_t>(score[j]);
+      break;
+    case Metric::Cosine:
+    case Metric::CosineDistance:
+      for (int64_t j = 0; j < n; ++j) keys[j] = to_ord<acc_t>(score[j] * term[j]);
+      break;
+    case Metric::L2:
+    case Metric::SqEuclidean:
+      for (int64_t j = 0; j < n; ++j) keys[j] = to_ord<acc_t>(2 * score[j] - term[j]);
+      break;
+    case Metric::KL:
+      if (zero_hits) {
+        const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t j = 0; j < n; ++j) keys[j] = to_ord<acc_t>(zero_hits[j] > 0 ? ninf : score[j]);
+      } else {
+        for (int64_t j = 0; j < n; ++j) keys[j] = to_ord<acc_t>(score[j]);
+      }
+      break;
+  }
+  if (mask)
+    for (int64_t j = 0; j < n; ++j) keys[j] = mask[j] ? keys[j] : kSkipOrd<ord_t>;
+}
+
+// The metric's value for query i from its ranking key.
+template <typename acc_t>
+acc_t key_to_value(Metric metric, acc_t key, const std::vector<acc_t>& qterm, int64_t i) {
+  switch (metric) {
+    case Metric::IP: return key;
+    case Metric::Cosine: return key * qterm[i];
+    case Metric::CosineDistance: {
+      const acc_t c = key * qterm[i];
+      return c != c ? c : std::sqrt(std::max<acc_t>(2 * (1 - c), 0));
+    }
+    case Metric::SqEuclidean:
+    case Metric::L2: {
+      const acc_t sq = qterm[i] - key;
+      if (sq != sq) return sq;
+      return metric == Metric::L2 ? std::sqrt(std::max<acc_t>(sq, 0)) : std::max<acc_t>(sq, 0);
+    }
+    case Metric::KL: return qterm[i] - key;
+  }
+  return key;
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using ord_t = ord_type<acc_t>;
+  const Metric metric = args.metric;
+  const at::Tensor& database = args.database;
+  const int64_t Q = args.queries.size(0), N = database.size(0), D = database.size(1), k = args.k;
+  const int64_t threads = at::get_num_threads();
+  const int64_t gemm_elem = metric == Metric::KL ? int64_t(sizeof(acc_t)) : database.element_size();
+
+  // Tile sizes: a database tile of about 512 KiB stays in L2 while every query block meets it; with few
+  // queries (a memory-bound scan) larger tiles amortise the per-GEMM overhead.
+  const int64_t row_bytes = std::max<int64_t>(D * gemm_elem, 1);
+  int64_t tile_rows = Q <= 8 ? (int64_t(1) << 20) / row_bytes : (int64_t(512) << 10) / row_bytes;
+  tile_rows = std::clamp<int64_t>(tile_rows / 16 * 16, 64, 16384);
+  tile_rows = std::min(tile_rows, std::max<int64_t>(16, (N + threads - 1) / threads));
+  const int64_t num_tiles = (N + tile_rows - 1) / tile_rows;
+  const int64_t parts = std::min(threads, num_tiles);
+  const int64_t query_block = std::min<int64_t>(Q, 128);
+  const int64_t max_rows_per_part = ((num_tiles + parts - 1) / parts) * tile_rows;
+  const int64_t capacity = std::min(k + std::max<int64_t>(k, 32), max_rows_per_part);
+
+  // Queries are processed in super-blocks so the candidate buffers stay under ~256 MiB for any Q and k.
+  const int64_t state_bytes_per_query = parts * capacity * int64_t(sizeof(Candidate<ord_t>));
+  int64_t super_block = std::max<int64_t>(1, (int64_t(256) << 20) / state_bytes_per_query);
+  super_block = std::min(Q, std::max(super_block, query_block));
+
+  QuerySide<acc_t> qside = prepare_queries<acc_t>(args.queries, metric);
+  const bool* mask = args.mask ? args.mask->data_ptr<bool>() : nullptr;
+
+  std::vector<Candidate<ord_t>> slots(size_t(parts * super_block * capacity));
+  std::vector<TopKBuffer<ord_t>> buffers(size_t(parts * super_block));
+
+  at::Tensor values = at::empty({Q, k}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  auto indices = at::empty({Q, k}, at::TensorOptions().dtype(at::kLong));
+  acc_t* out_v = values.template data_ptr<acc_t>();
+  int64_t* out_i = indices.data_ptr<int64_t>();
+  const acc_t pad = larger_is_better(metric) ? -std::numeric_limits<acc_t>::infinity()
+                                             : std::numeric_limits<acc_t>::infinity();
+
+  for (int64_t s0 = 0; s0 < Q; s0 += super_block) {
+    const int64_t s1 = std::min(Q, s0 + super_block);
+    for (int64_t p = 0; p < parts; ++p)
+      for (int64_t i = 0; i < s1 - s0; ++i)
+        buffers[p * super_block + i] = {&slots[(p * super_block + i) * capacity], 0, kSkipOrd<ord_t>};
+
+    at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+      std::vector<acc_t> scores(static_cast<size_t>(query_block * tile_rows));
+      std::vector<acc_t> zero_hits(metric == Metric::KL ? static_cast<size_t>(query_block * tile_rows) : 0);
+      std::vector<ord_t> keys(static_cast<size_t>(tile_rows));
+      TileSide<acc_t> tside;
+      for (int64_t p = pb; p < pe; ++p) {
+        const int64_t t_begin = p * num_tiles / parts, t_end = (p + 1) * num_tiles / parts;
+        for (int64_t t = t_begin; t < t_end; ++t) {
+          const int64_t n0 = t * tile_rows, nt = std::min(N, n0 + tile_rows) - n0;
+          prepare_tile<acc_t>(database.narrow(0, n0, nt), metric, n0, tside);
+          for (int64_t q0 = s0; q0 < s1; q0 += query_block) {
+            const int64_t qn = std::min(s1, q0 + query_block) - q0;
+            gemm_nt<acc_t>(qside.gemm_operand.narrow(0, q0, qn), tside.gemm_operand, scores.data());
+            if (tside.has_zeros) gemm_nt<acc_t>(qside.positive.narrow(0, q0, qn), tside.zeros, zero_hits.data());
+            for (int64_t i = 0; i < qn; ++i) {
+              row_keys<acc_t, ord_t>(metric, scores.data() + i * nt, tside.has_zeros ? zero_hits.data() + i * nt : nullptr,
+                                     tside.term.data(), mask ? mask + n0 : nullptr, nt, keys.data());
+              buffers[p * super_block + (q0 - s0 + i)].scan(keys.data(), nt, n0, k, capacity);
+            }
+          }
+        }
+      }
+    });
+
+    // Merge the parts' candidates per query, best first; pad when fewer than k exist.
+    at::parallel_for(s0, s1, 16, [&](int64_t qb, int64_t qe) {
+      std::vector<Candidate<ord_t>> merged;
+      for (int64_t i = qb; i < qe; ++i) {
+        merged.clear();
+        for (int64_t p = 0; p < parts; ++p) {
+          const auto& b = buffers[p * super_block + (i - s0)];
+          merged.insert(merged.end(), b.slots, b.slots + b.count);
+        }
+        const int64_t found = std::min<int64_t>(k, int64_t(merged.size()));
+        std::partial_sort(merged.begin(), merged.begin() + found, merged.end(), better<ord_t>);
+        for (int64_t r = 0; r < k; ++r) {
+          if (r < found) {
+            out_v[i * k + r] = key_to_value<acc_t>(metric, from_ord<acc_t>(merged[r].key), qside.term, i);
+            out_i[i * k + r] = merged[r].index;
+          } else {
+            out_v[i * k + r] = pad;
+            out_i[i * k + r] = -1;
+          }
+        }
+      }
+    });
+  }
+  return finish_results(args, values.to(args.queries.scalar_type()), indices);
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_search_cpu(const at::Tensor& queries, const at::Tensor& database, int64_t k,
+                                                   c10::string_view metric, const std::optional<at::Tensor>& mask) {
+  SearchArgs args = validate_search_args(queries, database, k, std::string(metric), mask);
+  TORCH_CHECK(database.device().is_cpu(), "database must be a CPU tensor for the CPU kernel, got ", database.device());
+  if (args.queries.size(0) == 0 || database.size(0) == 0) return padded_results(args);
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, database.scalar_type(), "topk_search_cpu",
+                                         [&] { return search_cpu<scalar_t>(args); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xmodal, CPU, m) {
+  m.impl("topk_search", &topk_search_cpu);
+}
+
+}  // namespace xmodal

@@ -1,0 +1,87 @@
+// Host-side k-selection primitives: order-preserving integer keys and a threshold-filtered candidate
+// buffer. Shared by the CPU kernel; the CUDA kernels use the same key encoding (topk_search_cuda.cu).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace xmodal {
+
+// Scores are compared as signed integers whose order matches the float order (-inf < ... < +inf), with
+// NaN mapped just above the "skip" value so that NaN ranks below every number but is still a candidate,
+// and masked-out rows (kSkipOrd) are never accepted.
+template <typename acc_t>
+using ord_type = std::conditional_t<std::is_same_v<acc_t, double>, int64_t, int32_t>;
+
+template <typename ord_t>
+constexpr ord_t kSkipOrd = std::numeric_limits<ord_t>::min();
+template <typename ord_t>
+constexpr ord_t kNanOrd = std::numeric_limits<ord_t>::min() + 1;
+
+template <typename acc_t, typename ord_t = ord_type<acc_t>>
+inline ord_t to_ord(acc_t v) {
+  ord_t b;
+  std::memcpy(&b, &v, sizeof b);
+  const ord_t o = b ^ ((b >> (8 * sizeof(ord_t) - 1)) & std::numeric_limits<ord_t>::max());
+  return v != v ? kNanOrd<ord_t> : o;
+}
+
+template <typename acc_t, typename ord_t = ord_type<acc_t>>
+inline acc_t from_ord(ord_t o) {
+  if (o == kNanOrd<ord_t>) return std::numeric_limits<acc_t>::quiet_NaN();
+  const ord_t b = o ^ ((o >> (8 * sizeof(ord_t) - 1)) & std::numeric_limits<ord_t>::max());
+  acc_t v;
+  std::memcpy(&v, &b, sizeof v);
+  return v;
+}
+
+template <typename ord_t>
+struct Candidate {
+  ord_t key;
+  int64_t index;
+};
+
+// Best first; ties go to the smaller index so results do not depend on the order candidates arrived in.
+template <typename ord_t>
+inline bool better(const Candidate<ord_t>& a, const Candidate<ord_t>& b) {
+  return a.key > b.key || (a.key == b.key && a.index < b.index);
+}
+
+// A per-query top-k in progress: an unsorted buffer of `capacity` > k slots. Keys above the threshold are
+// appended; when the buffer fills, the best k are kept (nth_element) and the threshold becomes the k-th
+// key, so each candidate costs O(1) amortised and most are rejected by one comparison.
+template <typename ord_t>
+struct TopKBuffer {
+  Candidate<ord_t>* slots;
+  int64_t count;
+  ord_t threshold;
+
+  void compact(int64_t k) {
+    std::nth_element(slots, slots + (k - 1), slots + count, better<ord_t>);
+    count = k;
+    threshold = slots[k - 1].key;
+  }
+
+  // keys[j] is the key of database row base + j.
+  void scan(const ord_t* keys, int64_t n, int64_t base, int64_t k, int64_t capacity) {
+    constexpr int64_t kBlock = 16;
+    int64_t j = 0;
+    for (; j + kBlock <= n; j += kBlock) {
+      bool any = false;
+      for (int64_t t = 0; t < kBlock; ++t) any |= keys[j + t] > threshold;
+      if (!any) continue;
+      for (int64_t t = 0; t < kBlock; ++t) push(keys[j + t], base + j + t, k, capacity);
+    }
+    for (; j < n; ++j) push(keys[j], base + j, k, capacity);
+  }
+
+  void push(ord_t key, int64_t index, int64_t k, int64_t capacity) {
+    if (!(key > threshold)) return;
+    slots[count++] = {key, index};
+    if (count == capacity && capacity > k) compact(k);
+  }
+};
+
+}  // namespace xmodal

@@ -1,0 +1,31 @@
+// THE one place for op schemas. Each backend registers its kernels beside them with TORCH_LIBRARY_IMPL
+// (csrc/search/*_cpu.cpp, *_cuda.cu); fake tensors and autograd are registered in Python
+// (python/xmodal/_registrations.py).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(xmodal, m) {
+  // Batched top-k similarity search; see xmodal.topk_search for the semantics.
+  m.def("topk_search(Tensor queries, Tensor database, int k, str metric=\"cosine\", Tensor? mask=None)"
+        " -> (Tensor values, Tensor indices)");
+}
+
+namespace {
+pybind11::dict build_info() {
+  pybind11::dict d;
+#ifdef XMODAL_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_archs"] = std::string(XMODAL_CUDA_ARCHS);
+#else
+  d["cuda"] = false;
+  d["cuda_archs"] = std::string();
+#endif
+  d["torch_version"] = std::string(XMODAL_TORCH_VERSION);
+  return d;
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "xmodal compiled ops (registered as torch.ops.xmodal.*)";
+  m.def("build_info", &build_info, "How this extension was built: CUDA kernels, their architectures, torch version");
+}

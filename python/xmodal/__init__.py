@@ -1,0 +1,19 @@
+"""xmodal: cross-modal retrieval for PyTorch with fused C++/CUDA kernels.
+
+Importing xmodal loads the compiled extension (which registers ``torch.ops.xmodal.*``), then the fake-tensor
+and autograd registrations, then re-exports the public API.
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # noqa: F401
+from . import _registrations  # noqa: F401
+from .ops import METRICS, topk_search
+
+__version__ = "0.1.0"
+
+__all__ = ["METRICS", "topk_search", "build_info", "__version__"]
+
+
+def build_info() -> dict:
+    """How the extension was built: ``{"cuda": bool, "cuda_archs": str, "torch_version": str}``."""
+    return dict(_C.build_info())

@@ -1,0 +1,64 @@
+"""The ``xmodal`` command: ``info``, ``bench``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+
+def _info(args) -> int:
+    import torch
+
+    import xmodal
+
+    bi = xmodal.build_info()
+    rows = [
+        ("xmodal", xmodal.__version__),
+        ("torch", torch.__version__),
+        ("torch built against", bi["torch_version"]),
+        ("torch CUDA", torch.version.cuda or "none (CPU build)"),
+        ("CUDA kernels compiled", "yes" if bi["cuda"] else "no"),
+        ("CUDA architectures", bi["cuda_archs"] or "-"),
+        ("GPU visible", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no"),
+        ("CPU threads", str(torch.get_num_threads())),
+        ("CPU capability", torch.backends.cpu.get_cpu_capability()),
+        ("python", platform.python_version()),
+    ]
+    if args.json:
+        print(json.dumps(dict(rows), indent=2))
+    else:
+        width = max(len(r[0]) for r in rows)
+        for name, value in rows:
+            print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def _bench(args) -> int:
+    from . import bench
+
+    return bench.main(args)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="xmodal", description="Cross-modal retrieval ops for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="versions, compiled CUDA architectures, GPU, threads")
+    p_info.add_argument("--json", action="store_true", help="print JSON")
+    p_info.set_defaults(func=_info)
+    p_bench = sub.add_parser("bench", help="benchmark the fused ops against naive PyTorch (and faiss)")
+    p_bench.add_argument("op", choices=["search"], help="which op to benchmark")
+    p_bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p_bench.add_argument("--quick", action="store_true", help="a small grid that runs in seconds")
+    p_bench.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
+    p_bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p_bench.add_argument("--markdown", metavar="PATH", help="write the results as a markdown report")
+    p_bench.add_argument("--no-faiss", action="store_true", help="skip faiss even when installed")
+    p_bench.set_defaults(func=_bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
