@@ -1,6 +1,7 @@
 // What the CPU and CUDA top-k search kernels share: metric names, argument validation, output shapes.
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
 #include <optional>
 #include <string>
 
@@ -15,7 +16,7 @@ enum class Metric { IP, Cosine, L2, SqEuclidean, CosineDistance, KL };
 // and turn the k best keys into the metric's values once per query.
 Metric parse_metric(const std::string& name);
 const char* metric_name(Metric m);
-inline bool larger_is_better(Metric m) { return m == Metric::IP || m == Metric::Cosine; }
+C10_HOST_DEVICE inline bool larger_is_better(Metric m) { return m == Metric::IP || m == Metric::Cosine; }
 
 struct SearchArgs {
   at::Tensor queries;   // [Q, D] (a 1-D query is viewed as [1, D])

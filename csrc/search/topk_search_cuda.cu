@@ -1,0 +1,315 @@
+// Top-k similarity search on CUDA: a first, correct path.
+//
+// The database is processed in tiles: one cuBLAS GEMM (through ATen, fp32 output with fp32 accumulation
+// for 16-bit inputs) scores a block of queries against a tile, then select_tile_kernel merges the tile's
+// scores into each query's running top-k with an in-block radix select, so the full Q x N score matrix
+// is never materialised (workspace: one score tile). A final kernel sorts and converts keys to values.
+// Everything runs on the current stream with no host synchronisation, except the optional check that
+// kl inputs are non-negative, which is skipped while a CUDA graph is being captured.
+#include "search/topk_common.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+
+namespace xmodal {
+namespace {
+
+// Order-preserving unsigned keys (larger is better). 0 marks "no candidate" (empty slot or masked row);
+// NaN maps to 1, below every number.
+template <typename acc_t> struct KeyOf;
+template <> struct KeyOf<float> { using type = uint32_t; };
+template <> struct KeyOf<double> { using type = uint64_t; };
+
+template <typename acc_t, typename key_t = typename KeyOf<acc_t>::type>
+__device__ __forceinline__ key_t encode_key(acc_t v) {
+  constexpr key_t sign = key_t(1) << (8 * sizeof(key_t) - 1);
+  key_t b;
+  memcpy(&b, &v, sizeof b);
+  const key_t o = (b & sign) ? ~b : (b | sign);
+  return v != v ? key_t(1) : o;
+}
+
+template <typename acc_t, typename key_t = typename KeyOf<acc_t>::type>
+__device__ __forceinline__ acc_t decode_key(key_t o) {
+  constexpr key_t sign = key_t(1) << (8 * sizeof(key_t) - 1);
+  if (o == key_t(1)) return acc_t(NAN);
+  const key_t b = (o & sign) ? (o & ~sign) : ~o;
+  acc_t v;
+  memcpy(&v, &b, sizeof v);
+  return v;
+}
+
+struct TileArgs {
+  int metric;        // Metric
+  int64_t n0;        // first database row of the tile
+  int64_t nt;        // rows in the tile
+  int64_t k;
+  const bool* mask;  // [N] or nullptr
+};
+
+// Key of tile column j for the query whose score row is `score` (see topk_common.h for the key forms).
+template <typename acc_t, typename key_t>
+__device__ __forceinline__ key_t tile_key(const TileArgs& a, const acc_t* score, const acc_t* zero_hits,
+                                          const acc_t* col_term, int64_t j) {
+  if (a.mask && !a.mask[a.n0 + j]) return key_t(0);
+  acc_t s = score[j];
+  switch (static_cast<Metric>(a.metric)) {
+    case Metric::IP: break;
+    case Metric::Cosine:
+    case Metric::CosineDistance: s = s * col_term[j]; break;
+    case Metric::L2:
+    case Metric::SqEuclidean: s = 2 * s - col_term[j]; break;
+    case Metric::KL:
+      if (zero_hits[j] > 0) s = -std::numeric_limits<acc_t>::infinity();
+      break;
+  }
+  return encode_key<acc_t>(s);
+}
+
+// One block per query: candidates are the query's running top-k (k slots) followed by the tile's nt
+// scores. An MSB-first radix select (8 bits a pass) finds the k-th largest key T; keys > T and enough
+// keys == T are written to the output slots (their order is settled by the final sort).
+template <typename acc_t, int kThreads>
+__global__ void select_tile_kernel(TileArgs a, const acc_t* __restrict__ scores, const acc_t* __restrict__ zero_hits,
+                                   const acc_t* __restrict__ col_term, const typename KeyOf<acc_t>::type* run_key_in,
+                                   const int64_t* run_idx_in, typename KeyOf<acc_t>::type* run_key_out,
+                                   int64_t* run_idx_out) {
+  using key_t = typename KeyOf<acc_t>::type;
+  const int64_t row = blockIdx.x;
+  const acc_t* srow = scores + row * a.nt;
+  const acc_t* zrow = zero_hits ? zero_hits + row * a.nt : nullptr;
+  const key_t* kin = run_key_in + row * a.k;
+  const int64_t* iin = run_idx_in + row * a.k;
+  key_t* kout = run_key_out + row * a.k;
+  int64_t* iout = run_idx_out + row * a.k;
+  const int64_t total = a.k + a.nt;
+
+  auto key_at = [&](int64_t c) -> key_t {
+    return c < a.k ? kin[c] : tile_key<acc_t, key_t>(a, srow, zrow, col_term, c - a.k);
+  };
+
+  __shared__ unsigned int hist[256];
+  __shared__ key_t s_prefix;
+  __shared__ int64_t s_need;
+  __shared__ unsigned long long s_gt, s_eq;
+
+  key_t prefix = 0, prefix_mask = 0;
+  int64_t need = a.k;  // rank of the wanted key among those matching the prefix
+  for (int shift = 8 * int(sizeof(key_t)) - 8; shift >= 0; shift -= 8) {
+    for (int b = threadIdx.x; b < 256; b += kThreads) hist[b] = 0;
+    __syncthreads();
+    for (int64_t c = threadIdx.x; c < total; c += kThreads) {
+      const key_t key = key_at(c);
+      if ((key & prefix_mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xff], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int64_t above = 0;
+      int b = 255;
+      for (; b > 0; --b) {
+        if (above + hist[b] >= need) break;
+        above += hist[b];
+      }
+      s_prefix = prefix | (key_t(b) << shift);
+      s_need = need - above;
+    }
+    __syncthreads();
+    prefix = s_prefix;
+    need = s_need;
+    prefix_mask |= key_t(0xff) << shift;
+    __syncthreads();
+  }
+  // prefix is now the k-th largest key; `need` of the keys equal to it are kept.
+  if (threadIdx.x == 0) {
+    s_gt = 0;
+    s_eq = 0;
+  }
+  __syncthreads();
+  const int64_t first_eq = a.k - need;
+  for (int64_t c = threadIdx.x; c < total; c += kThreads) {
+    const key_t key = key_at(c);
+    int64_t slot = -1;
+    if (key > prefix) {
+      slot = int64_t(atomicAdd(&s_gt, 1ull));
+    } else if (key == prefix) {
+      const int64_t e = int64_t(atomicAdd(&s_eq, 1ull));
+      if (e < need) slot = first_eq + e;
+    }
+    if (slot >= 0) {
+      kout[slot] = key;
+      iout[slot] = key == 0 ? -1 : (c < a.k ? iin[c] : a.n0 + (c - a.k));
+    }
+  }
+}
+
+// Each query's slots in sorted order -> metric values; empty slots become padding.
+template <typename acc_t, typename scalar_t>
+__global__ void finalize_kernel(int metric, int64_t total, int64_t k,
+                                const typename KeyOf<acc_t>::type* __restrict__ run_key,
+                                const int64_t* __restrict__ order, const int64_t* __restrict__ run_idx,
+                                const acc_t* __restrict__ qterm, scalar_t* __restrict__ values,
+                                int64_t* __restrict__ indices) {
+  using key_t = typename KeyOf<acc_t>::type;
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= total) return;
+  const int64_t row = t / k;
+  const int64_t slot = row * k + order[t];
+  const key_t key = run_key[slot];
+  const Metric m = static_cast<Metric>(metric);
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  if (key == 0) {
+    values[t] = static_cast<scalar_t>(larger_is_better(m) ? -inf : inf);
+    indices[t] = -1;
+    return;
+  }
+  acc_t v = decode_key<acc_t>(key);
+  switch (m) {
+    case Metric::IP: break;
+    case Metric::Cosine: v = v * qterm[row]; break;
+    case Metric::CosineDistance: {
+      const acc_t c = v * qterm[row];
+      v = c != c ? c : sqrt(max(acc_t(2) * (acc_t(1) - c), acc_t(0)));
+      break;
+    }
+    case Metric::SqEuclidean:
+    case Metric::L2: {
+      const acc_t sq = qterm[row] - v;
+      v = sq != sq ? sq : (m == Metric::L2 ? sqrt(max(sq, acc_t(0))) : max(sq, acc_t(0)));
+      break;
+    }
+    case Metric::KL: v = qterm[row] - v; break;
+  }
+  values[t] = static_cast<scalar_t>(v);
+  indices[t] = run_idx[slot];
+}
+
+constexpr double kNormEps = 1e-12;
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using key_t = typename KeyOf<acc_t>::type;
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const Metric metric = args.metric;
+  const at::Tensor& queries = args.queries;
+  const at::Tensor& database = args.database;
+  const int64_t Q = queries.size(0), N = database.size(0), k = args.k;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const auto fopts = queries.options().dtype(acc_dtype);
+
+  // Per-query terms (see topk_common.h) and the operand that multiplies the tiles.
+  at::Tensor qterm, qgemm = queries, qpos;
+  switch (metric) {
+    case Metric::IP: break;
+    case Metric::Cosine:
+    case Metric::CosineDistance:
+      qterm = at::linalg_vector_norm(queries, 2, {1}, false, acc_dtype).clamp_min(kNormEps).reciprocal();
+      break;
+    case Metric::L2:
+    case Metric::SqEuclidean: qterm = at::linalg_vector_norm(queries, 2, {1}, false, acc_dtype).square(); break;
+    case Metric::KL:
+      qgemm = queries.to(acc_dtype);
+      qterm = at::xlogy(qgemm, qgemm).sum(1);
+      qpos = (qgemm > 0).to(acc_dtype);
+      break;
+  }
+  if (!qterm.defined()) qterm = at::zeros({Q}, fopts);
+  qterm = qterm.contiguous();
+  const bool validate_kl = metric == Metric::KL && at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None;
+  at::Tensor negatives = validate_kl ? (qgemm < 0).sum() : at::Tensor();
+
+  // Running top-k (ping-pong buffers) and the tile size: the score tile stays under ~256 MiB.
+  const int64_t query_block = std::min<int64_t>(Q, 65536);
+  const int64_t tile_rows = std::min<int64_t>(N, std::max<int64_t>(1024, (int64_t(64) << 20) / query_block));
+  auto keys_a = at::zeros({Q, k}, queries.options().dtype(sizeof(key_t) == 4 ? at::kInt : at::kLong));
+  auto keys_b = at::empty_like(keys_a);
+  auto idx_a = at::full({Q, k}, -1, queries.options().dtype(at::kLong));
+  auto idx_b = at::empty_like(idx_a);
+  const bool* mask = args.mask ? args.mask->data_ptr<bool>() : nullptr;
+
+  constexpr int kThreads = 256;
+  for (int64_t n0 = 0; n0 < N; n0 += tile_rows) {
+    const int64_t nt = std::min(N, n0 + tile_rows) - n0;
+    at::Tensor tile = database.narrow(0, n0, nt);
+    at::Tensor tgemm = tile, col, zeros;
+    switch (metric) {
+      case Metric::IP: break;
+      case Metric::Cosine:
+      case Metric::CosineDistance:
+        col = at::linalg_vector_norm(tile, 2, {1}, false, acc_dtype).clamp_min(kNormEps).reciprocal();
+        break;
+      case Metric::L2:
+      case Metric::SqEuclidean: col = at::linalg_vector_norm(tile, 2, {1}, false, acc_dtype).square(); break;
+      case Metric::KL: {
+        at::Tensor d = tile.to(acc_dtype);
+        if (validate_kl) negatives = negatives + (d < 0).sum();
+        at::Tensor zero = d == 0;
+        tgemm = at::log(d).masked_fill_(zero, 0);
+        zeros = zero.to(acc_dtype);
+        break;
+      }
+    }
+    if (col.defined()) col = col.contiguous();
+    for (int64_t q0 = 0; q0 < Q; q0 += query_block) {
+      const int64_t qn = std::min(Q, q0 + query_block) - q0;
+      at::Tensor qa = qgemm.narrow(0, q0, qn);
+      at::Tensor scores = (qa.scalar_type() == acc_dtype ? at::mm(qa, tgemm.t()) : at::mm(qa, tgemm.t(), acc_dtype))
+                              .contiguous();
+      at::Tensor zero_hits;
+      if (metric == Metric::KL) zero_hits = at::mm(qpos.narrow(0, q0, qn), zeros.t()).contiguous();
+      TileArgs ta{static_cast<int>(metric), n0, nt, k, mask};
+      select_tile_kernel<acc_t, kThreads><<<qn, kThreads, 0, stream>>>(
+          ta, scores.data_ptr<acc_t>(), zero_hits.defined() ? zero_hits.data_ptr<acc_t>() : nullptr,
+          col.defined() ? col.data_ptr<acc_t>() : nullptr,
+          reinterpret_cast<const key_t*>(keys_a.data_ptr()) + q0 * k, idx_a.data_ptr<int64_t>() + q0 * k,
+          reinterpret_cast<key_t*>(keys_b.data_ptr()) + q0 * k, idx_b.data_ptr<int64_t>() + q0 * k);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    std::swap(keys_a, keys_b);
+    std::swap(idx_a, idx_b);
+  }
+  if (validate_kl) {
+    TORCH_CHECK(negatives.item<int64_t>() == 0,
+                "queries and database must be non-negative with metric 'kl', found a negative entry");
+  }
+
+  // Sort each query's k slots best first: as int64, unsigned 32-bit keys are already ordered, and 64-bit
+  // keys are ordered once their top bit is flipped.
+  at::Tensor sort_keys = sizeof(key_t) == 4 ? keys_a.to(at::kLong).bitwise_and(0xffffffffLL)
+                                            : keys_a.bitwise_xor(std::numeric_limits<int64_t>::min());
+  at::Tensor order = std::get<1>(at::sort(sort_keys, /*stable=*/true, /*dim=*/1, /*descending=*/true)).contiguous();
+  auto values = at::empty({Q, k}, queries.options());
+  auto indices = at::empty({Q, k}, queries.options().dtype(at::kLong));
+  const int64_t total = Q * k;
+  if (total > 0) {
+    const int threads = 256;
+    const int64_t blocks = (total + threads - 1) / threads;
+    finalize_kernel<acc_t, scalar_t><<<blocks, threads, 0, stream>>>(
+        static_cast<int>(metric), total, k, reinterpret_cast<const key_t*>(keys_a.data_ptr()),
+        order.data_ptr<int64_t>(), idx_a.data_ptr<int64_t>(), qterm.data_ptr<acc_t>(), values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return finish_results(args, values, indices);
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_search_cuda(const at::Tensor& queries, const at::Tensor& database, int64_t k,
+                                                    c10::string_view metric, const std::optional<at::Tensor>& mask) {
+  SearchArgs args = validate_search_args(queries, database, k, std::string(metric), mask);
+  c10::cuda::CUDAGuard guard(database.device());
+  if (args.queries.size(0) == 0 || database.size(0) == 0) return padded_results(args);
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, database.scalar_type(), "topk_search_cuda",
+                                         [&] { return search_cuda<scalar_t>(args); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xmodal, CUDA, m) {
+  m.impl("topk_search", &topk_search_cuda);
+}
+
+}  // namespace xmodal
