@@ -1,0 +1,13 @@
+import pytest
+import torch
+
+import xmodal
+
+HAS_CUDA = torch.cuda.is_available() and xmodal.build_info()["cuda"]
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and CUDA kernels")])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
