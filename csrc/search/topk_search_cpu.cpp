@@ -218,12 +218,15 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args) {
   // Tile sizes: a database tile of about 512 KiB stays in L2 while every query block meets it; with few
   // queries (a memory-bound scan) larger tiles amortise the per-GEMM overhead.
   const int64_t row_bytes = std::max<int64_t>(D * gemm_elem, 1);
-  int64_t tile_rows = Q <= 8 ? (int64_t(1) << 20) / row_bytes : (int64_t(512) << 10) / row_bytes;
-  tile_rows = std::clamp<int64_t>(tile_rows / 16 * 16, 64, 16384);
+  static const int64_t env_tile_kib = [] { const char* e = std::getenv("XMODAL_TILE_KIB"); return e ? std::atoll(e) : 0; }();
+  static const int64_t env_small_kib = [] { const char* e = std::getenv("XMODAL_SMALL_TILE_KIB"); return e ? std::atoll(e) : 0; }();
+  static const int64_t env_qb = [] { const char* e = std::getenv("XMODAL_QUERY_BLOCK"); return e ? std::atoll(e) : 0; }();
+  int64_t tile_rows = Q <= 8 ? ((env_small_kib ? env_small_kib : 1024) << 10) / row_bytes : ((env_tile_kib ? env_tile_kib : 512) << 10) / row_bytes;
+  tile_rows = std::clamp<int64_t>(tile_rows / 16 * 16, 64, 65536);
   tile_rows = std::min(tile_rows, std::max<int64_t>(16, (N + threads - 1) / threads));
   const int64_t num_tiles = (N + tile_rows - 1) / tile_rows;
   const int64_t parts = std::min(threads, num_tiles);
-  const int64_t query_block = std::min<int64_t>(Q, 128);
+  const int64_t query_block = std::min<int64_t>(Q, env_qb ? env_qb : 128);
   const int64_t max_rows_per_part = ((num_tiles + parts - 1) / parts) * tile_rows;
   const int64_t capacity = std::min(k + std::max<int64_t>(k, 32), max_rows_per_part);
 

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Build xmodal on a GPU machine (PyTorch, nvcc and CMake preinstalled, no network), run every test
+# including the CUDA ones, run the GPU benchmark, and write logs and results into OUTDIR.
+#   usage: scripts/gpu_check.sh OUTDIR        (default: $OUT, else ./gpu_out)
+# Budget: well under 8 minutes on an H100/H200 with 16 cores. Each step has its own time limit.
+set -u
+OUTDIR=${1:-${OUT:-gpu_out}}
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+status=0
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  nvcc --version | tail -1
+  cmake --version | head -1
+} > "$OUTDIR/env.txt" 2>&1
+cat "$OUTDIR/env.txt"
+
+echo "== build"
+start=$(date +%s)
+if ! XMODAL_CUDA=ON XMODAL_CUDA_ARCHS=${XMODAL_CUDA_ARCHS:-90} CMAKE_BUILD_PARALLEL_LEVEL=16 \
+    timeout 300 $PY -m pip install --no-build-isolation --no-deps -v . > "$OUTDIR/build.log" 2>&1; then
+  echo "build FAILED"; grep -E "error|Error" "$OUTDIR/build.log" | head -40; exit 1
+fi
+echo "built in $(( $(date +%s) - start )) s"
+(cd /tmp && $PY -m xmodal info) | tee -a "$OUTDIR/env.txt"
+
+echo "== tests"
+start=$(date +%s)
+timeout 240 $PY -m pytest -q -p no:cacheprovider tests -rfE --durations=5 > "$OUTDIR/tests.log" 2>&1 || status=1
+tail -25 "$OUTDIR/tests.log"
+echo "tests took $(( $(date +%s) - start )) s"
+
+echo "== benchmark"
+start=$(date +%s)
+(cd /tmp && timeout ${BENCH_TIMEOUT:-200} $PY -m xmodal bench search --device cuda --repeats 5 \
+    --json "$OUTDIR/bench_search_cuda.json" --markdown "$OUTDIR/bench_search_cuda.md") > "$OUTDIR/bench.log" 2>&1 || status=1
+grep -v "bench search:" "$OUTDIR/bench.log" | tail -70
+echo "benchmark took $(( $(date +%s) - start )) s"
+exit $status

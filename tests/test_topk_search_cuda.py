@@ -1,0 +1,63 @@
+"""CUDA-only checks of topk_search (the device-parametrised tests in test_topk_search.py cover the rest)."""
+import pytest
+import torch
+
+import xmodal
+
+from conftest import HAS_CUDA
+from search_helpers import assert_topk_close, make_inputs
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and CUDA kernels")]
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2", "kl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_matches_cpu_kernel_on_a_larger_problem(metric, dtype):
+    queries, database = make_inputs(40, 50_000, 64, metric, dtype, "cpu", seed=11)
+    v_cpu, i_cpu = xmodal.topk_search(queries, database, 32, metric)
+    v_gpu, i_gpu = xmodal.topk_search(queries.cuda(), database.cuda(), 32, metric)
+    assert v_gpu.is_cuda and i_gpu.is_cuda
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(v_gpu.cpu().float(), v_cpu.float(), rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("k", [1, 10, 100, 1024, 2048, 5000])
+def test_cuda_large_k(k):
+    queries, database = make_inputs(3, 20_000, 16, "ip", torch.float32, "cuda", seed=12)
+    values, indices = xmodal.topk_search(queries, database, k, "ip")
+    assert_topk_close(values, indices, queries, database, k, "ip")
+
+
+def test_cuda_graph_capture():
+    queries, database = make_inputs(8, 3000, 32, "cosine", torch.float32, "cuda", seed=13)
+    expected = xmodal.topk_search(queries, database, 10, "cosine")
+    static_q = queries.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up on the side stream, as CUDA graph capture requires
+            xmodal.topk_search(static_q, database, 10, "cosine")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_v, out_i = xmodal.topk_search(static_q, database, 10, "cosine")
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out_v, expected[0])
+    assert torch.equal(out_i, expected[1])
+    # new queries copied into the static input give new answers on replay
+    new_q = make_inputs(8, 1, 32, "cosine", torch.float32, "cuda", seed=14)[0]
+    static_q.copy_(new_q)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_v, ref_i = xmodal.topk_search(new_q, database, 10, "cosine")
+    torch.testing.assert_close(out_v, ref_v)
+
+
+def test_cuda_runs_on_the_current_stream_and_device_guard():
+    queries, database = make_inputs(4, 1000, 8, "l2", torch.float32, "cuda", seed=15)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        values, indices = xmodal.topk_search(queries, database, 5, "l2")
+    stream.synchronize()
+    assert_topk_close(values, indices, queries, database, 5, "l2")
