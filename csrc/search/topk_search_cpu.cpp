@@ -66,6 +66,12 @@ void gemm_nt(const at::Tensor& a, const at::Tensor& b, acc_t* out) {
   o.copy_(at::mm(a, b.t()));
 }
 
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* value = std::getenv(name);
+  const int64_t parsed = value ? std::atoll(value) : 0;
+  return parsed > 0 ? parsed : fallback;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 
 template <typename acc_t>
@@ -216,17 +222,19 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args) {
   const int64_t gemm_elem = metric == Metric::KL ? int64_t(sizeof(acc_t)) : database.element_size();
 
   // Tile sizes: a database tile of about 512 KiB stays in L2 while every query block meets it; with few
-  // queries (a memory-bound scan) larger tiles amortise the per-GEMM overhead.
+  // queries (a memory-bound scan) larger tiles amortise the per-GEMM call overhead. Query blocks of 256
+  // keep MKL from re-packing the tile too often. XMODAL_TILE_KIB, XMODAL_SMALL_TILE_KIB and
+  // XMODAL_QUERY_BLOCK override these for tuning on other machines.
+  static const int64_t tile_kib = env_int("XMODAL_TILE_KIB", 512);
+  static const int64_t small_tile_kib = env_int("XMODAL_SMALL_TILE_KIB", 4096);
+  static const int64_t query_block_max = env_int("XMODAL_QUERY_BLOCK", 256);
   const int64_t row_bytes = std::max<int64_t>(D * gemm_elem, 1);
-  static const int64_t env_tile_kib = [] { const char* e = std::getenv("XMODAL_TILE_KIB"); return e ? std::atoll(e) : 0; }();
-  static const int64_t env_small_kib = [] { const char* e = std::getenv("XMODAL_SMALL_TILE_KIB"); return e ? std::atoll(e) : 0; }();
-  static const int64_t env_qb = [] { const char* e = std::getenv("XMODAL_QUERY_BLOCK"); return e ? std::atoll(e) : 0; }();
-  int64_t tile_rows = Q <= 8 ? ((env_small_kib ? env_small_kib : 1024) << 10) / row_bytes : ((env_tile_kib ? env_tile_kib : 512) << 10) / row_bytes;
+  int64_t tile_rows = ((Q <= 8 ? small_tile_kib : tile_kib) << 10) / row_bytes;
   tile_rows = std::clamp<int64_t>(tile_rows / 16 * 16, 64, 65536);
   tile_rows = std::min(tile_rows, std::max<int64_t>(16, (N + threads - 1) / threads));
   const int64_t num_tiles = (N + tile_rows - 1) / tile_rows;
   const int64_t parts = std::min(threads, num_tiles);
-  const int64_t query_block = std::min<int64_t>(Q, env_qb ? env_qb : 128);
+  const int64_t query_block = std::min<int64_t>(Q, query_block_max);
   const int64_t max_rows_per_part = ((num_tiles + parts - 1) / parts) * tile_rows;
   const int64_t capacity = std::min(k + std::max<int64_t>(k, 32), max_rows_per_part);
 

@@ -65,12 +65,14 @@ struct TopKBuffer {
   }
 
   // keys[j] is the key of database row base + j.
-  void scan(const ord_t* keys, int64_t n, int64_t base, int64_t k, int64_t capacity) {
-    constexpr int64_t kBlock = 16;
+  void scan(const ord_t* __restrict keys, int64_t n, int64_t base, int64_t k, int64_t capacity) {
+    constexpr int64_t kBlock = 32;
     int64_t j = 0;
     for (; j + kBlock <= n; j += kBlock) {
-      bool any = false;
-      for (int64_t t = 0; t < kBlock; ++t) any |= keys[j + t] > threshold;
+      // A local copy of the threshold lets the compiler vectorise this test (keys cannot alias it).
+      const ord_t thr = threshold;
+      int any = 0;
+      for (int64_t t = 0; t < kBlock; ++t) any |= keys[j + t] > thr;
       if (!any) continue;
       for (int64_t t = 0; t < kBlock; ++t) push(keys[j + t], base + j + t, k, capacity);
     }
