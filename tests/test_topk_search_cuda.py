@@ -61,3 +61,19 @@ def test_cuda_runs_on_the_current_stream_and_device_guard():
         values, indices = xmodal.topk_search(queries, database, 5, "l2")
     stream.synchronize()
     assert_topk_close(values, indices, queries, database, 5, "l2")
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_cuda_many_queries_single_stage(metric):
+    # enough queries that each gets one block (no segment split)
+    queries, database = make_inputs(700, 5000, 16, metric, torch.float32, "cuda", seed=16)
+    values, indices = xmodal.topk_search(queries, database, 20, metric)
+    assert_topk_close(values, indices, queries, database, 20, metric)
+
+
+@pytest.mark.parametrize("q,n,k", [(1, 100_000, 10), (2, 50_000, 1000), (5, 30_000, 3000), (1, 3000, 2048)])
+def test_cuda_few_queries_split_over_blocks(q, n, k):
+    queries, database = make_inputs(q, n, 16, "ip", torch.float32, "cuda", seed=17)
+    mask = torch.rand(n, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0)) < 0.9
+    values, indices = xmodal.topk_search(queries, database, k, "ip", mask=mask)
+    assert_topk_close(values, indices, queries, database, k, "ip", mask=mask)

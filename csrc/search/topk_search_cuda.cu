@@ -1,9 +1,10 @@
 // Top-k similarity search on CUDA: a first, correct path.
 //
 // The database is processed in tiles: one cuBLAS GEMM (through ATen, fp32 output with fp32 accumulation
-// for 16-bit inputs) scores a block of queries against a tile, then select_tile_kernel merges the tile's
-// scores into each query's running top-k with an in-block radix select, so the full Q x N score matrix
-// is never materialised (workspace: one score tile). A final kernel sorts and converts keys to values.
+// for 16-bit inputs) scores a block of queries against a tile, then the tile's scores are merged into each
+// query's running top-k with in-block radix selects: one block per query when there are many queries,
+// else several blocks per query (segments) and a second merge stage. The full Q x N score matrix is never
+// materialised (workspace: one score tile). A final kernel sorts and converts keys to values.
 // Everything runs on the current stream with no host synchronisation, except the optional check that
 // kl inputs are non-negative, which is skipped while a CUDA graph is being captured.
 #include "search/topk_common.h"
@@ -71,35 +72,27 @@ __device__ __forceinline__ key_t tile_key(const TileArgs& a, const acc_t* score,
   return encode_key<acc_t>(s);
 }
 
-// One block per query: candidates are the query's running top-k (k slots) followed by the tile's nt
-// scores. An MSB-first radix select (8 bits a pass) finds the k-th largest key T; keys > T and enough
-// keys == T are written to the output slots (their order is settled by the final sort).
-template <typename acc_t, int kThreads>
-__global__ void select_tile_kernel(TileArgs a, const acc_t* __restrict__ scores, const acc_t* __restrict__ zero_hits,
-                                   const acc_t* __restrict__ col_term, const typename KeyOf<acc_t>::type* run_key_in,
-                                   const int64_t* run_idx_in, typename KeyOf<acc_t>::type* run_key_out,
-                                   int64_t* run_idx_out) {
-  using key_t = typename KeyOf<acc_t>::type;
-  const int64_t row = blockIdx.x;
-  const acc_t* srow = scores + row * a.nt;
-  const acc_t* zrow = zero_hits ? zero_hits + row * a.nt : nullptr;
-  const key_t* kin = run_key_in + row * a.k;
-  const int64_t* iin = run_idx_in + row * a.k;
-  key_t* kout = run_key_out + row * a.k;
-  int64_t* iout = run_idx_out + row * a.k;
-  const int64_t total = a.k + a.nt;
-
-  auto key_at = [&](int64_t c) -> key_t {
-    return c < a.k ? kin[c] : tile_key<acc_t, key_t>(a, srow, zrow, col_term, c - a.k);
-  };
-
+// k-selection by one thread block: from `total` candidates (key_at(c), index_at(c)) keep the k with the
+// largest keys, written unordered to kout/iout (their order is settled by the final sort). An MSB-first
+// radix select (8 bits a pass) finds the k-th largest key T; keys > T and enough keys == T are kept.
+// With fewer than k candidates all are kept and the rest is padded (key 0, index -1).
+template <typename key_t, int kThreads, typename KeyAt, typename IndexAt>
+__device__ void block_select(int64_t total, int64_t k, KeyAt key_at, IndexAt index_at, key_t* kout, int64_t* iout) {
+  if (total <= k) {
+    for (int64_t c = threadIdx.x; c < k; c += kThreads) {
+      const key_t key = c < total ? key_at(c) : key_t(0);
+      kout[c] = key;
+      iout[c] = key == 0 ? -1 : index_at(c);
+    }
+    return;
+  }
   __shared__ unsigned int hist[256];
   __shared__ key_t s_prefix;
   __shared__ int64_t s_need;
   __shared__ unsigned long long s_gt, s_eq;
 
   key_t prefix = 0, prefix_mask = 0;
-  int64_t need = a.k;  // rank of the wanted key among those matching the prefix
+  int64_t need = k;  // rank of the wanted key among those matching the prefix
   for (int shift = 8 * int(sizeof(key_t)) - 8; shift >= 0; shift -= 8) {
     for (int b = threadIdx.x; b < 256; b += kThreads) hist[b] = 0;
     __syncthreads();
@@ -130,7 +123,7 @@ __global__ void select_tile_kernel(TileArgs a, const acc_t* __restrict__ scores,
     s_eq = 0;
   }
   __syncthreads();
-  const int64_t first_eq = a.k - need;
+  const int64_t first_eq = k - need;
   for (int64_t c = threadIdx.x; c < total; c += kThreads) {
     const key_t key = key_at(c);
     int64_t slot = -1;
@@ -142,9 +135,61 @@ __global__ void select_tile_kernel(TileArgs a, const acc_t* __restrict__ scores,
     }
     if (slot >= 0) {
       kout[slot] = key;
-      iout[slot] = key == 0 ? -1 : (c < a.k ? iin[c] : a.n0 + (c - a.k));
+      iout[slot] = key == 0 ? -1 : index_at(c);
     }
   }
+}
+
+// Single stage (many queries): block `row` merges the query's running top-k with the tile's nt scores.
+template <typename acc_t, int kThreads>
+__global__ void select_tile_kernel(TileArgs a, const acc_t* __restrict__ scores, const acc_t* __restrict__ zero_hits,
+                                   const acc_t* __restrict__ col_term, const typename KeyOf<acc_t>::type* run_key_in,
+                                   const int64_t* run_idx_in, typename KeyOf<acc_t>::type* run_key_out,
+                                   int64_t* run_idx_out) {
+  using key_t = typename KeyOf<acc_t>::type;
+  const int64_t row = blockIdx.x;
+  const acc_t* srow = scores + row * a.nt;
+  const acc_t* zrow = zero_hits ? zero_hits + row * a.nt : nullptr;
+  const key_t* kin = run_key_in + row * a.k;
+  const int64_t* iin = run_idx_in + row * a.k;
+  block_select<key_t, kThreads>(
+      a.k + a.nt, a.k,
+      [&](int64_t c) -> key_t { return c < a.k ? kin[c] : tile_key<acc_t, key_t>(a, srow, zrow, col_term, c - a.k); },
+      [&](int64_t c) -> int64_t { return c < a.k ? iin[c] : a.n0 + (c - a.k); },
+      run_key_out + row * a.k, run_idx_out + row * a.k);
+}
+
+// Two stages (few queries), so that many blocks share each query's tile. Stage 1: block (row, seg) keeps
+// the k best of the segment's columns [seg * seg_len, ...) in staging slots [row, seg, :].
+template <typename acc_t, int kThreads>
+__global__ void select_segment_kernel(TileArgs a, int64_t seg_len, const acc_t* __restrict__ scores,
+                                      const acc_t* __restrict__ zero_hits, const acc_t* __restrict__ col_term,
+                                      typename KeyOf<acc_t>::type* stage_key, int64_t* stage_idx) {
+  using key_t = typename KeyOf<acc_t>::type;
+  const int64_t row = blockIdx.x, seg = blockIdx.y, segments = gridDim.y;
+  const int64_t c0 = seg * seg_len;
+  const int64_t len = c0 < a.nt ? std::min(seg_len, a.nt - c0) : 0;
+  const acc_t* srow = scores + row * a.nt;
+  const acc_t* zrow = zero_hits ? zero_hits + row * a.nt : nullptr;
+  const int64_t out = (row * segments + seg) * a.k;
+  block_select<key_t, kThreads>(
+      len, a.k, [&](int64_t c) -> key_t { return tile_key<acc_t, key_t>(a, srow, zrow, col_term, c0 + c); },
+      [&](int64_t c) -> int64_t { return a.n0 + c0 + c; }, stage_key + out, stage_idx + out);
+}
+
+// Stage 2: block `row` merges the query's running top-k with its `segments` x k staged candidates.
+template <typename key_t, int kThreads>
+__global__ void merge_stage_kernel(int64_t k, int64_t segments, const key_t* run_key_in, const int64_t* run_idx_in,
+                                   const key_t* __restrict__ stage_key, const int64_t* __restrict__ stage_idx,
+                                   key_t* run_key_out, int64_t* run_idx_out) {
+  const int64_t row = blockIdx.x;
+  const key_t* kin = run_key_in + row * k;
+  const int64_t* iin = run_idx_in + row * k;
+  const key_t* ks = stage_key + row * segments * k;
+  const int64_t* is = stage_idx + row * segments * k;
+  block_select<key_t, kThreads>(
+      k + segments * k, k, [&](int64_t c) -> key_t { return c < k ? kin[c] : ks[c - k]; },
+      [&](int64_t c) -> int64_t { return c < k ? iin[c] : is[c - k]; }, run_key_out + row * k, run_idx_out + row * k);
 }
 
 // Each query's slots in sorted order -> metric values; empty slots become padding.
@@ -233,6 +278,7 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args) {
   const bool* mask = args.mask ? args.mask->data_ptr<bool>() : nullptr;
 
   constexpr int kThreads = 256;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   for (int64_t n0 = 0; n0 < N; n0 += tile_rows) {
     const int64_t nt = std::min(N, n0 + tile_rows) - n0;
     at::Tensor tile = database.narrow(0, n0, nt);
@@ -263,11 +309,32 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args) {
       at::Tensor zero_hits;
       if (metric == Metric::KL) zero_hits = at::mm(qpos.narrow(0, q0, qn), zeros.t()).contiguous();
       TileArgs ta{static_cast<int>(metric), n0, nt, k, mask};
-      select_tile_kernel<acc_t, kThreads><<<qn, kThreads, 0, stream>>>(
-          ta, scores.data_ptr<acc_t>(), zero_hits.defined() ? zero_hits.data_ptr<acc_t>() : nullptr,
-          col.defined() ? col.data_ptr<acc_t>() : nullptr,
-          reinterpret_cast<const key_t*>(keys_a.data_ptr()) + q0 * k, idx_a.data_ptr<int64_t>() + q0 * k,
-          reinterpret_cast<key_t*>(keys_b.data_ptr()) + q0 * k, idx_b.data_ptr<int64_t>() + q0 * k);
+      const acc_t* zero_ptr = zero_hits.defined() ? zero_hits.data_ptr<acc_t>() : nullptr;
+      const acc_t* col_ptr = col.defined() ? col.data_ptr<acc_t>() : nullptr;
+      const key_t* kin = reinterpret_cast<const key_t*>(keys_a.data_ptr()) + q0 * k;
+      key_t* kout = reinterpret_cast<key_t*>(keys_b.data_ptr()) + q0 * k;
+      const int64_t* iin = idx_a.data_ptr<int64_t>() + q0 * k;
+      int64_t* iout = idx_b.data_ptr<int64_t>() + q0 * k;
+      // Few queries: split each query's tile over several blocks so the whole GPU works on it.
+      int64_t segments = std::min({(4 * sms + qn - 1) / qn, std::max<int64_t>(1, (int64_t(64) << 10) / k),
+                                   std::max<int64_t>(1, nt / std::max<int64_t>(k, 1024))});
+      segments = std::max<int64_t>(segments, 1);
+      if (segments == 1) {
+        select_tile_kernel<acc_t, kThreads><<<qn, kThreads, 0, stream>>>(ta, scores.data_ptr<acc_t>(), zero_ptr, col_ptr,
+                                                                         kin, iin, kout, iout);
+      } else {
+        const int64_t seg_len = (nt + segments - 1) / segments;
+        segments = (nt + seg_len - 1) / seg_len;
+        auto stage_key = at::empty({qn, segments, k}, keys_a.options());
+        auto stage_idx = at::empty({qn, segments, k}, idx_a.options());
+        select_segment_kernel<acc_t, kThreads><<<dim3(unsigned(qn), unsigned(segments)), kThreads, 0, stream>>>(
+            ta, seg_len, scores.data_ptr<acc_t>(), zero_ptr, col_ptr, reinterpret_cast<key_t*>(stage_key.data_ptr()),
+            stage_idx.data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        merge_stage_kernel<key_t, kThreads><<<qn, kThreads, 0, stream>>>(
+            k, segments, kin, iin, reinterpret_cast<const key_t*>(stage_key.data_ptr()), stage_idx.data_ptr<int64_t>(),
+            kout, iout);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     std::swap(keys_a, keys_b);
