@@ -21,18 +21,20 @@ status=0
 } > "$OUTDIR/env.txt" 2>&1
 cat "$OUTDIR/env.txt"
 
-# The GPU image puts a second GCC (/opt/gcc) first on PATH; modules it links carry their own copies of
-# some libstdc++ iostream code that crash against the process's libstdc++ (seen: a segfault formatting an
-# integer into an error message). Build with the system compiler, in a build folder of its own.
-if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then
-  export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
-fi
+# The GPU image sets CXX to a second GCC (/opt/gcc); modules it links carry their own copies of some
+# libstdc++ iostream code that crash against the process's libstdc++ (seen: a segfault formatting an
+# integer into an error message). Build with the system compiler (XMODAL_GPU_CXX overrides), in a build
+# folder per compiler so a cached configuration never brings the other one back.
+GPU_CXX=${XMODAL_GPU_CXX:-}
+if [ -z "$GPU_CXX" ] && [ -x /usr/bin/g++ ]; then GPU_CXX=/usr/bin/g++; fi
+if [ -n "$GPU_CXX" ]; then export CXX=$GPU_CXX CUDAHOSTCXX=$GPU_CXX; fi
+BUILD_DIR=build/gpu-check-$(basename "${CXX:-default}")
 echo "C++ compiler: ${CXX:-default}" | tee -a "$OUTDIR/env.txt"
 
 echo "== build"
 start=$(date +%s)
 if ! XMODAL_CUDA=ON XMODAL_CUDA_ARCHS=${XMODAL_CUDA_ARCHS:-90} CMAKE_BUILD_PARALLEL_LEVEL=16 \
-    timeout 300 $PY -m pip install --no-build-isolation --no-deps -v -C build-dir=build/gpu-check ${XMODAL_PIP_ARGS:-} . > "$OUTDIR/build.log" 2>&1; then
+    timeout 300 $PY -m pip install --no-build-isolation --no-deps -v -C build-dir=$BUILD_DIR ${XMODAL_PIP_ARGS:-} . > "$OUTDIR/build.log" 2>&1; then
   echo "build FAILED"; grep -E "error|Error" "$OUTDIR/build.log" | head -40; exit 1
 fi
 echo "built in $(( $(date +%s) - start )) s"
