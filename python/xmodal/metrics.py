@@ -1,0 +1,130 @@
+"""Retrieval metrics for multi-positive ground truth (e.g. five captions per image).
+
+``ranked`` is a ``[Q, K]`` array of retrieved ids, best first (``-1`` = no result, as topk_search pads).
+``relevant`` says which ids are right for each query, as either
+  - a sequence of Q iterables of ids (``[{3}, {0, 7}, ...]``), or
+  - a bool ``[Q, N]`` tensor/array (``relevant[q, id]``), or
+  - a ``[Q]`` integer tensor/array: exactly one relevant id per query.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Set, Union
+
+import torch
+from torch import Tensor
+
+Relevant = Union[Sequence, Tensor]
+
+
+def _as_ranked(ranked) -> Tensor:
+    r = torch.as_tensor(ranked)
+    if r.dim() != 2:
+        raise ValueError(f"ranked must be 2-D [Q, K] ids, got shape {tuple(r.shape)}")
+    return r.to(torch.int64).cpu()
+
+
+def _relevance(ranked: Tensor, relevant: Relevant) -> tuple[Tensor, Tensor]:
+    """hits[q, j] = ranked[q, j] is relevant; counts[q] = number of relevant ids of query q."""
+    q = ranked.shape[0]
+    if isinstance(relevant, Tensor) or hasattr(relevant, "__array__"):
+        rel = torch.as_tensor(relevant).cpu()
+        if rel.dim() == 1:
+            if rel.shape[0] != q:
+                raise ValueError(f"relevant must have one id per query ({q}), got {rel.shape[0]}")
+            rel = rel.to(torch.int64)
+            return (ranked == rel[:, None]) & (ranked >= 0), torch.ones(q, dtype=torch.int64)
+        if rel.dim() == 2 and rel.dtype == torch.bool:
+            if rel.shape[0] != q:
+                raise ValueError(f"relevant must have {q} rows, got {rel.shape[0]}")
+            valid = (ranked >= 0) & (ranked < rel.shape[1])
+            hits = rel.gather(1, ranked.clamp(0, max(rel.shape[1] - 1, 0))) & valid
+            return hits, rel.sum(1)
+        raise ValueError(f"relevant as a tensor must be [Q] ids or a bool [Q, N] matrix, got shape {tuple(rel.shape)} "
+                         f"and dtype {rel.dtype}")
+    sets: List[Set[int]] = [set(int(i) for i in r) for r in relevant]
+    if len(sets) != q:
+        raise ValueError(f"relevant must have one entry per query ({q}), got {len(sets)}")
+    hits = torch.tensor([[int(i) in s and i >= 0 for i in row.tolist()] for row, s in zip(ranked, sets)],
+                        dtype=torch.bool).reshape(ranked.shape)
+    return hits, torch.tensor([len(s) for s in sets], dtype=torch.int64)
+
+
+def _check_k(k: int, ranked: Tensor) -> None:
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    if k > ranked.shape[1]:
+        raise ValueError(f"k = {k} is larger than the {ranked.shape[1]} results per query in ranked")
+
+
+def recall_at_k(ranked, relevant: Relevant, k: int) -> float:
+    """Fraction of queries with at least one relevant id among their first k results (R@K as CLIP-style
+    retrieval evaluations report it). Queries with no relevant id count as misses."""
+    ranked = _as_ranked(ranked)
+    _check_k(k, ranked)
+    if ranked.shape[0] == 0:
+        return float("nan")
+    hits, _ = _relevance(ranked, relevant)
+    return hits[:, :k].any(1).double().mean().item()
+
+
+def mean_average_precision(ranked, relevant: Relevant, k: int | None = None) -> float:
+    """mAP@k: for each query, the mean of precision@i over the ranks i <= k holding a relevant id, divided
+    by min(#relevant, k); averaged over queries (queries with no relevant id score 0)."""
+    ranked = _as_ranked(ranked)
+    k = ranked.shape[1] if k is None else k
+    _check_k(k, ranked)
+    if ranked.shape[0] == 0:
+        return float("nan")
+    hits, counts = _relevance(ranked, relevant)
+    hits = hits[:, :k].double()
+    ranks = torch.arange(1, k + 1, dtype=torch.float64)
+    precision = hits.cumsum(1) / ranks
+    denom = counts.clamp(max=k).double()
+    ap = torch.where(denom > 0, (precision * hits).sum(1) / denom.clamp(min=1), torch.zeros_like(denom))
+    return ap.mean().item()
+
+
+def ndcg_at_k(ranked, relevant: Relevant, k: int) -> float:
+    """nDCG@k with binary relevance: DCG = Σ_i rel_i / log2(i + 1) over the first k ranks, divided by the
+    DCG of an ideal ranking (all relevant ids first); queries with no relevant id score 0."""
+    ranked = _as_ranked(ranked)
+    _check_k(k, ranked)
+    if ranked.shape[0] == 0:
+        return float("nan")
+    hits, counts = _relevance(ranked, relevant)
+    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
+    dcg = (hits[:, :k].double() * discounts).sum(1)
+    ideal_cum = torch.cat([torch.zeros(1, dtype=torch.float64), discounts.cumsum(0)])
+    idcg = ideal_cum[counts.clamp(max=k)]
+    return torch.where(idcg > 0, dcg / idcg.clamp(min=1e-300), torch.zeros_like(dcg)).mean().item()
+
+
+def retrieval_report(image_embeddings, text_embeddings, text_to_image, ks=(1, 5, 10), metric: str = "cosine") -> Dict[str, float]:
+    """R@K in both directions, as CLIP evaluations report them.
+
+    image_embeddings ``[Ni, D]``, text_embeddings ``[Nt, D]``; ``text_to_image[t]`` is the index of the image
+    caption t describes (several captions may describe one image). text->image: a caption's query is right
+    when its image is retrieved; image->text: an image's query is right when any of its captions is.
+    Returns ``{"text_to_image_R@1": ..., "image_to_text_R@1": ..., ...}``.
+    """
+    from .ops import topk_search
+
+    img = torch.as_tensor(image_embeddings)
+    txt = torch.as_tensor(text_embeddings)
+    t2i = torch.as_tensor(text_to_image).to(torch.int64).cpu()
+    if t2i.shape[0] != txt.shape[0]:
+        raise ValueError(f"text_to_image must have one entry per caption ({txt.shape[0]}), got {t2i.shape[0]}")
+    kmax = max(ks)
+    _, t_ranked = topk_search(txt, img, min(kmax, img.shape[0]), metric)
+    _, i_ranked = topk_search(img, txt, min(kmax, txt.shape[0]), metric)
+    captions_of: List[Set[int]] = [set() for _ in range(img.shape[0])]
+    for t, i in enumerate(t2i.tolist()):
+        captions_of[i].add(t)
+    report = {}
+    for k in ks:
+        report[f"text_to_image_R@{k}"] = recall_at_k(t_ranked.cpu(), t2i, min(k, t_ranked.shape[1]))
+        report[f"image_to_text_R@{k}"] = recall_at_k(i_ranked.cpu(), captions_of, min(k, i_ranked.shape[1]))
+    return report
+
+
+__all__ = ["recall_at_k", "mean_average_precision", "ndcg_at_k", "retrieval_report"]

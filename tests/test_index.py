@@ -1,0 +1,253 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import xmodal
+from xmodal import FlatIndex, IVFIndex, reference
+
+from search_helpers import make_inputs
+
+METRICS = ["ip", "cosine", "l2", "sqeuclidean", "cosine_distance", "kl"]
+
+
+def _data(n=500, d=16, q=7, metric="cosine", seed=0):
+    return make_inputs(q, n, d, metric, torch.float32, "cpu", seed=seed)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_flat_matches_reference_with_custom_ids(device, metric):
+    queries, database = _data(metric=metric)
+    ids = torch.arange(1000, 1000 + len(database)) * 3
+    index = FlatIndex(16, metric, device=device)
+    assert index.add(database[:200], ids[:200]).tolist() == ids[:200].tolist()
+    index.add(database[200:], ids[200:])
+    assert len(index) == 500
+    scores, got = index.search(queries.to(device), 10)
+    ref_v, ref_i = reference.topk_search(queries, database, 10, metric)
+    torch.testing.assert_close(scores.cpu().double(), ref_v, rtol=1e-4, atol=1e-4)
+    full = reference.scores(queries, database, metric)
+    positions = (got.cpu()[..., None] == ids).float().argmax(-1)
+    torch.testing.assert_close(full.gather(1, positions), ref_v, rtol=1e-4, atol=1e-4)
+
+
+def test_flat_default_ids_are_running_positions_and_never_reused():
+    index = FlatIndex(4, "l2")
+    x = torch.randn(6, 4)
+    assert index.add(x[:3]).tolist() == [0, 1, 2]
+    assert index.add(x[3:]).tolist() == [3, 4, 5]
+    index.remove([1, 4])
+    assert index.ids.tolist() == [0, 2, 3, 5]
+    assert index.add(x[:1]).tolist() == [6]
+    _, ids = index.search(x[2], 1)
+    assert ids.tolist() == [2]
+
+
+def test_flat_numpy_in_numpy_out_and_bf16_storage():
+    queries, database = _data(metric="ip")
+    index = FlatIndex(16, "ip", dtype=torch.bfloat16)
+    index.add(database.numpy())
+    assert index.vectors.dtype == torch.bfloat16
+    assert index.vectors.element_size() * index.vectors.numel() == 500 * 16 * 2
+    scores, ids = index.search(queries.numpy(), 5)
+    assert isinstance(scores, np.ndarray) and isinstance(ids, np.ndarray) and ids.dtype == np.int64
+    ref_v, _ = reference.topk_search(queries.bfloat16(), database.bfloat16(), 5, "ip")
+    np.testing.assert_allclose(scores, ref_v.numpy(), rtol=2e-2, atol=5e-2)
+
+
+def test_flat_mask_follows_ids():
+    queries, database = _data(metric="l2")
+    index = FlatIndex(16, "l2")
+    index.add(database, torch.arange(500) + 10)
+    mask = (index.ids % 2) == 0
+    _, ids = index.search(queries, 20, mask=mask)
+    assert (ids % 2 == 0).all()
+    with pytest.raises(ValueError, match=r"mask must be a bool array of shape \[500\]"):
+        index.search(queries, 3, mask=torch.ones(10, dtype=torch.bool))
+
+
+def test_flat_cosine_distance_padding_and_empty_index():
+    index = FlatIndex(3, "cosine_distance")
+    scores, ids = index.search(torch.randn(2, 3), 4)
+    assert (ids == -1).all() and torch.isinf(scores).all() and (scores > 0).all()
+    index.add(torch.randn(2, 3))
+    scores, ids = index.search(torch.randn(3), 4)
+    assert scores.shape == (4,) and (ids[2:] == -1).all() and (scores[2:] == float("inf")).all()
+
+
+def test_flat_bad_input_leaves_index_unchanged():
+    index = FlatIndex(4, "ip")
+    index.add(torch.randn(5, 4), [10, 11, 12, 13, 14])
+    before = (index.vectors.clone(), index.ids.clone())
+    bad = [
+        (lambda: index.add(torch.randn(2, 5)), ValueError, r"vectors must have dimension 4, got 5"),
+        (lambda: index.add(torch.ones(2, 4, dtype=torch.int64)), TypeError, r"vectors must hold floating-point values"),
+        (lambda: index.add(torch.randn(2, 4), [1]), ValueError, r"ids must have one id per vector \(2\), got 1"),
+        (lambda: index.add(torch.randn(2, 4), [7, 7]), ValueError, r"ids must be unique, got duplicates \[7\]"),
+        (lambda: index.add(torch.randn(2, 4), [99, 12]), ValueError, r"ids already in the index: \[12\]"),
+        (lambda: index.add(torch.randn(2, 4), [1.5, 2.5]), TypeError, r"ids must be integers"),
+        (lambda: index.remove([10, 42]), KeyError, r"ids not in the index: \[42\]"),
+        (lambda: index.search(torch.randn(2, 3), 1), ValueError, r"queries must have dimension 4, got 3"),
+        (lambda: index.search(torch.randn(2, 4), 0), ValueError, r"k must be a positive int, got 0"),
+        (lambda: index.add([[1.0, 2.0, 3.0, 4.0]]), TypeError, r"vectors must be a torch tensor, NumPy array or CuPy array"),
+    ]
+    for call, error, message in bad:
+        with pytest.raises(error, match=message):
+            call()
+        assert torch.equal(index.vectors, before[0]) and torch.equal(index.ids, before[1])
+    with pytest.raises(ValueError, match=r"metric must be one of"):
+        FlatIndex(4, "dot")
+    with pytest.raises(ValueError, match=r"dtype must be float32, float64, float16 or bfloat16"):
+        FlatIndex(4, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"dim must be a positive int"):
+        FlatIndex(0)
+    kl = FlatIndex(2, "kl")
+    with pytest.raises(ValueError, match=r"must be non-negative with metric 'kl'"):
+        kl.add(torch.tensor([[0.5, -0.1]]))
+    assert len(kl) == 0
+
+
+def test_flat_growth_is_amortised():
+    index = FlatIndex(2, "ip")
+    capacities = set()
+    for i in range(3000):
+        index.add(torch.randn(1, 2))
+        capacities.add(index._vectors.shape[0])
+    assert len(index) == 3000 and len(capacities) <= 4  # 1024, 2048, 4096
+
+
+@pytest.mark.parametrize("cls", ["flat", "ivf"])
+def test_save_load_round_trip(tmp_path, cls):
+    queries, database = _data(metric="cosine")
+    if cls == "flat":
+        index = FlatIndex(16, "cosine", dtype=torch.float16)
+    else:
+        index = IVFIndex(16, 8, "cosine", nprobe=8, dtype=torch.float16)
+        index.train(database)
+    index.add(database, torch.arange(500) * 7)
+    index.remove([0, 7])
+    path = tmp_path / "index.xmodal"
+    index.save(path)
+    loaded = type(index).load(path)
+    assert len(loaded) == 498 and loaded.metric == "cosine" and loaded.dtype == torch.float16
+    assert torch.equal(loaded.ids, index.ids) and torch.equal(loaded.vectors, index.vectors)
+    a, b = index.search(queries, 5), loaded.search(queries, 5)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+    assert loaded.add(torch.randn(1, 16)).tolist() == [index._next_id]
+
+
+def test_failed_save_leaves_old_file_intact(tmp_path, monkeypatch):
+    index = FlatIndex(4, "ip")
+    index.add(torch.randn(3, 4))
+    path = tmp_path / "index.xmodal"
+    index.save(path)
+    original = path.read_bytes()
+    index.add(torch.randn(3, 4))
+
+    import safetensors.torch
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        index.save(path)
+    assert path.read_bytes() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["index.xmodal"]  # no temporary file left behind
+    assert len(FlatIndex.load(path)) == 3
+
+
+def test_load_rejects_truncated_corrupt_and_foreign_files(tmp_path):
+    index = FlatIndex(4, "ip")
+    index.add(torch.randn(3, 4))
+    path = tmp_path / "index.xmodal"
+    index.save(path)
+    data = path.read_bytes()
+    (tmp_path / "truncated").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="is not a readable xmodal index file"):
+        FlatIndex.load(tmp_path / "truncated")
+    with pytest.raises(ValueError, match="is not a readable xmodal index file"):
+        FlatIndex.load(tmp_path / "garbage")
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="not an xmodal.FlatIndex/1"):
+        FlatIndex.load(tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="not an xmodal.IVFIndex/1"):
+        IVFIndex.load(path)
+    with pytest.raises(FileNotFoundError):
+        FlatIndex.load(tmp_path / "missing")
+
+
+def _clustered(n, d, centres, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(centres, d, generator=g) * 4
+    x = c[torch.randint(0, centres, (n,), generator=g)] + torch.randn(n, d, generator=g)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2", "ip"])
+def test_ivf_recall_and_exactness_with_all_lists(metric):
+    x = _clustered(6000, 24, 30)
+    queries = _clustered(50, 24, 30, seed=1)
+    index = IVFIndex(24, 32, metric, nprobe=4)
+    index.train(x)
+    index.add(x)
+    flat = FlatIndex(24, metric)
+    flat.add(x)
+    exact_v, exact_i = flat.search(queries, 10)
+    # probing every list is exact
+    v, i = index.search(queries, 10, nprobe=32)
+    torch.testing.assert_close(v, exact_v, rtol=1e-5, atol=1e-5)
+    # a few lists already find most neighbours on clustered data
+    _, i4 = index.search(queries, 10)
+    recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(i4, exact_i)])
+    assert recall > 0.8
+
+
+def test_ivf_mask_remove_and_errors():
+    x = _clustered(2000, 8, 10)
+    index = IVFIndex(8, 16, "l2", nprobe=16)
+    with pytest.raises(RuntimeError, match=r"IVFIndex.search needs a trained index"):
+        index.search(x[:2], 3)
+    with pytest.raises(RuntimeError, match=r"IVFIndex.add needs a trained index"):
+        index.add(x)
+    with pytest.raises(ValueError, match=r"training needs at least nlist = 16 vectors, got 5"):
+        index.train(x[:5])
+    with pytest.raises(ValueError, match=r"does not support metric 'kl'"):
+        IVFIndex(8, 4, "kl")
+    index.train(x)
+    index.add(x, torch.arange(2000) + 5)
+    mask = index.ids < 1000
+    _, ids = index.search(x[:20], 10, mask=mask)
+    assert ((ids < 1000) & (ids >= 5)).all()
+    assert index.remove(torch.arange(5, 105)) == 100
+    _, ids = index.search(x[:20], 10)
+    assert (ids >= 105).all() and len(index) == 1900
+    with pytest.raises(KeyError, match=r"ids not in the index: \[5\]"):
+        index.remove([5])
+
+
+def test_index_exports_and_repr():
+    assert xmodal.FlatIndex is FlatIndex and "len=0" in repr(FlatIndex(3))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flat_cuda_and_cupy():
+    cupy = pytest.importorskip("cupy")
+    queries, database = _data(metric="cosine")
+    index = FlatIndex(16, "cosine", device="cuda")
+    index.add(cupy.asarray(database.numpy()))
+    scores, ids = index.search(cupy.asarray(queries.numpy()), 5)
+    assert isinstance(scores, cupy.ndarray) and isinstance(ids, cupy.ndarray)
+    cpu = FlatIndex(16, "cosine")
+    cpu.add(database)
+    ref_v, _ = cpu.search(queries, 5)
+    np.testing.assert_allclose(cupy.asnumpy(scores), ref_v.numpy(), rtol=1e-4, atol=1e-4)
+    index.to("cpu")
+    assert index.vectors.device.type == "cpu" and index.search(queries, 5)[1].device.type == "cpu"
