@@ -92,7 +92,7 @@ def _rows(x, dim: int, name: str) -> Tuple[Tensor, str, bool]:
 
 def _ids_tensor(ids, n: int, name: str = "ids") -> Tensor:
     if isinstance(ids, (list, tuple, range, int)):
-        t = torch.as_tensor(ids)
+        t = torch.as_tensor(ids) if len(ids if not isinstance(ids, int) else [ids]) else torch.empty(0, dtype=torch.int64)
     else:
         t, _ = _to_torch(ids, name)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
