@@ -144,18 +144,28 @@ class SearchResult:
 
 
 def run_search_case(case: SearchCase, device: str = "cpu", repeats: int = 3, use_faiss: bool = True) -> SearchResult:
+    """Times xmodal and its baselines interleaved (one call of each per round, after a warm-up round), so
+    that drift in the machine's speed during a run affects them alike; reports each one's median."""
     queries, database = make_data(case, device)
-    result = SearchResult(case)
-    result.seconds["xmodal"] = time_call(lambda: xmodal.topk_search(queries, database, case.k, case.metric), device, repeats)
+    calls = {"xmodal": lambda: xmodal.topk_search(queries, database, case.k, case.metric)}
     # the naive baseline needs Q x N scores; skip it where they would not fit comfortably
     if case.q * case.n * 4 <= (8 << 30 if device == "cpu" else 32 << 30):
-        result.seconds["naive"] = time_call(lambda: naive_search(queries, database, case.k, case.metric), device, repeats)
+        calls["naive"] = lambda: naive_search(queries, database, case.k, case.metric)
     if use_faiss and device == "cpu":
         index = faiss_index(database, case.metric)
         if index is not None:
             qn = queries.float().numpy()
-            result.seconds["faiss"] = time_call(lambda: index.search(qn, case.k), device, repeats)
-    return result
+            calls["faiss"] = lambda: index.search(qn, case.k)
+    times = {name: [] for name in calls}
+    for round_ in range(repeats + 1):
+        for name, fn in calls.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_:  # round 0 warms up
+                times[name].append(time.perf_counter() - start)
+    return SearchResult(case, {name: statistics.median(t) for name, t in times.items()})
 
 
 def environment(device: str) -> dict:
