@@ -29,6 +29,17 @@ const char* metric_name(Metric m) {
   return "?";
 }
 
+at::Tensor row_norm_term(const at::Tensor& rows, Metric metric, at::ScalarType acc) {
+  switch (metric) {
+    case Metric::Cosine:
+    case Metric::CosineDistance:
+      return at::linalg_vector_norm(rows, 2, {1}, false, acc).clamp_min(kNormEps).reciprocal();
+    case Metric::L2:
+    case Metric::SqEuclidean: return at::linalg_vector_norm(rows, 2, {1}, false, acc).square();
+    default: return at::Tensor();
+  }
+}
+
 SearchArgs validate_search_args(const at::Tensor& queries, const at::Tensor& database, int64_t k,
                                 const std::string& metric, const std::optional<at::Tensor>& mask) {
   SearchArgs a;

@@ -18,6 +18,13 @@ Metric parse_metric(const std::string& name);
 const char* metric_name(Metric m);
 C10_HOST_DEVICE inline bool larger_is_better(Metric m) { return m == Metric::IP || m == Metric::Cosine; }
 
+// Zero vectors normalise to zero (cosine 0 with everything), as F.normalize does.
+constexpr double kNormEps = 1e-12;
+
+// The per-row term a metric's key needs (see above), in dtype acc: 1/max(||x||, eps) for cosine and
+// cosine_distance, ||x||² for l2 and sqeuclidean; undefined for ip and kl. Used for queries and tiles alike.
+at::Tensor row_norm_term(const at::Tensor& rows, Metric metric, at::ScalarType acc);
+
 struct SearchArgs {
   at::Tensor queries;   // [Q, D] (a 1-D query is viewed as [1, D])
   at::Tensor database;  // [N, D]

@@ -94,31 +94,17 @@ struct TileSide {  // per-database-row terms for one tile
   std::vector<acc_t> term;  // cosine: 1/||x||; l2: ||x||²
 };
 
-constexpr double kNormEps = 1e-12;  // zero vectors normalise to zero, as F.normalize does
-
 template <typename acc_t>
 QuerySide<acc_t> prepare_queries(const at::Tensor& queries, Metric metric) {
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   QuerySide<acc_t> qs;
-  at::Tensor term;
-  switch (metric) {
-    case Metric::IP: break;
-    case Metric::Cosine:
-    case Metric::CosineDistance:
-      term = at::linalg_vector_norm(queries, 2, {1}, false, acc_dtype).clamp_min(kNormEps).reciprocal();
-      break;
-    case Metric::L2:
-    case Metric::SqEuclidean:
-      term = at::linalg_vector_norm(queries, 2, {1}, false, acc_dtype).square();
-      break;
-    case Metric::KL: {
-      at::Tensor q = queries.to(acc_dtype);
-      TORCH_CHECK(!(q < 0).any().item<bool>(), "queries must be non-negative with metric 'kl', found a negative entry");
-      term = at::xlogy(q, q).sum(1);
-      qs.positive = (q > 0).to(acc_dtype).contiguous();
-      qs.gemm_operand = q.contiguous();
-      break;
-    }
+  at::Tensor term = row_norm_term(queries, metric, acc_dtype);
+  if (metric == Metric::KL) {
+    at::Tensor q = queries.to(acc_dtype);
+    TORCH_CHECK(!(q < 0).any().item<bool>(), "queries must be non-negative with metric 'kl', found a negative entry");
+    term = at::xlogy(q, q).sum(1);
+    qs.positive = (q > 0).to(acc_dtype).contiguous();
+    qs.gemm_operand = q.contiguous();
   }
   if (!qs.gemm_operand.defined()) qs.gemm_operand = queries.stride(1) == 1 ? queries : queries.contiguous();
   if (term.defined()) {
@@ -133,31 +119,19 @@ void prepare_tile(const at::Tensor& tile, Metric metric, int64_t first_row, Tile
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   ts.term.clear();
   ts.has_zeros = false;
-  at::Tensor term;
-  switch (metric) {
-    case Metric::IP: break;
-    case Metric::Cosine:
-    case Metric::CosineDistance:
-      term = at::linalg_vector_norm(tile, 2, {1}, false, acc_dtype).clamp_min(kNormEps).reciprocal();
-      break;
-    case Metric::L2:
-    case Metric::SqEuclidean:
-      term = at::linalg_vector_norm(tile, 2, {1}, false, acc_dtype).square();
-      break;
-    case Metric::KL: {
-      at::Tensor d = tile.to(acc_dtype);
-      TORCH_CHECK(!(d < 0).any().item<bool>(), "database must be non-negative with metric 'kl', found a negative "
-                  "entry in rows ", first_row, " to ", first_row + tile.size(0) - 1);
-      at::Tensor zero = d == 0;
-      ts.has_zeros = zero.any().item<bool>();
-      at::Tensor logd = at::log(d);
-      if (ts.has_zeros) {
-        logd.masked_fill_(zero, 0);  // 0·log 0 = 0; d_i = 0 < q_i is caught by the zeros GEMM
-        ts.zeros = zero.to(acc_dtype);
-      }
-      ts.gemm_operand = logd;
-      break;
+  at::Tensor term = row_norm_term(tile, metric, acc_dtype);
+  if (metric == Metric::KL) {
+    at::Tensor d = tile.to(acc_dtype);
+    TORCH_CHECK(!(d < 0).any().item<bool>(), "database must be non-negative with metric 'kl', found a negative "
+                "entry in rows ", first_row, " to ", first_row + tile.size(0) - 1);
+    at::Tensor zero = d == 0;
+    ts.has_zeros = zero.any().item<bool>();
+    at::Tensor logd = at::log(d);
+    if (ts.has_zeros) {
+      logd.masked_fill_(zero, 0);  // 0·log 0 = 0; d_i = 0 < q_i is caught by the zeros GEMM
+      ts.zeros = zero.to(acc_dtype);
     }
+    ts.gemm_operand = logd;
   }
   if (metric != Metric::KL) ts.gemm_operand = tile.stride(1) == 1 ? tile : tile.contiguous();
   if (term.defined()) {

@@ -233,8 +233,6 @@ __global__ void finalize_kernel(int metric, int64_t total, int64_t k,
   indices[t] = run_idx[slot];
 }
 
-constexpr double kNormEps = 1e-12;
-
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -248,20 +246,11 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args) {
   const auto fopts = queries.options().dtype(acc_dtype);
 
   // Per-query terms (see topk_common.h) and the operand that multiplies the tiles.
-  at::Tensor qterm, qgemm = queries, qpos;
-  switch (metric) {
-    case Metric::IP: break;
-    case Metric::Cosine:
-    case Metric::CosineDistance:
-      qterm = at::linalg_vector_norm(queries, 2, {1}, false, acc_dtype).clamp_min(kNormEps).reciprocal();
-      break;
-    case Metric::L2:
-    case Metric::SqEuclidean: qterm = at::linalg_vector_norm(queries, 2, {1}, false, acc_dtype).square(); break;
-    case Metric::KL:
-      qgemm = queries.to(acc_dtype);
-      qterm = at::xlogy(qgemm, qgemm).sum(1);
-      qpos = (qgemm > 0).to(acc_dtype);
-      break;
+  at::Tensor qterm = row_norm_term(queries, metric, acc_dtype), qgemm = queries, qpos;
+  if (metric == Metric::KL) {
+    qgemm = queries.to(acc_dtype);
+    qterm = at::xlogy(qgemm, qgemm).sum(1);
+    qpos = (qgemm > 0).to(acc_dtype);
   }
   if (!qterm.defined()) qterm = at::zeros({Q}, fopts);
   qterm = qterm.contiguous();
@@ -282,23 +271,13 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args) {
   for (int64_t n0 = 0; n0 < N; n0 += tile_rows) {
     const int64_t nt = std::min(N, n0 + tile_rows) - n0;
     at::Tensor tile = database.narrow(0, n0, nt);
-    at::Tensor tgemm = tile, col, zeros;
-    switch (metric) {
-      case Metric::IP: break;
-      case Metric::Cosine:
-      case Metric::CosineDistance:
-        col = at::linalg_vector_norm(tile, 2, {1}, false, acc_dtype).clamp_min(kNormEps).reciprocal();
-        break;
-      case Metric::L2:
-      case Metric::SqEuclidean: col = at::linalg_vector_norm(tile, 2, {1}, false, acc_dtype).square(); break;
-      case Metric::KL: {
-        at::Tensor d = tile.to(acc_dtype);
-        if (validate_kl) negatives = negatives + (d < 0).sum();
-        at::Tensor zero = d == 0;
-        tgemm = at::log(d).masked_fill_(zero, 0);
-        zeros = zero.to(acc_dtype);
-        break;
-      }
+    at::Tensor tgemm = tile, col = row_norm_term(tile, metric, acc_dtype), zeros;
+    if (metric == Metric::KL) {
+      at::Tensor d = tile.to(acc_dtype);
+      if (validate_kl) negatives = negatives + (d < 0).sum();
+      at::Tensor zero = d == 0;
+      tgemm = at::log(d).masked_fill_(zero, 0);
+      zeros = zero.to(acc_dtype);
     }
     if (col.defined()) col = col.contiguous();
     for (int64_t q0 = 0; q0 < Q; q0 += query_block) {
