@@ -190,7 +190,7 @@ def _clustered(n, d, centres, seed=0):
     return torch.nn.functional.normalize(x, dim=1)
 
 
-@pytest.mark.parametrize("metric", ["cosine", "l2", "ip"])
+@pytest.mark.parametrize("metric", ["cosine", "l2", "ip", "cosine_distance", "sqeuclidean"])
 def test_ivf_recall_and_exactness_with_all_lists(metric):
     x = _clustered(6000, 24, 30)
     queries = _clustered(50, 24, 30, seed=1)

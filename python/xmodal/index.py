@@ -448,32 +448,38 @@ class IVFIndex(FlatIndex):
         q = q.to(self.device)
         nq = q.shape[0]
         larger = METRICS[self.metric]
-        pad = float("-inf") if larger else float("inf")
         nprobe = min(self._nprobe_now, self.nlist)
-        qc = F.normalize(q.float(), dim=1, eps=1e-12) if self._normalised else q.float()
-        probes = topk_search(qc, self.centroids, nprobe, self._coarse_metric)[1]  # [Q, nprobe]
+        if self._normalised:  # rows are stored normalised: cosine is an inner-product search
+            q = F.normalize(q.to(torch.float32 if q.dtype != torch.float64 else torch.float64), dim=1, eps=1e-12)
+            op_metric, pad = "ip", float("-inf")
+        else:
+            op_metric, pad = self.metric, (float("-inf") if larger else float("inf"))
+        probes = topk_search(q.float(), self.centroids, nprobe, self._coarse_metric)[1]  # [Q, nprobe]
+        q = q.to(self.dtype)
         # Group (query, probe rank) pairs by list, then search each probed list once for all its queries.
         flat_lists = probes.reshape(-1)
         order = torch.argsort(flat_lists, stable=True)
-        sorted_lists = flat_lists[order].cpu()
         cand_values = torch.full((nq * nprobe, k), pad, dtype=self.dtype, device=self.device)
         cand_pos = torch.full((nq * nprobe, k), -1, dtype=torch.int64, device=self.device)
-        if sorted_lists.numel():
-            uniq, counts = torch.unique_consecutive(sorted_lists, return_counts=True)
-            starts = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)[:-1]])
+        if flat_lists.numel():
+            uniq, counts = torch.unique_consecutive(flat_lists[order].cpu(), return_counts=True)
             offsets = self._offsets.tolist()
-            for lst, start, count in zip(uniq.tolist(), starts.tolist(), counts.tolist()):
+            start = 0
+            for lst, count in zip(uniq.tolist(), counts.tolist()):
                 lo, hi = offsets[lst], offsets[lst + 1]
+                pairs = order[start: start + count]
+                start += count
                 if hi == lo:
                     continue
-                pairs = order[start: start + count]
-                sub = self._search_rows_on(q[pairs // nprobe], k, lo, hi,
-                                                None if mask is None else mask[lo:hi])
-                cand_values[pairs], cand_pos[pairs] = sub[0], torch.where(sub[1] >= 0, sub[1] + lo, sub[1])
+                v, p = topk_search(q[pairs // nprobe], self._vectors[lo:hi], k, op_metric,
+                                   mask=None if mask is None else mask[lo:hi])
+                cand_values[pairs] = v
+                cand_pos[pairs] = torch.where(p >= 0, p + lo, p)
         values = cand_values.reshape(nq, nprobe * k)
         positions = cand_pos.reshape(nq, nprobe * k)
         # merge each query's nprobe x k candidates (padding sorts last; NaN is treated as worst)
-        key = values.float() if larger else -values.float()
+        best_first = larger or self._normalised
+        key = values.float() if best_first else -values.float()
         key = torch.where(positions >= 0, key.nan_to_num(nan=float("-inf")), torch.full_like(key, float("-inf")))
         take = min(k, key.shape[1])
         best = torch.topk(key, take, dim=1).indices
@@ -481,16 +487,10 @@ class IVFIndex(FlatIndex):
         out_p = torch.full((nq, k), -1, dtype=torch.int64, device=self.device)
         out_v[:, :take] = values.gather(1, best)
         out_p[:, :take] = positions.gather(1, best)
+        if self.metric == "cosine_distance":
+            dist = torch.sqrt(torch.clamp(2 * (1 - out_v.float()), min=0)).to(out_v.dtype)
+            out_v = torch.where(out_p >= 0, dist, torch.full_like(dist, float("inf")))
         return out_v, out_p
-
-    def _search_rows_on(self, q: Tensor, k: int, lo: int, hi: int, mask: Optional[Tensor]):
-        # FlatIndex._search_rows over the stored rows [lo, hi) only
-        saved = self._size, self._vectors
-        try:
-            self._vectors, self._size = self._vectors[lo:hi], hi - lo
-            return FlatIndex._search_rows(self, q, k, mask)
-        finally:
-            self._size, self._vectors = saved
 
     # -- persistence
     def _metadata(self) -> dict:
