@@ -457,24 +457,32 @@ class IVFIndex(FlatIndex):
         probes = topk_search(q.float(), self.centroids, nprobe, self._coarse_metric)[1]  # [Q, nprobe]
         q = q.to(self.dtype)
         # Group (query, probe rank) pairs by list, then search each probed list once for all its queries.
+        # The loop works on list-sorted copies (slices are views, so each list costs little besides its
+        # search); results are scattered back to (query, probe) order once at the end.
         flat_lists = probes.reshape(-1)
         order = torch.argsort(flat_lists, stable=True)
-        cand_values = torch.full((nq * nprobe, k), pad, dtype=self.dtype, device=self.device)
-        cand_pos = torch.full((nq * nprobe, k), -1, dtype=torch.int64, device=self.device)
+        q_sorted = q[order // nprobe]
+        sorted_values = torch.full((nq * nprobe, k), pad, dtype=self.dtype, device=self.device)
+        sorted_pos = torch.full((nq * nprobe, k), -1, dtype=torch.int64, device=self.device)
+        row_offset = torch.zeros(nq * nprobe, 1, dtype=torch.int64)
         if flat_lists.numel():
             uniq, counts = torch.unique_consecutive(flat_lists[order].cpu(), return_counts=True)
             offsets = self._offsets.tolist()
             start = 0
             for lst, count in zip(uniq.tolist(), counts.tolist()):
                 lo, hi = offsets[lst], offsets[lst + 1]
-                pairs = order[start: start + count]
+                if hi > lo:
+                    v, p = topk_search(q_sorted[start: start + count], self._vectors[lo:hi], k, op_metric,
+                                       mask=None if mask is None else mask[lo:hi])
+                    sorted_values[start: start + count] = v
+                    sorted_pos[start: start + count] = p
+                    row_offset[start: start + count] = lo
                 start += count
-                if hi == lo:
-                    continue
-                v, p = topk_search(q[pairs // nprobe], self._vectors[lo:hi], k, op_metric,
-                                   mask=None if mask is None else mask[lo:hi])
-                cand_values[pairs] = v
-                cand_pos[pairs] = torch.where(p >= 0, p + lo, p)
+        sorted_pos = torch.where(sorted_pos >= 0, sorted_pos + row_offset.to(self.device), sorted_pos)
+        cand_values = torch.empty_like(sorted_values)
+        cand_pos = torch.empty_like(sorted_pos)
+        cand_values[order] = sorted_values
+        cand_pos[order] = sorted_pos
         values = cand_values.reshape(nq, nprobe * k)
         positions = cand_pos.reshape(nq, nprobe * k)
         # merge each query's nprobe x k candidates (padding sorts last; NaN is treated as worst)
