@@ -108,6 +108,37 @@ def _duplicates(ids: Tensor, limit: int = 10) -> list:
     return values[counts > 1][:limit].tolist()
 
 
+def _check_present(ids: Tensor, stored: Tensor) -> None:
+    missing = ids[~torch.isin(ids, stored)]
+    if missing.numel():
+        raise KeyError(f"ids not in the index: {missing[:10].tolist()}")
+
+
+def _unit_rows(rows: Tensor) -> Tensor:
+    """Rows scaled to unit L2 norm, computed in fp32 (fp64 for fp64 input); zero rows stay zero."""
+    return F.normalize(rows.to(torch.float64 if rows.dtype == torch.float64 else torch.float32), dim=1, eps=1e-12)
+
+
+def _cosine_to_distance(cos: Tensor, positions: Tensor) -> Tensor:
+    """sqrt(2 (1 - cos)) where a result exists, +inf padding elsewhere."""
+    dist = torch.sqrt(torch.clamp(2 * (1 - cos.float()), min=0)).to(cos.dtype)
+    return torch.where(positions >= 0, dist, torch.full_like(dist, float("inf")))
+
+
+def _merge_best(values: Tensor, positions: Tensor, k: int, larger: bool, pad: float) -> Tuple[Tensor, Tensor]:
+    """The k best of each row's candidates (position -1 = none; NaN ranks below every number), best first,
+    padded with (pad, -1) when a row has fewer than k columns."""
+    key = values.float() if larger else -values.float()
+    key = torch.where(positions >= 0, key.nan_to_num(nan=float("-inf")), torch.full_like(key, float("-inf")))
+    take = min(k, key.shape[1])
+    best = torch.topk(key, take, dim=1).indices
+    out_v = torch.full((values.shape[0], k), pad, dtype=values.dtype, device=values.device)
+    out_p = torch.full((values.shape[0], k), -1, dtype=torch.int64, device=values.device)
+    out_v[:, :take] = values.gather(1, best)
+    out_p[:, :take] = positions.gather(1, best)
+    return out_v, out_p
+
+
 def _atomic_save(tensors: dict, metadata: dict, path) -> None:
     from safetensors.torch import save_file
 
@@ -196,7 +227,7 @@ class FlatIndex:
     def _prepare(self, rows: Tensor, name: str) -> Tensor:
         rows = rows.to(self.device)
         if self._normalised:
-            rows = F.normalize(rows.to(torch.float32 if rows.dtype != torch.float64 else torch.float64), dim=1, eps=1e-12)
+            rows = _unit_rows(rows)
         if self.metric == "kl" and bool((rows < 0).any()):
             raise ValueError(f"{name} must be non-negative with metric 'kl', found a negative entry")
         return rows.to(self.dtype)
@@ -242,9 +273,7 @@ class FlatIndex:
         if gone.numel() == 0:
             return 0
         stored = self.ids.cpu()
-        missing = gone[~torch.isin(gone, stored)]
-        if missing.numel():
-            raise KeyError(f"ids not in the index: {missing[:10].tolist()}")
+        _check_present(gone, stored)
         keep = ~torch.isin(stored, gone)
         kept_vectors = self.vectors[keep.to(self.device)].clone()
         kept_ids = self.ids[keep.to(self.device)].clone()
@@ -301,11 +330,9 @@ class FlatIndex:
         q = q.to(self.device)
         if not self._normalised:
             return topk_search(q.to(self.dtype), database, k, self.metric, mask=mask)
-        qn = F.normalize(q.to(torch.float32 if q.dtype != torch.float64 else torch.float64), dim=1, eps=1e-12)
-        values, positions = topk_search(qn.to(self.dtype), database, k, "ip", mask=mask)
+        values, positions = topk_search(_unit_rows(q).to(self.dtype), database, k, "ip", mask=mask)
         if self.metric == "cosine_distance":
-            dist = torch.sqrt(torch.clamp(2 * (1 - values.to(torch.float32)), min=0)).to(values.dtype)
-            values = torch.where(positions >= 0, dist, torch.full_like(dist, float("inf")))
+            values = _cosine_to_distance(values, positions)
         return values, positions
 
     # -- persistence
@@ -418,9 +445,7 @@ class IVFIndex(FlatIndex):
     def remove(self, ids) -> int:
         gone = _ids_tensor(ids, -1)
         stored = self.ids.cpu()
-        missing = gone[~torch.isin(gone, stored)]
-        if missing.numel():
-            raise KeyError(f"ids not in the index: {missing[:10].tolist()}")
+        _check_present(gone, stored)
         keep = (~torch.isin(stored, gone)).to(self.device)
         before = self._size
         self._set_rows(self.vectors[keep], self.ids[keep], self._lists[keep])
@@ -450,7 +475,7 @@ class IVFIndex(FlatIndex):
         larger = METRICS[self.metric]
         nprobe = min(self._nprobe_now, self.nlist)
         if self._normalised:  # rows are stored normalised: cosine is an inner-product search
-            q = F.normalize(q.to(torch.float32 if q.dtype != torch.float64 else torch.float64), dim=1, eps=1e-12)
+            q = _unit_rows(q)
             op_metric, pad = "ip", float("-inf")
         else:
             op_metric, pad = self.metric, (float("-inf") if larger else float("inf"))
@@ -483,21 +508,11 @@ class IVFIndex(FlatIndex):
         cand_pos = torch.empty_like(sorted_pos)
         cand_values[order] = sorted_values
         cand_pos[order] = sorted_pos
-        values = cand_values.reshape(nq, nprobe * k)
-        positions = cand_pos.reshape(nq, nprobe * k)
-        # merge each query's nprobe x k candidates (padding sorts last; NaN is treated as worst)
-        best_first = larger or self._normalised
-        key = values.float() if best_first else -values.float()
-        key = torch.where(positions >= 0, key.nan_to_num(nan=float("-inf")), torch.full_like(key, float("-inf")))
-        take = min(k, key.shape[1])
-        best = torch.topk(key, take, dim=1).indices
-        out_v = torch.full((nq, k), pad, dtype=self.dtype, device=self.device)
-        out_p = torch.full((nq, k), -1, dtype=torch.int64, device=self.device)
-        out_v[:, :take] = values.gather(1, best)
-        out_p[:, :take] = positions.gather(1, best)
+        # merge each query's nprobe x k candidates
+        out_v, out_p = _merge_best(cand_values.reshape(nq, nprobe * k), cand_pos.reshape(nq, nprobe * k), k,
+                                   larger or self._normalised, pad)
         if self.metric == "cosine_distance":
-            dist = torch.sqrt(torch.clamp(2 * (1 - out_v.float()), min=0)).to(out_v.dtype)
-            out_v = torch.where(out_p >= 0, dist, torch.full_like(dist, float("inf")))
+            out_v = _cosine_to_distance(out_v, out_p)
         return out_v, out_p
 
     # -- persistence
@@ -639,10 +654,7 @@ class ShardedIndex:
         all_values = torch.cat([v.to(values.device) for v in self._all_gather(values)], dim=1)
         all_ids = torch.cat([i.to(values.device) for i in self._all_gather(ids)], dim=1)
         larger = METRICS[self.metric]
-        key = all_values.float() if larger else -all_values.float()
-        key = torch.where(all_ids >= 0, key.nan_to_num(nan=float("-inf")), torch.full_like(key, float("-inf")))
-        best = torch.topk(key, k, dim=1).indices
-        values, ids = all_values.gather(1, best), all_ids.gather(1, best)
+        values, ids = _merge_best(all_values, all_ids, k, larger, float("-inf") if larger else float("inf"))
         if squeeze:
             values, ids = values[0], ids[0]
         return _from_torch(values, kind), _from_torch(ids, kind)
