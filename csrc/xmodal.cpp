@@ -1,5 +1,5 @@
 // THE one place for op schemas. Each backend registers its kernels beside them with TORCH_LIBRARY_IMPL
-// (csrc/search/*_cpu.cpp, *_cuda.cu); fake tensors and autograd are registered in Python
+// (csrc/search/, csrc/bilinear/: *_cpu.cpp, *_cuda.cu); fake tensors and autograd are registered in Python
 // (python/xmodal/_registrations.py).
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -8,6 +8,16 @@ TORCH_LIBRARY(xmodal, m) {
   // Batched top-k similarity search; see xmodal.topk_search for the semantics.
   m.def("topk_search(Tensor queries, Tensor database, int k, str metric=\"cosine\", Tensor? mask=None)"
         " -> (Tensor values, Tensor indices)");
+  // Bilinear pooling, torch.nn.functional.bilinear semantics; see xmodal.bilinear.
+  m.def("bilinear(Tensor input1, Tensor input2, Tensor weight, Tensor? bias=None) -> Tensor");
+  // Gradients for input1, input2, weight (empty where output_mask is False); the bias gradient is grad's sum.
+  m.def("bilinear_backward(Tensor grad, Tensor input1, Tensor input2, Tensor weight, bool[3] output_mask)"
+        " -> (Tensor grad_input1, Tensor grad_input2, Tensor grad_weight)");
+  // The fused pass of factorized (MFB) pooling after the projections; see xmodal.factorized_bilinear.
+  m.def("factorized_pool(Tensor proj_x, Tensor proj_y, Tensor? bias_x, Tensor? bias_y, int factor, bool normalize)"
+        " -> Tensor");
+  m.def("factorized_pool_backward(Tensor grad, Tensor proj_x, Tensor proj_y, Tensor? bias_x, Tensor? bias_y,"
+        " int factor, bool normalize) -> (Tensor grad_proj_x, Tensor grad_proj_y)");
 }
 
 namespace {

@@ -7,13 +7,25 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401
 from . import _registrations  # noqa: F401
-from . import metrics
+from . import metrics, nn
 from .index import FlatIndex, IVFIndex, ShardedIndex
-from .ops import METRICS, topk_search
+from .ops import METRICS, bilinear, factorized_bilinear, topk_search
 
 __version__ = "0.1.0"
 
-__all__ = ["METRICS", "topk_search", "FlatIndex", "IVFIndex", "ShardedIndex", "metrics", "build_info", "__version__"]
+__all__ = [
+    "METRICS",
+    "topk_search",
+    "bilinear",
+    "factorized_bilinear",
+    "nn",
+    "FlatIndex",
+    "IVFIndex",
+    "ShardedIndex",
+    "metrics",
+    "build_info",
+    "__version__",
+]
 
 
 def build_info() -> dict:

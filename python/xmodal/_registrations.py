@@ -14,3 +14,76 @@ def _topk_search_fake(queries, database, k, metric="cosine", mask=None):
     values = queries.new_empty(shape)
     indices = queries.new_empty(shape, dtype=torch.int64)
     return values, indices
+
+
+# --- bilinear ---------------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("xmodal::bilinear")
+def _bilinear_fake(input1, input2, weight, bias=None):
+    torch._check(weight.dim() == 3, lambda: f"weight must be 3-D [out_features, in1_features, in2_features], got shape {tuple(weight.shape)}")
+    return input1.new_empty((*input1.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("xmodal::bilinear_backward")
+def _bilinear_backward_fake(grad, input1, input2, weight, output_mask):
+    def grad_like(t, needed):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else t.new_empty((0,))
+
+    return grad_like(input1, output_mask[0]), grad_like(input2, output_mask[1]), grad_like(weight, output_mask[2])
+
+
+def _bilinear_setup_context(ctx, inputs, output):
+    input1, input2, weight, bias = inputs
+    ctx.save_for_backward(input1, input2, weight)
+    ctx.has_bias = bias is not None
+
+
+def _bilinear_backward(ctx, grad):
+    input1, input2, weight = ctx.saved_tensors
+    mask = [bool(n) for n in ctx.needs_input_grad[:3]]
+    g1 = g2 = gw = gb = None
+    if any(mask):
+        g1, g2, gw = torch.ops.xmodal.bilinear_backward(grad, input1, input2, weight, mask)
+        g1, g2, gw = (g if needed else None for g, needed in zip((g1, g2, gw), mask))
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        gb = grad.reshape(-1, weight.shape[0]).sum(0)
+    return g1, g2, gw, gb
+
+
+torch.library.register_autograd("xmodal::bilinear", _bilinear_backward, setup_context=_bilinear_setup_context)
+
+
+# --- factorized (MFB) pooling -----------------------------------------------------------------------------
+
+
+@torch.library.register_fake("xmodal::factorized_pool")
+def _factorized_pool_fake(proj_x, proj_y, bias_x, bias_y, factor, normalize):
+    torch._check(factor > 0, lambda: f"factor must be positive, got {factor}")
+    lead = torch.broadcast_shapes(proj_x.shape[:-1], proj_y.shape[:-1])
+    return proj_x.new_empty((*lead, proj_x.shape[-1] // factor))
+
+
+@torch.library.register_fake("xmodal::factorized_pool_backward")
+def _factorized_pool_backward_fake(grad, proj_x, proj_y, bias_x, bias_y, factor, normalize):
+    return torch.empty_like(proj_x, memory_format=torch.contiguous_format), torch.empty_like(
+        proj_y, memory_format=torch.contiguous_format
+    )
+
+
+def _factorized_setup_context(ctx, inputs, output):
+    proj_x, proj_y, bias_x, bias_y, factor, normalize = inputs
+    ctx.save_for_backward(proj_x, proj_y, bias_x, bias_y)
+    ctx.factor, ctx.normalize = factor, normalize
+
+
+def _factorized_backward(ctx, grad):
+    proj_x, proj_y, bias_x, bias_y = ctx.saved_tensors
+    gx, gy = torch.ops.xmodal.factorized_pool_backward(grad, proj_x, proj_y, bias_x, bias_y, ctx.factor, ctx.normalize)
+    width = proj_x.shape[-1]
+    gbx = gx.reshape(-1, width).sum(0) if bias_x is not None and ctx.needs_input_grad[2] else None
+    gby = gy.reshape(-1, width).sum(0) if bias_y is not None and ctx.needs_input_grad[3] else None
+    return (gx if ctx.needs_input_grad[0] else None), (gy if ctx.needs_input_grad[1] else None), gbx, gby, None, None
+
+
+torch.library.register_autograd("xmodal::factorized_pool", _factorized_backward, setup_context=_factorized_setup_context)

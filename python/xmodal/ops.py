@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 #: metric name -> True when larger values are better
@@ -43,3 +44,81 @@ def topk_search(
         and value -inf (similarities) or +inf (distances). A NaN score ranks below every number.
     """
     return torch.ops.xmodal.topk_search(queries, database, k, metric, mask)
+
+
+def bilinear(input1: Tensor, input2: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Bilinear pooling with the semantics of ``torch.nn.functional.bilinear``, fused.
+
+    ``out[..., o] = sum_ij input1[..., i] * weight[o, i, j] * input2[..., j] + bias[o]``.
+
+    Args:
+        input1: ``[..., in1_features]``.
+        input2: ``[..., in2_features]`` with the same leading (batch) shape as ``input1``.
+        weight: ``[out_features, in1_features, in2_features]``.
+        bias: optional ``[out_features]``.
+
+    All of the same dtype (float32, float64, float16, bfloat16; 16-bit inputs accumulate in fp32) and device.
+    Neither the forward nor the backward pass allocates a ``B x in1 x in2`` or ``B x out x in2`` tensor: they
+    work on cache-sized (CPU) or bounded (GPU) tiles of the outer product. Differentiable once (no double
+    backward).
+    """
+    return torch.ops.xmodal.bilinear(input1, input2, weight, bias)
+
+
+def _check_factorized(x, y, weight_x, weight_y, factor):
+    for name, t in (("x", x), ("y", y), ("weight_x", weight_x), ("weight_y", weight_y)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight_x.dim() != 2:
+        raise ValueError(f"weight_x must be 2-D [out_features * factor, dim_x], got shape {tuple(weight_x.shape)}")
+    if weight_y.dim() != 2:
+        raise ValueError(f"weight_y must be 2-D [out_features * factor, dim_y], got shape {tuple(weight_y.shape)}")
+    if weight_x.shape[0] != weight_y.shape[0]:
+        raise ValueError(
+            f"weight_x and weight_y must have the same number of rows (out_features * factor), "
+            f"got {weight_x.shape[0]} and {weight_y.shape[0]}"
+        )
+    if x.dim() < 1 or x.shape[-1] != weight_x.shape[1]:
+        raise ValueError(f"x's last dimension must equal weight_x.shape[1] = {weight_x.shape[1]}, got shape {tuple(x.shape)}")
+    if y.dim() < 1 or y.shape[-1] != weight_y.shape[1]:
+        raise ValueError(f"y's last dimension must equal weight_y.shape[1] = {weight_y.shape[1]}, got shape {tuple(y.shape)}")
+    for name, t in (("y", y), ("weight_x", weight_x), ("weight_y", weight_y)):
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} must have the same dtype as x, got {t.dtype} and {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the same device as x, got {t.device} and {x.device}")
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor <= 0:
+        raise ValueError(f"factor must be a positive int, got {factor!r}")
+    if weight_x.shape[0] % factor != 0:
+        raise ValueError(
+            f"factor must divide the projection width weight_x.shape[0] = {weight_x.shape[0]}, got factor {factor}"
+        )
+
+
+def factorized_bilinear(
+    x: Tensor,
+    y: Tensor,
+    weight_x: Tensor,
+    weight_y: Tensor,
+    bias_x: Optional[Tensor] = None,
+    bias_y: Optional[Tensor] = None,
+    *,
+    factor: int,
+    normalize: bool = True,
+) -> Tensor:
+    """Factorized bilinear pooling (MFB; MLB is ``factor=1``).
+
+    ``e = (x weight_x^T + bias_x) * (y weight_y^T + bias_y)``, weights ``[out_features * factor, dim]``;
+    ``s[..., j] = sum_{r < factor} e[..., j * factor + r]``; with ``normalize``:
+    ``u = sign(s) * (sqrt(|s| + 1e-12) - 1e-6)`` (a signed square root whose gradient stays finite at 0: at most
+    ``1 / (2 * 1e-6)``; it differs from ``sign(s) sqrt(|s|)`` by at most 1e-6) and ``z = u / max(||u||_2, 1e-12)``
+    (as ``F.normalize``, finite at ``u = 0``).
+
+    ``x [..., dim_x]`` and ``y [..., dim_y]`` have leading shapes that broadcast: e.g. one question
+    ``x [B, 1, dim_x]`` against ``N`` image regions ``y [B, N, dim_y]`` gives ``[B, N, out_features]``; ``x`` is
+    projected once per row, never copied ``N`` times. The two projections are GEMMs; bias, product, pooling and
+    normalisation run as one fused pass (``torch.ops.xmodal.factorized_pool``) forward and backward, saving
+    only the two projections for the backward pass.
+    """
+    _check_factorized(x, y, weight_x, weight_y, factor)
+    return torch.ops.xmodal.factorized_pool(F.linear(x, weight_x), F.linear(y, weight_y), bias_x, bias_y, factor, normalize)

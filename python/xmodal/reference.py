@@ -63,3 +63,35 @@ def topk_search(
     if squeeze:
         return values[0], indices[0]
     return values, indices
+
+
+SQRT_EPS = 1e-12
+
+
+def bilinear(input1: Tensor, input2: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.bilinear`` written out: ``out[..., o] = sum_ij input1[..., i] weight[o, i, j] input2[..., j] + bias[o]``.
+
+    Differentiable; computes in the inputs' dtype (pass float64 tensors for a reference).
+    """
+    out = torch.einsum("...i,oij,...j->...o", input1, weight, input2)
+    return out if bias is None else out + bias
+
+
+def factorized_bilinear(
+    x: Tensor,
+    y: Tensor,
+    weight_x: Tensor,
+    weight_y: Tensor,
+    bias_x: Optional[Tensor] = None,
+    bias_y: Optional[Tensor] = None,
+    *,
+    factor: int,
+    normalize: bool = True,
+) -> Tensor:
+    """The eager MFB formula (every intermediate materialised, ``x`` broadcast against ``y`` by expansion)."""
+    e = F.linear(x, weight_x, bias_x) * F.linear(y, weight_y, bias_y)
+    s = e.unflatten(-1, (-1, factor)).sum(-1)
+    if not normalize:
+        return s
+    u = torch.sign(s) * (torch.sqrt(s.abs() + SQRT_EPS) - SQRT_EPS**0.5)
+    return F.normalize(u, dim=-1, eps=NORM_EPS)

@@ -1,0 +1,78 @@
+"""Modules over xmodal's fused bilinear ops."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import bilinear, factorized_bilinear
+
+__all__ = ["Bilinear", "FactorizedBilinearPooling"]
+
+
+class Bilinear(nn.Bilinear):
+    """Drop-in for ``torch.nn.Bilinear`` computed by :func:`xmodal.bilinear`.
+
+    Same constructor, parameters (``weight [out, in1, in2]``, ``bias [out]``), initialisation and
+    ``state_dict`` keys, so a state dict saved from either loads into the other. It is a subclass, so
+    ``isinstance(m, torch.nn.Bilinear)`` holds.
+    """
+
+    def forward(self, input1: Tensor, input2: Tensor) -> Tensor:
+        return bilinear(input1, input2, self.weight, self.bias)
+
+
+class FactorizedBilinearPooling(nn.Module):
+    """Multi-modal factorized bilinear pooling (MFB; ``factor=1`` is MLB) of ``x [..., dim_x]`` and ``y [..., dim_y]``.
+
+    Projects both inputs to ``out_features * factor`` (``proj_x``, ``proj_y``: ``nn.Linear``), multiplies them,
+    sum-pools groups of ``factor`` and, with ``normalize``, applies the signed square root and L2 normalisation
+    (see :func:`xmodal.factorized_bilinear`). ``dropout`` acts on the product before pooling, as in MFB; it is
+    applied to the x projection (bias included), which is the same thing, so the product is never materialised.
+    Leading shapes broadcast: ``x [B, 1, dim_x]`` against ``y [B, N, dim_y]`` gives ``[B, N, out_features]``.
+    """
+
+    def __init__(
+        self,
+        dim_x: int,
+        dim_y: int,
+        out_features: int,
+        factor: int = 5,
+        dropout: float = 0.0,
+        normalize: bool = True,
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if factor <= 0:
+            raise ValueError(f"factor must be positive, got {factor}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dim_x, self.dim_y, self.out_features = dim_x, dim_y, out_features
+        self.factor, self.dropout, self.normalize = factor, dropout, normalize
+        self.proj_x = nn.Linear(dim_x, out_features * factor, device=device, dtype=dtype)
+        self.proj_y = nn.Linear(dim_y, out_features * factor, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.training and self.dropout > 0:
+            px = F.dropout(self.proj_x(x), self.dropout, training=True)
+            return torch.ops.xmodal.factorized_pool(
+                px, F.linear(y, self.proj_y.weight), None, self.proj_y.bias, self.factor, self.normalize
+            )
+        return factorized_bilinear(
+            x,
+            y,
+            self.proj_x.weight,
+            self.proj_y.weight,
+            self.proj_x.bias,
+            self.proj_y.bias,
+            factor=self.factor,
+            normalize=self.normalize,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim_x={self.dim_x}, dim_y={self.dim_y}, out_features={self.out_features}, factor={self.factor}, "
+            f"dropout={self.dropout}, normalize={self.normalize}"
+        )
