@@ -54,8 +54,9 @@ BilinearArgs prepare_bilinear_args(const at::Tensor& input1, const at::Tensor& i
               input2.size(-1), " and ", weight.size(2));
   BilinearArgs a;
   a.batch_shape.assign(input1.sizes().begin(), input1.sizes().end() - 1);
-  a.x = input1.reshape({-1, input1.size(-1)}).contiguous();
-  a.y = input2.reshape({-1, input2.size(-1)}).contiguous();
+  const int64_t rows = c10::multiply_integers(a.batch_shape);
+  a.x = input1.reshape({rows, input1.size(-1)}).contiguous();
+  a.y = input2.reshape({rows, input2.size(-1)}).contiguous();
   a.weight = weight.contiguous();
   return a;
 }
@@ -94,9 +95,13 @@ std::array<at::Tensor, 3> bilinear_backward_tiled(const at::Tensor& grad, const 
   const auto opts = x.options().dtype(acc);
   at::Tensor grad_x = mask[0] ? at::zeros({B, dx}, opts) : at::Tensor();
   at::Tensor grad_y = mask[1] ? at::zeros({B, dy}, opts) : at::Tensor();
-  at::Tensor grad_w = mask[2] ? at::zeros({o, dx * dy}, opts) : at::Tensor();
+  // Every block of grad_w is written by its first batch tile (no zero fill: it would be a full extra pass).
+  at::Tensor grad_w = mask[2] ? at::empty({o, dx * dy}, opts) : at::Tensor();
   const bool need_xy = mask[0] || mask[1];
-  if (B == 0 || o == 0 || dx == 0 || dy == 0 || !(need_xy || mask[2])) return {grad_x, grad_y, grad_w};
+  if (B == 0 || o == 0 || dx == 0 || dy == 0 || !(need_xy || mask[2])) {
+    if (mask[2]) grad_w.zero_();
+    return {grad_x, grad_y, mask[2] ? grad_w.view({o, dx, dy}) : grad_w};
+  }
 
   const at::Tensor w2 = weight.view({o, dx * dy});
   const at::Tensor x_acc = x.to(acc), y_acc = y.to(acc);  // the contraction runs in the accumulation dtype
@@ -111,7 +116,14 @@ std::array<at::Tensor, 3> bilinear_backward_tiled(const at::Tensor& grad, const 
       const at::Tensor g = grad.narrow(0, b0, nb);
       if (mask[2]) {
         at::Tensor z = outer_tile(buf, x.narrow(0, b0, nb).narrow(1, i0, ni), y.narrow(0, b0, nb));
-        addmm_acc(grad_w.narrow(1, i0 * dy, ni * dy), g.t(), z);
+        at::Tensor gw_blk = grad_w.narrow(1, i0 * dy, ni * dy);
+        if (b0 > 0) {
+          addmm_acc(gw_blk, g.t(), z);
+        } else if (z.scalar_type() == acc) {
+          at::mm_out(gw_blk, g.t(), z);
+        } else {
+          gw_blk.copy_(at::mm(g.t(), z, acc));
+        }
       }
       if (need_xy) {
         at::Tensor u;
@@ -163,13 +175,13 @@ FactorizedArgs prepare_factorized_args(const at::Tensor& proj_x, const at::Tenso
   a.features = F;
   a.factor = factor;
   a.groups = F / factor;
-  a.px = proj_x.reshape({-1, F}).contiguous();
-  a.py = proj_y.reshape({-1, F}).contiguous();
+  a.px = proj_x.reshape({c10::multiply_integers(lead_x), F}).contiguous();
+  a.py = proj_y.reshape({c10::multiply_integers(lead_y), F}).contiguous();
   a.rows = c10::multiply_integers(lead);
   // Broadcast sides are read through a row map, so nothing is expanded in memory.
   auto row_map = [&](c10::IntArrayRef side, const at::Tensor& p) {
     if (side == c10::IntArrayRef(lead)) return at::Tensor();
-    return at::arange(p.size(0), p.options().dtype(at::kLong)).view(side).expand(lead).reshape({-1});
+    return at::arange(p.size(0), p.options().dtype(at::kLong)).view(side).expand(lead).contiguous().view({-1});
   };
   a.x_rows = row_map(lead_x, a.px);
   a.y_rows = row_map(lead_y, a.py);
@@ -216,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bilinear_backward_op(const at::Te
   const auto dtype = input1.scalar_type();
   const auto acc = accumulate_type(dtype);
   const auto compute = upcast_16bit ? acc : dtype;
-  at::Tensor g = grad.reshape({-1, weight.size(0)}).contiguous().to(compute);
+  at::Tensor g = grad.reshape({a.x.size(0), weight.size(0)}).contiguous().to(compute);
   auto [gx, gy, gw] = bilinear_backward_tiled(g, a.x.to(compute), a.y.to(compute), a.weight.to(compute), output_mask,
                                               acc, dev);
   return {output_mask[0] ? gx.to(dtype).view(input1.sizes()) : empty_grad(input1),

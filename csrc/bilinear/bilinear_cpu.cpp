@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bilinear/bilinear.h"
+#include "common/env.h"
 
 namespace xmodal {
 namespace {
@@ -47,8 +48,10 @@ void contract_cpu(const at::Tensor& U, const at::Tensor& x_blk, const at::Tensor
 }
 
 const BilinearDevice& cpu_device() {
-  // A Z tile of 256K elements (1 MiB in fp32) stays in L2 while its GEMM consumes it.
-  static const BilinearDevice dev{contract_cpu, 256 * 1024, 256};
+  // A Z tile of about 1 MiB stays in L2 while its GEMM consumes it (XMODAL_BILINEAR_TILE_KIB and
+  // XMODAL_BILINEAR_ROWS override the tile size and the most batch rows per tile).
+  static const BilinearDevice dev{contract_cpu, env_int("XMODAL_BILINEAR_TILE_KIB", 1024) * 1024 / 4,
+                                  env_int("XMODAL_BILINEAR_ROWS", 256)};
   return dev;
 }
 

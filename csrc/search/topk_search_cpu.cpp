@@ -5,6 +5,7 @@
 // MKL's bf16/fp16 GEMM with fp32 output), turns the scores into ranking keys while they are in cache, and
 // feeds them to per-query candidate buffers (topk_select.h). The Q x N score matrix never exists: extra
 // memory is O(threads * Q * k + tile). Per-thread buffers are merged at the end.
+#include "common/env.h"
 #include "search/topk_common.h"
 #include "search/topk_select.h"
 
@@ -69,12 +70,6 @@ void gemm_nt(const at::Tensor& a, const at::Tensor& b, acc_t* out) {
   }
   auto o = at::from_blob(out, {m, n}, at::TensorOptions().dtype(acc_dtype));
   o.copy_(at::mm(a, b.t()));
-}
-
-int64_t env_int(const char* name, int64_t fallback) {
-  const char* value = std::getenv(name);
-  const int64_t parsed = value ? std::atoll(value) : 0;
-  return parsed > 0 ? parsed : fallback;
 }
 
 // ---------------------------------------------------------------------------------------------------------

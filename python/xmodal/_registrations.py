@@ -16,6 +16,11 @@ def _topk_search_fake(queries, database, k, metric="cosine", mask=None):
     return values, indices
 
 
+def _sum_leading(t):
+    """Sum over every dimension but the last (the gradient of a bias broadcast over them)."""
+    return t.flatten(0, -2).sum(0) if t.dim() > 1 else t
+
+
 # --- bilinear ---------------------------------------------------------------------------------------------
 
 
@@ -47,7 +52,7 @@ def _bilinear_backward(ctx, grad):
         g1, g2, gw = torch.ops.xmodal.bilinear_backward(grad, input1, input2, weight, mask)
         g1, g2, gw = (g if needed else None for g, needed in zip((g1, g2, gw), mask))
     if ctx.has_bias and ctx.needs_input_grad[3]:
-        gb = grad.reshape(-1, weight.shape[0]).sum(0)
+        gb = _sum_leading(grad)
     return g1, g2, gw, gb
 
 
@@ -80,9 +85,8 @@ def _factorized_setup_context(ctx, inputs, output):
 def _factorized_backward(ctx, grad):
     proj_x, proj_y, bias_x, bias_y = ctx.saved_tensors
     gx, gy = torch.ops.xmodal.factorized_pool_backward(grad, proj_x, proj_y, bias_x, bias_y, ctx.factor, ctx.normalize)
-    width = proj_x.shape[-1]
-    gbx = gx.reshape(-1, width).sum(0) if bias_x is not None and ctx.needs_input_grad[2] else None
-    gby = gy.reshape(-1, width).sum(0) if bias_y is not None and ctx.needs_input_grad[3] else None
+    gbx = _sum_leading(gx) if bias_x is not None and ctx.needs_input_grad[2] else None
+    gby = _sum_leading(gy) if bias_y is not None and ctx.needs_input_grad[3] else None
     return (gx if ctx.needs_input_grad[0] else None), (gy if ctx.needs_input_grad[1] else None), gbx, gby, None, None
 
 
