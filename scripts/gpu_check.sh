@@ -48,8 +48,10 @@ rc=$?
 if [ $rc -ne 0 ]; then status=1; fi
 if [ $rc -gt 128 ] || [ $rc -eq 124 ]; then
   # a crash or hang stops pytest: say so, and run the CUDA-only file on its own so it still reports
-  echo "pytest died (exit $rc); running tests/test_topk_search_cuda.py alone" | tee -a "$OUTDIR/tests.log"
-  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_topk_search_cuda.py -rfE >> "$OUTDIR/tests.log" 2>&1
+  echo "pytest died (exit $rc); running the CUDA-marked tests file by file" | tee -a "$OUTDIR/tests.log"
+  for f in tests/test_topk_search_cuda.py tests/test_bilinear.py tests/test_factorized_bilinear.py; do
+    timeout 60 $PY -m pytest -q -p no:cacheprovider "$f" -m cuda -rfE >> "$OUTDIR/tests.log" 2>&1
+  done
 fi
 tail -25 "$OUTDIR/tests.log"
 echo "tests took $(( $(date +%s) - start )) s"
@@ -59,5 +61,12 @@ start=$(date +%s)
 (cd /tmp && timeout ${BENCH_TIMEOUT:-200} $PY -m xmodal bench search --device cuda --repeats 5 \
     --json "$OUTDIR/bench_search_cuda.json" --markdown "$OUTDIR/bench_search_cuda.md") > "$OUTDIR/bench.log" 2>&1 || status=1
 grep -v "bench search:" "$OUTDIR/bench.log" | tail -70
-echo "benchmark took $(( $(date +%s) - start )) s"
+echo "search benchmark took $(( $(date +%s) - start )) s"
+
+echo "== bilinear benchmark"
+start=$(date +%s)
+(cd /tmp && timeout ${BILINEAR_BENCH_TIMEOUT:-150} $PY -m xmodal bench bilinear --device cuda --repeats 5 \
+    --json "$OUTDIR/bench_bilinear_cuda.json" --markdown "$OUTDIR/bench_bilinear_cuda.md") > "$OUTDIR/bench_bilinear.log" 2>&1 || status=1
+tail -25 "$OUTDIR/bench_bilinear.log"
+echo "bilinear benchmark took $(( $(date +%s) - start )) s"
 exit $status

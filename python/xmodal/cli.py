@@ -36,6 +36,10 @@ def _info(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.op == "bilinear":
+        from . import bench_bilinear
+
+        return bench_bilinear.main(args)
     from . import bench
 
     return bench.main(args)
@@ -48,7 +52,7 @@ def main(argv=None) -> int:
     p_info.add_argument("--json", action="store_true", help="print JSON")
     p_info.set_defaults(func=_info)
     p_bench = sub.add_parser("bench", help="benchmark the fused ops against naive PyTorch (and faiss)")
-    p_bench.add_argument("op", choices=["search"], help="which op to benchmark")
+    p_bench.add_argument("op", choices=["search", "bilinear"], help="which op to benchmark")
     p_bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p_bench.add_argument("--quick", action="store_true", help="a small grid that runs in seconds")
     p_bench.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
