@@ -9,7 +9,7 @@ TORCH_SPEC=${XMODAL_TORCH:-torch==2.14.1}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q "$TORCH_SPEC" numpy tqdm safetensors "cmake>=3.26" ninja "scikit-build-core>=0.10" \
+.venv/bin/python -m pip install -q "$TORCH_SPEC" numpy tqdm safetensors pillow "cmake>=3.26" ninja "scikit-build-core>=0.10" \
   pytest hypothesis pytest-benchmark faiss-cpu
 .venv/bin/python -m pip install -q --no-build-isolation --no-deps .
 .venv/bin/python -m xmodal info

@@ -1,4 +1,4 @@
-"""The ``xmodal`` command: ``info``, ``bench``."""
+"""The ``xmodal`` command: ``info``, ``bench``, ``demo``."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +45,19 @@ def _bench(args) -> int:
     return bench.main(args)
 
 
+def _demo(args) -> int:
+    from . import demo
+
+    return demo.run(args)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="xmodal", description="Cross-modal retrieval ops for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +73,14 @@ def main(argv=None) -> int:
     p_bench.add_argument("--markdown", metavar="PATH", help="write the results as a markdown report")
     p_bench.add_argument("--no-faiss", action="store_true", help="skip faiss even when installed")
     p_bench.set_defaults(func=_bench)
+    p_demo = sub.add_parser("demo", help="train and evaluate cross-modal retrieval on the built-in Shapes data")
+    p_demo.add_argument("--steps", type=_positive_int, default=800, help="training steps (default: 800)")
+    p_demo.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and batches (default: 0)")
+    p_demo.add_argument("--out", default="xmodal-demo", help="folder for the checkpoint and examples.png")
+    p_demo.add_argument("--json", metavar="PATH", help="write the metrics as JSON")
+    p_demo.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p_demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 

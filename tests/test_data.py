@@ -1,0 +1,112 @@
+"""The built-in Shapes data and the CSV loader for users' own (image, caption) pairs."""
+import random
+
+import pytest
+import torch
+
+from xmodal import data as D
+
+
+def test_shapes_is_deterministic():
+    a, b = D.ShapesDataset(20, seed=3), D.ShapesDataset(20, seed=3)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions and torch.equal(a.labels, b.labels)
+    c = D.ShapesDataset(20, seed=4)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_gallery_has_every_combination_once():
+    g = D.ShapesDataset(None, seed=0)
+    assert len(g) == 4 * 6 * 2 * 4 == 192
+    assert sorted(g.labels.tolist()) == list(range(192))
+    assert g.images.shape == (192, 3, 32, 32) and 0 <= g.images.min() and g.images.max() <= 1
+    assert all(len(c) == 5 and len(set(c)) == 5 for c in g.captions)
+
+
+def test_rendering_shows_the_attributes():
+    rng = random.Random(0)
+    for attrs in D.all_attributes():
+        image = D.render(attrs, rng)
+        colour = torch.tensor(D.COLOURS[attrs.colour])
+        # pixels close to the shape's colour (up to the shade jitter) lie in the stated quadrant
+        close = ((image - colour[:, None, None] * (image.amax(0, keepdim=True) / colour.max())).abs().amax(0) < 0.12)
+        close &= image.amax(0) > 0.5
+        ys, xs = close.nonzero(as_tuple=True)
+        assert len(ys) >= 9, attrs
+        top, left = ys.float().mean() < 16, xs.float().mean() < 16
+        assert attrs.position == f"{'top' if top else 'bottom'} {'left' if left else 'right'}", attrs
+        assert (len(ys) > 60) == (attrs.size == "large"), (attrs, len(ys))
+
+
+def test_captions_mention_the_attributes():
+    g = D.ShapesDataset(None, seed=1)
+    for attrs, caps in zip(g.attributes, g.captions):
+        for c in caps:
+            assert attrs.colour in c
+            assert any(w in c for w in D._KIND_WORDS[attrs.kind])
+            assert any(w in c for w in D._SIZE_WORDS[attrs.size])
+
+
+def test_composed_queries_change_one_attribute():
+    g = D.ShapesDataset(None, seed=1)
+    q = D.ComposedQueries(g, per_image=3, seed=2)
+    assert len(q) == 3 * 192
+    for ref, target in zip(q.references, q.targets):
+        a, b = g.attributes[ref], g.attributes[target]
+        assert sum(getattr(a, k) != getattr(b, k) for k in D.ATTRIBUTES) == 1
+
+
+def test_composed_triples_from_a_pool():
+    pool = D.ShapesDataset(500, seed=0)
+    refs, texts, targets, labels = D.composed_triples(pool, 16, random.Random(0))
+    assert refs.shape == targets.shape == (16, 3, 32, 32) and len(texts) == 16 and labels.shape == (16,)
+
+
+def _write_png(path, colour=(255, 0, 0), size=(40, 30)):
+    from PIL import Image
+
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_csv_loader(tmp_path):
+    (tmp_path / "img").mkdir()
+    _write_png(tmp_path / "img" / "a.png")
+    _write_png(tmp_path / "img" / "b.png", (0, 0, 255))
+    (tmp_path / "data.csv").write_text('image,caption\nimg/a.png,a red picture\nimg/b.png,"blue, all blue"\n')
+    ds = D.ImageCaptionCSV(str(tmp_path / "data.csv"))
+    assert len(ds) == 2
+    image, text = ds[1]
+    assert image.shape == (3, 32, 32) and text == "blue, all blue"
+    assert torch.allclose(image[:, 0, 0], torch.tensor([0.0, 0.0, 1.0]))
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=D.collate_captions)
+    images, texts = next(iter(loader))
+    assert images.shape == (2, 3, 32, 32) and texts == ["a red picture", "blue, all blue"]
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("image,caption\nimg/missing.png,hello\n", r"line 2: image file 'img/missing.png' not found"),
+        ("image,caption\nimg/a.png,   \n", r"line 2: empty caption for image 'img/a.png'"),
+        ("path,text\nimg/a.png,hello\n", r"the header must name the columns 'image' and 'caption'"),
+        ("image,caption\n", "no rows"),
+    ],
+)
+def test_csv_loader_errors(tmp_path, content, match):
+    (tmp_path / "img").mkdir()
+    _write_png(tmp_path / "img" / "a.png")
+    (tmp_path / "data.csv").write_text(content)
+    with pytest.raises(ValueError, match=match):
+        D.ImageCaptionCSV(str(tmp_path / "data.csv"))
+
+
+def test_csv_loader_unreadable_image(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    (tmp_path / "data.csv").write_text("image,caption\nbroken.png,something\n")
+    ds = D.ImageCaptionCSV(str(tmp_path / "data.csv"))
+    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+        ds[0]
+
+
+def test_csv_loader_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        D.ImageCaptionCSV(str(tmp_path / "nope.csv"))

@@ -1,0 +1,116 @@
+"""Encoders, the two-tower model, the contrastive loss and training (determinism, checkpoints, resume)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xmodal import data as D
+from xmodal import train as T
+from xmodal.encoders import CrossModalModel, ImageEncoder, TextEncoder, Tokenizer
+
+
+def test_tokenizer():
+    tok = Tokenizer.fit(["A red Circle", "blue square!"], max_length=4)
+    assert tok.words == ["a", "blue", "circle", "red", "square"] and len(tok) == 7
+    ids = tok.encode(["red circle", "a purple blue square in"])
+    assert ids.tolist() == [[5, 4, 0, 0], [2, Tokenizer.UNK, 3, 6]]
+    assert Tokenizer.from_state_dict(tok.state_dict()).encode(["red"]).tolist() == [[5]]
+    with pytest.raises(TypeError, match="list of texts"):
+        tok.encode("red")
+
+
+def test_encoders_shapes_and_custom_backbone():
+    assert ImageEncoder(64)(torch.rand(3, 3, 32, 32)).shape == (3, 64)
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    assert ImageEncoder(10, backbone=backbone)(torch.rand(2, 3, 8, 8)).shape == (2, 10)
+    text = TextEncoder(20, 32, layers=1, heads=2, max_length=8)
+    ids = torch.tensor([[3, 4, 0], [5, 0, 0]])
+    out = text(ids)
+    assert out.shape == (2, 32)
+    # padding does not change a text's features
+    torch.testing.assert_close(text(torch.tensor([[5]])), out[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_model_embeddings_are_unit_vectors():
+    model = T.build_model(0).eval()
+    images = D.ShapesDataset(4, seed=0).images
+    for emb in (model.encode_image(images), model.encode_text(["a red circle"] * 4),
+                model.encode_composed(images, ["make it blue"] * 4)):
+        assert emb.shape == (4, 128)
+        torch.testing.assert_close(emb.norm(dim=1), torch.ones(4))
+
+
+def test_contrastive_loss():
+    g = torch.Generator().manual_seed(0)
+    a = F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    b = F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    scale = torch.tensor(2.0)
+    logits = scale.exp() * a @ b.T
+    clip = 0.5 * (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.T, torch.arange(6)))
+    torch.testing.assert_close(T.contrastive_loss(a, b, scale), clip)
+    # distinct labels: the same as no labels
+    torch.testing.assert_close(T.contrastive_loss(a, b, scale, torch.arange(6)), clip)
+    # two rows with one label: both are positives, so swapping them costs nothing
+    labels = torch.tensor([0, 0, 1, 2, 3, 4])
+    swapped = b[[1, 0, 2, 3, 4, 5]]
+    torch.testing.assert_close(T.contrastive_loss(a, b, scale, labels), T.contrastive_loss(a, swapped, scale, labels))
+
+
+def _params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_training_is_deterministic_and_resumes_exactly(tmp_path):
+    pool = D.ShapesDataset(300, seed=5)
+    cfg = T.TrainConfig(steps=6, batch_size=16, composed_batch_size=8, warmup_steps=2, checkpoint_every=3, seed=1)
+    a, b = T.build_model(1), T.build_model(1)
+    T.train(a, cfg, pool=pool, progress=False)
+    T.train(b, cfg, pool=pool, progress=False)
+    assert torch.equal(_params(a), _params(b))
+
+    # interrupt a run after step 4 (its last checkpoint holds step 3), resume it: the same weights as one run
+    ckpt = str(tmp_path / "ckpt.pt")
+
+    def interrupt(step, losses):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    c = T.build_model(1)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(c, cfg, pool=pool, progress=False, checkpoint=ckpt, on_step=interrupt)
+    assert torch.load(ckpt, weights_only=True)["step"] == 3
+    d = T.build_model(7)  # different initial weights: everything comes from the checkpoint
+    T.train(d, cfg, pool=pool, progress=False, checkpoint=ckpt, resume=True)
+    assert torch.equal(_params(a), _params(d))
+    assert not any(name.startswith("ckpt.pt.tmp") for name in os.listdir(tmp_path))
+
+
+def test_evaluate_keys_and_ranges():
+    model = T.build_model(0)
+    gallery = D.ShapesDataset(None, seed=2)
+    out = T.evaluate(model, gallery, D.ComposedQueries(gallery, per_image=1))
+    assert set(out) == {f"{d}_R@{r}" for d in ("text_to_image", "image_to_text", "composed") for r in (1, 5, 10)}
+    assert all(0 <= v <= 1 for v in out.values())
+    for d in ("text_to_image", "image_to_text", "composed"):
+        assert out[f"{d}_R@1"] <= out[f"{d}_R@5"] <= out[f"{d}_R@10"]
+
+
+def test_demo_meets_its_targets(tmp_path):
+    # the README's main job, run as a user would: trains from scratch (about 1.5 min on 2 cores)
+    report = tmp_path / "demo.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "xmodal", "demo", "--out", str(tmp_path / "out"), "--json", str(report), "--no-progress"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "text -> image" in done.stdout and "composed" in done.stdout
+    metrics = json.loads(report.read_text())["metrics"]
+    assert metrics["text_to_image_R@1"] >= 0.8
+    assert metrics["image_to_text_R@1"] >= 0.8
+    assert metrics["composed_R@1"] >= 0.6
+    assert (tmp_path / "out" / "examples.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "checkpoint.pt").exists()
