@@ -114,3 +114,13 @@ def test_demo_meets_its_targets(tmp_path):
     assert metrics["composed_R@1"] >= 0.6
     assert (tmp_path / "out" / "examples.png").stat().st_size > 1000
     assert (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_and_evaluation_on_the_gpu():
+    pool = D.ShapesDataset(200, seed=5)
+    model = T.build_model(0).cuda()
+    T.train(model, T.TrainConfig(steps=2, batch_size=16, composed_batch_size=8, warmup_steps=1), pool=pool, progress=False)
+    out = T.evaluate(model, D.ShapesDataset(None, seed=2))
+    assert 0 <= out["text_to_image_R@1"] <= 1

@@ -123,18 +123,21 @@ def train(
         from tqdm import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    device = model.logit_scale.device  # batches come from the (CPU) pool and go to the model's device
     model.train()
     last: Dict[str, float] = {}
     for step in steps:
         idx = [rng.randrange(len(pool)) for _ in range(config.batch_size)]
         texts = [pool.captions[i][rng.randrange(pool.captions_per_image)] for i in idx]
-        labels = pool.labels[idx]
-        loss_match = contrastive_loss(model.encode_image(pool.images[idx]), model.encode_text(texts), model.logit_scale, labels)
+        labels = pool.labels[idx].to(device)
+        images = pool.images[idx].to(device)
+        loss_match = contrastive_loss(model.encode_image(images), model.encode_text(texts), model.logit_scale, labels)
         loss = loss_match
         if config.composed_weight > 0 and config.composed_batch_size > 0:
             refs, mods, targets, target_labels = composed_triples(pool, config.composed_batch_size, rng)
             loss_composed = contrastive_loss(
-                model.encode_composed(refs, mods), model.encode_image(targets), model.logit_scale, target_labels
+                model.encode_composed(refs.to(device), mods), model.encode_image(targets.to(device)), model.logit_scale,
+                target_labels.to(device),
             )
             loss = loss + config.composed_weight * loss_composed
             last["composed_loss"] = loss_composed.item()
@@ -172,10 +175,11 @@ def evaluate(model: CrossModalModel, gallery: ShapesDataset, composed: Optional[
     """R@1/5/10 for text -> image, image -> text (any of the image's captions counts) and composed queries,
     with the gallery indexed in a ``FlatIndex`` (inner product of unit vectors = cosine)."""
     model.eval()
-    image_emb = model.encode_image(gallery.images)
+    device = model.logit_scale.device
+    image_emb = model.encode_image(gallery.images.to(device)).cpu()
     captions = [c for cs in gallery.captions for c in cs]
     owner = torch.arange(len(gallery)).repeat_interleave(gallery.captions_per_image)
-    text_emb = torch.cat([model.encode_text(captions[i : i + 512]) for i in range(0, len(captions), 512)])
+    text_emb = torch.cat([model.encode_text(captions[i : i + 512]).cpu() for i in range(0, len(captions), 512)])
 
     images = FlatIndex(image_emb.shape[1], "ip")
     images.add(image_emb)
@@ -192,7 +196,9 @@ def evaluate(model: CrossModalModel, gallery: ShapesDataset, composed: Optional[
             out[f"image_to_text_R@{r}"] = metrics.recall_at_k(i2t_images, torch.arange(len(gallery)), r)
     if composed is not None and len(composed):
         q = torch.cat([
-            model.encode_composed(gallery.images[composed.references[i : i + 512]], composed.texts[i : i + 512])
+            model.encode_composed(
+                gallery.images[composed.references[i : i + 512]].to(device), composed.texts[i : i + 512]
+            ).cpu()
             for i in range(0, len(composed), 512)
         ])
         _, c2i = images.search(q, k)
