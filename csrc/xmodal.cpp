@@ -8,6 +8,11 @@ TORCH_LIBRARY(xmodal, m) {
   // Batched top-k similarity search; see xmodal.topk_search for the semantics.
   m.def("topk_search(Tensor queries, Tensor database, int k, str metric=\"cosine\", Tensor? mask=None)"
         " -> (Tensor values, Tensor indices)");
+  // Exact top-k over the inverted lists each query probes (IVF search); rows of `vectors` are grouped by list,
+  // list l at rows [list_offsets[l], list_offsets[l + 1]); probes [Q, nprobe] list ids (-1: none). Returns
+  // values and row positions in `vectors`. metric: ip, l2 or sqeuclidean. CPU only.
+  m.def("ivf_scan(Tensor queries, Tensor vectors, Tensor list_offsets, Tensor probes, int k, str metric=\"ip\","
+        " Tensor? mask=None) -> (Tensor values, Tensor indices)");
   // Bilinear pooling, torch.nn.functional.bilinear semantics; see xmodal.bilinear.
   m.def("bilinear(Tensor input1, Tensor input2, Tensor weight, Tensor? bias=None) -> Tensor");
   // Gradients for input1, input2, weight (empty where output_mask is False); the bias gradient is grad's sum.

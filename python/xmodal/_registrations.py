@@ -91,3 +91,12 @@ def _factorized_backward(ctx, grad):
 
 
 torch.library.register_autograd("xmodal::factorized_pool", _factorized_backward, setup_context=_factorized_setup_context)
+
+
+# --- IVF list scan ----------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("xmodal::ivf_scan")
+def _ivf_scan_fake(queries, vectors, list_offsets, probes, k, metric="ip", mask=None):
+    torch._check(k > 0, lambda: f"k must be positive, got {k}")
+    return queries.new_empty((queries.shape[0], k)), queries.new_empty((queries.shape[0], k), dtype=torch.int64)

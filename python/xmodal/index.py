@@ -481,6 +481,12 @@ class IVFIndex(FlatIndex):
             op_metric, pad = self.metric, (float("-inf") if larger else float("inf"))
         probes = topk_search(q.float(), self.centroids, nprobe, self._coarse_metric)[1]  # [Q, nprobe]
         q = q.to(self.dtype)
+        if self.device.type == "cpu" and op_metric in ("ip", "l2", "sqeuclidean"):
+            # one op call scans every probed list (list-major, multi-threaded) and merges per query
+            out_v, out_p = torch.ops.xmodal.ivf_scan(q, self._vectors, self._offsets, probes, k, op_metric, mask)
+            if self.metric == "cosine_distance":
+                out_v = _cosine_to_distance(out_v, out_p)
+            return out_v, out_p
         # Group (query, probe rank) pairs by list, then search each probed list once for all its queries.
         # The loop works on list-sorted copies (slices are views, so each list costs little besides its
         # search); results are scattered back to (query, probe) order once at the end.

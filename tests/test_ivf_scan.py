@@ -1,0 +1,100 @@
+"""torch.ops.xmodal.ivf_scan (the IVF list scan) against a brute-force search over each query's probed rows."""
+import pytest
+import torch
+
+from xmodal import reference
+
+from search_helpers import DTYPE_EPS
+
+
+def make_lists(n_lists, dim, dtype, seed=0, empty=(2,)):
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 60, (n_lists,), generator=g)
+    for e in empty:
+        sizes[e] = 0
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+    vectors = torch.randn(int(offsets[-1]), dim, generator=g, dtype=torch.float64).to(dtype)
+    return vectors, offsets
+
+
+def expected(queries, vectors, offsets, probes, k, metric, mask):
+    """Per query: reference top-k over the rows of its probed lists (and the mask)."""
+    n = vectors.shape[0]
+    out_v, out_i = [], []
+    for q, lists in zip(queries, probes):
+        allowed = torch.zeros(n, dtype=torch.bool)
+        for lst in lists.tolist():
+            if lst >= 0:
+                allowed[offsets[lst]: offsets[lst + 1]] = True
+        if mask is not None:
+            allowed &= mask
+        v, i = reference.topk_search(q[None], vectors, k, metric, mask=allowed)
+        out_v.append(v[0])
+        out_i.append(i[0])
+    return torch.stack(out_v), torch.stack(out_i)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2", "sqeuclidean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("k", [1, 5, 200])
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_brute_force(metric, dtype, k, masked):
+    vectors, offsets = make_lists(12, 16, dtype)
+    g = torch.Generator().manual_seed(1)
+    queries = torch.randn(9, 16, generator=g, dtype=torch.float64).to(dtype)
+    probes = torch.randint(0, 12, (9, 3), generator=g)
+    probes[0, 1] = -1  # no list
+    probes[1, 2] = probes[1, 0]  # the same list twice: scanned once
+    probes[2] = 2  # only the empty list
+    mask = torch.rand(vectors.shape[0], generator=g) < 0.7 if masked else None
+    values, indices = torch.ops.xmodal.ivf_scan(queries, vectors, offsets, probes, k, metric, mask)
+    ref_v, ref_i = expected(queries, vectors, offsets, probes, k, metric, mask)
+    assert values.dtype == dtype and indices.dtype == torch.int64 and values.shape == (9, k)
+    tol = DTYPE_EPS[dtype] * 20
+    finite = ref_v.isfinite()
+    assert torch.equal(indices == -1, ~finite)  # same padding
+    torch.testing.assert_close(values.double()[finite], ref_v[finite], atol=tol * 10, rtol=tol)
+    # each returned index is a probed, unmasked row whose exact value matches its reported value
+    exact = reference.scores(queries, vectors, metric)
+    for q in range(9):
+        got = indices[q][indices[q] >= 0]
+        assert len(set(got.tolist())) == len(got)
+        torch.testing.assert_close(exact[q, got], values[q, : len(got)].double(), atol=tol * 10, rtol=tol)
+
+
+def test_nan_rows_rank_last():
+    vectors, offsets = make_lists(4, 8, torch.float32, empty=())
+    vectors[0] = float("nan")
+    queries = torch.randn(2, 8)
+    probes = torch.tensor([[0, 1], [0, 3]])
+    values, indices = torch.ops.xmodal.ivf_scan(queries, vectors, offsets, probes, int(offsets[2]), "ip")
+    assert indices[0, -1] == 0 and values[0, -1].isnan()
+    assert values[0, :-1].isfinite().all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(metric="cosine"), "metric must be one of 'ip', 'l2', 'sqeuclidean' for ivf_scan, got 'cosine'"),
+        (dict(k=0), "k must be positive, got 0"),
+        (dict(probes=torch.tensor([[0, 7]])), r"probes must hold list ids in \[0, 3\) or -1, got 7"),
+        (dict(probes=torch.tensor([[0, 1], [1, 2]])), r"probes must be a 2-D int64 tensor \[Q, nprobe\] with Q = 1"),
+        (dict(offsets=torch.tensor([0, 5, 3, 10])), "list_offsets must be non-decreasing, got 5 before 3"),
+        (dict(offsets=torch.tensor([0, 5, 6, 9])), "list_offsets must start at 0 and end at N = 10, got 0 and 9"),
+        (dict(queries=torch.randn(1, 5)), "queries and vectors must have the same dimension D, got 5 and 4"),
+        (dict(mask=torch.ones(3, dtype=torch.bool)), r"mask must be a 1-D bool tensor \[N\] = \[10\]"),
+    ],
+)
+def test_errors(kwargs, match):
+    args = dict(queries=torch.randn(1, 4), vectors=torch.randn(10, 4), offsets=torch.tensor([0, 5, 6, 10]),
+                probes=torch.tensor([[0, 1]]), k=3, metric="ip", mask=None)
+    args.update(kwargs)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.xmodal.ivf_scan(args["queries"], args["vectors"], args["offsets"], args["probes"], args["k"],
+                                  args["metric"], args["mask"])
+
+
+def test_opcheck():
+    vectors, offsets = make_lists(5, 8, torch.float32, empty=())
+    queries, probes = torch.randn(3, 8), torch.tensor([[0, 1], [2, 4], [3, 3]])
+    torch.library.opcheck(torch.ops.xmodal.ivf_scan.default, (queries, vectors, offsets, probes, 4, "l2", None))
