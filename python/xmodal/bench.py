@@ -260,10 +260,17 @@ def copy_bandwidth(device: str, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / seconds / 1e9
 
 
-def main(args) -> int:
-    device = args.device
+def cuda_missing(device: str) -> bool:
+    """True (after saying so) when a CUDA device is asked for and none is visible."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("xmodal bench: --device cuda asked for, but no CUDA GPU is visible")
+        return True
+    return False
+
+
+def main(args) -> int:
+    device = args.device
+    if cuda_missing(device):
         return 2
     cases = search_grid(quick=args.quick, device="cuda" if device.startswith("cuda") else "cpu")
     try:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import xmodal
 from xmodal import reference
 
-from .bench import _sync, environment, format_text
+from .bench import _sync, cuda_missing, environment, format_text
 
 
 @dataclass(frozen=True)
@@ -111,18 +111,11 @@ def make_problem(case: BilinearCase, device: str, seed: int = 0):
     return (x, y, wx, wy, bx, by), calls
 
 
-def _rss_now() -> int:
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status: ``VmRSS`` (now) or ``VmHWM`` (peak)."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _rss_peak() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -147,9 +140,9 @@ def peak_extra_bytes(fn: Callable[[], object], device: str) -> Optional[int]:
         return torch.cuda.max_memory_allocated() - before
     if not _reset_rss_peak():
         return None
-    before = _rss_now()
+    before = _status_bytes("VmRSS")
     fn()
-    return max(0, _rss_peak() - before)
+    return max(0, _status_bytes("VmHWM") - before)
 
 
 def _peak_child(case_json: str, impl: str) -> None:
@@ -287,8 +280,7 @@ def format_markdown(rows: List[List[str]], env: dict, title: str) -> str:
 
 def main(args) -> int:
     device = args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("xmodal bench: --device cuda asked for, but no CUDA GPU is visible")
+    if cuda_missing(device):
         return 2
     cases = bilinear_grid(quick=args.quick, device="cuda" if device.startswith("cuda") else "cpu")
     env = environment(device)
