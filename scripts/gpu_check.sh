@@ -63,6 +63,14 @@ start=$(date +%s)
 grep -v "bench search:" "$OUTDIR/bench.log" | tail -70
 echo "search benchmark took $(( $(date +%s) - start )) s"
 
+echo "== benchmark with the fused few-query scan (XMODAL_CUDA_FUSED_SCAN=1)"
+start=$(date +%s)
+(cd /tmp && XMODAL_CUDA_FUSED_SCAN=1 timeout ${BENCH_TIMEOUT:-200} $PY -m xmodal bench search --device cuda --repeats 5 \
+    --json "$OUTDIR/bench_search_cuda_fused.json" --markdown "$OUTDIR/bench_search_cuda_fused.md") \
+    > "$OUTDIR/bench_fused.log" 2>&1 || status=1
+grep -v "bench search:" "$OUTDIR/bench_fused.log" | tail -40
+echo "fused benchmark took $(( $(date +%s) - start )) s"
+
 echo "== bilinear benchmark"
 start=$(date +%s)
 (cd /tmp && timeout ${BILINEAR_BENCH_TIMEOUT:-150} $PY -m xmodal bench bilinear --device cuda --repeats 5 \

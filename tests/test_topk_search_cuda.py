@@ -77,3 +77,52 @@ def test_cuda_few_queries_split_over_blocks(q, n, k):
     mask = torch.rand(n, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0)) < 0.9
     values, indices = xmodal.topk_search(queries, database, k, "ip", mask=mask)
     assert_topk_close(values, indices, queries, database, k, "ip", mask=mask)
+
+
+# --- the fused few-query scan (opt-in with XMODAL_CUDA_FUSED_SCAN=1 until verified on a GPU) ------------
+
+
+@pytest.fixture
+def fused_scan(monkeypatch):
+    monkeypatch.setenv("XMODAL_CUDA_FUSED_SCAN", "1")
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2", "sqeuclidean", "cosine_distance"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("q,n,d,k", [(1, 100_000, 128, 10), (3, 50_000, 64, 100), (16, 30_000, 256, 192), (5, 70, 8, 64),
+                                     (16, 1000, 512, 1), (2, 5, 16, 10)])
+def test_fused_scan_matches_reference(fused_scan, metric, dtype, q, n, d, k):
+    queries, database = make_inputs(q, n, d, metric, dtype, "cuda", seed=21)
+    values, indices = xmodal.topk_search(queries, database, k, metric)
+    assert_topk_close(values, indices, queries, database, k, metric)
+
+
+def test_fused_scan_mask_ties_nan(fused_scan):
+    base = make_inputs(1, 400, 32, "ip", torch.float32, "cpu", seed=22)[1]
+    database = base.repeat(3, 1)  # ties: every row three times
+    database[7] = float("nan")
+    database = database.cuda()
+    queries = make_inputs(4, 1, 32, "ip", torch.float32, "cuda", seed=23)[0]
+    mask = torch.rand(database.shape[0], device="cuda") < 0.6
+    for m in (None, mask):
+        values, indices = xmodal.topk_search(queries, database, 50, "ip", mask=m)
+        assert_topk_close(values, indices, queries, database, 50, "ip", mask=m)
+        if m is not None:
+            assert m[indices[indices >= 0]].all()
+
+
+def test_fused_scan_under_graph_capture(fused_scan):
+    queries, database = make_inputs(2, 20_000, 128, "cosine", torch.bfloat16, "cuda", seed=24)
+    expected = xmodal.topk_search(queries, database, 10, "cosine")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            xmodal.topk_search(queries, database, 10, "cosine")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = xmodal.topk_search(queries, database, 10, "cosine")
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out[0], expected[0])

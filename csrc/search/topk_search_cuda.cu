@@ -1,5 +1,6 @@
-// Top-k similarity search on CUDA: a first, correct path.
+// Top-k similarity search on CUDA.
 //
+// Few queries (<= 16, k <= 192, not kl): optionally a fused single-pass scan (below, opt-in for now).
 // The database is processed in tiles: one cuBLAS GEMM (through ATen, fp32 output with fp32 accumulation
 // for 16-bit inputs) scores a block of queries against a tile, then the tile's scores are merged into each
 // query's running top-k with in-block radix selects: one block per query when there are many queries,
@@ -15,6 +16,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
 
 namespace xmodal {
@@ -233,6 +235,220 @@ __global__ void finalize_kernel(int metric, int64_t total, int64_t k,
   indices[t] = run_idx[slot];
 }
 
+// ---- Fused scan for a few queries (opt-in while it awaits verification on a GPU; see fused_scan_enabled) ----
+//
+// One pass over the database at memory speed: each block scans a contiguous range of rows, one warp per row
+// (lanes split D with 16-byte loads), scores the row against every query held in shared memory, and feeds
+// the query's candidate buffer in shared memory when the key beats the buffer's running threshold. Rows
+// are taken in rounds of kFusedRound; between rounds, a warp sorts any buffer that could overflow (bitonic,
+// best first) and keeps its k best, which sets the threshold. Scores never reach global memory: each block
+// writes its k best per query to a staging area that merge_stage_kernel reduces.
+
+constexpr int kFusedWarps = 8;
+constexpr int kFusedRowsPerWarp = 8;
+constexpr int kFusedRound = kFusedWarps * kFusedRowsPerWarp;
+constexpr int kFusedMaxQueries = 16;
+constexpr int kFusedMaxK = 192;
+
+struct FusedEntry {
+  uint32_t key;
+  int32_t row;  // row within the block's range
+};
+
+__device__ __forceinline__ bool entry_better(const FusedEntry& a, const FusedEntry& b) {
+  return a.key > b.key || (a.key == b.key && a.row < b.row);
+}
+
+// One warp sorts buf[0, cap) best first (cap a power of two); then keeps the best k.
+template <int kCap>
+__device__ void warp_sort_keep(FusedEntry* buf, int* count, uint32_t* thr, int k) {
+  const int lane = threadIdx.x & 31;
+  for (int i = *count + lane; i < kCap; i += 32) buf[i] = FusedEntry{0u, INT32_MAX};
+  __syncwarp();
+  for (int size = 2; size <= kCap; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int i = lane; i < kCap; i += 32) {
+        const int j = i ^ stride;
+        if (j > i) {
+          const FusedEntry a = buf[i], b = buf[j];
+          const bool best_first = (i & size) == 0;
+          if (best_first ? entry_better(b, a) : entry_better(a, b)) {
+            buf[i] = b;
+            buf[j] = a;
+          }
+        }
+      }
+      __syncwarp();
+    }
+  }
+  if (lane == 0) {
+    if (*count > k) *count = k;
+    if (*count == k) *thr = buf[k - 1].key;
+  }
+  __syncwarp();
+}
+
+template <typename scalar_t, int kQ, int kCap>
+__global__ void __launch_bounds__(kFusedWarps * 32)
+    fused_scan_kernel(int metric, const scalar_t* __restrict__ db, const float* __restrict__ queries, int64_t N,
+                      int D, int Q, int k, int64_t rows_per_block, const bool* __restrict__ mask, uint32_t* stage_key,
+                      int64_t* stage_idx) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* qs = reinterpret_cast<float*>(smem);                                   // [Q][D]
+  FusedEntry* cand = reinterpret_cast<FusedEntry*>(qs + size_t(kQ) * D);        // [Q][kCap]
+  uint32_t* thr = reinterpret_cast<uint32_t*>(cand + size_t(kQ) * kCap);        // [Q]
+  int* count = reinterpret_cast<int*>(thr + kQ);                                // [Q]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int i = threadIdx.x; i < Q * D; i += blockDim.x) qs[i] = queries[i];
+  if (threadIdx.x < kQ) {
+    thr[threadIdx.x] = 0u;
+    count[threadIdx.x] = 0;
+  }
+  __syncthreads();
+
+  const Metric m = static_cast<Metric>(metric);
+  const bool need_norm = m != Metric::IP;
+  constexpr int kVec = 16 / sizeof(scalar_t);  // elements per 16-byte load
+  const int64_t r_begin = int64_t(blockIdx.x) * rows_per_block;
+  const int64_t r_end = min(N, r_begin + rows_per_block);
+  for (int64_t base = r_begin; base < r_end; base += kFusedRound) {
+    for (int i = 0; i < kFusedRowsPerWarp; ++i) {
+      const int64_t row = base + warp * kFusedRowsPerWarp + i;
+      if (row >= r_end) break;
+      if (mask && !mask[row]) continue;
+      float dot[kQ];
+#pragma unroll
+      for (int q = 0; q < kQ; ++q) dot[q] = 0.f;
+      float sq = 0.f;
+      const scalar_t* x = db + row * D;
+      for (int d = lane * kVec; d < D; d += 32 * kVec) {
+        scalar_t v[kVec];
+        *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(x + d);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          const float xe = static_cast<float>(v[e]);
+          sq += xe * xe;
+#pragma unroll
+          for (int q = 0; q < kQ; ++q) {
+            if (q < Q) dot[q] += xe * qs[q * D + d + e];
+          }
+        }
+      }
+      if (need_norm) {
+        for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+      }
+#pragma unroll
+      for (int q = 0; q < kQ; ++q) {
+        if (q >= Q) break;
+        float s = dot[q];
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        if (lane == q) {
+          // the key forms of tile_key (topk_common.h)
+          if (m == Metric::Cosine || m == Metric::CosineDistance) s *= 1.f / fmaxf(sqrtf(sq), float(kNormEps));
+          else if (m == Metric::L2 || m == Metric::SqEuclidean) s = 2.f * s - sq;
+          const uint32_t key = encode_key<float>(s);
+          if (key > thr[q]) {
+            const int pos = atomicAdd(&count[q], 1);
+            cand[q * kCap + pos] = FusedEntry{key, int32_t(row - r_begin)};
+          }
+        }
+      }
+    }
+    __syncthreads();
+    // a buffer with less room than one more round holds gets sorted and cut to its k best
+    for (int q = warp; q < Q; q += kFusedWarps) {
+      if (count[q] > kCap - kFusedRound) warp_sort_keep<kCap>(cand + q * kCap, &count[q], &thr[q], k);
+    }
+    __syncthreads();
+  }
+  for (int q = warp; q < Q; q += kFusedWarps) {
+    warp_sort_keep<kCap>(cand + q * kCap, &count[q], &thr[q], k);
+    const int64_t out = (int64_t(q) * gridDim.x + blockIdx.x) * k;
+    for (int j = lane; j < k; j += 32) {
+      const bool real = j < count[q];
+      stage_key[out + j] = real ? cand[q * kCap + j].key : 0u;
+      stage_idx[out + j] = real ? r_begin + cand[q * kCap + j].row : -1;
+    }
+  }
+}
+
+// The fused scan is opt-in (XMODAL_CUDA_FUSED_SCAN=1) until a GPU run has verified it; the tests run both.
+bool fused_scan_enabled() {
+  const char* v = std::getenv("XMODAL_CUDA_FUSED_SCAN");
+  return v && v[0] == '1';
+}
+
+template <typename scalar_t>
+size_t fused_smem_bytes(int64_t Q, int64_t D, int cap) {
+  return size_t(Q) * D * sizeof(float) + size_t(Q) * cap * sizeof(FusedEntry) + size_t(Q) * 8;
+}
+
+template <typename scalar_t>
+bool fused_scan_eligible(const SearchArgs& a) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return false;
+  } else {
+    const int64_t Q = a.queries.size(0), D = a.database.size(1), N = a.database.size(0);
+    constexpr int64_t kVec = 16 / sizeof(scalar_t);
+    const int cap = a.k <= 64 ? 128 : 256;
+    const int64_t q_bucket = Q == 1 ? 1 : (Q <= 4 ? 4 : kFusedMaxQueries);  // as fused_scan instantiates
+    return fused_scan_enabled() && a.metric != Metric::KL && Q <= kFusedMaxQueries && a.k <= kFusedMaxK &&
+           N < (int64_t(1) << 31) && D % kVec == 0 && a.database.is_contiguous() &&
+           reinterpret_cast<uintptr_t>(a.database.data_ptr()) % 16 == 0 &&
+           fused_smem_bytes<scalar_t>(q_bucket, D, cap) <= 96 * 1024;
+  }
+}
+
+template <typename scalar_t, int kQ, int kCap>
+void launch_fused(const SearchArgs& a, const at::Tensor& q32, int64_t blocks, int64_t rows_per_block,
+                  uint32_t* stage_key, int64_t* stage_idx, cudaStream_t stream) {
+  const int64_t Q = a.queries.size(0), D = a.database.size(1);
+  const size_t smem = fused_smem_bytes<scalar_t>(kQ, D, kCap);
+  auto kernel = fused_scan_kernel<scalar_t, kQ, kCap>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  }
+  kernel<<<unsigned(blocks), kFusedWarps * 32, smem, stream>>>(
+      static_cast<int>(a.metric), a.database.data_ptr<scalar_t>(), q32.data_ptr<float>(), a.database.size(0), int(D),
+      int(Q), int(a.k), rows_per_block, a.mask ? a.mask->data_ptr<bool>() : nullptr, stage_key, stage_idx);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Fills the running top-k (keys, idx: [Q, k]) with the fused scan's result.
+template <typename scalar_t>
+void fused_scan(const SearchArgs& a, at::Tensor& keys, at::Tensor& idx) {
+  const int64_t Q = a.queries.size(0), N = a.database.size(0), k = a.k;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // enough blocks to fill the GPU, but at most ~64K staged candidates per query for the merge
+  const int64_t blocks = std::max<int64_t>(
+      1, std::min({4 * sms, (N + kFusedRound - 1) / kFusedRound, std::max(sms, (int64_t(64) << 10) / k)}));
+  const int64_t rows_per_block = (N + blocks - 1) / blocks;
+  const at::Tensor q32 = a.queries.to(at::kFloat).contiguous();
+  auto stage_key = at::empty({Q, blocks, k}, keys.options());
+  auto stage_idx = at::empty({Q, blocks, k}, idx.options());
+  uint32_t* sk = reinterpret_cast<uint32_t*>(stage_key.data_ptr());
+  int64_t* si = stage_idx.data_ptr<int64_t>();
+  const bool small_k = k <= 64;
+  if (Q == 1) {
+    small_k ? launch_fused<scalar_t, 1, 128>(a, q32, blocks, rows_per_block, sk, si, stream)
+            : launch_fused<scalar_t, 1, 256>(a, q32, blocks, rows_per_block, sk, si, stream);
+  } else if (Q <= 4) {
+    small_k ? launch_fused<scalar_t, 4, 128>(a, q32, blocks, rows_per_block, sk, si, stream)
+            : launch_fused<scalar_t, 4, 256>(a, q32, blocks, rows_per_block, sk, si, stream);
+  } else {
+    small_k ? launch_fused<scalar_t, 16, 128>(a, q32, blocks, rows_per_block, sk, si, stream)
+            : launch_fused<scalar_t, 16, 256>(a, q32, blocks, rows_per_block, sk, si, stream);
+  }
+  // merge every block's candidates into the (empty) running top-k
+  auto empty_keys = at::zeros_like(keys);
+  auto empty_idx = at::full_like(idx, -1);
+  merge_stage_kernel<uint32_t, 256><<<unsigned(Q), 256, 0, stream>>>(
+      k, blocks, reinterpret_cast<const uint32_t*>(empty_keys.data_ptr()), empty_idx.data_ptr<int64_t>(), sk, si,
+      reinterpret_cast<uint32_t*>(keys.data_ptr()), idx.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -268,7 +484,9 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args) {
 
   constexpr int kThreads = 256;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  for (int64_t n0 = 0; n0 < N; n0 += tile_rows) {
+  const bool fused = fused_scan_eligible<scalar_t>(args);
+  if (fused) fused_scan<scalar_t>(args, keys_a, idx_a);
+  for (int64_t n0 = 0; n0 < N && !fused; n0 += tile_rows) {
     const int64_t nt = std::min(N, n0 + tile_rows) - n0;
     at::Tensor tile = database.narrow(0, n0, nt);
     at::Tensor tgemm = tile, col = row_norm_term(tile, metric, acc_dtype), zeros;
