@@ -10,12 +10,19 @@ namespace xmodal {
 
 namespace {
 
-// out += a @ b, with the GEMM accumulating in `out`'s dtype (fp32 for 16-bit inputs on the GPU).
-void addmm_acc(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+// out = a @ b, or out += a @ b with `accumulate`; the GEMM accumulates in `out`'s dtype (fp32 for 16-bit
+// inputs on the GPU).
+void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   if (a.scalar_type() == out.scalar_type()) {
-    out.addmm_(a, b);
-  } else {
+    if (accumulate) {
+      out.addmm_(a, b);
+    } else {
+      at::mm_out(out, a, b);
+    }
+  } else if (accumulate) {
     out.add_(at::mm(a, b, out.scalar_type()));
+  } else {
+    out.copy_(at::mm(a, b, out.scalar_type()));
   }
 }
 
@@ -71,8 +78,9 @@ void check_bilinear_bias(const at::Tensor& bias, const at::Tensor& weight) {
 at::Tensor bilinear_forward_tiled(const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
                                   at::ScalarType acc, const BilinearDevice& dev) {
   const int64_t B = x.size(0), dx = x.size(1), dy = y.size(1), o = weight.size(0);
-  at::Tensor out = at::zeros({B, o}, x.options().dtype(acc));
-  if (B == 0 || o == 0 || dx == 0 || dy == 0) return out;
+  if (B == 0 || o == 0 || dx == 0 || dy == 0) return at::zeros({B, o}, x.options().dtype(acc));
+  // the first block of input1 features writes each row of `out`, later blocks accumulate (no zero fill)
+  at::Tensor out = at::empty({B, o}, x.options().dtype(acc));
   const at::Tensor w2 = weight.view({o, dx * dy});
   const auto [rows, ib] = tile_shape(B, dx, dy, dev);
   at::Tensor buf = at::empty({rows * ib * dy}, x.options());
@@ -82,7 +90,7 @@ at::Tensor bilinear_forward_tiled(const at::Tensor& x, const at::Tensor& y, cons
     for (int64_t b0 = 0; b0 < B; b0 += rows) {
       const int64_t nb = std::min(rows, B - b0);
       at::Tensor z = outer_tile(buf, x.narrow(0, b0, nb).narrow(1, i0, ni), y.narrow(0, b0, nb));
-      addmm_acc(out.narrow(0, b0, nb), z, w_blk_t);
+      mm_into(out.narrow(0, b0, nb), z, w_blk_t, /*accumulate=*/i0 > 0);
     }
   }
   return out;
@@ -116,14 +124,7 @@ std::array<at::Tensor, 3> bilinear_backward_tiled(const at::Tensor& grad, const 
       const at::Tensor g = grad.narrow(0, b0, nb);
       if (mask[2]) {
         at::Tensor z = outer_tile(buf, x.narrow(0, b0, nb).narrow(1, i0, ni), y.narrow(0, b0, nb));
-        at::Tensor gw_blk = grad_w.narrow(1, i0 * dy, ni * dy);
-        if (b0 > 0) {
-          addmm_acc(gw_blk, g.t(), z);
-        } else if (z.scalar_type() == acc) {
-          at::mm_out(gw_blk, g.t(), z);
-        } else {
-          gw_blk.copy_(at::mm(g.t(), z, acc));
-        }
+        mm_into(grad_w.narrow(1, i0 * dy, ni * dy), g.t(), z, /*accumulate=*/b0 > 0);
       }
       if (need_xy) {
         at::Tensor u;

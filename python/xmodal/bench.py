@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -260,6 +261,31 @@ def copy_bandwidth(device: str, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / seconds / 1e9
 
 
+def write_ratio_chart(path: str, title: str, bars: List[tuple]) -> None:
+    """A PNG bar chart of speed-ups: one horizontal bar per (label, ratio), a line at 1x (parity)."""
+    from PIL import Image, ImageDraw
+
+    bars = [(label, r) for label, r in bars if r is not None]
+    label_w, bar_w, row_h, pad = 430, 420, 18, 10
+    top = max([r for _, r in bars] + [1.0]) * 1.05
+    width, height = label_w + bar_w + 80, pad * 3 + 16 + row_h * max(1, len(bars))
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((pad, pad), title, fill="black")
+    y0 = pad * 2 + 16
+    for n, (label, r) in enumerate(bars):
+        y = y0 + n * row_h
+        draw.text((pad, y + 3), label[:70], fill="black")
+        colour = (40, 150, 70) if r >= 1 else (200, 60, 50)
+        draw.rectangle([label_w, y + 3, label_w + int(bar_w * r / top), y + row_h - 3], fill=colour)
+        draw.text((label_w + int(bar_w * r / top) + 4, y + 3), f"{r:.2f}x", fill="black")
+    x1 = label_w + int(bar_w / top)
+    draw.line([x1, y0 - 4, x1, height - pad], fill=(90, 90, 90), width=1)
+    tmp = f"{path}.tmp.png"
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
 def cuda_missing(device: str) -> bool:
     """True (after saying so) when a CUDA device is asked for and none is visible."""
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -286,4 +312,7 @@ def main(args) -> int:
         results.append(run_search_case(case, device, repeats=args.repeats, use_faiss=not args.no_faiss))
         _write_reports(args, env, results, device)  # after every case, so a cut-off run still reports
     print(format_text(table(results)))
+    if args.plot:
+        write_ratio_chart(args.plot, f"xmodal topk_search vs naive PyTorch ({device}): speed-up",
+                          [(r.case.name, r.ratio("naive")) for r in results])
     return 0

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import xmodal
 from xmodal import reference
 
-from .bench import _sync, cuda_missing, environment, format_text
+from .bench import _sync, cuda_missing, environment, format_text, write_ratio_chart
 
 
 @dataclass(frozen=True)
@@ -298,4 +298,8 @@ def main(args) -> int:
             with open(args.markdown, "w") as fh:
                 fh.write(format_markdown(table(results), env, f"bilinear benchmark ({device})"))
     print(format_text(table(results)))
+    if args.plot:
+        write_ratio_chart(args.plot, f"xmodal bilinear ops vs plain PyTorch ({device}): speed-up",
+                          [(f"{r.case.name} vs {base}", r.ratio(base)) for r in results for base in r.seconds
+                           if base != "xmodal"])
     return 0

@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     p_bench.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
     p_bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p_bench.add_argument("--markdown", metavar="PATH", help="write the results as a markdown report")
+    p_bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the speed-ups")
     p_bench.add_argument("--no-faiss", action="store_true", help="skip faiss even when installed")
     p_bench.set_defaults(func=_bench)
     p_demo = sub.add_parser("demo", help="train and evaluate cross-modal retrieval on the built-in Shapes data")
