@@ -127,13 +127,18 @@ class SentenceTransformerEncoder(nn.Module):
             from sentence_transformers import SentenceTransformer
         except ImportError as e:  # pragma: no cover - optional dependency
             raise ImportError("SentenceTransformerEncoder needs the sentence-transformers package") from e
-        self.model = SentenceTransformer(path, device=device, local_files_only=True)
+        try:
+            self.model = SentenceTransformer(path, device=device, local_files_only=True)
+        except TypeError:  # sentence-transformers < 3 has no local_files_only (a local path loads locally)
+            self.model = SentenceTransformer(path, device=device)
         self.model.requires_grad_(False)
         self.feature_dim = self.model.get_sentence_embedding_dimension()
 
     def forward(self, texts: Sequence[str]) -> Tensor:
         with torch.no_grad():
-            return self.model.encode(list(texts), convert_to_tensor=True)
+            features = self.model.encode(list(texts), convert_to_tensor=True)
+        # encode() may run under inference_mode; a clone is an ordinary tensor the trainable head can use
+        return features.clone()
 
 
 class ProjectionHead(nn.Module):
