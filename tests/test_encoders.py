@@ -124,3 +124,31 @@ def test_training_and_evaluation_on_the_gpu():
     T.train(model, T.TrainConfig(steps=2, batch_size=16, composed_batch_size=8, warmup_steps=1), pool=pool, progress=False)
     out = T.evaluate(model, D.ShapesDataset(None, seed=2))
     assert 0 <= out["text_to_image_R@1"] <= 1
+
+
+def test_sentence_transformer_adapter_loads_a_local_model(tmp_path):
+    # a tiny randomly initialised BERT saved to disk: no download anywhere
+    pytest.importorskip("sentence_transformers")
+    transformers = pytest.importorskip("transformers")
+    from sentence_transformers import SentenceTransformer, models
+
+    from xmodal.encoders import SentenceTransformerEncoder
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square"]
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(words) + "\n")
+    config = transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    transformers.BertTokenizer(str(tmp_path / "bert" / "vocab.txt")).save_pretrained(tmp_path / "bert")
+    word = models.Transformer(str(tmp_path / "bert"), max_seq_length=16)
+    SentenceTransformer(modules=[word, models.Pooling(32)], device="cpu").save(str(tmp_path / "st"))
+
+    encoder = SentenceTransformerEncoder(str(tmp_path / "st"), device="cpu")
+    assert encoder.feature_dim == 32
+    model = CrossModalModel(ImageEncoder(16), encoder, tokenizer=None, embed_dim=8, fusion_dim=8, fusion_factor=2)
+    emb = model.encode_text(["a red circle", "a blue square"])
+    assert emb.shape == (2, 8)
+    emb.sum().backward()  # the projection head trains; the sentence model is frozen
+    assert model.text_head.net[0].weight.grad is not None
+    assert all(p.grad is None for p in encoder.model.parameters())

@@ -132,7 +132,8 @@ class SentenceTransformerEncoder(nn.Module):
         except TypeError:  # sentence-transformers < 3 has no local_files_only (a local path loads locally)
             self.model = SentenceTransformer(path, device=device)
         self.model.requires_grad_(False)
-        self.feature_dim = self.model.get_sentence_embedding_dimension()
+        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.feature_dim = dimension()
 
     def forward(self, texts: Sequence[str]) -> Tensor:
         with torch.no_grad():
