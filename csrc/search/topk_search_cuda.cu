@@ -322,7 +322,7 @@ __global__ void __launch_bounds__(kFusedWarps * 32)
       float sq = 0.f;
       const scalar_t* x = db + row * D;
       for (int d = lane * kVec; d < D; d += 32 * kVec) {
-        scalar_t v[kVec];
+        alignas(16) scalar_t v[kVec];
         *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(x + d);
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
