@@ -42,8 +42,10 @@ echo "built in $(( $(date +%s) - start )) s"
 
 echo "== tests"
 start=$(date +%s)
-# TEST_ARGS narrows the run (e.g. "-k cuda"); by default every test runs.
-timeout 240 $PY -m pytest -q -p no:cacheprovider tests -rfE --durations=5 ${TEST_ARGS:-} > "$OUTDIR/tests.log" 2>&1
+# TEST_ARGS narrows the run (e.g. "-k cuda"); by default every test runs but the CPU-only demo training
+# (CI runs it), which would only spend device time.
+timeout 300 $PY -m pytest -q -p no:cacheprovider tests -rfE --durations=5 \
+    --deselect tests/test_encoders.py::test_demo_meets_its_targets ${TEST_ARGS:-} > "$OUTDIR/tests.log" 2>&1
 rc=$?
 if [ $rc -ne 0 ]; then status=1; fi
 if [ $rc -gt 128 ] || [ $rc -eq 124 ]; then
