@@ -200,6 +200,22 @@ def test_opcheck(device, metric):
     torch.library.opcheck(torch.ops.xmodal.topk_search.default, (queries, database, 4, metric, None))
     torch.library.opcheck(torch.ops.xmodal.topk_search.default, (queries, database, 70, metric, mask))
     torch.library.opcheck(torch.ops.xmodal.topk_search.default, (queries[0], database, 3, metric, None))
+    torch.library.opcheck(torch.ops.xmodal.topk_search.default, (queries, database, 4, metric, None), {"tf32": True})
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_tf32_option(device, metric):
+    # float32 scores from TF32 tensor cores (GPU) carry ~1e-3 relative error; the CPU ignores the flag
+    queries, database = make_inputs(40, 3000, 64, metric, torch.float32, device, seed=5)
+    exact_v, exact_i = xmodal.topk_search(queries, database, 10, metric)
+    v, i = xmodal.topk_search(queries, database, 10, metric, tf32=True)
+    if device == "cpu":
+        assert torch.equal(v, exact_v) and torch.equal(i, exact_i)
+    else:
+        assert_topk_close(v, i, queries, database, 10, metric, eps=3e-3)
+    # other dtypes are unaffected
+    qb, xb = queries.bfloat16(), database.bfloat16()
+    assert torch.equal(xmodal.topk_search(qb, xb, 5, metric, tf32=True)[1], xmodal.topk_search(qb, xb, 5, metric)[1])
 
 
 def test_torch_compile_fullgraph(device):

@@ -287,7 +287,8 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args) {
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_search_cpu(const at::Tensor& queries, const at::Tensor& database, int64_t k,
-                                                   c10::string_view metric, const std::optional<at::Tensor>& mask) {
+                                                   c10::string_view metric, const std::optional<at::Tensor>& mask,
+                                                   bool /*tf32: the CPU has no TF32; fp32 stays exact*/) {
   SearchArgs args = validate_search_args(queries, database, k, std::string(metric), mask);
   TORCH_CHECK(database.device().is_cpu(), "database must be a CPU tensor for the CPU kernel, got ", database.device());
   if (args.queries.size(0) == 0 || database.size(0) == 0) return padded_results(args);

@@ -12,6 +12,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
 #include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -449,8 +450,28 @@ void fused_scan(const SearchArgs& a, at::Tensor& keys, at::Tensor& idx) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// scores [qn, nt] (fp32, row-major) = a [qn, D] . b [nt, D]^T through cuBLAS with TF32 tensor-core compute.
+// A direct call, so the choice applies to this GEMM only (not to the process-wide matmul precision).
+at::Tensor mm_tf32(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  const int64_t qn = ac.size(0), nt = bc.size(0), D = ac.size(1);
+  at::Tensor c = at::empty({qn, nt}, ac.options());
+  if (qn == 0 || nt == 0) return c;
+  if (D == 0) return c.zero_();
+  TORCH_CHECK(qn < INT32_MAX && nt < INT32_MAX && D < INT32_MAX, "tf32 GEMM sizes must fit in int32");
+  const float alpha = 1.f, beta = 0.f;
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  TORCH_CUDABLAS_CHECK(cublasSetStream(handle, at::cuda::getCurrentCUDAStream()));
+  // column-major view: C^T [nt, qn] = B [nt, D] . A^T, i.e. op(B') = T on the stored [D, nt] matrix
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(nt), int(qn), int(D), &alpha,
+                                    bc.data_ptr<float>(), CUDA_R_32F, int(D), ac.data_ptr<float>(), CUDA_R_32F, int(D),
+                                    &beta, c.data_ptr<float>(), CUDA_R_32F, int(nt), CUBLAS_COMPUTE_32F_FAST_TF32,
+                                    CUBLAS_GEMM_DEFAULT));
+  return c;
+}
+
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args) {
+std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args, bool tf32) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   using key_t = typename KeyOf<acc_t>::type;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
@@ -501,8 +522,10 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args) {
     for (int64_t q0 = 0; q0 < Q; q0 += query_block) {
       const int64_t qn = std::min(Q, q0 + query_block) - q0;
       at::Tensor qa = qgemm.narrow(0, q0, qn);
-      at::Tensor scores = (qa.scalar_type() == acc_dtype ? at::mm(qa, tgemm.t()) : at::mm(qa, tgemm.t(), acc_dtype))
-                              .contiguous();
+      const bool use_tf32 = tf32 && qa.scalar_type() == at::kFloat && tgemm.scalar_type() == at::kFloat;
+      at::Tensor scores = use_tf32 ? mm_tf32(qa, tgemm)
+                                   : (qa.scalar_type() == acc_dtype ? at::mm(qa, tgemm.t()) : at::mm(qa, tgemm.t(), acc_dtype))
+                                         .contiguous();
       at::Tensor zero_hits;
       if (metric == Metric::KL) zero_hits = at::mm(qpos.narrow(0, q0, qn), zeros.t()).contiguous();
       TileArgs ta{static_cast<int>(metric), n0, nt, k, mask};
@@ -562,12 +585,13 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args) {
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_search_cuda(const at::Tensor& queries, const at::Tensor& database, int64_t k,
-                                                    c10::string_view metric, const std::optional<at::Tensor>& mask) {
+                                                    c10::string_view metric, const std::optional<at::Tensor>& mask,
+                                                    bool tf32) {
   SearchArgs args = validate_search_args(queries, database, k, std::string(metric), mask);
   c10::cuda::CUDAGuard guard(database.device());
   if (args.queries.size(0) == 0 || database.size(0) == 0) return padded_results(args);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, database.scalar_type(), "topk_search_cuda",
-                                         [&] { return search_cuda<scalar_t>(args); });
+                                         [&] { return search_cuda<scalar_t>(args, tf32); });
 }
 
 }  // namespace

@@ -25,6 +25,7 @@ def topk_search(
     metric: str = "cosine",
     *,
     mask: Optional[Tensor] = None,
+    tf32: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Exact batched top-k similarity search, fused so the Q x N score matrix is never materialised.
 
@@ -37,13 +38,16 @@ def topk_search(
             (smaller is better; kl inputs must be non-negative, 0 log 0 = 0, +inf where d_i = 0 < q_i).
             Zero vectors have cosine 0 with everything (norms are clamped at 1e-12, as ``F.normalize`` does).
         mask: optional bool ``[N]``; True marks a row as a candidate.
+        tf32: let float32 score GEMMs on a GPU use TF32 tensor cores (faster on large batches; scores then
+            carry ~1e-3 relative error, so near-ties may swap). Off by default; ignored on the CPU and for
+            other dtypes.
 
     Returns:
         ``(values, indices)``, each ``[Q, k]`` (or ``[k]`` for a 1-D query), best first; ``values`` in the
         input dtype, ``indices`` int64. Where fewer than k candidates exist the rest is padded with index -1
         and value -inf (similarities) or +inf (distances). A NaN score ranks below every number.
     """
-    return torch.ops.xmodal.topk_search(queries, database, k, metric, mask)
+    return torch.ops.xmodal.topk_search(queries, database, k, metric, mask, tf32=tf32)
 
 
 def bilinear(input1: Tensor, input2: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
