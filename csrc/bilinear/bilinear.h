@@ -8,6 +8,7 @@
 // contraction (hand-written loops on the CPU, batched GEMV on the GPU) and the tile size.
 #pragma once
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <array>
 #include <functional>
@@ -86,6 +87,49 @@ std::tuple<at::Tensor, at::Tensor> factorized_pool_backward_op(const at::Tensor&
                                                                bool normalize, const FactorizedKernels& kernels);
 
 inline at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The four ops bound to one backend's hooks, for its TORCH_LIBRARY_IMPL block. `Guard` makes the inputs'
+// device current for the call (CUDAGuard; NoGuard on the CPU).
+struct NoGuard {
+  explicit NoGuard(c10::Device) {}
+};
+
+template <typename Guard, const BilinearDevice& (*device)(), const FactorizedKernels& (*kernels)(), bool kUpcast16>
+struct BilinearBackend {
+  static at::Tensor bilinear(const at::Tensor& input1, const at::Tensor& input2, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias) {
+    const Guard guard(input1.device());
+    return bilinear_op(input1, input2, weight, bias, device(), kUpcast16);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> bilinear_backward(const at::Tensor& grad,
+                                                                          const at::Tensor& input1,
+                                                                          const at::Tensor& input2,
+                                                                          const at::Tensor& weight,
+                                                                          std::array<bool, 3> output_mask) {
+    const Guard guard(input1.device());
+    return bilinear_backward_op(grad, input1, input2, weight, output_mask, device(), kUpcast16);
+  }
+  static at::Tensor factorized_pool(const at::Tensor& proj_x, const at::Tensor& proj_y,
+                                    const std::optional<at::Tensor>& bias_x, const std::optional<at::Tensor>& bias_y,
+                                    int64_t factor, bool normalize) {
+    const Guard guard(proj_x.device());
+    return factorized_pool_op(proj_x, proj_y, bias_x, bias_y, factor, normalize, kernels());
+  }
+  static std::tuple<at::Tensor, at::Tensor> factorized_pool_backward(const at::Tensor& grad, const at::Tensor& proj_x,
+                                                                     const at::Tensor& proj_y,
+                                                                     const std::optional<at::Tensor>& bias_x,
+                                                                     const std::optional<at::Tensor>& bias_y,
+                                                                     int64_t factor, bool normalize) {
+    const Guard guard(proj_x.device());
+    return factorized_pool_backward_op(grad, proj_x, proj_y, bias_x, bias_y, factor, normalize, kernels());
+  }
+  static void register_impls(torch::Library& m) {
+    m.impl("bilinear", &bilinear);
+    m.impl("bilinear_backward", &bilinear_backward);
+    m.impl("factorized_pool", &factorized_pool);
+    m.impl("factorized_pool_backward", &factorized_pool_backward);
+  }
+};
 
 // eps inside the signed square root (u = sign(s) (sqrt(|s| + eps) - sqrt(eps)), gradient <= 1 / (2 sqrt(eps)))
 // and the floor of the L2 norm (z = u / max(||u||, eps), as F.normalize).

@@ -183,39 +183,10 @@ const FactorizedKernels& cpu_kernels() {
   return k;
 }
 
-at::Tensor bilinear_cpu(const at::Tensor& input1, const at::Tensor& input2, const at::Tensor& weight,
-                        const std::optional<at::Tensor>& bias) {
-  return bilinear_op(input1, input2, weight, bias, cpu_device(), /*upcast_16bit=*/true);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bilinear_backward_cpu(const at::Tensor& grad, const at::Tensor& input1,
-                                                                     const at::Tensor& input2,
-                                                                     const at::Tensor& weight,
-                                                                     std::array<bool, 3> output_mask) {
-  return bilinear_backward_op(grad, input1, input2, weight, output_mask, cpu_device(), /*upcast_16bit=*/true);
-}
-
-at::Tensor factorized_pool_cpu(const at::Tensor& proj_x, const at::Tensor& proj_y,
-                               const std::optional<at::Tensor>& bias_x, const std::optional<at::Tensor>& bias_y,
-                               int64_t factor, bool normalize) {
-  return factorized_pool_op(proj_x, proj_y, bias_x, bias_y, factor, normalize, cpu_kernels());
-}
-
-std::tuple<at::Tensor, at::Tensor> factorized_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& proj_x,
-                                                                const at::Tensor& proj_y,
-                                                                const std::optional<at::Tensor>& bias_x,
-                                                                const std::optional<at::Tensor>& bias_y,
-                                                                int64_t factor, bool normalize) {
-  return factorized_pool_backward_op(grad, proj_x, proj_y, bias_x, bias_y, factor, normalize, cpu_kernels());
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(xmodal, CPU, m) {
-  m.impl("bilinear", &bilinear_cpu);
-  m.impl("bilinear_backward", &bilinear_backward_cpu);
-  m.impl("factorized_pool", &factorized_pool_cpu);
-  m.impl("factorized_pool_backward", &factorized_pool_backward_cpu);
+  BilinearBackend<NoGuard, cpu_device, cpu_kernels, /*kUpcast16=*/true>::register_impls(m);
 }
 
 }  // namespace xmodal

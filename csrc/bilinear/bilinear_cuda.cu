@@ -166,43 +166,10 @@ const FactorizedKernels& cuda_kernels() {
   return k;
 }
 
-at::Tensor bilinear_cuda(const at::Tensor& input1, const at::Tensor& input2, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias) {
-  const c10::cuda::CUDAGuard guard(input1.device());
-  return bilinear_op(input1, input2, weight, bias, cuda_device(), /*upcast_16bit=*/false);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bilinear_backward_cuda(const at::Tensor& grad, const at::Tensor& input1,
-                                                                      const at::Tensor& input2,
-                                                                      const at::Tensor& weight,
-                                                                      std::array<bool, 3> output_mask) {
-  const c10::cuda::CUDAGuard guard(input1.device());
-  return bilinear_backward_op(grad, input1, input2, weight, output_mask, cuda_device(), /*upcast_16bit=*/false);
-}
-
-at::Tensor factorized_pool_cuda(const at::Tensor& proj_x, const at::Tensor& proj_y,
-                                const std::optional<at::Tensor>& bias_x, const std::optional<at::Tensor>& bias_y,
-                                int64_t factor, bool normalize) {
-  const c10::cuda::CUDAGuard guard(proj_x.device());
-  return factorized_pool_op(proj_x, proj_y, bias_x, bias_y, factor, normalize, cuda_kernels());
-}
-
-std::tuple<at::Tensor, at::Tensor> factorized_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& proj_x,
-                                                                 const at::Tensor& proj_y,
-                                                                 const std::optional<at::Tensor>& bias_x,
-                                                                 const std::optional<at::Tensor>& bias_y,
-                                                                 int64_t factor, bool normalize) {
-  const c10::cuda::CUDAGuard guard(proj_x.device());
-  return factorized_pool_backward_op(grad, proj_x, proj_y, bias_x, bias_y, factor, normalize, cuda_kernels());
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(xmodal, CUDA, m) {
-  m.impl("bilinear", &bilinear_cuda);
-  m.impl("bilinear_backward", &bilinear_backward_cuda);
-  m.impl("factorized_pool", &factorized_pool_cuda);
-  m.impl("factorized_pool_backward", &factorized_pool_backward_cuda);
+  BilinearBackend<c10::cuda::CUDAGuard, cuda_device, cuda_kernels, /*kUpcast16=*/false>::register_impls(m);
 }
 
 }  // namespace xmodal
