@@ -152,3 +152,22 @@ def test_sentence_transformer_adapter_loads_a_local_model(tmp_path):
     emb.sum().backward()  # the projection head trains; the sentence model is frozen
     assert model.text_head.net[0].weight.grad is not None
     assert all(p.grad is None for p in encoder.model.parameters())
+
+
+def test_train_pairs_on_a_csv_data_set(tmp_path):
+    from PIL import Image
+
+    shapes = D.ShapesDataset(48, seed=9)
+    rows = ["image,caption"]
+    for i, (image, captions, _) in enumerate(shapes):
+        Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(tmp_path / f"{i}.png")
+        rows.append(f'{i}.png,"{captions[0]}"')
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    pairs = D.ImageCaptionCSV(str(tmp_path / "data.csv"))
+    tokenizer = Tokenizer.fit([text for _, text in (pairs[i] for i in range(len(pairs)))])
+    torch.manual_seed(0)
+    model = CrossModalModel(ImageEncoder(64), TextEncoder(len(tokenizer), 64, layers=1, heads=2), tokenizer, embed_dim=32)
+    history = T.train_pairs(model, pairs, epochs=12, batch_size=16, lr=2e-3, progress=False)
+    assert len(history) == 12 and history[-1] < 0.6 * history[0]
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        T.train_pairs(model, [pairs[0]], progress=False)

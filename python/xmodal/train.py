@@ -12,7 +12,7 @@ import math
 import os
 import random
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from .data import ComposedQueries, ShapesDataset, composed_triples
 from .encoders import CrossModalModel, Tokenizer
 from .index import FlatIndex
 
-__all__ = ["TrainConfig", "contrastive_loss", "train", "evaluate", "build_model"]
+__all__ = ["TrainConfig", "contrastive_loss", "train", "train_pairs", "evaluate", "build_model"]
 
 
 def contrastive_loss(a: Tensor, b: Tensor, logit_scale: Tensor, labels: Optional[Tensor] = None) -> Tensor:
@@ -159,6 +159,61 @@ def train(
     save(config.steps)
     model.eval()
     return last
+
+
+def train_pairs(
+    model: CrossModalModel,
+    pairs,
+    *,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    progress: bool = True,
+) -> List[float]:
+    """Contrastive training on your own (image, caption) pairs, e.g. an ``ImageCaptionCSV``: symmetric
+    InfoNCE over shuffled batches (every other pair of a batch is a negative), AdamW, cosine schedule.
+    Returns the mean loss of each epoch. Deterministic for a seed and thread count."""
+    from torch.utils.data import DataLoader
+
+    from .data import collate_captions
+
+    if len(pairs) < 2:
+        raise ValueError(f"contrastive training needs at least 2 pairs, got {len(pairs)}")
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    loader = DataLoader(pairs, batch_size=min(batch_size, len(pairs)), shuffle=True, drop_last=True, generator=g,
+                        collate_fn=collate_captions)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
+    device = model.logit_scale.device
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=epochs * len(loader), desc="train", unit="step", dynamic_ncols=True)
+    model.train()
+    history: List[float] = []
+    for _ in range(epochs):
+        total = 0.0
+        for images, texts in loader:
+            loss = contrastive_loss(model.encode_image(images.to(device)), model.encode_text(list(texts)),
+                                    model.logit_scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            total += loss.item()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        history.append(total / len(loader))
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return history
 
 
 def _from_rng_state(state):
