@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bilinear/bilinear.h"
+#include "bilinear/factorized_rows.h"
 #include "common/env.h"
 
 namespace xmodal {
@@ -56,60 +57,25 @@ const BilinearDevice& cpu_device() {
   return dev;
 }
 
-template <typename acc_t>
-inline acc_t signed_sqrt(acc_t s) {
-  const acc_t r = std::sqrt(std::abs(s) + acc_t(kSqrtEps)) - std::sqrt(acc_t(kSqrtEps));
-  return s < 0 ? -r : r;
-}
-
-// Rows of px / py with the biases folded in: (px[row] + bias_x) and (py[row] + bias_y).
-template <typename T>
-struct FactorizedView {
-  const T *px, *py, *bx, *by;
-  const int64_t *xr, *yr;
-  int64_t F;
-  const T* x_row(int64_t r) const { return px + (xr ? xr[r] : r) * F; }
-  const T* y_row(int64_t r) const { return py + (yr ? yr[r] : r) * F; }
-};
-
-template <typename T>
-FactorizedView<T> view_of(const FactorizedArgs& a, const at::Tensor& bx, const at::Tensor& by) {
-  return {a.px.data_ptr<T>(),
-          a.py.data_ptr<T>(),
-          bx.defined() ? bx.data_ptr<T>() : nullptr,
-          by.defined() ? by.data_ptr<T>() : nullptr,
-          a.x_rows.defined() ? a.x_rows.data_ptr<int64_t>() : nullptr,
-          a.y_rows.defined() ? a.y_rows.data_ptr<int64_t>() : nullptr,
-          a.features};
-}
-
-// s[j] = sum_q (x[j f + q] + bx) (y[j f + q] + by) for every group j of one row.
+// s[j] for every group j of output row r
 template <typename T, typename acc_t>
-inline void pool_row(const FactorizedView<T>& v, int64_t r, int64_t groups, int64_t f, acc_t* s) {
+inline void pool_row(const FactorizedRows<T>& v, int64_t r, acc_t* s) {
   const T* x = v.x_row(r);
   const T* y = v.y_row(r);
-  for (int64_t j = 0; j < groups; ++j) {
-    acc_t t = 0;
-    for (int64_t q = j * f; q < (j + 1) * f; ++q) {
-      const acc_t xv = acc_t(x[q]) + (v.bx ? acc_t(v.bx[q]) : acc_t(0));
-      const acc_t yv = acc_t(y[q]) + (v.by ? acc_t(v.by[q]) : acc_t(0));
-      t += xv * yv;
-    }
-    s[j] = t;
-  }
+  for (int64_t j = 0; j < v.G; ++j) s[j] = group_sum<acc_t>(v, x, y, j);
 }
 
 void factorized_forward_cpu(const FactorizedArgs& a, const at::Tensor& bx, const at::Tensor& by, bool normalize,
                             at::Tensor out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.px.scalar_type(), "factorized_pool_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto v = view_of<scalar_t>(a, bx, by);
+    const auto v = factorized_rows<scalar_t>(a, bx, by);
     scalar_t* o = out.data_ptr<scalar_t>();
-    const int64_t G = a.groups, f = a.factor;
+    const int64_t G = a.groups;
     at::parallel_for(0, a.rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, a.features)), [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> s(G);
       for (int64_t r = r0; r < r1; ++r) {
-        pool_row(v, r, G, f, s.data());
+        pool_row(v, r, s.data());
         scalar_t* orow = o + r * G;
         if (!normalize) {
           for (int64_t j = 0; j < G; ++j) orow[j] = scalar_t(s[j]);
@@ -131,7 +97,7 @@ void factorized_backward_cpu(const at::Tensor& grad, const FactorizedArgs& a, co
                              const at::Tensor& by, bool normalize, at::Tensor gx, at::Tensor gy) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.px.scalar_type(), "factorized_pool_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto v = view_of<scalar_t>(a, bx, by);
+    const auto v = factorized_rows<scalar_t>(a, bx, by);
     const scalar_t* g = grad.data_ptr<scalar_t>();
     acc_t* gxp = gx.data_ptr<acc_t>();
     acc_t* gyp = gy.data_ptr<acc_t>();
@@ -142,22 +108,15 @@ void factorized_backward_cpu(const at::Tensor& grad, const FactorizedArgs& a, co
         const scalar_t* grow = g + r * G;
         if (normalize) {
           // Recompute u = signed_sqrt(s) and its norm; then d/du of u / max(||u||, eps), then d/ds.
-          pool_row(v, r, G, f, s.data());
+          pool_row(v, r, s.data());
           acc_t ss = 0, dot = 0;
           for (int64_t j = 0; j < G; ++j) {
             const acc_t u = signed_sqrt(s[j]);
             ss += u * u;
             dot += u * acc_t(grow[j]);
           }
-          const acc_t norm = std::sqrt(ss);
-          const bool clamped = norm <= acc_t(kNormEps);
-          const acc_t n = clamped ? acc_t(kNormEps) : norm;
-          const acc_t proj = clamped ? acc_t(0) : dot / (n * n);  // (z . gz) / ||u|| with z = u / ||u||
-          for (int64_t j = 0; j < G; ++j) {
-            const acc_t u = signed_sqrt(s[j]);
-            const acc_t gu = (acc_t(grow[j]) - u * proj) / n;
-            gs[j] = gu / (acc_t(2) * std::sqrt(std::abs(s[j]) + acc_t(kSqrtEps)));
-          }
+          const NormalizeGrad<acc_t> back(ss, dot);
+          for (int64_t j = 0; j < G; ++j) gs[j] = back.grad_s(acc_t(grow[j]), s[j]);
         } else {
           for (int64_t j = 0; j < G; ++j) gs[j] = acc_t(grow[j]);
         }
@@ -167,10 +126,8 @@ void factorized_backward_cpu(const at::Tensor& grad, const FactorizedArgs& a, co
         acc_t* gyr = gyp + r * F;
         for (int64_t j = 0; j < G; ++j) {
           for (int64_t q = j * f; q < (j + 1) * f; ++q) {
-            const acc_t xv = acc_t(x[q]) + (v.bx ? acc_t(v.bx[q]) : acc_t(0));
-            const acc_t yv = acc_t(y[q]) + (v.by ? acc_t(v.by[q]) : acc_t(0));
-            gxr[q] = gs[j] * yv;
-            gyr[q] = gs[j] * xv;
+            gxr[q] = gs[j] * biased<acc_t>(y, v.by, q);
+            gyr[q] = gs[j] * biased<acc_t>(x, v.bx, q);
           }
         }
       }

@@ -92,20 +92,19 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
 
   // Group the (query, probe) pairs by list: pair p = q * nprobe + j, pairs of list l at
   // pair_order[pair_start[l] .. pair_start[l + 1]). A list probed twice by one query is scanned once.
+  std::vector<char> scanned(Q * nprobe, 0);  // pair p names a list, and its query's first mention of it
+  for (int64_t q = 0; q < Q; ++q) {
+    for (int64_t j = 0; j < nprobe; ++j) {
+      const int64_t* row = pr + q * nprobe;
+      scanned[q * nprobe + j] = row[j] >= 0 && std::find(row, row + j, row[j]) == row + j;
+    }
+  }
   std::vector<int64_t> pair_start(nlist + 1, 0), pair_order(Q * nprobe);
-  auto duplicate = [&](int64_t q, int64_t j) {
-    for (int64_t t = 0; t < j; ++t) if (pr[q * nprobe + t] == pr[q * nprobe + j]) return true;
-    return false;
-  };
-  for (int64_t q = 0; q < Q; ++q)
-    for (int64_t j = 0; j < nprobe; ++j)
-      if (pr[q * nprobe + j] >= 0 && !duplicate(q, j)) ++pair_start[pr[q * nprobe + j] + 1];
+  for (int64_t p = 0; p < Q * nprobe; ++p) if (scanned[p]) ++pair_start[pr[p] + 1];
   for (int64_t l = 0; l < nlist; ++l) pair_start[l + 1] += pair_start[l];
   {
     std::vector<int64_t> fill(pair_start.begin(), pair_start.end() - 1);
-    for (int64_t q = 0; q < Q; ++q)
-      for (int64_t j = 0; j < nprobe; ++j)
-        if (pr[q * nprobe + j] >= 0 && !duplicate(q, j)) pair_order[fill[pr[q * nprobe + j]]++] = q * nprobe + j;
+    for (int64_t p = 0; p < Q * nprobe; ++p) if (scanned[p]) pair_order[fill[pr[p]]++] = p;
   }
   std::vector<int64_t> busy_lists;
   for (int64_t l = 0; l < nlist; ++l) if (pair_start[l + 1] > pair_start[l]) busy_lists.push_back(l);

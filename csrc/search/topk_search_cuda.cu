@@ -379,10 +379,14 @@ bool fused_scan_enabled() {
   return v && v[0] == '1';
 }
 
-template <typename scalar_t>
 size_t fused_smem_bytes(int64_t Q, int64_t D, int cap) {
   return size_t(Q) * D * sizeof(float) + size_t(Q) * cap * sizeof(FusedEntry) + size_t(Q) * 8;
 }
+
+// The kernel is instantiated for 1, 4 and 16 queries; a call uses the smallest that holds its queries,
+// and candidate buffers of 128 (k <= 64) or 256 entries.
+int64_t fused_query_bucket(int64_t Q) { return Q == 1 ? 1 : (Q <= 4 ? 4 : kFusedMaxQueries); }
+int fused_capacity(int64_t k) { return k <= 64 ? 128 : 256; }
 
 template <typename scalar_t>
 bool fused_scan_eligible(const SearchArgs& a) {
@@ -391,12 +395,10 @@ bool fused_scan_eligible(const SearchArgs& a) {
   } else {
     const int64_t Q = a.queries.size(0), D = a.database.size(1), N = a.database.size(0);
     constexpr int64_t kVec = 16 / sizeof(scalar_t);
-    const int cap = a.k <= 64 ? 128 : 256;
-    const int64_t q_bucket = Q == 1 ? 1 : (Q <= 4 ? 4 : kFusedMaxQueries);  // as fused_scan instantiates
     return fused_scan_enabled() && a.metric != Metric::KL && Q <= kFusedMaxQueries && a.k <= kFusedMaxK &&
            N < (int64_t(1) << 31) && D % kVec == 0 && a.database.is_contiguous() &&
            reinterpret_cast<uintptr_t>(a.database.data_ptr()) % 16 == 0 &&
-           fused_smem_bytes<scalar_t>(q_bucket, D, cap) <= 96 * 1024;
+           fused_smem_bytes(fused_query_bucket(Q), D, fused_capacity(a.k)) <= 96 * 1024;
   }
 }
 
@@ -404,7 +406,7 @@ template <typename scalar_t, int kQ, int kCap>
 void launch_fused(const SearchArgs& a, const at::Tensor& q32, int64_t blocks, int64_t rows_per_block,
                   uint32_t* stage_key, int64_t* stage_idx, cudaStream_t stream) {
   const int64_t Q = a.queries.size(0), D = a.database.size(1);
-  const size_t smem = fused_smem_bytes<scalar_t>(kQ, D, kCap);
+  const size_t smem = fused_smem_bytes(kQ, D, kCap);
   auto kernel = fused_scan_kernel<scalar_t, kQ, kCap>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
@@ -415,9 +417,11 @@ void launch_fused(const SearchArgs& a, const at::Tensor& q32, int64_t blocks, in
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Fills the running top-k (keys, idx: [Q, k]) with the fused scan's result.
+// Merges the fused scan's result into the running top-k: reads keys_in / idx_in ([Q, k]), writes keys_out /
+// idx_out.
 template <typename scalar_t>
-void fused_scan(const SearchArgs& a, at::Tensor& keys, at::Tensor& idx) {
+void fused_scan(const SearchArgs& a, const at::Tensor& keys_in, const at::Tensor& idx_in, at::Tensor& keys,
+                at::Tensor& idx) {
   const int64_t Q = a.queries.size(0), N = a.database.size(0), k = a.k;
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -430,22 +434,22 @@ void fused_scan(const SearchArgs& a, at::Tensor& keys, at::Tensor& idx) {
   auto stage_idx = at::empty({Q, blocks, k}, idx.options());
   uint32_t* sk = reinterpret_cast<uint32_t*>(stage_key.data_ptr());
   int64_t* si = stage_idx.data_ptr<int64_t>();
-  const bool small_k = k <= 64;
-  if (Q == 1) {
-    small_k ? launch_fused<scalar_t, 1, 128>(a, q32, blocks, rows_per_block, sk, si, stream)
-            : launch_fused<scalar_t, 1, 256>(a, q32, blocks, rows_per_block, sk, si, stream);
-  } else if (Q <= 4) {
-    small_k ? launch_fused<scalar_t, 4, 128>(a, q32, blocks, rows_per_block, sk, si, stream)
-            : launch_fused<scalar_t, 4, 256>(a, q32, blocks, rows_per_block, sk, si, stream);
-  } else {
-    small_k ? launch_fused<scalar_t, 16, 128>(a, q32, blocks, rows_per_block, sk, si, stream)
-            : launch_fused<scalar_t, 16, 256>(a, q32, blocks, rows_per_block, sk, si, stream);
+  const bool small_k = fused_capacity(k) == 128;
+  switch (fused_query_bucket(Q)) {
+    case 1:
+      small_k ? launch_fused<scalar_t, 1, 128>(a, q32, blocks, rows_per_block, sk, si, stream)
+              : launch_fused<scalar_t, 1, 256>(a, q32, blocks, rows_per_block, sk, si, stream);
+      break;
+    case 4:
+      small_k ? launch_fused<scalar_t, 4, 128>(a, q32, blocks, rows_per_block, sk, si, stream)
+              : launch_fused<scalar_t, 4, 256>(a, q32, blocks, rows_per_block, sk, si, stream);
+      break;
+    default:
+      small_k ? launch_fused<scalar_t, kFusedMaxQueries, 128>(a, q32, blocks, rows_per_block, sk, si, stream)
+              : launch_fused<scalar_t, kFusedMaxQueries, 256>(a, q32, blocks, rows_per_block, sk, si, stream);
   }
-  // merge every block's candidates into the (empty) running top-k
-  auto empty_keys = at::zeros_like(keys);
-  auto empty_idx = at::full_like(idx, -1);
   merge_stage_kernel<uint32_t, 256><<<unsigned(Q), 256, 0, stream>>>(
-      k, blocks, reinterpret_cast<const uint32_t*>(empty_keys.data_ptr()), empty_idx.data_ptr<int64_t>(), sk, si,
+      k, blocks, reinterpret_cast<const uint32_t*>(keys_in.data_ptr()), idx_in.data_ptr<int64_t>(), sk, si,
       reinterpret_cast<uint32_t*>(keys.data_ptr()), idx.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -506,7 +510,11 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args, bool tf32
   constexpr int kThreads = 256;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const bool fused = fused_scan_eligible<scalar_t>(args);
-  if (fused) fused_scan<scalar_t>(args, keys_a, idx_a);
+  if (fused) {
+    fused_scan<scalar_t>(args, keys_a, idx_a, keys_b, idx_b);  // from the empty top-k, as each tile below
+    std::swap(keys_a, keys_b);
+    std::swap(idx_a, idx_b);
+  }
   for (int64_t n0 = 0; n0 < N && !fused; n0 += tile_rows) {
     const int64_t nt = std::min(N, n0 + tile_rows) - n0;
     at::Tensor tile = database.narrow(0, n0, nt);
