@@ -146,6 +146,10 @@ class ShapesDataset(Dataset):
         self.images = torch.stack([render(a, rng) for a in self.attributes]) if self.attributes else torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE)
         self.captions = [[caption(a, rng, t) for t in rng.sample(range(len(_TEMPLATES)), self.captions_per_image)] for a in self.attributes]
         self.labels = torch.tensor([a.index for a in self.attributes], dtype=torch.long)
+        #: label -> the rows that show it, in row order (composed triples look targets up here)
+        self.rows_by_label: Dict[int, List[int]] = {}
+        for i, a in enumerate(self.attributes):
+            self.rows_by_label.setdefault(a.index, []).append(i)
 
     def __len__(self) -> int:
         return len(self.attributes)
@@ -159,7 +163,7 @@ class ComposedQueries:
     ``per_image`` modifications; ``targets[j]`` is the index of the image the j-th query should find."""
 
     def __init__(self, gallery: ShapesDataset, per_image: int = 4, seed: int = 1) -> None:
-        by_label: Dict[int, int] = {int(label): i for i, label in enumerate(gallery.labels)}
+        by_label = {label: rows[-1] for label, rows in gallery.rows_by_label.items()}
         rng = random.Random(seed)
         self.references: List[int] = []
         self.texts: List[str] = []
@@ -179,9 +183,7 @@ class ComposedQueries:
 def composed_triples(pool: ShapesDataset, batch: int, rng: random.Random) -> Tuple[Tensor, List[str], Tensor, Tensor]:
     """(reference image, modification text, target image, target label) triples drawn from ``pool``: the
     target is another rendering in the pool with the modified attributes (any, if several)."""
-    by_label: Dict[int, List[int]] = {}
-    for i, label in enumerate(pool.labels.tolist()):
-        by_label.setdefault(label, []).append(i)
+    by_label = pool.rows_by_label
     refs, texts, targets, labels = [], [], [], []
     while len(refs) < batch:
         i = rng.randrange(len(pool))
