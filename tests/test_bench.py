@@ -1,4 +1,6 @@
 """The benchmark harnesses compare like with like: every baseline computes what xmodal computes."""
+import json
+import os
 import subprocess
 import sys
 
@@ -46,3 +48,30 @@ def test_bench_cli_quick_writes_reports(tmp_path):
     assert "speed-up" in out.stdout
     assert (tmp_path / "b.json").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
     assert "| case |" in (tmp_path / "b.md").read_text()
+
+
+def test_search_bench_times_variants_beside_the_default(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "xmodal", "bench", "search", "--quick", "--repeats", "1", "--no-faiss",
+         "--variants", "filter,fused", "--json", str(tmp_path / "s.json"), "--markdown", str(tmp_path / "s.md")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads((tmp_path / "s.json").read_text())["results"]
+    assert results and all(set(r["seconds"]) == {"xmodal", "naive", "xmodal[filter]", "xmodal[fused]"} for r in results)
+    report = (tmp_path / "s.md").read_text()
+    assert "xmodal[fused] vs naive" in report and "`XMODAL_CUDA_FUSED_GEMM=1`" in report
+    bad = subprocess.run([sys.executable, "-m", "xmodal", "bench", "search", "--quick", "--variants", "nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown --variants ['nope']" in bad.stdout
+
+
+def test_variant_switches_are_restored_after_each_call(monkeypatch):
+    from xmodal.bench import CUDA_VARIANTS, _with_env
+
+    monkeypatch.setenv("XMODAL_CUDA_FUSED_SCAN", "0")
+    monkeypatch.delenv("XMODAL_CUDA_FUSED_GEMM", raising=False)
+    seen = _with_env(CUDA_VARIANTS["fused"], lambda: (os.environ["XMODAL_CUDA_FUSED_SCAN"],
+                                                      os.environ["XMODAL_CUDA_FUSED_GEMM"]))()
+    assert seen == ("1", "1")
+    assert os.environ["XMODAL_CUDA_FUSED_SCAN"] == "0" and "XMODAL_CUDA_FUSED_GEMM" not in os.environ

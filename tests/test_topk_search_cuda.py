@@ -126,3 +126,102 @@ def test_fused_scan_under_graph_capture(fused_scan):
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out[0], expected[0])
+
+
+# --- threshold-filtered tile selection (XMODAL_CUDA_FILTER_SELECT=1) and the fused tensor-core tile kernel
+# (XMODAL_CUDA_FUSED_GEMM=1, 16-bit inputs; other dtypes take the filtered path): opt-in until verified.
+# XMODAL_CUDA_TILE_ROWS=4096 makes small problems span many tiles, so thresholds, overflows and merges
+# all happen.
+
+
+@pytest.fixture(params=["filter", "fused_gemm"])
+def filtered(request, monkeypatch):
+    monkeypatch.setenv("XMODAL_CUDA_FILTER_SELECT" if request.param == "filter" else "XMODAL_CUDA_FUSED_GEMM", "1")
+    monkeypatch.setenv("XMODAL_CUDA_TILE_ROWS", "4096")
+    return request.param
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2", "sqeuclidean", "cosine_distance", "kl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("q,n,d,k", [(300, 40_000, 64, 10), (40, 30_000, 128, 100), (130, 20_000, 200, 1000),
+                                     (5, 9000, 24, 2048), (1, 50_000, 16, 1), (129, 3000, 8, 7)])
+def test_filtered_selection_matches_reference(filtered, metric, dtype, q, n, d, k):
+    queries, database = make_inputs(q, n, d, metric, dtype, "cuda", seed=31)
+    values, indices = xmodal.topk_search(queries, database, k, metric)
+    assert_topk_close(values, indices, queries, database, k, metric)
+
+
+def test_filtered_selection_overflow_falls_back_to_the_whole_tile(filtered):
+    # scores rise with the row index, so every later tile beats every threshold: each buffer overflows and
+    # the merge must select over the whole tile (recomputing scores in the fused case)
+    g = torch.Generator().manual_seed(32)
+    direction = torch.randn(64, generator=g, dtype=torch.float64)
+    scale = torch.linspace(0.1, 10.0, 30_000, dtype=torch.float64)[:, None]
+    noise = 1e-3 * torch.randn(30_000, 64, generator=g, dtype=torch.float64)
+    for dtype in (torch.float32, torch.bfloat16):
+        database = (scale * direction + noise).to(dtype).cuda()
+        queries = torch.stack([direction, -direction, torch.randn(64, generator=g, dtype=torch.float64)]).to(dtype).cuda()
+        for k in (5, 600):
+            values, indices = xmodal.topk_search(queries, database, k, "ip")
+            assert_topk_close(values, indices, queries, database, k, "ip")
+
+
+def test_filtered_selection_ties_mask_nan(filtered):
+    base = make_inputs(1, 500, 32, "ip", torch.float32, "cpu", seed=33)[1]
+    database = base.repeat(40, 1)  # every row 40 times: thresholds equal to many keys
+    database[123] = float("nan")
+    for dtype in (torch.float32, torch.bfloat16):
+        db = database.to(dtype).cuda()
+        queries = make_inputs(70, 1, 32, "ip", dtype, "cuda", seed=34)[0]
+        sparse = torch.zeros(db.shape[0], dtype=torch.bool, device="cuda")
+        sparse[::401] = True  # 50 rows for k = 100: thresholds stay unset, results are padded
+        dense = torch.rand(db.shape[0], device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)) < 0.7
+        for m, k in ((None, 64), (dense, 64), (sparse, 100)):
+            values, indices = xmodal.topk_search(queries, db, k, "ip", mask=m)
+            assert_topk_close(values, indices, queries, db, k, "ip", mask=m)
+
+
+def test_filtered_selection_identical_rows():
+    database = torch.ones(20_000, 16, device="cuda", dtype=torch.bfloat16)
+    queries = torch.ones(200, 16, device="cuda", dtype=torch.bfloat16)
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("XMODAL_CUDA_FILTER_SELECT", "XMODAL_CUDA_FUSED_GEMM"):
+            mp.setenv(var, "1")
+            values, indices = xmodal.topk_search(queries, database, 50, "ip")
+            assert (values == 16).all()
+            assert all(row.unique().numel() == 50 for row in indices.cpu())
+
+
+def test_filtered_selection_non_contiguous_inputs(filtered):
+    queries, database = make_inputs(150, 20_000, 64, "cosine", torch.bfloat16, "cuda", seed=35)
+    q_nc = queries.t().contiguous().t()  # same values, column-major
+    db_nc = database[::2]
+    values, indices = xmodal.topk_search(q_nc, db_nc, 20, "cosine")
+    assert_topk_close(values, indices, q_nc, db_nc, 20, "cosine")
+
+
+def test_filtered_selection_large_batch_default_tiles(monkeypatch):
+    # tile sizes as chosen in production (growing after the first tile)
+    monkeypatch.setenv("XMODAL_CUDA_FUSED_GEMM", "1")
+    queries, database = make_inputs(512, 300_000, 128, "ip", torch.bfloat16, "cuda", seed=36)
+    for k in (10, 256):
+        values, indices = xmodal.topk_search(queries, database, k, "ip")
+        assert_topk_close(values, indices, queries, database, k, "ip")
+
+
+def test_filtered_selection_under_graph_capture(filtered):
+    queries, database = make_inputs(300, 20_000, 64, "l2", torch.bfloat16, "cuda", seed=37)
+    expected = xmodal.topk_search(queries, database, 10, "l2")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            xmodal.topk_search(queries, database, 10, "l2")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = xmodal.topk_search(queries, database, 10, "l2")
+    for _ in range(2):  # replays start from fresh thresholds
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out[0], expected[0])

@@ -9,6 +9,9 @@
 // Everything runs on the current stream with no host synchronisation, except the optional check that
 // kl inputs are non-negative, which is skipped while a CUDA graph is being captured.
 #include "search/topk_common.h"
+#include "common/env.h"
+#include "search/topk_mma_cuda.cuh"
+#include "search/topk_select_cuda.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -23,125 +26,6 @@
 namespace xmodal {
 namespace {
 
-// Order-preserving unsigned keys (larger is better). 0 marks "no candidate" (empty slot or masked row);
-// NaN maps to 1, below every number.
-template <typename acc_t> struct KeyOf;
-template <> struct KeyOf<float> { using type = uint32_t; };
-template <> struct KeyOf<double> { using type = uint64_t; };
-
-template <typename acc_t, typename key_t = typename KeyOf<acc_t>::type>
-__device__ __forceinline__ key_t encode_key(acc_t v) {
-  constexpr key_t sign = key_t(1) << (8 * sizeof(key_t) - 1);
-  key_t b;
-  memcpy(&b, &v, sizeof b);
-  const key_t o = (b & sign) ? ~b : (b | sign);
-  return v != v ? key_t(1) : o;
-}
-
-template <typename acc_t, typename key_t = typename KeyOf<acc_t>::type>
-__device__ __forceinline__ acc_t decode_key(key_t o) {
-  constexpr key_t sign = key_t(1) << (8 * sizeof(key_t) - 1);
-  if (o == key_t(1)) return acc_t(NAN);
-  const key_t b = (o & sign) ? (o & ~sign) : ~o;
-  acc_t v;
-  memcpy(&v, &b, sizeof v);
-  return v;
-}
-
-struct TileArgs {
-  int metric;        // Metric
-  int64_t n0;        // first database row of the tile
-  int64_t nt;        // rows in the tile
-  int64_t k;
-  const bool* mask;  // [N] or nullptr
-};
-
-// Key of tile column j for the query whose score row is `score` (see topk_common.h for the key forms).
-template <typename acc_t, typename key_t>
-__device__ __forceinline__ key_t tile_key(const TileArgs& a, const acc_t* score, const acc_t* zero_hits,
-                                          const acc_t* col_term, int64_t j) {
-  if (a.mask && !a.mask[a.n0 + j]) return key_t(0);
-  acc_t s = score[j];
-  switch (static_cast<Metric>(a.metric)) {
-    case Metric::IP: break;
-    case Metric::Cosine:
-    case Metric::CosineDistance: s = s * col_term[j]; break;
-    case Metric::L2:
-    case Metric::SqEuclidean: s = 2 * s - col_term[j]; break;
-    case Metric::KL:
-      if (zero_hits[j] > 0) s = -std::numeric_limits<acc_t>::infinity();
-      break;
-  }
-  return encode_key<acc_t>(s);
-}
-
-// k-selection by one thread block: from `total` candidates (key_at(c), index_at(c)) keep the k with the
-// largest keys, written unordered to kout/iout (their order is settled by the final sort). An MSB-first
-// radix select (8 bits a pass) finds the k-th largest key T; keys > T and enough keys == T are kept.
-// With fewer than k candidates all are kept and the rest is padded (key 0, index -1).
-template <typename key_t, int kThreads, typename KeyAt, typename IndexAt>
-__device__ void block_select(int64_t total, int64_t k, KeyAt key_at, IndexAt index_at, key_t* kout, int64_t* iout) {
-  if (total <= k) {
-    for (int64_t c = threadIdx.x; c < k; c += kThreads) {
-      const key_t key = c < total ? key_at(c) : key_t(0);
-      kout[c] = key;
-      iout[c] = key == 0 ? -1 : index_at(c);
-    }
-    return;
-  }
-  __shared__ unsigned int hist[256];
-  __shared__ key_t s_prefix;
-  __shared__ int64_t s_need;
-  __shared__ unsigned long long s_gt, s_eq;
-
-  key_t prefix = 0, prefix_mask = 0;
-  int64_t need = k;  // rank of the wanted key among those matching the prefix
-  for (int shift = 8 * int(sizeof(key_t)) - 8; shift >= 0; shift -= 8) {
-    for (int b = threadIdx.x; b < 256; b += kThreads) hist[b] = 0;
-    __syncthreads();
-    for (int64_t c = threadIdx.x; c < total; c += kThreads) {
-      const key_t key = key_at(c);
-      if ((key & prefix_mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xff], 1u);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int64_t above = 0;
-      int b = 255;
-      for (; b > 0; --b) {
-        if (above + hist[b] >= need) break;
-        above += hist[b];
-      }
-      s_prefix = prefix | (key_t(b) << shift);
-      s_need = need - above;
-    }
-    __syncthreads();
-    prefix = s_prefix;
-    need = s_need;
-    prefix_mask |= key_t(0xff) << shift;
-    __syncthreads();
-  }
-  // prefix is now the k-th largest key; `need` of the keys equal to it are kept.
-  if (threadIdx.x == 0) {
-    s_gt = 0;
-    s_eq = 0;
-  }
-  __syncthreads();
-  const int64_t first_eq = k - need;
-  for (int64_t c = threadIdx.x; c < total; c += kThreads) {
-    const key_t key = key_at(c);
-    int64_t slot = -1;
-    if (key > prefix) {
-      slot = int64_t(atomicAdd(&s_gt, 1ull));
-    } else if (key == prefix) {
-      const int64_t e = int64_t(atomicAdd(&s_eq, 1ull));
-      if (e < need) slot = first_eq + e;
-    }
-    if (slot >= 0) {
-      kout[slot] = key;
-      iout[slot] = key == 0 ? -1 : index_at(c);
-    }
-  }
-}
 
 // Single stage (many queries): block `row` merges the query's running top-k with the tile's nt scores.
 template <typename acc_t, int kThreads>
@@ -374,10 +258,7 @@ __global__ void __launch_bounds__(kFusedWarps * 32)
 }
 
 // The fused scan is opt-in (XMODAL_CUDA_FUSED_SCAN=1) until a GPU run has verified it; the tests run both.
-bool fused_scan_enabled() {
-  const char* v = std::getenv("XMODAL_CUDA_FUSED_SCAN");
-  return v && v[0] == '1';
-}
+bool fused_scan_enabled() { return env_flag("XMODAL_CUDA_FUSED_SCAN"); }
 
 size_t fused_smem_bytes(int64_t Q, int64_t D, int cap) {
   return size_t(Q) * D * sizeof(float) + size_t(Q) * cap * sizeof(FusedEntry) + size_t(Q) * 8;
@@ -454,6 +335,48 @@ void fused_scan(const SearchArgs& a, const at::Tensor& keys_in, const at::Tensor
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ---- How tiles are selected -------------------------------------------------------------------------------
+//
+// Radix: every tile's scores go through a radix select (verified on an H200; the default).
+// Filter: threshold-filtered selection of cuBLAS score tiles (XMODAL_CUDA_FILTER_SELECT=1).
+// FusedMma: 16-bit inputs, tiles after the first scored and filtered by mma_filter_kernel with no score
+// tile (XMODAL_CUDA_FUSED_GEMM=1). Both are opt-in until a GPU run has verified them.
+enum class TileSelection { Radix, Filter, FusedMma };
+constexpr int64_t kFilterMaxK = 2048;
+
+template <typename scalar_t>
+bool mma_eligible(const SearchArgs& a) {
+  if constexpr (sizeof(scalar_t) != 2) {
+    return false;
+  } else {
+    const int64_t D = a.database.size(1);
+    return a.metric != Metric::KL && D >= 8 && D % 8 == 0 && a.database.is_contiguous() &&
+           a.queries.is_contiguous() && reinterpret_cast<uintptr_t>(a.database.data_ptr()) % 16 == 0 &&
+           reinterpret_cast<uintptr_t>(a.queries.data_ptr()) % 16 == 0 &&
+           at::cuda::getCurrentDeviceProperties()->major >= 8;
+  }
+}
+
+template <typename scalar_t>
+TileSelection choose_tile_selection(const SearchArgs& a) {
+  if (a.k > kFilterMaxK) return TileSelection::Radix;
+  if (env_flag("XMODAL_CUDA_FUSED_GEMM") && mma_eligible<scalar_t>(a)) return TileSelection::FusedMma;
+  if (env_flag("XMODAL_CUDA_FILTER_SELECT") || env_flag("XMODAL_CUDA_FUSED_GEMM")) return TileSelection::Filter;
+  return TileSelection::Radix;
+}
+
+// Rows of the tile starting at row `seen`. Radix tiles are as large as the score workspace allows.
+// Filtered: the first tile is small (a full select over it sets each query's threshold), and later tiles
+// grow with the rows seen so that the candidates expected per query (~ k * rows / seen) fill at most half
+// the buffer. Fused tiles have no score workspace to bound them.
+int64_t next_tile_rows(TileSelection sel, int64_t seen, int64_t k, int64_t cap, int64_t score_tile_rows) {
+  if (sel == TileSelection::Radix) return score_tile_rows;
+  if (seen == 0) return std::min(score_tile_rows, std::max<int64_t>(8192, 4 * k));
+  const int64_t grow = std::max<int64_t>(4096, seen / (2 * k) * cap);
+  if (sel == TileSelection::Filter) return std::min(score_tile_rows, grow);
+  return std::min<int64_t>({grow, int64_t(1) << 24, env_int("XMODAL_CUDA_TILE_ROWS", INT64_MAX)});
+}
+
 // scores [qn, nt] (fp32, row-major) = a [qn, D] . b [nt, D]^T through cuBLAS with TF32 tensor-core compute.
 // A direct call, so the choice applies to this GEMM only (not to the process-wide matmul precision).
 at::Tensor mm_tf32(const at::Tensor& a, const at::Tensor& b) {
@@ -498,14 +421,37 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args, bool tf32
   const bool validate_kl = metric == Metric::KL && at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None;
   at::Tensor negatives = validate_kl ? (qgemm < 0).sum() : at::Tensor();
 
-  // Running top-k (ping-pong buffers) and the tile size: the score tile stays under ~256 MiB.
-  const int64_t query_block = std::min<int64_t>(Q, 65536);
-  const int64_t tile_rows = std::min<int64_t>(N, std::max<int64_t>(1024, (int64_t(64) << 20) / query_block));
+  // Running top-k (ping-pong buffers). Score tiles stay under ~256 MiB.
+  const TileSelection selection = choose_tile_selection<scalar_t>(args);
+  const bool filtered = selection != TileSelection::Radix;
+  const int64_t query_block = std::min<int64_t>(Q, filtered ? 16384 : 65536);
+  const int64_t score_tile_rows = std::min<int64_t>(
+      env_int("XMODAL_CUDA_TILE_ROWS", INT64_MAX), std::max<int64_t>(1024, (int64_t(64) << 20) / query_block));
   auto keys_a = at::zeros({Q, k}, queries.options().dtype(sizeof(key_t) == 4 ? at::kInt : at::kLong));
   auto keys_b = at::empty_like(keys_a);
   auto idx_a = at::full({Q, k}, -1, queries.options().dtype(at::kLong));
   auto idx_b = at::empty_like(idx_a);
   const bool* mask = args.mask ? args.mask->data_ptr<bool>() : nullptr;
+  // The metric's per-row term of the whole database, once (tiles take slices).
+  at::Tensor col_all = row_norm_term(database, metric, acc_dtype);
+  if (col_all.defined()) col_all = col_all.contiguous();
+
+  // Threshold filter state (see topk_select_cuda.cuh): per query a threshold and a counter, per query of a
+  // block a candidate buffer; about 12 bytes x cap per query, at most ~512 MiB.
+  at::Tensor thr, count, cand_key, cand_idx;
+  int64_t cap = 0;
+  if (filtered) {
+    cap = std::clamp<int64_t>(2 * k, 1024, 4096);
+    cap = std::max<int64_t>(256, std::min<int64_t>(cap, (int64_t(512) << 20) / (query_block * int64_t(sizeof(key_t) + 8))));
+    thr = at::zeros({Q}, keys_a.options());
+    count = at::zeros({Q}, queries.options().dtype(at::kInt));
+    cand_key = at::empty({query_block, cap}, keys_a.options());
+    cand_idx = at::empty({query_block, cap}, idx_a.options());
+  }
+  auto filter_buffers = [&](int64_t q0) {
+    return FilterBuffers{reinterpret_cast<key_t*>(thr.data_ptr()) + q0, count.data_ptr<int>() + q0, int(cap),
+                         cand_key.data_ptr(), cand_idx.data_ptr<int64_t>()};
+  };
 
   constexpr int kThreads = 256;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -515,10 +461,12 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args, bool tf32
     std::swap(keys_a, keys_b);
     std::swap(idx_a, idx_b);
   }
-  for (int64_t n0 = 0; n0 < N && !fused; n0 += tile_rows) {
-    const int64_t nt = std::min(N, n0 + tile_rows) - n0;
+  for (int64_t n0 = 0, nt = 0; n0 < N && !fused; n0 += nt) {
+    // The first filtered tile sets the thresholds (with a full select over it), so it goes through a score tile.
+    const bool mma_tile = selection == TileSelection::FusedMma && n0 > 0;
+    nt = std::min(N - n0, next_tile_rows(selection, n0, k, cap, score_tile_rows));
     at::Tensor tile = database.narrow(0, n0, nt);
-    at::Tensor tgemm = tile, col = row_norm_term(tile, metric, acc_dtype), zeros;
+    at::Tensor tgemm = tile, col = col_all.defined() ? col_all.narrow(0, n0, nt) : at::Tensor(), zeros;
     if (metric == Metric::KL) {
       at::Tensor d = tile.to(acc_dtype);
       if (validate_kl) negatives = negatives + (d < 0).sum();
@@ -526,9 +474,30 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args, bool tf32
       tgemm = at::log(d).masked_fill_(zero, 0);
       zeros = zero.to(acc_dtype);
     }
-    if (col.defined()) col = col.contiguous();
+    const acc_t* col_ptr = col.defined() ? col.data_ptr<acc_t>() : nullptr;
     for (int64_t q0 = 0; q0 < Q; q0 += query_block) {
       const int64_t qn = std::min(Q, q0 + query_block) - q0;
+      TileArgs ta{static_cast<int>(metric), n0, nt, k, mask};
+      const key_t* kin = reinterpret_cast<const key_t*>(keys_a.data_ptr()) + q0 * k;
+      key_t* kout = reinterpret_cast<key_t*>(keys_b.data_ptr()) + q0 * k;
+      const int64_t* iin = idx_a.data_ptr<int64_t>() + q0 * k;
+      int64_t* iout = idx_b.data_ptr<int64_t>() + q0 * k;
+      if (mma_tile) {
+        if constexpr (sizeof(scalar_t) == 2) {
+          const at::Tensor qa = queries.narrow(0, q0, qn);
+          MmaTileArgs ma{qa.data_ptr(), tile.data_ptr(), qn, nt, database.size(1), n0, static_cast<int>(metric),
+                         reinterpret_cast<const float*>(col_ptr), mask ? mask + n0 : nullptr, filter_buffers(q0)};
+          const dim3 grid(unsigned((nt + kMmaRows - 1) / kMmaRows), unsigned((qn + kMmaRows - 1) / kMmaRows));
+          mma_filter_kernel<scalar_t><<<grid, kMmaThreads, 0, stream>>>(ma);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          RecomputedKeys<scalar_t> keys{ta, qa.data_ptr<scalar_t>(), tile.data_ptr<scalar_t>(), database.size(1),
+                                        reinterpret_cast<const float*>(col_ptr)};
+          merge_filtered_kernel<key_t, kThreads><<<unsigned(qn), kThreads, 0, stream>>>(keys, filter_buffers(q0), kin, iin,
+                                                                                        kout, iout);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        continue;
+      }
       at::Tensor qa = qgemm.narrow(0, q0, qn);
       const bool use_tf32 = tf32 && qa.scalar_type() == at::kFloat && tgemm.scalar_type() == at::kFloat;
       at::Tensor scores = use_tf32 ? mm_tf32(qa, tgemm)
@@ -536,13 +505,19 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args, bool tf32
                                          .contiguous();
       at::Tensor zero_hits;
       if (metric == Metric::KL) zero_hits = at::mm(qpos.narrow(0, q0, qn), zeros.t()).contiguous();
-      TileArgs ta{static_cast<int>(metric), n0, nt, k, mask};
       const acc_t* zero_ptr = zero_hits.defined() ? zero_hits.data_ptr<acc_t>() : nullptr;
-      const acc_t* col_ptr = col.defined() ? col.data_ptr<acc_t>() : nullptr;
-      const key_t* kin = reinterpret_cast<const key_t*>(keys_a.data_ptr()) + q0 * k;
-      key_t* kout = reinterpret_cast<key_t*>(keys_b.data_ptr()) + q0 * k;
-      const int64_t* iin = idx_a.data_ptr<int64_t>() + q0 * k;
-      int64_t* iout = idx_b.data_ptr<int64_t>() + q0 * k;
+      if (filtered) {
+        ScoreTileKeys<acc_t> keys{ta, scores.data_ptr<acc_t>(), zero_ptr, col_ptr};
+        constexpr int kItems = 8;
+        const int64_t chunks = (nt + kThreads * kItems - 1) / (kThreads * kItems);
+        filter_tile_kernel<acc_t, kThreads, kItems><<<dim3(unsigned(qn), unsigned(chunks)), kThreads, 0, stream>>>(
+            keys, filter_buffers(q0));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        merge_filtered_kernel<key_t, kThreads><<<unsigned(qn), kThreads, 0, stream>>>(keys, filter_buffers(q0), kin, iin,
+                                                                                      kout, iout);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        continue;
+      }
       // Few queries: split each query's tile over several blocks so the whole GPU works on it.
       int64_t segments = std::min({(4 * sms + qn - 1) / qn, std::max<int64_t>(1, (int64_t(64) << 10) / k),
                                    std::max<int64_t>(1, nt / std::max<int64_t>(k, 1024))});

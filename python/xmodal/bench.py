@@ -43,13 +43,18 @@ def search_grid(quick: bool = False, device: str = "cpu") -> List[SearchCase]:
     if quick:
         return [SearchCase(q, 20_000, 128, 10, dt) for q in (1, 64) for dt in ("float32", "bfloat16")]
     if device == "cuda":
-        return [
+        cases = [
             SearchCase(q, 1_000_000, d, k, dt)
             for dt in ("float32", "bfloat16")
             for d in (128, 512)
             for q in (1, 16, 256, 4096)
             for k in (1, 10, 100, 1024)
         ]
+        cases += [SearchCase(q, 1_000_000, 128, 256, dt) for dt in ("float32", "bfloat16") for q in (1, 16, 256, 4096)]
+        cases += [SearchCase(256, 1_000_000, d, 10, "bfloat16") for d in (256, 768)]
+        # bounded workspace: naive would need 640 GB of scores
+        cases.append(SearchCase(16384, 10_000_000, 128, 10, "bfloat16"))
+        return cases
     cases = [
         SearchCase(q, 200_000, d, k, dt)
         for dt in ("float32", "bfloat16")
@@ -144,11 +149,39 @@ class SearchResult:
         return c.n * c.d * torch.tensor([], dtype=c.torch_dtype).element_size() / self.seconds["xmodal"] / 1e9
 
 
-def run_search_case(case: SearchCase, device: str = "cpu", repeats: int = 3, use_faiss: bool = True) -> SearchResult:
+# Opt-in CUDA code paths (environment switches read by the extension on every call), benchmarked beside the
+# default path as "xmodal[name]" until a GPU run has verified them.
+CUDA_VARIANTS = {
+    "filter": {"XMODAL_CUDA_FILTER_SELECT": "1"},
+    "fused": {"XMODAL_CUDA_FUSED_SCAN": "1", "XMODAL_CUDA_FUSED_GEMM": "1"},
+}
+
+
+def _with_env(settings: Dict[str, str], fn: Callable[[], object]) -> Callable[[], object]:
+    def call():
+        saved = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
+        try:
+            return fn()
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+    return call
+
+
+def run_search_case(case: SearchCase, device: str = "cpu", repeats: int = 3, use_faiss: bool = True,
+                    variants: tuple = ()) -> SearchResult:
     """Times xmodal and its baselines interleaved (one call of each per round, after a warm-up round), so
-    that drift in the machine's speed during a run affects them alike; reports each one's median."""
+    that drift in the machine's speed during a run affects them alike; reports each one's median. Cases of
+    over 1e11 scores run once, without a warm-up round."""
     queries, database = make_data(case, device)
-    calls = {"xmodal": lambda: xmodal.topk_search(queries, database, case.k, case.metric)}
+    search = lambda: xmodal.topk_search(queries, database, case.k, case.metric)  # noqa: E731
+    calls = {"xmodal": search}
+    for name in variants:
+        calls[f"xmodal[{name}]"] = _with_env(CUDA_VARIANTS[name], search)
     # the naive baseline needs Q x N scores; skip it where they would not fit comfortably
     if case.q * case.n * 4 <= (8 << 30 if device == "cpu" else 32 << 30):
         calls["naive"] = lambda: naive_search(queries, database, case.k, case.metric)
@@ -158,7 +191,8 @@ def run_search_case(case: SearchCase, device: str = "cpu", repeats: int = 3, use
             qn = queries.float().numpy()
             calls["faiss"] = lambda: index.search(qn, case.k)
     times = {name: [] for name in calls}
-    for round_ in range(repeats + 1):
+    huge = case.q * case.n > 1e11
+    for round_ in range(int(huge), repeats + 1 if not huge else 2):
         for name, fn in calls.items():
             _sync(device)
             start = time.perf_counter()
@@ -209,10 +243,13 @@ def _fmt_ratio(r: Optional[float]) -> str:
 
 
 def table(results: List[SearchResult]) -> List[List[str]]:
+    variants = sorted({name for r in results for name in r.seconds if name.startswith("xmodal[")})
     rows = [["case", "xmodal ms", "naive ms", "faiss ms", "vs naive", "vs faiss", "GFLOP/s", "GB/s"]]
+    for name in variants:
+        rows[0] += [f"{name} ms", f"{name} vs naive", f"{name} GB/s"]
     for r in results:
         s = r.seconds
-        rows.append([
+        row = [
             r.case.name,
             f"{s['xmodal'] * 1e3:.2f}",
             f"{s['naive'] * 1e3:.2f}" if "naive" in s else "-",
@@ -221,7 +258,14 @@ def table(results: List[SearchResult]) -> List[List[str]]:
             _fmt_ratio(r.ratio("faiss")),
             f"{r.gflops:.0f}",
             f"{r.gbytes:.1f}",
-        ])
+        ]
+        for name in variants:
+            if name in s:
+                ratio = s["naive"] / s[name] if "naive" in s else None
+                row += [f"{s[name] * 1e3:.2f}", _fmt_ratio(ratio), f"{r.gbytes * s['xmodal'] / s[name]:.1f}"]
+            else:
+                row += ["-", "-", "-"]
+        rows.append(row)
     return rows
 
 
@@ -235,7 +279,13 @@ def format_markdown(rows: List[List[str]], env: dict, title: str) -> str:
     lines += [f"- {key}: {value}" for key, value in env.items()]
     lines += ["", "Ratios are baseline time / xmodal time, measured side by side in one run (above 1: xmodal is faster).",
               "naive = `torch.topk(q @ X.T, k)` (ip) or `torch.topk(torch.cdist(q, X), k, largest=False)` (l2);",
-              "faiss = faiss-cpu IndexFlatIP / IndexFlatL2 on float32 data (faiss has no bf16 flat index).", ""]
+              "faiss = faiss-cpu IndexFlatIP / IndexFlatL2 on float32 data (faiss has no bf16 flat index)."]
+    variants = [c[: -len(" ms")] for c in rows[0] if c.startswith("xmodal[") and c.endswith(" ms")]
+    for name in variants:
+        settings = CUDA_VARIANTS[name[len("xmodal["):-1]]
+        lines.append(f"{name} = xmodal with the opt-in switches " + ", ".join(f"`{k}={v}`" for k, v in settings.items())
+                     + ", timed in the same rounds.")
+    lines.append("")
     lines.append("| " + " | ".join(rows[0]) + " |")
     lines.append("|" + "---|" * len(rows[0]))
     for row in rows[1:]:
@@ -299,6 +349,11 @@ def main(args) -> int:
     if cuda_missing(device):
         return 2
     cases = search_grid(quick=args.quick, device="cuda" if device.startswith("cuda") else "cpu")
+    variants = tuple(v for v in (getattr(args, "variants", None) or "").split(",") if v)
+    unknown = [v for v in variants if v not in CUDA_VARIANTS]
+    if unknown:
+        print(f"xmodal bench: unknown --variants {unknown}; known: {sorted(CUDA_VARIANTS)}")
+        return 2
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -309,7 +364,8 @@ def main(args) -> int:
     for case in progress:
         if tqdm:
             progress.set_postfix_str(case.name)
-        results.append(run_search_case(case, device, repeats=args.repeats, use_faiss=not args.no_faiss))
+        results.append(run_search_case(case, device, repeats=args.repeats, use_faiss=not args.no_faiss,
+                                       variants=variants))
         _write_reports(args, env, results, device)  # after every case, so a cut-off run still reports
     print(format_text(table(results)))
     if args.plot:
