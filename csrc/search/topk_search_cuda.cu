@@ -372,7 +372,7 @@ TileSelection choose_tile_selection(const SearchArgs& a) {
 int64_t next_tile_rows(TileSelection sel, int64_t seen, int64_t k, int64_t cap, int64_t score_tile_rows) {
   if (sel == TileSelection::Radix) return score_tile_rows;
   if (seen == 0) return std::min(score_tile_rows, std::max<int64_t>(8192, 4 * k));
-  const int64_t grow = std::max<int64_t>(4096, seen / (2 * k) * cap);
+  const int64_t grow = std::max<int64_t>(4096, seen * cap / (2 * k));
   if (sel == TileSelection::Filter) return std::min(score_tile_rows, grow);
   return std::min<int64_t>({grow, int64_t(1) << 24, env_int("XMODAL_CUDA_TILE_ROWS", INT64_MAX)});
 }
@@ -437,11 +437,12 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args, bool tf32
   if (col_all.defined()) col_all = col_all.contiguous();
 
   // Threshold filter state (see topk_select_cuda.cuh): per query a threshold and a counter, per query of a
-  // block a candidate buffer; about 12 bytes x cap per query, at most ~512 MiB.
+  // block a candidate buffer of 4k slots (1024 to 8192; fewer where 12 bytes x cap x queries would pass
+  // 512 MiB). Larger buffers let tiles grow faster (next_tile_rows).
   at::Tensor thr, count, cand_key, cand_idx;
   int64_t cap = 0;
   if (filtered) {
-    cap = std::clamp<int64_t>(2 * k, 1024, 4096);
+    cap = std::clamp<int64_t>(4 * k, 1024, 8192);
     cap = std::max<int64_t>(256, std::min<int64_t>(cap, (int64_t(512) << 20) / (query_block * int64_t(sizeof(key_t) + 8))));
     thr = at::zeros({Q}, keys_a.options());
     count = at::zeros({Q}, queries.options().dtype(at::kInt));
