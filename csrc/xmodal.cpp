@@ -1,6 +1,8 @@
 // THE one place for op schemas. Each backend registers its kernels beside them with TORCH_LIBRARY_IMPL
 // (csrc/search/, csrc/bilinear/: *_cpu.cpp, *_cuda.cu); fake tensors and autograd are registered in Python
 // (python/xmodal/_registrations.py).
+#include "common/cpu_block_cache.h"
+
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -24,6 +26,11 @@ TORCH_LIBRARY(xmodal, m) {
         " -> Tensor");
   m.def("factorized_pool_backward(Tensor grad, Tensor proj_x, Tensor proj_y, Tensor? bias_x, Tensor? bias_y,"
         " int factor, bool normalize) -> (Tensor grad_proj_x, Tensor grad_proj_y)");
+  // input [..., in] @ weight [out, in]^T (F.linear without bias): the projections of factorized pooling.
+  m.def("project(Tensor input, Tensor weight) -> Tensor");
+  // project's weight gradient: grad [..., out], input [..., in] -> [out, in], summed over the leading
+  // dimensions; on the CPU its block comes from the block cache (common/cpu_block_cache.h).
+  m.def("linear_weight_grad(Tensor grad, Tensor input) -> Tensor");
 }
 
 namespace {
@@ -44,4 +51,6 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "xmodal compiled ops (registered as torch.ops.xmodal.*)";
   m.def("build_info", &build_info, "How this extension was built: CUDA kernels, their architectures, torch version");
+  m.def("empty_cpu_cache", &xmodal::release_cpu_cache, "Free the CPU block cache's blocks; returns the bytes freed");
+  m.def("cpu_cache_bytes", &xmodal::cpu_cache_bytes, "Bytes held by the CPU block cache's free blocks");
 }

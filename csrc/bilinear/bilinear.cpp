@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "common/checks.h"
+#include "common/cpu_block_cache.h"
 
 namespace xmodal {
 
@@ -104,7 +105,8 @@ std::array<at::Tensor, 3> bilinear_backward_tiled(const at::Tensor& grad, const 
   at::Tensor grad_x = mask[0] ? at::zeros({B, dx}, opts) : at::Tensor();
   at::Tensor grad_y = mask[1] ? at::zeros({B, dy}, opts) : at::Tensor();
   // Every block of grad_w is written by its first batch tile (no zero fill: it would be a full extra pass).
-  at::Tensor grad_w = mask[2] ? at::empty({o, dx * dy}, opts) : at::Tensor();
+  // (On the CPU from the block cache: training frees and asks for this gradient again every step.)
+  at::Tensor grad_w = mask[2] ? cached_empty({o, dx * dy}, opts) : at::Tensor();
   const bool need_xy = mask[0] || mask[1];
   if (B == 0 || o == 0 || dx == 0 || dy == 0 || !(need_xy || mask[2])) {
     if (mask[2]) grad_w.zero_();

@@ -24,6 +24,7 @@ __all__ = [
     "ShardedIndex",
     "metrics",
     "build_info",
+    "empty_cpu_cache",
     "__version__",
 ]
 
@@ -31,3 +32,10 @@ __all__ = [
 def build_info() -> dict:
     """How the extension was built: ``{"cuda": bool, "cuda_archs": str, "torch_version": str}``."""
     return dict(_C.build_info())
+
+
+def empty_cpu_cache() -> int:
+    """Free the blocks xmodal keeps for large CPU gradients (weight gradients of its ops come from a cache so
+    that a training step does not fault in fresh pages for them; see ``XMODAL_CPU_CACHE_MB``). Returns the
+    bytes freed. Blocks still in use by tensors are not affected."""
+    return int(_C.empty_cpu_cache())

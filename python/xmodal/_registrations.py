@@ -93,6 +93,43 @@ def _factorized_backward(ctx, grad):
 torch.library.register_autograd("xmodal::factorized_pool", _factorized_backward, setup_context=_factorized_setup_context)
 
 
+# --- projections (F.linear without bias) whose weight gradient comes from the CPU block cache ---------------
+
+
+@torch.library.register_fake("xmodal::project")
+def _project_fake(input, weight):
+    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("xmodal::linear_weight_grad")
+def _linear_weight_grad_fake(grad, input):
+    return input.new_empty((grad.shape[-1], input.shape[-1]))
+
+
+def _save_both(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _project_backward(ctx, grad):
+    input, weight = ctx.saved_tensors
+    g_input = torch.matmul(grad, weight) if ctx.needs_input_grad[0] else None
+    g_weight = torch.ops.xmodal.linear_weight_grad(grad, input) if ctx.needs_input_grad[1] else None
+    return g_input, g_weight
+
+
+def _linear_weight_grad_backward(ctx, grad_w):
+    # d/d(grad) of sum(grad^T input * grad_w) is input @ grad_w^T; d/d(input) is grad @ grad_w
+    grad, input = ctx.saved_tensors
+    g_grad = torch.matmul(input, grad_w.t()) if ctx.needs_input_grad[0] else None
+    g_input = torch.matmul(grad, grad_w) if ctx.needs_input_grad[1] else None
+    return g_grad, g_input
+
+
+torch.library.register_autograd("xmodal::project", _project_backward, setup_context=_save_both)
+torch.library.register_autograd("xmodal::linear_weight_grad", _linear_weight_grad_backward, setup_context=_save_both)
+
+
 # --- IVF list scan ----------------------------------------------------------------------------------------
 
 

@@ -56,9 +56,10 @@ class FactorizedBilinearPooling(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         if self.training and self.dropout > 0:
-            px = F.dropout(self.proj_x(x), self.dropout, training=True)
+            project = torch.ops.xmodal.project
+            px = F.dropout(project(x, self.proj_x.weight) + self.proj_x.bias, self.dropout, training=True)
             return torch.ops.xmodal.factorized_pool(
-                px, F.linear(y, self.proj_y.weight), None, self.proj_y.bias, self.factor, self.normalize
+                px, project(y, self.proj_y.weight), None, self.proj_y.bias, self.factor, self.normalize
             )
         return factorized_bilinear(
             x,

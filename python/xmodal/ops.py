@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 #: metric name -> True when larger values are better
@@ -125,4 +124,5 @@ def factorized_bilinear(
     only the two projections for the backward pass.
     """
     _check_factorized(x, y, weight_x, weight_y, factor)
-    return torch.ops.xmodal.factorized_pool(F.linear(x, weight_x), F.linear(y, weight_y), bias_x, bias_y, factor, normalize)
+    project = torch.ops.xmodal.project  # F.linear, with weight gradients from the CPU block cache
+    return torch.ops.xmodal.factorized_pool(project(x, weight_x), project(y, weight_y), bias_x, bias_y, factor, normalize)
