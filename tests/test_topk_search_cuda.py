@@ -10,6 +10,21 @@ from search_helpers import assert_topk_close, make_inputs
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and CUDA kernels")]
 
 
+def captured_search(queries, database, k, metric):
+    """A CUDA graph of one search (captured after warm-up calls on a side stream, as capture requires) and
+    the static outputs its replays write."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            xmodal.topk_search(queries, database, k, metric)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = xmodal.topk_search(queries, database, k, metric)
+    return graph, out
+
+
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2", "kl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_matches_cpu_kernel_on_a_larger_problem(metric, dtype):
@@ -32,15 +47,7 @@ def test_cuda_graph_capture():
     queries, database = make_inputs(8, 3000, 32, "cosine", torch.float32, "cuda", seed=13)
     expected = xmodal.topk_search(queries, database, 10, "cosine")
     static_q = queries.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm up on the side stream, as CUDA graph capture requires
-            xmodal.topk_search(static_q, database, 10, "cosine")
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_v, out_i = xmodal.topk_search(static_q, database, 10, "cosine")
+    graph, (out_v, out_i) = captured_search(static_q, database, 10, "cosine")
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out_v, expected[0])
@@ -114,15 +121,7 @@ def test_fused_scan_mask_ties_nan(fused_scan):
 def test_fused_scan_under_graph_capture(fused_scan):
     queries, database = make_inputs(2, 20_000, 128, "cosine", torch.bfloat16, "cuda", seed=24)
     expected = xmodal.topk_search(queries, database, 10, "cosine")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            xmodal.topk_search(queries, database, 10, "cosine")
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = xmodal.topk_search(queries, database, 10, "cosine")
+    graph, out = captured_search(queries, database, 10, "cosine")
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out[0], expected[0])
@@ -212,15 +211,7 @@ def test_filtered_selection_large_batch_default_tiles(monkeypatch):
 def test_filtered_selection_under_graph_capture(filtered):
     queries, database = make_inputs(300, 20_000, 64, "l2", torch.bfloat16, "cuda", seed=37)
     expected = xmodal.topk_search(queries, database, 10, "l2")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            xmodal.topk_search(queries, database, 10, "l2")
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = xmodal.topk_search(queries, database, 10, "l2")
+    graph, out = captured_search(queries, database, 10, "l2")
     for _ in range(2):  # replays start from fresh thresholds
         graph.replay()
         torch.cuda.synchronize()
