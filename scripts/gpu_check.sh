@@ -71,7 +71,7 @@ timeout $(left 100) $PY -m pytest -q -p no:cacheprovider tests/test_topk_search_
 rc=$?
 tail -15 "$OUTDIR/tests_optin.log"
 # the benchmark times the opt-in paths only where their tests passed (a fault would end the whole run)
-VARIANTS="--variants filter,fused"
+VARIANTS="--variants filter,fused,mma"
 if [ $rc -ne 0 ]; then status=1; VARIANTS=""; fi
 if [ $rc -ne 0 ] && command -v compute-sanitizer > /dev/null; then
   echo "-- failed: the first failing test again under compute-sanitizer memcheck"
@@ -82,7 +82,7 @@ if [ $rc -ne 0 ] && command -v compute-sanitizer > /dev/null; then
 fi
 echo "opt-in tests took $(( $(date +%s) - start )) s"
 
-echo "== search benchmark: default path ${VARIANTS:+beside the opt-in ones (xmodal[filter], xmodal[fused])}"
+echo "== search benchmark: default path ${VARIANTS:+beside the opt-in ones (xmodal[filter], xmodal[fused], xmodal[mma])}"
 start=$(date +%s)
 (cd /tmp && timeout $(left 200) $PY -m xmodal bench search --device cuda --repeats 5 $VARIANTS \
     --json "$OUTDIR/bench_search_cuda.json" --markdown "$OUTDIR/bench_search_cuda.md") > "$OUTDIR/bench.log" 2>&1 || status=1

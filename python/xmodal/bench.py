@@ -154,6 +154,7 @@ class SearchResult:
 CUDA_VARIANTS = {
     "filter": {"XMODAL_CUDA_FILTER_SELECT": "1"},
     "fused": {"XMODAL_CUDA_FUSED_SCAN": "1", "XMODAL_CUDA_FUSED_GEMM": "1"},
+    "mma": {"XMODAL_CUDA_FUSED_GEMM": "1"},  # the tensor-core tiles also for the few-query cases
 }
 
 

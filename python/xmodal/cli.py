@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     p_bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the speed-ups")
     p_bench.add_argument("--no-faiss", action="store_true", help="skip faiss even when installed")
     p_bench.add_argument("--variants", metavar="NAMES",
-                         help="search: also time opt-in CUDA paths beside the default, comma-separated (filter, fused)")
+                         help="search: also time opt-in CUDA paths beside the default, comma-separated (filter, fused, mma)")
     p_bench.set_defaults(func=_bench)
     p_demo = sub.add_parser("demo", help="train and evaluate cross-modal retrieval on the built-in Shapes data")
     p_demo.add_argument("--steps", type=_positive_int, default=800, help="training steps (default: 800)")
