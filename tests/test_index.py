@@ -251,3 +251,14 @@ def test_flat_cuda_and_cupy():
     np.testing.assert_allclose(cupy.asnumpy(scores), ref_v.numpy(), rtol=1e-4, atol=1e-4)
     index.to("cpu")
     assert index.vectors.device.type == "cpu" and index.search(queries, 5)[1].device.type == "cpu"
+    # zero-copy in: a CuPy array becomes a tensor over the same memory
+    from xmodal.index import _to_torch
+
+    q = cupy.asarray(queries.numpy())
+    assert _to_torch(q, "queries")[0].data_ptr() == q.data.ptr
+    # a bfloat16 index answers CuPy queries in float32 (CuPy has no bfloat16)
+    bf = FlatIndex(16, "cosine", dtype=torch.bfloat16, device="cuda")
+    bf.add(cupy.asarray(database.numpy()))
+    scores, ids = bf.search(q, 5)
+    assert scores.dtype == cupy.float32 and ids.dtype == cupy.int64
+    np.testing.assert_allclose(cupy.asnumpy(scores), ref_v.numpy(), rtol=2e-2, atol=2e-2)

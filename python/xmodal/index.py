@@ -47,9 +47,9 @@ def _to_torch(x, name: str) -> Tuple[Tensor, str]:
 def _from_torch(t: Tensor, kind: str):
     if kind == "torch":
         return t
+    if t.dtype == torch.bfloat16:  # neither NumPy nor CuPy has bfloat16
+        t = t.float()
     if kind == "numpy":
-        if t.dtype == torch.bfloat16:
-            t = t.float()
         return t.detach().cpu().numpy()
     import cupy
 
