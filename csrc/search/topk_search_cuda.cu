@@ -122,15 +122,18 @@ __global__ void finalize_kernel(int metric, int64_t total, int64_t k,
 
 // ---- Fused scan for a few queries (opt-in while it awaits verification on a GPU; see fused_scan_enabled) ----
 //
-// One pass over the database at memory speed: each block scans a contiguous range of rows, one warp per row
-// (lanes split D with 16-byte loads), scores the row against every query held in shared memory, and feeds
-// the query's candidate buffer in shared memory when the key beats the buffer's running threshold. Rows
+// One pass over the database at memory speed: each block scans a contiguous range of rows; a warp scores
+// four rows at a time against every query held in shared memory (lanes split D, 4 elements each, so one
+// query read serves four rows; the partial sums are combined by a transpose-sum, about one shuffle per
+// (row, query) pair), and feeds the query's candidate buffer in shared memory when the key beats the
+// buffer's running threshold. Rows
 // are taken in rounds of kFusedRound; between rounds, a warp sorts any buffer that could overflow (bitonic,
 // best first) and keeps its k best, which sets the threshold. Scores never reach global memory: each block
 // writes its k best per query to a staging area that merge_stage_kernel reduces.
 
 constexpr int kFusedWarps = 8;
 constexpr int kFusedRowsPerWarp = 8;
+constexpr int kFusedRowsTogether = 4;  // rows a warp scores at once (the kernel's norm lookup assumes 4)
 constexpr int kFusedRound = kFusedWarps * kFusedRowsPerWarp;
 constexpr int kFusedMaxQueries = 16;
 constexpr int kFusedMaxK = 192;
@@ -173,6 +176,57 @@ __device__ void warp_sort_keep(FusedEntry* buf, int* count, uint32_t* thr, int k
   __syncwarp();
 }
 
+// Four consecutive elements as floats (zeros when !live): one 16-byte load for fp32, 8 bytes for 16-bit.
+template <typename scalar_t>
+__device__ __forceinline__ void load4(const scalar_t* p, float (&out)[4], bool live) {
+  if (!live) {
+    out[0] = out[1] = out[2] = out[3] = 0.f;
+  } else if constexpr (sizeof(scalar_t) == 4) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+  } else {
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    const scalar_t* h = reinterpret_cast<const scalar_t*>(&raw);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[e] = static_cast<float>(h[e]);
+  }
+}
+
+// Sums each of v[0, V) over the warp's 32 lanes with at most V - 1 + 5 shuffles (instead of 5 V): at each
+// step (partner lane^O, O = 16, 8, ..., 1) lanes exchange half of what they hold and keep the other half.
+// Afterwards lane l holds the totals of entries first + j in v[j], j < max(1, V / 32); with V < 32 several
+// lanes hold the same totals, and all but one of them get a bit of `spare` set. Compile-time recursion, so
+// that every index is a constant and v stays in registers.
+template <int N, int V, int O>
+__device__ __forceinline__ void transpose_sum_step(float (&v)[N], int lane, int& first, unsigned& spare) {
+  if constexpr (V >= 2) {
+    constexpr int h = V / 2;
+    const bool upper = lane & O;
+#pragma unroll
+    for (int i = 0; i < h; ++i) {
+      const float send = upper ? v[i] : v[i + h];
+      const float keep = upper ? v[i + h] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+    }
+    if (upper) first += h;
+    if constexpr (O > 1) transpose_sum_step<N, h, O / 2>(v, lane, first, spare);
+  } else {
+    v[0] += __shfl_xor_sync(0xffffffffu, v[0], O);
+    spare |= unsigned(lane & O);
+    if constexpr (O > 1) transpose_sum_step<N, 1, O / 2>(v, lane, first, spare);
+  }
+}
+
+template <int V>
+__device__ __forceinline__ int warp_transpose_sum(float (&v)[V], int lane, bool& spare) {
+  static_assert((V & (V - 1)) == 0, "V must be a power of two");
+  int first = 0;
+  unsigned spare_bits = 0;
+  transpose_sum_step<V, V, 16>(v, lane, first, spare_bits);
+  spare = spare_bits != 0;
+  return first;
+}
+
 template <typename scalar_t, int kQ, int kCap>
 __global__ void __launch_bounds__(kFusedWarps * 32)
     fused_scan_kernel(int metric, const scalar_t* __restrict__ db, const float* __restrict__ queries, int64_t N,
@@ -192,50 +246,65 @@ __global__ void __launch_bounds__(kFusedWarps * 32)
   __syncthreads();
 
   const Metric m = static_cast<Metric>(metric);
-  const bool need_norm = m != Metric::IP;
-  constexpr int kVec = 16 / sizeof(scalar_t);  // elements per 16-byte load
   const int64_t r_begin = int64_t(blockIdx.x) * rows_per_block;
   const int64_t r_end = min(N, r_begin + rows_per_block);
+  constexpr int kVals = kFusedRowsTogether * kQ;  // a lane's partial sums: (row, query) pairs
+  constexpr int kHeld = kVals >= 32 ? kVals / 32 : 1;  // totals each lane holds after the transpose-sum
   for (int64_t base = r_begin; base < r_end; base += kFusedRound) {
-    for (int i = 0; i < kFusedRowsPerWarp; ++i) {
-      const int64_t row = base + warp * kFusedRowsPerWarp + i;
-      if (row >= r_end) break;
-      if (mask && !mask[row]) continue;
-      float dot[kQ];
+    for (int i = 0; i < kFusedRowsPerWarp; i += kFusedRowsTogether) {
+      const int64_t row0 = base + warp * kFusedRowsPerWarp + i;
+      if (row0 >= r_end) break;  // warp-uniform
+      // Score kFusedRowsTogether rows at once: each lane takes 4 elements of every row per step of 128, so
+      // each query value read from shared memory serves all of them.
+      const scalar_t* x[kFusedRowsTogether];
+      bool live[kFusedRowsTogether];
 #pragma unroll
-      for (int q = 0; q < kQ; ++q) dot[q] = 0.f;
-      float sq = 0.f;
-      const scalar_t* x = db + row * D;
-      for (int d = lane * kVec; d < D; d += 32 * kVec) {
-        alignas(16) scalar_t v[kVec];
-        *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(x + d);
+      for (int r = 0; r < kFusedRowsTogether; ++r) {
+        live[r] = row0 + r < r_end;
+        x[r] = db + (live[r] ? row0 + r : row0) * D;
+      }
+      float dot[kVals], sq[kFusedRowsTogether];
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          const float xe = static_cast<float>(v[e]);
-          sq += xe * xe;
+      for (int v = 0; v < kVals; ++v) dot[v] = 0.f;
 #pragma unroll
-          for (int q = 0; q < kQ; ++q) {
-            if (q < Q) dot[q] += xe * qs[q * D + d + e];
+      for (int r = 0; r < kFusedRowsTogether; ++r) sq[r] = 0.f;
+      for (int d = lane * 4; d < D; d += 128) {
+        float xv[kFusedRowsTogether][4];
+#pragma unroll
+        for (int r = 0; r < kFusedRowsTogether; ++r) {
+          load4(x[r] + d, xv[r], live[r]);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sq[r] += xv[r][e] * xv[r][e];
+        }
+#pragma unroll
+        for (int q = 0; q < kQ; ++q) {
+          if (q < Q) {
+            const float4 qv = *reinterpret_cast<const float4*>(qs + q * D + d);
+#pragma unroll
+            for (int r = 0; r < kFusedRowsTogether; ++r) {
+              dot[r * kQ + q] += xv[r][0] * qv.x + xv[r][1] * qv.y + xv[r][2] * qv.z + xv[r][3] * qv.w;
+            }
           }
         }
       }
-      if (need_norm) {
-        for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
-      }
+      bool spare;  // this lane's totals duplicate another lane's
+      const int first = warp_transpose_sum(dot, lane, spare);
+      bool sq_spare;
+      warp_transpose_sum(sq, lane, sq_spare);  // lane l now holds row (l >> 3) & 3's squared norm
 #pragma unroll
-      for (int q = 0; q < kQ; ++q) {
-        if (q >= Q) break;
-        float s = dot[q];
-        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-        if (lane == q) {
-          // the key forms of tile_key (topk_common.h)
-          if (m == Metric::Cosine || m == Metric::CosineDistance) s *= 1.f / fmaxf(sqrtf(sq), float(kNormEps));
-          else if (m == Metric::L2 || m == Metric::SqEuclidean) s = 2.f * s - sq;
-          const uint32_t key = encode_key<float>(s);
-          if (key > thr[q]) {
-            const int pos = atomicAdd(&count[q], 1);
-            cand[q * kCap + pos] = FusedEntry{key, int32_t(row - r_begin)};
-          }
+      for (int j = 0; j < kHeld; ++j) {
+        const int pair = first + j, r = pair / kQ, q = pair % kQ;
+        const float row_sq = __shfl_sync(0xffffffffu, sq[0], r << 3);  // every lane takes part
+        const int64_t row = row0 + r;
+        if (spare || q >= Q || row >= r_end || (mask && !mask[row])) continue;
+        // the key forms of tile_key (topk_common.h)
+        float s = dot[j];
+        if (m == Metric::Cosine || m == Metric::CosineDistance) s *= 1.f / fmaxf(sqrtf(row_sq), float(kNormEps));
+        else if (m == Metric::L2 || m == Metric::SqEuclidean) s = 2.f * s - row_sq;
+        const uint32_t key = encode_key<float>(s);
+        if (key > thr[q]) {
+          const int pos = atomicAdd(&count[q], 1);
+          cand[q * kCap + pos] = FusedEntry{key, int32_t(row - r_begin)};
         }
       }
     }
@@ -275,9 +344,8 @@ bool fused_scan_eligible(const SearchArgs& a) {
     return false;
   } else {
     const int64_t Q = a.queries.size(0), D = a.database.size(1), N = a.database.size(0);
-    constexpr int64_t kVec = 16 / sizeof(scalar_t);
     return fused_scan_enabled() && a.metric != Metric::KL && Q <= kFusedMaxQueries && a.k <= kFusedMaxK &&
-           N < (int64_t(1) << 31) && D % kVec == 0 && a.database.is_contiguous() &&
+           N < (int64_t(1) << 31) && D % 4 == 0 && a.database.is_contiguous() &&
            reinterpret_cast<uintptr_t>(a.database.data_ptr()) % 16 == 0 &&
            fused_smem_bytes(fused_query_bucket(Q), D, fused_capacity(a.k)) <= 96 * 1024;
   }
