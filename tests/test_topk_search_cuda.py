@@ -97,7 +97,7 @@ def fused_scan(monkeypatch):
 @pytest.mark.parametrize("metric", ["ip", "cosine", "l2", "sqeuclidean", "cosine_distance"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("q,n,d,k", [(1, 100_000, 128, 10), (3, 50_000, 64, 100), (16, 30_000, 256, 192), (5, 70, 8, 64),
-                                     (16, 1000, 512, 1), (2, 5, 16, 10)])
+                                     (16, 1000, 512, 1), (2, 5, 16, 10), (7, 5000, 36, 20), (4, 3001, 260, 5)])
 def test_fused_scan_matches_reference(fused_scan, metric, dtype, q, n, d, k):
     queries, database = make_inputs(q, n, d, metric, dtype, "cuda", seed=21)
     values, indices = xmodal.topk_search(queries, database, k, metric)
