@@ -248,6 +248,7 @@ __global__ void __launch_bounds__(kFusedWarps * 32)
   const Metric m = static_cast<Metric>(metric);
   const int64_t r_begin = int64_t(blockIdx.x) * rows_per_block;
   const int64_t r_end = min(N, r_begin + rows_per_block);
+  static_assert(kFusedRowsTogether == 4, "the squared norm of row r is read from lane r << 3 (transpose-sum of 4)");
   constexpr int kVals = kFusedRowsTogether * kQ;  // a lane's partial sums: (row, query) pairs
   constexpr int kHeld = kVals >= 32 ? kVals / 32 : 1;  // totals each lane holds after the transpose-sum
   for (int64_t base = r_begin; base < r_end; base += kFusedRound) {
