@@ -133,9 +133,10 @@ def test_fused_scan_under_graph_capture(fused_scan):
 # all happen.
 
 
-@pytest.fixture(params=["filter", "fused_gemm"])
+# param ids name the path, so `-k score_tiles` / `-k mma_tiles` (scripts/gpu_check.sh) pick one
+@pytest.fixture(params=["score_tiles", "mma_tiles"])
 def filtered(request, monkeypatch):
-    monkeypatch.setenv("XMODAL_CUDA_FILTER_SELECT" if request.param == "filter" else "XMODAL_CUDA_FUSED_GEMM", "1")
+    monkeypatch.setenv("XMODAL_CUDA_FILTER_SELECT" if request.param == "score_tiles" else "XMODAL_CUDA_FUSED_GEMM", "1")
     monkeypatch.setenv("XMODAL_CUDA_TILE_ROWS", "4096")
     return request.param
 
@@ -180,15 +181,12 @@ def test_filtered_selection_ties_mask_nan(filtered):
             assert_topk_close(values, indices, queries, db, k, "ip", mask=m)
 
 
-def test_filtered_selection_identical_rows():
+def test_filtered_selection_identical_rows(filtered):
     database = torch.ones(20_000, 16, device="cuda", dtype=torch.bfloat16)
     queries = torch.ones(200, 16, device="cuda", dtype=torch.bfloat16)
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("XMODAL_CUDA_FILTER_SELECT", "XMODAL_CUDA_FUSED_GEMM"):
-            mp.setenv(var, "1")
-            values, indices = xmodal.topk_search(queries, database, 50, "ip")
-            assert (values == 16).all()
-            assert all(row.unique().numel() == 50 for row in indices.cpu())
+    values, indices = xmodal.topk_search(queries, database, 50, "ip")
+    assert (values == 16).all()
+    assert all(row.unique().numel() == 50 for row in indices.cpu())
 
 
 def test_filtered_selection_non_contiguous_inputs(filtered):
@@ -199,7 +197,7 @@ def test_filtered_selection_non_contiguous_inputs(filtered):
     assert_topk_close(values, indices, q_nc, db_nc, 20, "cosine")
 
 
-def test_filtered_selection_large_batch_default_tiles(monkeypatch):
+def test_filtered_selection_large_batch_default_tiles_mma_tiles(monkeypatch):
     # tile sizes as chosen in production (growing after the first tile)
     monkeypatch.setenv("XMODAL_CUDA_FUSED_GEMM", "1")
     queries, database = make_inputs(512, 300_000, 128, "ip", torch.bfloat16, "cuda", seed=36)
