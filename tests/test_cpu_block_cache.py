@@ -167,3 +167,28 @@ def test_full_bilinear_weight_gradient_comes_from_the_cache():
     xmodal.bilinear(x, y, w).sum().backward()
     assert w.grad.data_ptr() == first
     torch.testing.assert_close(w.grad, expected)
+
+
+def test_cache_is_shared_safely_between_threads():
+    # threads free and take blocks of the same size concurrently; every gradient must still be right
+    import threading
+
+    errors = []
+
+    def worker(seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(4, 512, generator=g)
+        w = torch.randn(1024, 512, generator=g).requires_grad_()  # 2 MB gradient blocks
+        expected = torch.autograd.grad(F.linear(x, w).square().sum(), w)[0]
+        for _ in range(20):
+            w.grad = None
+            torch.ops.xmodal.project(x, w).square().sum().backward()
+            if not torch.allclose(w.grad, expected, rtol=1e-5, atol=1e-5):
+                errors.append(seed)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
