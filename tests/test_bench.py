@@ -75,3 +75,27 @@ def test_variant_switches_are_restored_after_each_call(monkeypatch):
                                                       os.environ["XMODAL_CUDA_FUSED_GEMM"]))()
     assert seen == ("1", "1")
     assert os.environ["XMODAL_CUDA_FUSED_SCAN"] == "0" and "XMODAL_CUDA_FUSED_GEMM" not in os.environ
+
+
+def test_cuda_targets_read_off_one_run():
+    from xmodal.bench import SearchCase, SearchResult, cuda_targets
+
+    n = 1_000_000
+    results = [
+        # Q = 1, fp32, D = 128: 512 MB in 0.2 ms = 2560 GB/s = 0.64 of 4000 (misses 0.70); the fused variant makes it
+        SearchResult(SearchCase(1, n, 128, 10, "float32"), {"xmodal": 2e-4, "naive": 3e-4, "xmodal[fused]": 1.5e-4}),
+        SearchResult(SearchCase(256, n, 128, 10, "bfloat16"), {"xmodal": 1e-3, "naive": 3.3e-3, "xmodal[fused]": 5e-4}),
+        SearchResult(SearchCase(256, n, 128, 256, "bfloat16"), {"xmodal": 1.6e-3, "naive": 3.4e-3, "xmodal[fused]": 6e-4}),
+        SearchResult(SearchCase(256, n, 768, 10, "bfloat16"), {"xmodal": 4e-3, "naive": 5e-3}),
+        SearchResult(SearchCase(16384, 10_000_000, 128, 10, "bfloat16"), {"xmodal": 2.5, "xmodal[fused]": 0.3}),
+    ]
+    rows = cuda_targets(results, {"copy_bandwidth_GBps": 4000.0})
+    assert rows[0] == ["target", "goal", "xmodal", "xmodal[fused]"]
+    assert len(rows) == 7
+    bandwidth, d256, d768, never, k256, bounded = (row[2:] for row in rows[1:])
+    assert bandwidth == ["NO (0.64)", "yes (0.85)"]
+    assert d256 == ["NO (2.12)", "yes (5.67)"]  # worst of 3.3 and 2.125 / 6.6 and 5.67
+    assert d768 == ["NO (1.25)", "-"]
+    assert never == ["yes (1.50)", "yes (2.00)"]
+    assert k256 == ["NO (1.60)", "yes (1.20)"]
+    assert bounded == ["yes (2.50)", "yes (0.30)"]

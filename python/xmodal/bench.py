@@ -217,6 +217,7 @@ def environment(device: str) -> dict:
     }
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
+        env["driver"] = _nvidia_driver()
         env["cuda"] = torch.version.cuda
         env["copy_bandwidth_GBps"] = round(copy_bandwidth(device), 1)
     try:
@@ -226,6 +227,17 @@ def environment(device: str) -> dict:
     except ImportError:
         env["faiss"] = None
     return env
+
+
+def _nvidia_driver() -> Optional[str]:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _cpu_name() -> str:
@@ -294,14 +306,76 @@ def format_markdown(rows: List[List[str]], env: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _element_size(dtype: str) -> int:
+    return torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+
+
+def cuda_targets(results: List[SearchResult], env: dict) -> List[List[str]]:
+    """Issue 3's targets read off one CUDA run: a row per target, a column per implementation timed
+    (xmodal and any opt-in variant), each cell the worst case's figure and whether it meets the target
+    ("-": the run has none of the target's cases)."""
+    names = ["xmodal"] + sorted({n for r in results for n in r.seconds if n.startswith("xmodal[")})
+    copy = env.get("copy_bandwidth_GBps")
+    grid = lambda c: (c.metric == "ip" and c.n == 1_000_000 and c.q in (1, 16, 256, 4096)  # noqa: E731
+                      and c.k in (1, 10, 100, 1024) and c.d in (128, 512))
+
+    def worst(name, select, value, use_max=False):
+        values = [value(r) for r in results if name in r.seconds and select(r.case)]
+        values = [v for v in values if v is not None]
+        return (max(values) if use_max else min(values)) if values else None
+
+    def vs_naive(name):
+        return lambda r: r.seconds["naive"] / r.seconds[name] if "naive" in r.seconds else None
+
+    def k_growth(name):
+        def value(r):
+            c = r.case
+            match = [o for o in results if o.case == SearchCase(c.q, c.n, c.d, 10, c.dtype, c.metric) and name in o.seconds]
+            return r.seconds[name] / match[0].seconds[name] if match else None
+        return value
+
+    targets = [
+        ("Q = 1, 16; N = 1M; D = 128, 512; fp32, bf16; k = 10: database bytes / time, share of the copy bandwidth",
+         ">= 0.70", lambda n: worst(n, lambda c: c.metric == "ip" and c.n == 1_000_000 and c.q in (1, 16) and c.k == 10
+                                    and c.d in (128, 512),
+                                    lambda r: (r.case.n * r.case.d * _element_size(r.case.dtype) / r.seconds[n] / 1e9 / copy)
+                                    if copy else None), lambda v: v >= 0.70),
+        ("Q >= 256, bf16, N = 1M, D <= 256: vs naive", ">= 3x",
+         lambda n: worst(n, lambda c: c.metric == "ip" and c.n == 1_000_000 and c.q >= 256 and c.dtype == "bfloat16"
+                         and c.d <= 256, vs_naive(n)), lambda v: v >= 3),
+        ("Q >= 256, bf16, N = 1M, D >= 768: vs naive", ">= 1.5x",
+         lambda n: worst(n, lambda c: c.metric == "ip" and c.n == 1_000_000 and c.q >= 256 and c.dtype == "bfloat16"
+                         and c.d >= 768, vs_naive(n)), lambda v: v >= 1.5),
+        ("never slower than naive: Q 1/16/256/4096 x k 1/10/100/1024 x D 128/512 x fp32/bf16", ">= 1x",
+         lambda n: worst(n, grid, vs_naive(n)), lambda v: v >= 1.0),
+        ("time at k = 256 / time at k = 10 (D = 128, N = 1M)", "<= 1.5",
+         lambda n: worst(n, lambda c: c.metric == "ip" and c.k == 256, k_growth(n), use_max=True), lambda v: v <= 1.5),
+        ("Q = 16384, N = 10M, D = 128, bf16 runs (bounded workspace): seconds", "runs",
+         lambda n: worst(n, lambda c: c.q == 16384 and c.n == 10_000_000, lambda r: r.seconds[n]), lambda v: True),
+    ]
+    rows = [["target", "goal"] + names]
+    for label, goal, measure, ok in targets:
+        row = [label, goal]
+        for name in names:
+            v = measure(name)
+            row.append("-" if v is None else f"{'yes' if ok(v) else 'NO'} ({v:.2f})")
+        rows.append(row)
+    return rows
+
+
 def _write_reports(args, env, results, device):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "results": [{"case": asdict(r.case), "seconds": r.seconds} for r in results]},
                       f, indent=2)
     if args.markdown:
+        text = format_markdown(table(results), env, f"topk_search benchmark ({device})")
+        if device.startswith("cuda"):
+            rows = cuda_targets(results, env)
+            text += "\n## Targets (issue 3), worst case of this run\n\n| " + " | ".join(rows[0]) + " |\n|"
+            text += "---|" * len(rows[0]) + "\n" + "".join("| " + " | ".join(r) + " |\n" for r in rows[1:])
         with open(args.markdown, "w") as f:
-            f.write(format_markdown(table(results), env, f"topk_search benchmark ({device})"))
+            f.write(text)
 
 
 def copy_bandwidth(device: str, nbytes: int = 2 << 30) -> float:
