@@ -22,7 +22,9 @@ GPU_CASES = _cases("cuda")
 
 
 def _impls(case: BilinearCase):
-    return ["xmodal", "F.bilinear", "outer@W"] if case.kind == "full" else ["xmodal", "eager"]
+    if case.kind == "full":
+        return ["xmodal", "F.bilinear", "outer@W"]
+    return ["xmodal", "xmodal[recompute]", "eager"] if case.backward else ["xmodal", "eager"]
 
 
 def _params(cases, marks=()):

@@ -31,6 +31,10 @@ TORCH_LIBRARY(xmodal, m) {
   // project's weight gradient: grad [..., out], input [..., in] -> [out, in], summed over the leading
   // dimensions; on the CPU its block comes from the block cache (common/cpu_block_cache.h).
   m.def("linear_weight_grad(Tensor grad, Tensor input) -> Tensor");
+  // factorized_pool(proj_a, project(b, weight_b), bias_a, bias_b, factor, normalize) whose backward recomputes
+  // b's projection instead of keeping it: the graph keeps proj_a only (pooling is symmetric in its sides).
+  m.def("factorized_pool_recompute(Tensor proj_a, Tensor b, Tensor weight_b, Tensor? bias_a, Tensor? bias_b,"
+        " int factor, bool normalize) -> Tensor");
 }
 
 namespace {

@@ -19,8 +19,10 @@ def test_bilinear_baselines_agree_with_xmodal(case):
         torch.testing.assert_close(out, outputs["xmodal"], rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_bilinear_gradients_agree_with_xmodal():
-    case = bench_bilinear.BilinearCase("full", 8, 6, 5, 4)
+@pytest.mark.parametrize("case", [bench_bilinear.BilinearCase("full", 8, 6, 5, 4),
+                                  bench_bilinear.BilinearCase("factorized", 4, 6, 5, 3, "float32", 2, regions=3)],
+                         ids=lambda c: c.kind)
+def test_bilinear_gradients_agree_with_xmodal(case):
     leaves, calls = bench_bilinear.make_problem(case, "cpu")
     grads = {}
     for name, fn in calls.items():

@@ -54,9 +54,10 @@ def test_forward_matches_reference(device, dtype, shape_x, shape_y, out_features
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape_x,shape_y,out_features,factor", SHAPES)
 @pytest.mark.parametrize("normalize", [True, False])
-def test_gradients_match_reference(device, dtype, shape_x, shape_y, out_features, factor, normalize):
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
+def test_gradients_match_reference(device, dtype, shape_x, shape_y, out_features, factor, normalize, recompute):
     args = [t.requires_grad_() for t in make(shape_x, shape_y, out_features, factor, dtype, device)]
-    out = xmodal.factorized_bilinear(*args, factor=factor, normalize=normalize)
+    out = xmodal.factorized_bilinear(*args, factor=factor, normalize=normalize, recompute=recompute)
     grad = torch.randn(out.shape, dtype=torch.float64)
     ours = torch.autograd.grad(out, args, grad.to(dtype).to(device))
     ref_args = [t.detach().cpu().double().requires_grad_() for t in args]
@@ -199,3 +200,57 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(out, m(x, y))
     out.sum().backward()
     assert m.proj_x.weight.grad is not None
+
+
+# --- recompute=True: one projection kept, the other recomputed in backward ---------------------------------
+
+
+@pytest.mark.parametrize("shape_x,shape_y,kept_rows", [((64, 96), (64, 48), 64), ((4, 1, 32), (4, 30, 48), 4),
+                                                       ((4, 30, 48), (4, 1, 32), 4)])
+def test_recompute_keeps_one_projection(shape_x, shape_y, kept_rows):
+    # saved for backward: the kept projection only (inputs and weights are not activations): the smaller
+    # side (x for regions), or for equal row counts the one with the wider input (y's is cheaper to redo)
+    args = [t.requires_grad_() for t in make(shape_x, shape_y, 10, 5, torch.float32, "cpu")]
+    leaves = {t.untyped_storage().data_ptr() for t in args}
+
+    def saved(recompute):
+        from xmodal.bench_bilinear import activation_bytes
+
+        return activation_bytes(lambda: xmodal.factorized_bilinear(*args, factor=5, recompute=recompute), args)
+
+    assert leaves
+    assert saved(True) == kept_rows * 50 * 4
+    assert saved(False) > saved(True)
+    out = xmodal.factorized_bilinear(*args, factor=5, recompute=True)
+    torch.testing.assert_close(out, xmodal.factorized_bilinear(*args, factor=5))
+
+
+def test_recompute_gradcheck_and_opcheck(device):
+    args = [t.requires_grad_() for t in make((3, 1, 6), (3, 4, 5), 3, 2, torch.float64, device)]
+    assert torch.autograd.gradcheck(lambda *a: xmodal.factorized_bilinear(*a, factor=2, recompute=True), args)
+    px = torch.ops.xmodal.project(args[0], args[2]).detach().requires_grad_()
+    torch.library.opcheck(torch.ops.xmodal.factorized_pool_recompute.default,
+                          (px, args[1], args[3], args[4], args[5], 2, True))
+
+
+def test_recompute_module_with_dropout_matches_keeping_both(device):
+    torch.manual_seed(0)
+    keep = xmodal.nn.FactorizedBilinearPooling(12, 10, 4, factor=3, dropout=0.3).to(device)
+    again = xmodal.nn.FactorizedBilinearPooling(12, 10, 4, factor=3, dropout=0.3, recompute=True).to(device)
+    again.load_state_dict(keep.state_dict())
+    assert "recompute=True" in repr(again)
+    x, y = torch.randn(5, 1, 12, device=device), torch.randn(5, 7, 10, device=device)
+    grads = []
+    for module in (keep, again):
+        torch.manual_seed(1)  # the same dropout mask
+        out = module(x, y)
+        grads.append(torch.autograd.grad(out.square().sum(), list(module.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_recompute_under_torch_compile(device):
+    args = make((4, 8), (4, 6), 3, 2, torch.float32, device)
+    fn = torch.compile(lambda *a: xmodal.factorized_bilinear(*a, factor=2, recompute=True), fullgraph=True,
+                       backend="aot_eager" if device == "cpu" else "inductor")
+    torch.testing.assert_close(fn(*args), xmodal.factorized_bilinear(*args, factor=2))

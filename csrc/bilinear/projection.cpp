@@ -1,9 +1,10 @@
 // The projections of factorized pooling as ops of their own, so that their weight gradient (a large
-// tensor that training frees and asks for again every step) can come from the CPU block cache. Device
-// independent: the GEMMs are ATen's.
+// tensor that training frees and asks for again every step) can come from the CPU block cache, and the
+// pooling with one projection recomputed in backward. Device independent: the GEMMs are ATen's.
 #include "common/checks.h"
 #include "common/cpu_block_cache.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 namespace xmodal {
@@ -31,11 +32,22 @@ at::Tensor linear_weight_grad(const at::Tensor& grad, const at::Tensor& input) {
   return at::mm_out(result, g2.t(), x2);
 }
 
+at::Tensor factorized_pool_recompute(const at::Tensor& proj_a, const at::Tensor& b, const at::Tensor& weight_b,
+                                     const std::optional<at::Tensor>& bias_a, const std::optional<at::Tensor>& bias_b,
+                                     int64_t factor, bool normalize) {
+  static auto pool = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("xmodal::factorized_pool", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                           const std::optional<at::Tensor>&, int64_t, bool)>();
+  return pool.call(proj_a, project(b, weight_b), bias_a, bias_b, factor, normalize);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(xmodal, CompositeExplicitAutograd, m) {
   m.impl("project", &project);
   m.impl("linear_weight_grad", &linear_weight_grad);
+  m.impl("factorized_pool_recompute", &factorized_pool_recompute);
 }
 
 }  // namespace xmodal

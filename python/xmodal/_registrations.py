@@ -130,6 +130,36 @@ torch.library.register_autograd("xmodal::project", _project_backward, setup_cont
 torch.library.register_autograd("xmodal::linear_weight_grad", _linear_weight_grad_backward, setup_context=_save_both)
 
 
+@torch.library.register_fake("xmodal::factorized_pool_recompute")
+def _factorized_pool_recompute_fake(proj_a, b, weight_b, bias_a, bias_b, factor, normalize):
+    torch._check(factor > 0, lambda: f"factor must be positive, got {factor}")
+    lead = torch.broadcast_shapes(proj_a.shape[:-1], b.shape[:-1])
+    return proj_a.new_empty((*lead, proj_a.shape[-1] // factor))
+
+
+def _factorized_recompute_setup_context(ctx, inputs, output):
+    proj_a, b, weight_b, bias_a, bias_b, factor, normalize = inputs
+    ctx.save_for_backward(proj_a, b, weight_b, bias_a, bias_b)  # b and weight_b are inputs, not activations
+    ctx.factor, ctx.normalize = factor, normalize
+
+
+def _factorized_recompute_backward(ctx, grad):
+    proj_a, b, weight_b, bias_a, bias_b = ctx.saved_tensors
+    proj_b = torch.ops.xmodal.project(b, weight_b)  # recomputed rather than kept
+    ga, gb = torch.ops.xmodal.factorized_pool_backward(grad, proj_a, proj_b, bias_a, bias_b, ctx.factor, ctx.normalize)
+    need = ctx.needs_input_grad
+    g_b = torch.matmul(gb, weight_b) if need[1] else None
+    g_wb = torch.ops.xmodal.linear_weight_grad(gb, b) if need[2] else None
+    g_ba = _sum_leading(ga) if bias_a is not None and need[3] else None
+    g_bb = _sum_leading(gb) if bias_b is not None and need[4] else None
+    return (ga if need[0] else None), g_b, g_wb, g_ba, g_bb, None, None
+
+
+torch.library.register_autograd(
+    "xmodal::factorized_pool_recompute", _factorized_recompute_backward, setup_context=_factorized_recompute_setup_context
+)
+
+
 # --- IVF list scan ----------------------------------------------------------------------------------------
 
 

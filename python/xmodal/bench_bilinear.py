@@ -108,6 +108,8 @@ def make_problem(case: BilinearCase, device: str, seed: int = 0):
         "xmodal": lambda: xmodal.factorized_bilinear(x, y, wx, wy, bx, by, factor=f),
         "eager": lambda: reference.factorized_bilinear(xe(), y, wx, wy, bx, by, factor=f),
     }
+    if case.backward:  # keeping one projection for backward instead of two: less memory, one more GEMM
+        calls["xmodal[recompute]"] = lambda: xmodal.factorized_bilinear(x, y, wx, wy, bx, by, factor=f, recompute=True)
     return (x, y, wx, wy, bx, by), calls
 
 
@@ -191,8 +193,17 @@ class BilinearResult:
     peak_bytes: Dict[str, Optional[int]] = field(default_factory=dict)
     activation_bytes: Dict[str, int] = field(default_factory=dict)
 
-    def ratio(self, baseline: str) -> Optional[float]:
-        return self.seconds[baseline] / self.seconds["xmodal"] if baseline in self.seconds else None
+    def ratio(self, baseline: str, impl: str = "xmodal") -> Optional[float]:
+        return self.seconds[baseline] / self.seconds[impl] if baseline in self.seconds else None
+
+    @property
+    def impls(self) -> List[str]:
+        """xmodal and its variants (e.g. ``xmodal[recompute]``)."""
+        return [n for n in self.seconds if n.startswith("xmodal")]
+
+    @property
+    def baselines(self) -> List[str]:
+        return [n for n in self.seconds if not n.startswith("xmodal")]
 
 
 def _step(fn, leaves, backward):
@@ -243,19 +254,22 @@ def _mib(b: Optional[int]) -> str:
 
 
 def table(results: List[BilinearResult]) -> List[List[str]]:
-    rows = [["case", "xmodal ms", "baseline", "baseline ms", "speed-up", "peak MiB (x / base)", "saved MiB (x / base)"]]
+    rows = [["case", "xmodal", "ms", "baseline", "baseline ms", "speed-up", "peak MiB (x / base)",
+             "saved MiB (x / base)"]]
     for r in results:
-        for base in [n for n in r.seconds if n != "xmodal"]:
-            rows.append([
-                r.case.name,
-                f"{r.seconds['xmodal'] * 1e3:.2f}",
-                base,
-                f"{r.seconds[base] * 1e3:.2f}",
-                f"{r.ratio(base):.2f}x",
-                f"{_mib(r.peak_bytes.get('xmodal'))} / {_mib(r.peak_bytes.get(base))}",
-                f"{_mib(r.activation_bytes.get('xmodal'))} / {_mib(r.activation_bytes.get(base))}"
-                if r.activation_bytes else "-",
-            ])
+        for impl in r.impls:
+            for base in r.baselines:
+                rows.append([
+                    r.case.name,
+                    impl,
+                    f"{r.seconds[impl] * 1e3:.2f}",
+                    base,
+                    f"{r.seconds[base] * 1e3:.2f}",
+                    f"{r.ratio(base, impl):.2f}x",
+                    f"{_mib(r.peak_bytes.get(impl))} / {_mib(r.peak_bytes.get(base))}",
+                    f"{_mib(r.activation_bytes.get(impl))} / {_mib(r.activation_bytes.get(base))}"
+                    if r.activation_bytes else "-",
+                ])
     return rows
 
 
@@ -270,7 +284,8 @@ def format_markdown(rows: List[List[str]], env: dict, title: str) -> str:
         "autograd graph keeps for backward, inputs and parameters excluded (activation memory).",
         "Baselines: `F.bilinear`; `outer@W` = `addmm(b, (x[:, :, None] * y[:, None, :]).reshape(B, -1), W.view(o, -1).T)`;",
         "`eager` = the MFB formula in plain PyTorch (xmodal.reference.factorized_bilinear, x expanded for the",
-        "broadcast form).",
+        "broadcast form). `xmodal[recompute]` = `factorized_bilinear(..., recompute=True)`: one projection kept",
+        "for backward, the other recomputed.",
         "",
     ]
     lines.append("| " + " | ".join(rows[0]) + " |")
@@ -301,6 +316,6 @@ def main(args) -> int:
     print(format_text(table(results)))
     if args.plot:
         write_ratio_chart(args.plot, f"xmodal bilinear ops vs plain PyTorch ({device}): speed-up",
-                          [(f"{r.case.name} vs {base}", r.ratio(base)) for r in results for base in r.seconds
-                           if base != "xmodal"])
+                          [(f"{r.case.name} {impl[len('xmodal'):]} vs {base}".replace("  ", " "), r.ratio(base, impl))
+                           for r in results for impl in r.impls for base in r.baselines])
     return 0

@@ -30,6 +30,8 @@ class FactorizedBilinearPooling(nn.Module):
     (see :func:`xmodal.factorized_bilinear`). ``dropout`` acts on the product before pooling, as in MFB; it is
     applied to the x projection (bias included), which is the same thing, so the product is never materialised.
     Leading shapes broadcast: ``x [B, 1, dim_x]`` against ``y [B, N, dim_y]`` gives ``[B, N, out_features]``.
+    ``recompute=True`` keeps one projection for the backward pass and recomputes the other (see
+    :func:`xmodal.factorized_bilinear`; with dropout, the y projection is the one recomputed).
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class FactorizedBilinearPooling(nn.Module):
         dropout: float = 0.0,
         normalize: bool = True,
         *,
+        recompute: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -50,7 +53,7 @@ class FactorizedBilinearPooling(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.dim_x, self.dim_y, self.out_features = dim_x, dim_y, out_features
-        self.factor, self.dropout, self.normalize = factor, dropout, normalize
+        self.factor, self.dropout, self.normalize, self.recompute = factor, dropout, normalize, recompute
         self.proj_x = nn.Linear(dim_x, out_features * factor, device=device, dtype=dtype)
         self.proj_y = nn.Linear(dim_y, out_features * factor, device=device, dtype=dtype)
 
@@ -58,6 +61,10 @@ class FactorizedBilinearPooling(nn.Module):
         if self.training and self.dropout > 0:
             project = torch.ops.xmodal.project
             px = F.dropout(project(x, self.proj_x.weight) + self.proj_x.bias, self.dropout, training=True)
+            if self.recompute:  # the dropped-out x projection is kept; y's is recomputed
+                return torch.ops.xmodal.factorized_pool_recompute(
+                    px, y, self.proj_y.weight, None, self.proj_y.bias, self.factor, self.normalize
+                )
             return torch.ops.xmodal.factorized_pool(
                 px, project(y, self.proj_y.weight), None, self.proj_y.bias, self.factor, self.normalize
             )
@@ -70,10 +77,11 @@ class FactorizedBilinearPooling(nn.Module):
             self.proj_y.bias,
             factor=self.factor,
             normalize=self.normalize,
+            recompute=self.recompute,
         )
 
     def extra_repr(self) -> str:
         return (
             f"dim_x={self.dim_x}, dim_y={self.dim_y}, out_features={self.out_features}, factor={self.factor}, "
-            f"dropout={self.dropout}, normalize={self.normalize}"
+            f"dropout={self.dropout}, normalize={self.normalize}" + (", recompute=True" if self.recompute else "")
         )

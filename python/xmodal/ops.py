@@ -1,6 +1,7 @@
 """Typed, documented public functions over ``torch.ops.xmodal.*``."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -108,6 +109,7 @@ def factorized_bilinear(
     *,
     factor: int,
     normalize: bool = True,
+    recompute: bool = False,
 ) -> Tensor:
     """Factorized bilinear pooling (MFB; MLB is ``factor=1``).
 
@@ -122,7 +124,19 @@ def factorized_bilinear(
     projected once per row, never copied ``N`` times. The two projections are GEMMs; bias, product, pooling and
     normalisation run as one fused pass (``torch.ops.xmodal.factorized_pool``) forward and backward, saving
     only the two projections for the backward pass.
+
+    ``recompute=True`` keeps one projection instead of two and recomputes the other in the backward pass
+    (one more GEMM): the one with more rows (``y``'s for regions), or with the narrower input when the row
+    counts are equal, as that is the cheaper to recompute per byte saved.
     """
     _check_factorized(x, y, weight_x, weight_y, factor)
     project = torch.ops.xmodal.project  # F.linear, with weight gradients from the CPU block cache
-    return torch.ops.xmodal.factorized_pool(project(x, weight_x), project(y, weight_y), bias_x, bias_y, factor, normalize)
+    if not recompute:
+        return torch.ops.xmodal.factorized_pool(project(x, weight_x), project(y, weight_y), bias_x, bias_y, factor,
+                                                normalize)
+    if (math.prod(y.shape[:-1]), -y.shape[-1]) >= (math.prod(x.shape[:-1]), -x.shape[-1]):
+        return torch.ops.xmodal.factorized_pool_recompute(project(x, weight_x), y, weight_y, bias_x, bias_y, factor,
+                                                          normalize)
+    # the pooling is symmetric in its two sides
+    return torch.ops.xmodal.factorized_pool_recompute(project(y, weight_y), x, weight_x, bias_y, bias_x, factor,
+                                                      normalize)
