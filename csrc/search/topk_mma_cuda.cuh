@@ -28,6 +28,7 @@ constexpr int kMmaRows = 128;        // queries per block and database rows per 
 constexpr int kMmaStep = 32;         // D per pipeline stage
 constexpr int kMmaLd = kMmaStep + 8;  // shared row stride in elements: 80 bytes, so ldmatrix rows hit distinct banks
 constexpr int kMmaThreads = 256;     // 8 warps: 2 (queries) x 4 (rows), each 64 x 32 scores
+constexpr int64_t kMmaMaxTileRows = int64_t(65535) * kMmaRows;  // gridDim.y is at most 65535
 
 struct MmaTileArgs {
   const void* queries;   // [qn, D] of the query block
@@ -76,7 +77,8 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
   }
 }
 
-// Grid: (tile rows / 128, queries / 128), kMmaThreads threads.
+// Grid: (queries / 128, tile rows / 128), kMmaThreads threads: the blocks of one database tile run next to
+// each other, so its rows come from HBM once and from L2 for the other query blocks.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMmaThreads, 2) mma_filter_kernel(MmaTileArgs p) {
   static_assert(sizeof(scalar_t) == 2, "16-bit inputs only");
@@ -86,7 +88,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) mma_filter_kernel(MmaTileArgs 
   __shared__ uint32_t s_thr[kMmaRows];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_q = warp >> 2, warp_n = warp & 3;  // this warp's 64 queries x 32 rows
-  const int64_t qb = int64_t(blockIdx.y) * kMmaRows, nb = int64_t(blockIdx.x) * kMmaRows;
+  const int64_t qb = int64_t(blockIdx.x) * kMmaRows, nb = int64_t(blockIdx.y) * kMmaRows;
   const uint16_t* queries = static_cast<const uint16_t*>(p.queries);
   const uint16_t* database = static_cast<const uint16_t*>(p.database);
   const uint32_t* thr = static_cast<const uint32_t*>(p.f.thr);

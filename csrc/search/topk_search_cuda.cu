@@ -443,7 +443,7 @@ int64_t next_tile_rows(TileSelection sel, int64_t seen, int64_t k, int64_t cap, 
   if (seen == 0) return std::min(score_tile_rows, std::max<int64_t>(8192, 4 * k));
   const int64_t grow = std::max<int64_t>(4096, seen * cap / (2 * k));
   if (sel == TileSelection::Filter) return std::min(score_tile_rows, grow);
-  return std::min<int64_t>({grow, int64_t(1) << 24, env_int("XMODAL_CUDA_TILE_ROWS", INT64_MAX)});
+  return std::min<int64_t>({grow, kMmaMaxTileRows, env_int("XMODAL_CUDA_TILE_ROWS", INT64_MAX)});
 }
 
 // scores [qn, nt] (fp32, row-major) = a [qn, D] . b [nt, D]^T through cuBLAS with TF32 tensor-core compute.
@@ -557,7 +557,7 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args, bool tf32
           const at::Tensor qa = queries.narrow(0, q0, qn);
           MmaTileArgs ma{qa.data_ptr(), tile.data_ptr(), qn, nt, database.size(1), n0, static_cast<int>(metric),
                          reinterpret_cast<const float*>(col_ptr), mask ? mask + n0 : nullptr, filter_buffers(q0)};
-          const dim3 grid(unsigned((nt + kMmaRows - 1) / kMmaRows), unsigned((qn + kMmaRows - 1) / kMmaRows));
+          const dim3 grid(unsigned((qn + kMmaRows - 1) / kMmaRows), unsigned((nt + kMmaRows - 1) / kMmaRows));
           mma_filter_kernel<scalar_t><<<grid, kMmaThreads, 0, stream>>>(ma);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           RecomputedKeys<scalar_t> keys{ta, qa.data_ptr<scalar_t>(), tile.data_ptr<scalar_t>(), database.size(1),
