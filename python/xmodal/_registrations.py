@@ -111,11 +111,16 @@ def _save_both(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+def _projection_grads(grad, input, weight, need_input, need_weight):
+    """Gradients of ``input @ weight^T`` (for input, weight) given the gradient of its output."""
+    g_input = torch.matmul(grad, weight) if need_input else None
+    g_weight = torch.ops.xmodal.linear_weight_grad(grad, input) if need_weight else None
+    return g_input, g_weight
+
+
 def _project_backward(ctx, grad):
     input, weight = ctx.saved_tensors
-    g_input = torch.matmul(grad, weight) if ctx.needs_input_grad[0] else None
-    g_weight = torch.ops.xmodal.linear_weight_grad(grad, input) if ctx.needs_input_grad[1] else None
-    return g_input, g_weight
+    return _projection_grads(grad, input, weight, *ctx.needs_input_grad[:2])
 
 
 def _linear_weight_grad_backward(ctx, grad_w):
@@ -148,8 +153,7 @@ def _factorized_recompute_backward(ctx, grad):
     proj_b = torch.ops.xmodal.project(b, weight_b)  # recomputed rather than kept
     ga, gb = torch.ops.xmodal.factorized_pool_backward(grad, proj_a, proj_b, bias_a, bias_b, ctx.factor, ctx.normalize)
     need = ctx.needs_input_grad
-    g_b = torch.matmul(gb, weight_b) if need[1] else None
-    g_wb = torch.ops.xmodal.linear_weight_grad(gb, b) if need[2] else None
+    g_b, g_wb = _projection_grads(gb, b, weight_b, need[1], need[2])
     g_ba = _sum_leading(ga) if bias_a is not None and need[3] else None
     g_bb = _sum_leading(gb) if bias_b is not None and need[4] else None
     return (ga if need[0] else None), g_b, g_wb, g_ba, g_bb, None, None
