@@ -101,3 +101,15 @@ def test_cuda_targets_read_off_one_run():
     assert never == ["yes (1.50)", "yes (2.00)"]
     assert k256 == ["NO (1.60)", "yes (1.20)"]
     assert bounded == ["yes (2.50)", "yes (0.30)"]
+
+
+def test_info_reports_versions_and_switches():
+    env = {**os.environ, "XMODAL_CUDA_FILTER_SELECT": "1"}
+    env.pop("XMODAL_CUDA_FUSED_GEMM", None)
+    out = subprocess.run([sys.executable, "-m", "xmodal", "info", "--json"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = json.loads(out.stdout)
+    assert info["torch"] == torch.__version__ and info["CUDA kernels compiled"] in ("yes", "no")
+    assert info["XMODAL_CUDA_FILTER_SELECT"] == "on" and info["XMODAL_CUDA_FUSED_GEMM"] == "off"
+    assert info["CPU block cache held"].endswith("MiB")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 
@@ -24,6 +25,11 @@ def _info(args) -> int:
         ("CPU threads", str(torch.get_num_threads())),
         ("CPU capability", torch.backends.cpu.get_cpu_capability()),
         ("python", platform.python_version()),
+        # opt-in CUDA search paths (on with 1) and the CPU gradient block cache (README, "Performance")
+        *((name, os.environ.get(name, "0") == "1" and "on" or "off")
+          for name in ("XMODAL_CUDA_FUSED_SCAN", "XMODAL_CUDA_FILTER_SELECT", "XMODAL_CUDA_FUSED_GEMM")),
+        ("CPU block cache held", f"{xmodal._C.cpu_cache_bytes() / 2**20:.1f} MiB of at most "
+                                 f"{os.environ.get('XMODAL_CPU_CACHE_MB', '1024')} MiB"),
     ]
     if args.json:
         print(json.dumps(dict(rows), indent=2))
