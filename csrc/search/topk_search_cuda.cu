@@ -490,9 +490,11 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args, bool tf32
   const bool validate_kl = metric == Metric::KL && at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None;
   at::Tensor negatives = validate_kl ? (qgemm < 0).sum() : at::Tensor();
 
-  // Running top-k (ping-pong buffers). Score tiles stay under ~256 MiB.
+  // Running top-k (ping-pong buffers). Score tiles stay under ~256 MiB. The fused few-query scan needs none
+  // of the tile state below (it computes row norms as it reads the rows).
+  const bool fused = fused_scan_eligible<scalar_t>(args);
   const TileSelection selection = choose_tile_selection<scalar_t>(args);
-  const bool filtered = selection != TileSelection::Radix;
+  const bool filtered = !fused && selection != TileSelection::Radix;
   const int64_t query_block = std::min<int64_t>(Q, filtered ? 16384 : 65536);
   const int64_t score_tile_rows = std::min<int64_t>(
       env_int("XMODAL_CUDA_TILE_ROWS", INT64_MAX), std::max<int64_t>(1024, (int64_t(64) << 20) / query_block));
@@ -502,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args, bool tf32
   auto idx_b = at::empty_like(idx_a);
   const bool* mask = args.mask ? args.mask->data_ptr<bool>() : nullptr;
   // The metric's per-row term of the whole database, once (tiles take slices).
-  at::Tensor col_all = row_norm_term(database, metric, acc_dtype);
+  at::Tensor col_all = fused ? at::Tensor() : row_norm_term(database, metric, acc_dtype);
   if (col_all.defined()) col_all = col_all.contiguous();
 
   // Threshold filter state (see topk_select_cuda.cuh): per query a threshold and a counter, per query of a
@@ -525,7 +527,6 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args, bool tf32
 
   constexpr int kThreads = 256;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const bool fused = fused_scan_eligible<scalar_t>(args);
   if (fused) {
     fused_scan<scalar_t>(args, keys_a, idx_a, keys_b, idx_b);  // from the empty top-k, as each tile below
     std::swap(keys_a, keys_b);
