@@ -151,6 +151,7 @@ class SearchResult:
 
 # Opt-in CUDA code paths (environment switches read by the extension on every call), benchmarked beside the
 # default path as "xmodal[name]" until a GPU run has verified them.
+CUDA_SWITCHES = ("XMODAL_CUDA_FUSED_SCAN", "XMODAL_CUDA_FILTER_SELECT", "XMODAL_CUDA_FUSED_GEMM")
 CUDA_VARIANTS = {
     "filter": {"XMODAL_CUDA_FILTER_SELECT": "1"},
     "fused": {"XMODAL_CUDA_FUSED_SCAN": "1", "XMODAL_CUDA_FUSED_GEMM": "1"},
@@ -181,8 +182,8 @@ def run_search_case(case: SearchCase, device: str = "cpu", repeats: int = 3, use
     queries, database = make_data(case, device)
     search = lambda: xmodal.topk_search(queries, database, case.k, case.metric)  # noqa: E731
     calls = {"xmodal": search}
-    for name in variants:
-        calls[f"xmodal[{name}]"] = _with_env(CUDA_VARIANTS[name], search)
+    for name in variants:  # a variant turns off the switches it does not name, whatever the caller's environment
+        calls[f"xmodal[{name}]"] = _with_env({**dict.fromkeys(CUDA_SWITCHES, "0"), **CUDA_VARIANTS[name]}, search)
     # the naive baseline needs Q x N scores; skip it where they would not fit comfortably
     if case.q * case.n * 4 <= (8 << 30 if device == "cpu" else 32 << 30):
         calls["naive"] = lambda: naive_search(queries, database, case.k, case.metric)
@@ -192,8 +193,8 @@ def run_search_case(case: SearchCase, device: str = "cpu", repeats: int = 3, use
             qn = queries.float().numpy()
             calls["faiss"] = lambda: index.search(qn, case.k)
     times = {name: [] for name in calls}
-    huge = case.q * case.n > 1e11
-    for round_ in range(int(huge), repeats + 1 if not huge else 2):
+    rounds = range(1, 2) if case.q * case.n > 1e11 else range(repeats + 1)
+    for round_ in rounds:
         for name, fn in calls.items():
             _sync(device)
             start = time.perf_counter()

@@ -12,6 +12,7 @@ def _info(args) -> int:
     import torch
 
     import xmodal
+    from xmodal.bench import CUDA_SWITCHES
 
     bi = xmodal.build_info()
     rows = [
@@ -26,8 +27,7 @@ def _info(args) -> int:
         ("CPU capability", torch.backends.cpu.get_cpu_capability()),
         ("python", platform.python_version()),
         # opt-in CUDA search paths (on with 1) and the CPU gradient block cache (README, "Performance")
-        *((name, os.environ.get(name, "0") == "1" and "on" or "off")
-          for name in ("XMODAL_CUDA_FUSED_SCAN", "XMODAL_CUDA_FILTER_SELECT", "XMODAL_CUDA_FUSED_GEMM")),
+        *((name, "on" if os.environ.get(name) == "1" else "off") for name in CUDA_SWITCHES),
         ("CPU block cache held", f"{xmodal._C.cpu_cache_bytes() / 2**20:.1f} MiB of at most "
                                  f"{os.environ.get('XMODAL_CPU_CACHE_MB', '1024')} MiB"),
     ]
