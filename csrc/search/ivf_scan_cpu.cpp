@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/parallel.h"
 #include "search/topk_select.h"
 
 namespace xmodal {
@@ -49,6 +50,9 @@ inline acc_t score(const T* __restrict q, const T* __restrict x, int64_t D, Scan
 std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const at::Tensor& vectors,
                                                const at::Tensor& list_offsets, const at::Tensor& probes, int64_t k,
                                                const std::string& metric, const std::optional<at::Tensor>& mask) {
+  // No autograd kernel sits above this one, so without the guard the ATen calls below would record
+  // autograd history for inputs that require grad (and mm_out would refuse them).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_float_dtype(vectors, "vectors");
   check_same_dtype(queries, "queries", vectors, "vectors");
   check_dim(queries, 2, "queries", "[Q, D]");
@@ -130,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
     constexpr bool kBlasType = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
     auto use_gemm = [&](int64_t np) { return kBlasType && m == ScanMetric::IP && np >= 2; };
 
-    at::parallel_for(0, int64_t(busy_lists.size()), 1, [&](int64_t l0, int64_t l1) {
+    parallel_for(0, int64_t(busy_lists.size()), 1, [&](int64_t l0, int64_t l1) {
       std::vector<Candidate<ord_t>> slots;
       std::vector<TopKBuffer<ord_t>> buffers;
       std::vector<ord_t> keys(kRowBlock);
@@ -179,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
     acc_t* vp = values.data_ptr<acc_t>();
     int64_t* ip = indices.data_ptr<int64_t>();
     const acc_t pad = larger ? -std::numeric_limits<acc_t>::infinity() : std::numeric_limits<acc_t>::infinity();
-    at::parallel_for(0, Q, 16, [&](int64_t q0, int64_t q1) {
+    parallel_for(0, Q, 16, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
         auto first = cand.begin() + q * nprobe * k, last = first + nprobe * k;
         const int64_t take = std::min<int64_t>(k, nprobe * k);

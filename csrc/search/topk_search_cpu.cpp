@@ -6,6 +6,7 @@
 // feeds them to per-query candidate buffers (topk_select.h). The Q x N score matrix never exists: extra
 // memory is O(threads * Q * k + tile). Per-thread buffers are merged at the end.
 #include "common/env.h"
+#include "common/parallel.h"
 #include "search/topk_common.h"
 #include "search/topk_select.h"
 
@@ -236,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args) {
       for (int64_t i = 0; i < s1 - s0; ++i)
         buffers[p * super_block + i] = {&slots[(p * super_block + i) * capacity], 0, kSkipOrd<ord_t>};
 
-    at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+    parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
       std::vector<acc_t> scores(static_cast<size_t>(query_block * tile_rows));
       std::vector<acc_t> zero_hits(metric == Metric::KL ? static_cast<size_t>(query_block * tile_rows) : 0);
       std::vector<ord_t> keys(static_cast<size_t>(tile_rows));
@@ -261,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args) {
     });
 
     // Merge the parts' candidates per query, best first; pad when fewer than k exist.
-    at::parallel_for(s0, s1, 16, [&](int64_t qb, int64_t qe) {
+    parallel_for(s0, s1, 16, [&](int64_t qb, int64_t qe) {
       std::vector<Candidate<ord_t>> merged;
       for (int64_t i = qb; i < qe; ++i) {
         merged.clear();
@@ -289,6 +290,9 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args) {
 std::tuple<at::Tensor, at::Tensor> topk_search_cpu(const at::Tensor& queries, const at::Tensor& database, int64_t k,
                                                    c10::string_view metric, const std::optional<at::Tensor>& mask,
                                                    bool /*tf32: the CPU has no TF32; fp32 stays exact*/) {
+  // No autograd kernel sits above this one, so without the guard the ATen calls below would record
+  // autograd history for inputs that require grad (and mm_out would refuse them).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   SearchArgs args = validate_search_args(queries, database, k, std::string(metric), mask);
   TORCH_CHECK(database.device().is_cpu(), "database must be a CPU tensor for the CPU kernel, got ", database.device());
   if (args.queries.size(0) == 0 || database.size(0) == 0) return padded_results(args);

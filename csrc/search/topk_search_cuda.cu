@@ -641,6 +641,9 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args, bool tf32
 std::tuple<at::Tensor, at::Tensor> topk_search_cuda(const at::Tensor& queries, const at::Tensor& database, int64_t k,
                                                     c10::string_view metric, const std::optional<at::Tensor>& mask,
                                                     bool tf32) {
+  // No autograd kernel sits above this one, so without the guard the ATen calls below would record
+  // autograd history for inputs that require grad (and mm_out would refuse them).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   SearchArgs args = validate_search_args(queries, database, k, std::string(metric), mask);
   c10::cuda::CUDAGuard guard(database.device());
   if (args.queries.size(0) == 0 || database.size(0) == 0) return padded_results(args);
