@@ -53,8 +53,12 @@ def test_ties_any_tied_index(device, metric):
     queries = make_inputs(6, 1, 8, metric, torch.float64, "cpu", seed=4)[0].to(device)
     values, indices = xmodal.topk_search(queries, database, 12, metric)
     assert_topk_close(values, indices, queries, database, 12, metric)
-    # a block of 5 equal scores is reported 5 times in a row
-    assert torch.equal(values[:, 0], values[:, 4])
+    # The promise for identical rows: their scores agree up to the GEMM's rounding (BLAS may sum a row in
+    # another order depending on where it falls in a tile: a few ulps, seen 1.8e-15 on AMD CPUs), and all
+    # copies of the best row come first, in any order among themselves.
+    best = values[:, :5].double()
+    torch.testing.assert_close(best, best[:, :1].expand(-1, 5), rtol=1e-13, atol=1e-13)
+    assert (indices[:, :5] % 40 == indices[:, :1] % 40).all(), indices
 
 
 @pytest.mark.parametrize("metric", ALL_METRICS)
