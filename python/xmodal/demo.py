@@ -24,19 +24,33 @@ def _upscale(image: torch.Tensor, size: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(image[None], size=(size, size), mode="nearest")[0]
 
 
+QUERY_FRAME, CORRECT_FRAME, WRONG_FRAME = (60, 60, 200), (30, 170, 60), (210, 40, 40)
+
+
 def write_grid(path: str, rows: Sequence[dict], cell: int = 96) -> None:
-    """PNG with one row per query: the query (image and/or text) then its top results, each framed green
-    (correct) or red (wrong)."""
+    """PNG with a legend, column headers (query, rank 1..k) and one row per query: the query (text and/or
+    image) then its top results, each result an image or a caption, framed green (correct) or red (wrong)."""
     from PIL import Image, ImageDraw
 
-    text_w, pad = 260, 6
+    text_w, pad, header = 260, 6, 40
     results = max(len(r["results"]) for r in rows)
     width = text_w + (cell + pad) * (results + 1) + pad
-    height = (cell + 2 * pad) * len(rows) + pad
+    height = header + (cell + 2 * pad) * len(rows) + pad
     canvas = Image.new("RGB", (width, height), (245, 245, 245))
     draw = ImageDraw.Draw(canvas)
+    # legend: what each frame colour means
+    x = pad
+    for colour, label in ((QUERY_FRAME, "query image"), (CORRECT_FRAME, "correct result"), (WRONG_FRAME, "wrong result")):
+        draw.rectangle([x, 6, x + 14, 20], outline=colour, width=3)
+        draw.text((x + 20, 7), label, fill=(40, 40, 40))
+        x += 30 + 7 * len(label)
+    # column headers
+    draw.text((pad, header - 14), "query", fill=(40, 40, 40))
+    draw.text((text_w, header - 14), "query image", fill=(40, 40, 40))
+    for r in range(results):
+        draw.text((text_w + (cell + pad) * (r + 1), header - 14), f"rank {r + 1}", fill=(40, 40, 40))
     for r, row in enumerate(rows):
-        y = pad + r * (cell + 2 * pad)
+        y = header + pad + r * (cell + 2 * pad)
         draw.text((pad, y + 4), row["title"], fill=(40, 40, 40))
         lines = _wrap(row["text"], 38) if row.get("text") else []
         for j, line in enumerate(lines[:5]):
@@ -44,11 +58,16 @@ def write_grid(path: str, rows: Sequence[dict], cell: int = 96) -> None:
         x = text_w
         if row.get("image") is not None:
             canvas.paste(_to_pil(_upscale(row["image"], cell)), (x, y + pad))
-            draw.rectangle([x - 2, y + pad - 2, x + cell + 1, y + pad + cell + 1], outline=(60, 60, 200), width=2)
+            draw.rectangle([x - 2, y + pad - 2, x + cell + 1, y + pad + cell + 1], outline=QUERY_FRAME, width=2)
         x += cell + pad
-        for image, correct in row["results"]:
-            canvas.paste(_to_pil(_upscale(image, cell)), (x, y + pad))
-            colour = (30, 170, 60) if correct else (210, 40, 40)
+        for result, correct in row["results"]:
+            if isinstance(result, str):  # a caption (image -> text)
+                draw.rectangle([x, y + pad, x + cell - 1, y + pad + cell - 1], fill=(255, 255, 255))
+                for j, line in enumerate(_wrap(result, cell // 7)[:6]):
+                    draw.text((x + 3, y + pad + 3 + 14 * j), line, fill=(0, 0, 0))
+            else:
+                canvas.paste(_to_pil(_upscale(result, cell)), (x, y + pad))
+            colour = CORRECT_FRAME if correct else WRONG_FRAME
             draw.rectangle([x - 2, y + pad - 2, x + cell + 1, y + pad + cell + 1], outline=colour, width=3)
             x += cell + pad
     tmp = f"{path}.tmp-{os.getpid()}.png"
@@ -83,6 +102,14 @@ def example_rows(model, gallery: D.ShapesDataset, composed: D.ComposedQueries, t
             _, ids = index.search(model.encode_text([text]), top)
             rows.append({"title": "text -> image", "text": text,
                          "results": [(gallery.images[j], j == i) for j in ids[0].tolist()]})
+        captions = [c for per_image in gallery.captions for c in per_image]
+        owner = [i for i, per_image in enumerate(gallery.captions) for _ in per_image]
+        caption_index = FlatIndex(model.image_head.net[-1].out_features, "ip")
+        caption_index.add(model.encode_text(captions))
+        for i in (5, 120):
+            _, ids = caption_index.search(model.encode_image(gallery.images[[i]]), top)
+            rows.append({"title": "image -> text", "image": gallery.images[i],
+                         "results": [(captions[j], owner[j] == i) for j in ids[0].tolist()]})
         for j in (0, 57, 130):
             ref, text, target = composed.references[j], composed.texts[j], composed.targets[j]
             _, ids = index.search(model.encode_composed(gallery.images[[ref]], [text]), top)
