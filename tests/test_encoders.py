@@ -99,12 +99,14 @@ def test_evaluate_keys_and_ranges():
         assert out[f"{d}_R@1"] <= out[f"{d}_R@5"] <= out[f"{d}_R@10"]
 
 
+@pytest.mark.slow
 def test_demo_meets_its_targets(tmp_path):
-    # the README's main job, run as a user would: trains from scratch (about 1.5 min on 2 cores)
+    # The README's main job, run as a user would: trains from scratch (90-180 s alone on 2 cores, by CPU
+    # kind). The only full training run in the suite; the limit is ten times that, for a busy machine.
     report = tmp_path / "demo.json"
     done = subprocess.run(
         [sys.executable, "-m", "xmodal", "demo", "--out", str(tmp_path / "out"), "--json", str(report), "--no-progress"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=1800,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "text -> image" in done.stdout and "composed" in done.stdout
