@@ -1,9 +1,28 @@
 #!/usr/bin/env bash
-# Set up a development environment in .venv: torch (CUDA 13.0 build, so every .cu file compiles and links
-# even on machines without a GPU), the build and test tools, then build and install xmodal against that
-# torch. Safe to run again: it reuses .venv and rebuilds incrementally (build/ is kept).
+# Set up a development environment in .venv: torch (CUDA 13.0 build), the build and test tools, then build
+# and install xmodal against that torch. Safe to run again: it reuses .venv and rebuilds incrementally
+# (build/ is kept).
+#
+#   bash scripts/setup.sh [--cuda auto|on|off]
+#
+# --cuda auto (the default) compiles the CUDA kernels only when a GPU is visible, so a laptop or CPU server
+# builds in about a minute instead of spending minutes on kernels it cannot run; --cuda on compiles them
+# anyway (CI does, so every .cu file is compiled on every run; needs nvcc on PATH); --cuda off never does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+cuda=auto
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cuda) cuda=${2:-}; shift 2 || { echo "setup.sh: --cuda needs a value: auto, on or off" >&2; exit 2; } ;;
+    --cuda=*) cuda=${1#--cuda=}; shift ;;
+    *) echo "setup.sh: unknown argument '$1' (usage: bash scripts/setup.sh [--cuda auto|on|off])" >&2; exit 2 ;;
+  esac
+done
+case "$cuda" in
+  auto|on|off) ;;
+  *) echo "setup.sh: --cuda must be auto, on or off, got '$cuda'" >&2; exit 2 ;;
+esac
+
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${XMODAL_TORCH:-torch==2.14.1}
 if [ ! -x .venv/bin/python ]; then
@@ -11,5 +30,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q "$TORCH_SPEC" numpy tqdm safetensors pillow "cmake>=3.26" ninja "scikit-build-core>=0.10" \
   pytest hypothesis pytest-benchmark faiss-cpu
-.venv/bin/python -m pip install -q --no-build-isolation --no-deps .
+if [ "$cuda" = auto ]; then
+  if .venv/bin/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    cuda=on
+  else
+    cuda=off
+    echo "setup.sh: no GPU visible: building the CPU kernels only (--cuda on compiles the CUDA ones too)"
+  fi
+fi
+XMODAL_CUDA=$(echo "$cuda" | tr a-z A-Z) .venv/bin/python -m pip install -q --no-build-isolation --no-deps .
 .venv/bin/python -m xmodal info
