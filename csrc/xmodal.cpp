@@ -11,6 +11,10 @@ TORCH_LIBRARY(xmodal, m) {
   // the GPU use TF32 tensor cores (faster, ~1e-3 relative error in scores); ignored elsewhere.
   m.def("topk_search(Tensor queries, Tensor database, int k, str metric=\"cosine\", Tensor? mask=None, *,"
         " bool tf32=False) -> (Tensor values, Tensor indices)");
+  // Gradients of topk_search's values for queries and database (empty where output_mask is False); the
+  // indices are constants, so this gathers the selected rows and scatters their gradients back.
+  m.def("topk_search_backward(Tensor grad_values, Tensor values, Tensor indices, Tensor queries, Tensor database,"
+        " str metric, bool[2] output_mask) -> (Tensor grad_queries, Tensor grad_database)");
   // Exact top-k over the inverted lists each query probes (IVF search); rows of `vectors` are grouped by list,
   // list l at rows [list_offsets[l], list_offsets[l + 1]); probes [Q, nprobe] list ids (-1: none). Returns
   // values and row positions in `vectors`. metric: ip, l2 or sqeuclidean. CPU only.

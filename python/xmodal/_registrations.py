@@ -16,6 +16,33 @@ def _topk_search_fake(queries, database, k, metric="cosine", mask=None, *, tf32=
     return values, indices
 
 
+@torch.library.register_fake("xmodal::topk_search_backward")
+def _topk_search_backward_fake(grad_values, values, indices, queries, database, metric, output_mask):
+    grad_q = torch.empty_like(queries, memory_format=torch.contiguous_format) if output_mask[0] else queries.new_empty((0,))
+    grad_x = torch.empty_like(database, memory_format=torch.contiguous_format) if output_mask[1] else database.new_empty((0,))
+    return grad_q, grad_x
+
+
+def _topk_search_setup_context(ctx, inputs, keyword_only_inputs, output):
+    queries, database, _k, metric, _mask = inputs
+    ctx.save_for_backward(queries, database, *output)
+    ctx.metric = metric
+
+
+def _topk_search_backward(ctx, grad_values, grad_indices):
+    queries, database, values, indices = ctx.saved_tensors
+    need = [bool(n) for n in ctx.needs_input_grad[:2]]
+    if not any(need):
+        return None, None, None, None, None
+    grad_q, grad_x = torch.ops.xmodal.topk_search_backward(grad_values, values, indices, queries, database, ctx.metric,
+                                                           need)
+    return grad_q if need[0] else None, grad_x if need[1] else None, None, None, None
+
+
+# the values are differentiable for queries and database; the indices are constants
+torch.library.register_autograd("xmodal::topk_search", _topk_search_backward, setup_context=_topk_search_setup_context)
+
+
 def _sum_leading(t):
     """Sum over every dimension but the last (the gradient of a bias broadcast over them)."""
     return t.flatten(0, -2).sum(0) if t.dim() > 1 else t

@@ -37,6 +37,23 @@ def scores(queries: Tensor, database: Tensor, metric: str) -> Tensor:
     return (torch.xlogy(qq, qq) - torch.xlogy(qq, x[None, :, :])).sum(-1)
 
 
+def selected_values(queries: Tensor, database: Tensor, indices: Tensor, metric: str) -> Tensor:
+    """``metric`` between each query ``[Q, D]`` and its selected rows ``database[indices]`` (``indices [Q, k]``,
+    no padding), differentiable by autograd: the reference for the gradients of :func:`xmodal.topk_search`'s
+    values. Computed in the inputs' dtype."""
+    q = queries.reshape(-1, queries.shape[-1])[:, None, :]
+    x = database[indices.reshape(q.shape[0], -1)]
+    if metric == "ip":
+        return (q * x).sum(-1)
+    if metric in ("cosine", "cosine_distance"):
+        cos = (F.normalize(q, dim=-1, eps=NORM_EPS) * F.normalize(x, dim=-1, eps=NORM_EPS)).sum(-1)
+        return cos if metric == "cosine" else torch.sqrt(torch.clamp(2 * (1 - cos), min=0))
+    if metric in ("l2", "sqeuclidean"):
+        sq = ((q - x) ** 2).sum(-1)
+        return sq.sqrt() if metric == "l2" else sq
+    return (torch.xlogy(q, q) - torch.xlogy(q, x)).sum(-1)
+
+
 def topk_search(
     queries: Tensor, database: Tensor, k: int, metric: str = "cosine", *, mask: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor]:
