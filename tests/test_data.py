@@ -1,5 +1,6 @@
 """The built-in Shapes data and the CSV loader for users' own (image, caption) pairs."""
 import random
+import re
 
 import pytest
 import torch
@@ -46,6 +47,23 @@ def test_captions_mention_the_attributes():
             assert any(w in c for w in D._SIZE_WORDS[attrs.size])
 
 
+def test_vocabulary_words_cover_the_built_in_texts():
+    words = D.vocabulary_words()
+    # the default model's vocabulary: a change here changes the weights build_model makes for a seed
+    assert words == [
+        "a", "an", "at", "big", "blue", "bottom", "box", "but", "change", "circle", "colour", "coloured", "corner",
+        "cross", "cyan", "disc", "green", "has", "image", "in", "instead", "into", "is", "it", "kind", "large", "left",
+        "little", "lower", "make", "move", "of", "paint", "placed", "plus", "position", "purple", "put", "red",
+        "right", "round", "same", "shape", "sign", "size", "small", "square", "that", "the", "there", "tiny", "to",
+        "top", "triangle", "turn", "upper", "yellow",
+    ]
+    g = D.ShapesDataset(None, seed=4)
+    texts = [c for caps in g.captions for c in caps] + D.ComposedQueries(g, per_image=8, seed=5).texts
+    used = {w for t in texts for w in re.findall(r"[a-z0-9]+", t.lower())}
+    assert used <= set(words)
+    assert set(words) - used == {"kind", "position"}
+
+
 def test_composed_queries_change_one_attribute():
     g = D.ShapesDataset(None, seed=1)
     q = D.ComposedQueries(g, per_image=3, seed=2)
@@ -82,6 +100,27 @@ def test_csv_loader(tmp_path):
     assert images.shape == (2, 3, 32, 32) and texts == ["a red picture", "blue, all blue"]
 
 
+def test_csv_loader_labels(tmp_path):
+    for name, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255)), ("c", (0, 255, 0))):
+        _write_png(tmp_path / f"{name}.png", colour)
+    (tmp_path / "data.csv").write_text(
+        "image,caption,label\na.png,a red one, warm \nb.png,a blue one,cold\n./c.png,green,warm\na.png,red again,warm\n"
+    )
+    ds = D.ImageCaptionCSV(str(tmp_path / "data.csv"))
+    assert ds.labels.dtype == torch.long and ds.labels.tolist() == [0, 1, 0, 0]
+    assert ds.label_names == ["warm", "cold"]  # ids in order of first appearance, names stripped
+    assert ds.captions == ["a red one", "a blue one", "green", "red again"]
+    assert ds.image_paths == [str(tmp_path / n) for n in ("a.png", "b.png", "c.png", "a.png")]
+    assert ds.rows[2] == (str(tmp_path / "c.png"), "green")
+    # items are what they were without labels: (image, caption)
+    item = ds[1]
+    assert len(item) == 2 and item[1] == "a blue one" and torch.allclose(item[0][:, 0, 0], torch.tensor([0.0, 0.0, 1.0]))
+
+    (tmp_path / "plain.csv").write_text("image,caption\na.png,a red one\n")
+    plain = D.ImageCaptionCSV(str(tmp_path / "plain.csv"))
+    assert plain.labels is None and plain.label_names is None and plain.captions == ["a red one"]
+
+
 @pytest.mark.parametrize(
     "content,match",
     [
@@ -89,6 +128,8 @@ def test_csv_loader(tmp_path):
         ("image,caption\nimg/a.png,   \n", r"line 2: empty caption for image 'img/a.png'"),
         ("path,text\nimg/a.png,hello\n", r"the header must name the columns 'image' and 'caption'"),
         ("image,caption\n", "no rows"),
+        ("image,caption,label\nimg/a.png,hello, \n", r"line 2: empty label for image 'img/a.png'"),
+        ("image,caption,label\nimg/a.png,hello\n", r"line 2: empty label for image 'img/a.png'"),
     ],
 )
 def test_csv_loader_errors(tmp_path, content, match):

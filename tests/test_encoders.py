@@ -173,3 +173,100 @@ def test_train_pairs_on_a_csv_data_set(tmp_path):
     assert len(history) == 12 and history[-1] < 0.6 * history[0]
     with pytest.raises(ValueError, match="at least 2 pairs"):
         T.train_pairs(model, [pairs[0]], progress=False)
+
+
+def _small_model(seed=0, words=("a", "red", "blue", "circle", "square")):
+    tokenizer = Tokenizer.fit(words, max_length=8)
+    torch.manual_seed(seed)
+    return CrossModalModel(ImageEncoder(24, width=8), TextEncoder(len(tokenizer), 16, layers=1, heads=2, max_length=8),
+                           tokenizer, embed_dim=12, fusion_dim=8, fusion_factor=2)
+
+
+def _embeddings(model, images):
+    texts = ["a red circle", "a blue square", "purple"]
+    return model.encode_image(images), model.encode_text(texts), model.encode_composed(images, texts)
+
+
+@pytest.mark.parametrize("make", [lambda: T.build_model(3), _small_model], ids=["default", "custom-sizes"])
+def test_save_and_load_round_trip(tmp_path, make):
+    model = make()
+    images = D.ShapesDataset(3, seed=0).images
+    model.train()
+    model.encode_image(images)  # moves the batch-norm running statistics away from their initial values
+    model.eval()
+    folder = tmp_path / "model"
+    model.save(str(folder))
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]  # no temporary files left
+    loaded = CrossModalModel.load(str(folder))
+    assert not loaded.training
+    assert loaded.tokenizer.state_dict() == model.tokenizer.state_dict()
+    with torch.no_grad():
+        for a, b in zip(_embeddings(model, images), _embeddings(loaded, images)):
+            assert torch.equal(a, b)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    # saving again over it replaces both files
+    other = make()
+    with torch.no_grad():
+        other.logit_scale.fill_(1.5)
+    other.save(str(folder))
+    assert CrossModalModel.load(str(folder)).logit_scale.item() == 1.5
+
+
+def test_save_and_load_a_custom_tower(tmp_path):
+    def backbone():
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+
+    tokenizer = Tokenizer.fit(["a red circle"])
+    torch.manual_seed(0)
+    model = CrossModalModel(ImageEncoder(10, backbone=backbone()), TextEncoder(len(tokenizer), 16, layers=1, heads=2),
+                            tokenizer, embed_dim=8, fusion_dim=8, fusion_factor=2).eval()
+    folder = str(tmp_path / "custom")
+    model.save(folder)
+    with pytest.raises(ValueError, match=r"custom image encoder \(xmodal.encoders.ImageEncoder with a backbone "
+                                         r"torch.nn.modules.container.Sequential\).*image_encoder="):
+        CrossModalModel.load(folder)
+    loaded = CrossModalModel.load(folder, image_encoder=ImageEncoder(10, backbone=backbone()))
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), loaded.encode_image(images))
+        assert torch.equal(model.encode_text(["a red circle"]), loaded.encode_text(["a red circle"]))
+    wrong = ImageEncoder(10, backbone=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10, bias=False)))
+    with pytest.raises(ValueError, match=r"(?s)model.safetensors do not fit the model.*net.1.bias"):
+        CrossModalModel.load(folder, image_encoder=wrong)
+
+
+def test_save_and_load_errors(tmp_path):
+    model = _small_model()
+    with pytest.raises(ValueError, match=r"cannot save the model to '.*nowhere/model': the folder '.*nowhere' does not exist"):
+        model.save(str(tmp_path / "nowhere" / "model"))
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match=r"'.*a_file': it is a file"):
+        model.save(str(tmp_path / "a_file"))
+    with pytest.raises(ValueError, match=r"cannot load a model from '.*missing': no such folder"):
+        CrossModalModel.load(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match=r"'.*a_file': it is a file"):
+        CrossModalModel.load(str(tmp_path / "a_file"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"'.*empty': config.json is missing"):
+        CrossModalModel.load(str(tmp_path / "empty"))
+
+    # another program's folder: its config.json is neither read as a model nor overwritten
+    foreign = tmp_path / "hf"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"architectures": ["BertModel"]}')
+    (foreign / "model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(ValueError, match=r"hf/config.json was not written by CrossModalModel.save"):
+        CrossModalModel.load(str(foreign))
+    with pytest.raises(ValueError, match=r"cannot save the model to '.*hf': .*not written by CrossModalModel.save"):
+        model.save(str(foreign))
+    assert (foreign / "config.json").read_text() == '{"architectures": ["BertModel"]}'
+
+    # files of two different saves (as an interrupted save would leave them), and a broken weights file
+    model.save(str(tmp_path / "one"))
+    _small_model(1).save(str(tmp_path / "two"))
+    os.replace(tmp_path / "two" / "model.safetensors", tmp_path / "one" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"come from different saves"):
+        CrossModalModel.load(str(tmp_path / "one"))
+    (tmp_path / "one" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"one/model.safetensors is not a safetensors file"):
+        CrossModalModel.load(str(tmp_path / "one"))

@@ -6,14 +6,15 @@ and background noise, each with five captions written from templates and synonym
 upper left", ...). Composed queries pair a reference image with a modification ("make it blue") and the
 target image that has the modified attributes. Everything is a deterministic function of a seed.
 
-**Your own data**: :class:`ImageCaptionCSV` reads a ``data.csv`` of ``image,caption`` rows (image paths
-relative to the CSV's folder) into a torch ``Dataset``.
+**Your own data**: :class:`ImageCaptionCSV` reads a ``data.csv`` of ``image,caption[,label]`` rows (image
+paths relative to the CSV's folder) into a torch ``Dataset``.
 """
 from __future__ import annotations
 
 import csv
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -109,18 +110,32 @@ def caption(attrs: Attributes, rng: random.Random, template: Optional[int] = Non
     )
 
 
+#: attribute -> the requests to change it, ``{v}`` = a word for the new value
+_MODIFICATIONS = {
+    "colour": ["make it {v}", "change the colour to {v}", "the same but {v}", "paint it {v}"],
+    "kind": ["turn it into a {v}", "make it a {v}", "a {v} instead", "change the shape to a {v}"],
+    "size": ["make it {v}", "the same but {v}", "change the size to {v}"],
+    "position": ["move it to the {v}", "put it in the {v}", "the same but in the {v}"],
+}
+_VALUE_WORDS = {"kind": _KIND_WORDS, "size": _SIZE_WORDS, "position": _POSITION_WORDS}
+
+
 def modification(attribute: str, value: str, rng: random.Random) -> str:
     """Text that asks to change one attribute of the reference image."""
-    if attribute == "colour":
-        return rng.choice(["make it {v}", "change the colour to {v}", "the same but {v}", "paint it {v}"]).format(v=value)
-    if attribute == "kind":
-        word = rng.choice(_KIND_WORDS[value])
-        return rng.choice(["turn it into a {v}", "make it a {v}", "a {v} instead", "change the shape to a {v}"]).format(v=word)
-    if attribute == "size":
-        word = rng.choice(_SIZE_WORDS[value])
-        return rng.choice(["make it {v}", "the same but {v}", "change the size to {v}"]).format(v=word)
-    word = rng.choice(_POSITION_WORDS[value])
-    return rng.choice(["move it to the {v}", "put it in the {v}", "the same but in the {v}"]).format(v=word)
+    # colours are named as they are; other values by one of their synonyms (drawn before the template)
+    word = value if attribute == "colour" else rng.choice(_VALUE_WORDS[attribute][value])
+    return rng.choice(_MODIFICATIONS[attribute]).format(v=word)
+
+
+def vocabulary_words() -> List[str]:
+    """Every word a built-in caption or modification text can contain, sorted and unique: fit a ``Tokenizer``
+    on these to read the built-in data without unknown words."""
+    texts = list(COLOURS) + [w for words in _VALUE_WORDS.values() for ws in words.values() for w in ws]
+    texts += [re.sub(r"\{\w+\}", " ", t) for t in _TEMPLATES + [t for ts in _MODIFICATIONS.values() for t in ts]]
+    # "kind" and "position" occur in no text, but the default vocabulary has always held them (it once took the
+    # templates' placeholder names for words); keeping them keeps the model a seed builds as it was
+    texts += ["kind", "position"]
+    return sorted({w for t in texts for w in re.findall(r"[a-z0-9]+", t.lower())})  # as Tokenizer.split splits
 
 
 _VALUES = {"kind": KINDS, "colour": list(COLOURS), "size": SIZES, "position": POSITIONS}
@@ -198,12 +213,23 @@ def composed_triples(pool: ShapesDataset, batch: int, rng: random.Random) -> Tup
 
 
 class ImageCaptionCSV(Dataset):
-    """Your own ``(image, caption)`` pairs from a CSV file with a header row ``image,caption``.
+    """Your own ``(image, caption)`` pairs from a CSV file with a header row ``image,caption`` or
+    ``image,caption,label``.
 
     Image paths are relative to the CSV's folder (or absolute). Items are ``(image [3, H, W] float in [0, 1],
     caption)``; images are resized to ``image_size`` (default 32, the built-in encoder's input) unless a
-    ``transform`` (PIL image -> tensor) is given. Checks every row up front: a missing file, an empty caption
-    or a missing column raises ``ValueError`` naming the row; an unreadable image raises when it is loaded.
+    ``transform`` (PIL image -> tensor) is given. Checks every row up front: a missing file, an empty caption,
+    an empty label (when there is a label column) or a missing column raises ``ValueError`` naming the row; an
+    unreadable image raises when it is loaded.
+
+    The optional ``label`` column names a class (any string). Pairs with equal labels match each other:
+    ``train.train_pairs`` makes them positives (never negatives) and ``train.evaluate_pairs`` counts every
+    image of a caption's class as a hit. Attributes, one entry per row:
+
+    - ``captions``: the captions (fit the tokenizer on these: ``Tokenizer.fit(pairs.captions)``);
+    - ``image_paths``: the images' full paths;
+    - ``labels``: ``[N]`` int64 ids of the labels, numbered in order of first appearance, or ``None``
+      without a label column; ``label_names[id]`` is the label as written in the CSV (``None`` without one).
     """
 
     def __init__(self, csv_path: str, image_size: int = IMAGE_SIZE, transform: Optional[Callable] = None) -> None:
@@ -211,30 +237,48 @@ class ImageCaptionCSV(Dataset):
         self.image_size, self.transform = image_size, transform
         if not os.path.isfile(csv_path):
             raise ValueError(f"data file {csv_path!r} does not exist")
+        self.image_paths: List[str] = []
+        self.captions: List[str] = []
+        label_ids: List[int] = []
+        ids_by_name: Dict[str, int] = {}
         with open(csv_path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             missing = {"image", "caption"} - set(reader.fieldnames or [])
             if missing:
                 raise ValueError(f"{csv_path}: the header must name the columns 'image' and 'caption', got {reader.fieldnames}")
-            self.rows: List[Tuple[str, str]] = []
+            has_labels = "label" in reader.fieldnames
             for line, row in enumerate(reader, start=2):
                 path, text = (row["image"] or "").strip(), (row["caption"] or "").strip()
                 if not text:
                     raise ValueError(f"{csv_path}, line {line}: empty caption for image {path!r}")
-                full = path if os.path.isabs(path) else os.path.join(self.root, path)
+                full = os.path.normpath(path if os.path.isabs(path) else os.path.join(self.root, path))
                 if not path or not os.path.isfile(full):
                     raise ValueError(f"{csv_path}, line {line}: image file {path!r} not found (looked for {full})")
-                self.rows.append((full, text))
-        if not self.rows:
+                if has_labels:
+                    name = (row["label"] or "").strip()
+                    if not name:
+                        raise ValueError(f"{csv_path}, line {line}: empty label for image {path!r} (the header has a "
+                                         f"'label' column, so every row needs one)")
+                    label_ids.append(ids_by_name.setdefault(name, len(ids_by_name)))
+                self.image_paths.append(full)
+                self.captions.append(text)
+        if not self.captions:
             raise ValueError(f"{csv_path}: no rows")
+        self.labels: Optional[Tensor] = torch.tensor(label_ids, dtype=torch.long) if has_labels else None
+        self.label_names: Optional[List[str]] = list(ids_by_name) if has_labels else None
+
+    @property
+    def rows(self) -> List[Tuple[str, str]]:
+        """``(image path, caption)`` of every row."""
+        return list(zip(self.image_paths, self.captions))
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.captions)
 
     def __getitem__(self, i: int) -> Tuple[Tensor, str]:
         from PIL import Image, UnidentifiedImageError
 
-        path, text = self.rows[i]
+        path, text = self.image_paths[i], self.captions[i]
         try:
             with Image.open(path) as im:
                 im = im.convert("RGB")

@@ -6,8 +6,11 @@ a sentence-transformers model from a local path).
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import uuid
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -72,7 +75,8 @@ class ImageEncoder(nn.Module):
 
     def __init__(self, feature_dim: int = 256, backbone: Optional[nn.Module] = None, width: int = 32) -> None:
         super().__init__()
-        self.feature_dim = feature_dim
+        self.feature_dim, self.width = feature_dim, width
+        self.has_backbone = backbone is not None  # a user's module: CrossModalModel.save cannot rebuild it
         if backbone is not None:
             self.net = backbone
             return
@@ -99,7 +103,8 @@ class TextEncoder(nn.Module):
 
     def __init__(self, vocab_size: int, feature_dim: int = 256, layers: int = 2, heads: int = 4, max_length: int = 32) -> None:
         super().__init__()
-        self.feature_dim = feature_dim
+        self.vocab_size, self.feature_dim, self.max_length = vocab_size, feature_dim, max_length
+        self.layers, self.heads = layers, heads
         self.embed = nn.Embedding(vocab_size, feature_dim, padding_idx=0)
         self.position = nn.Parameter(torch.randn(max_length, feature_dim) * 0.02)
         layer = nn.TransformerEncoderLayer(feature_dim, heads, feature_dim * 2, dropout=0.0, batch_first=True, norm_first=True)
@@ -160,6 +165,7 @@ class CrossModalModel(nn.Module):
     ``encode_image(images)``, ``encode_text(texts)`` and ``encode_composed(images, texts)`` return unit
     vectors; search them with ``xmodal.topk_search`` or a ``FlatIndex`` (cosine / inner product). Texts are
     lists of strings (tokenised by ``tokenizer``) unless the text encoder takes strings itself.
+    ``save(folder)`` / ``CrossModalModel.load(folder)`` store the model with its tokenizer (safetensors + JSON).
     """
 
     def __init__(
@@ -173,6 +179,7 @@ class CrossModalModel(nn.Module):
     ) -> None:
         super().__init__()
         self.image_encoder, self.text_encoder, self.tokenizer = image_encoder, text_encoder, tokenizer
+        self.embed_dim, self.fusion_dim, self.fusion_factor = embed_dim, fusion_dim, fusion_factor
         di, dt = image_encoder.feature_dim, text_encoder.feature_dim
         self.image_head = ProjectionHead(di, embed_dim)
         self.text_head = ProjectionHead(dt, embed_dim)
@@ -189,6 +196,119 @@ class CrossModalModel(nn.Module):
             tokenizer,
             embed_dim,
         )
+
+    #: the files of a saved model, in the folder given to ``save`` / ``load``
+    WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+    _FORMAT, _FORMAT_VERSION = "xmodal.CrossModalModel", 1
+
+    def save(self, path: str) -> None:
+        """Writes the model to the folder ``path`` (created if missing; its parent folder must exist): the
+        weights as ``model.safetensors``, and as ``config.json`` the tokenizer's vocabulary and the settings
+        that rebuild the model. :meth:`load` reads it back.
+
+        Built-in towers (an ``ImageEncoder`` without a backbone, a ``TextEncoder``) are rebuilt from the
+        config. A custom tower (an ``ImageEncoder`` with a backbone, a ``SentenceTransformerEncoder``, any
+        other module) is saved with its weights, but ``load`` needs the module itself again (its code and
+        architecture are not in the files): ``CrossModalModel.load(path, image_encoder=ImageEncoder(512,
+        backbone=resnet))``.
+
+        Each file is written atomically (a temporary file in the folder, then a rename). Both carry an id of
+        the save, so ``load`` refuses a pair left by an interrupted save over an older one.
+        """
+        from safetensors.torch import save_model
+
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise ValueError(f"cannot save the model to {path!r}: the folder {parent!r} does not exist")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"cannot save the model to {path!r}: it is a file; save takes a folder")
+        config_path = os.path.join(path, self.CONFIG_FILE)
+        if os.path.exists(config_path):
+            try:  # never overwrite a config.json that is not a saved model's
+                self._read_config(config_path)
+            except ValueError as e:
+                raise ValueError(f"cannot save the model to {path!r}: {e}; choose another folder") from e
+        os.makedirs(path, exist_ok=True)
+        save_id = uuid.uuid4().hex
+        config = {
+            "format": self._FORMAT,
+            "version": self._FORMAT_VERSION,
+            "save_id": save_id,
+            "model": {"embed_dim": self.embed_dim, "fusion_dim": self.fusion_dim, "fusion_factor": self.fusion_factor},
+            "image_encoder": _tower_config(self.image_encoder),
+            "text_encoder": _tower_config(self.text_encoder),
+            "tokenizer": self.tokenizer.state_dict() if self.tokenizer is not None else None,
+        }
+        # save_model (not save_file) copes with tensors that share memory, as tied weights of a custom tower do
+        _write_atomic(os.path.join(path, self.WEIGHTS_FILE),
+                      lambda tmp: save_model(self, tmp, metadata={"xmodal_save_id": save_id}))
+
+        def write_config(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(config, fh, indent=1)
+
+        _write_atomic(config_path, write_config)
+
+    @classmethod
+    def load(
+        cls,
+        path: str,
+        *,
+        image_encoder: Optional[nn.Module] = None,
+        text_encoder: Optional[nn.Module] = None,
+        device="cpu",
+    ) -> "CrossModalModel":
+        """The model :meth:`save` wrote to the folder ``path``, on ``device``, in eval mode.
+
+        ``image_encoder`` / ``text_encoder``: the tower modules for a model saved with custom towers (see
+        ``save``); the saved weights are loaded into them, so they need the saved architecture.
+        """
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_model
+
+        if not os.path.isdir(path):
+            what = "it is a file; load takes the folder that save wrote" if os.path.exists(path) else "no such folder"
+            raise ValueError(f"cannot load a model from {path!r}: {what}")
+        config_path, weights_path = os.path.join(path, cls.CONFIG_FILE), os.path.join(path, cls.WEIGHTS_FILE)
+        for f in (config_path, weights_path):
+            if not os.path.isfile(f):
+                raise ValueError(f"cannot load a model from {path!r}: {os.path.basename(f)} is missing "
+                                 f"(CrossModalModel.save writes {cls.WEIGHTS_FILE} and {cls.CONFIG_FILE})")
+        config = cls._read_config(config_path)
+        try:
+            with safe_open(weights_path, "pt") as fh:
+                save_id = (fh.metadata() or {}).get("xmodal_save_id")
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{weights_path} is not a safetensors file ({e})") from e
+        if save_id != config["save_id"]:
+            raise ValueError(f"{weights_path} and {config_path} come from different saves (an interrupted save, or "
+                             f"files copied from two models); save the model again")
+        tokenizer = Tokenizer.from_state_dict(config["tokenizer"]) if config["tokenizer"] is not None else None
+        towers = []
+        for name, given in (("image_encoder", image_encoder), ("text_encoder", text_encoder)):
+            towers.append(given if given is not None else _build_tower(config[name], name, path))
+        model = cls(*towers, tokenizer, **config["model"])
+        try:
+            load_model(model, weights_path, strict=True)
+        except RuntimeError as e:  # missing / unexpected keys or other shapes: a tower of another architecture
+            raise ValueError(f"the weights in {weights_path} do not fit the model: {e}") from e
+        return model.to(device).eval()
+
+    @classmethod
+    def _read_config(cls, config_path: str) -> Dict:
+        """The parsed config.json of a saved model; ValueError if the file is not one."""
+        try:
+            with open(config_path, encoding="utf-8") as fh:
+                config = json.load(fh)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{config_path} is not a model config written by CrossModalModel.save ({e})") from e
+        if not isinstance(config, dict) or config.get("format") != cls._FORMAT:
+            raise ValueError(f"{config_path} was not written by CrossModalModel.save (it lacks \"format\": "
+                             f"\"{cls._FORMAT}\")")
+        if config.get("version") != cls._FORMAT_VERSION:
+            raise ValueError(f"{config_path} has format version {config.get('version')!r}; this xmodal reads "
+                             f"version {cls._FORMAT_VERSION}")
+        return config
 
     def _text_features(self, texts) -> Tensor:
         if self.tokenizer is None:
@@ -207,3 +327,41 @@ class CrossModalModel(nn.Module):
         fused = self.fusion(fi, ft)
         delta = self.compose_head(torch.cat([fused, fi, ft], dim=-1))
         return F.normalize(self.image_head(fi) + delta, dim=-1)
+
+
+def _tower_config(tower: nn.Module) -> Dict:
+    """What rebuilds a tower: the constructor arguments of a built-in one, a description of a custom one."""
+    if type(tower) is ImageEncoder and not tower.has_backbone:
+        return {"type": "ImageEncoder", "feature_dim": tower.feature_dim, "width": tower.width}
+    if type(tower) is TextEncoder:
+        return {"type": "TextEncoder", "vocab_size": tower.vocab_size, "feature_dim": tower.feature_dim,
+                "layers": tower.layers, "heads": tower.heads, "max_length": tower.max_length}
+    name = f"{type(tower).__module__}.{type(tower).__qualname__}"
+    if isinstance(tower, ImageEncoder) and tower.has_backbone:
+        backbone = type(tower.net)
+        name += f" with a backbone {backbone.__module__}.{backbone.__qualname__}"
+    return {"type": "custom", "description": name}
+
+
+def _build_tower(config: Dict, name: str, path: str) -> nn.Module:
+    if config["type"] == "ImageEncoder":
+        return ImageEncoder(config["feature_dim"], width=config["width"])
+    if config["type"] == "TextEncoder":
+        return TextEncoder(config["vocab_size"], config["feature_dim"], config["layers"], config["heads"],
+                           config["max_length"])
+    raise ValueError(f"the model in {path!r} has a custom {name.replace('_', ' ')} ({config['description']}), which "
+                     f"load cannot rebuild: pass the module, CrossModalModel.load({path!r}, {name}=...), built as it "
+                     f"was when saved (the weights come from the file)")
+
+
+def _write_atomic(path: str, write) -> None:
+    """``write(tmp)`` to a temporary file next to ``path``, then renames it to ``path``: a reader never sees a
+    half-written file, and an interrupted write leaves the old file as it was."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

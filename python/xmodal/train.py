@@ -1,29 +1,33 @@
-"""Contrastive training of a :class:`CrossModalModel` on the built-in Shapes data, and its retrieval evaluation.
+"""Contrastive training of a :class:`CrossModalModel` on the built-in Shapes data (``train``, ``evaluate``) or
+on your own pairs (``train_pairs``, ``evaluate_pairs``), and its retrieval evaluation.
 
-Loss: symmetric InfoNCE between image and caption embeddings (CLIP), plus the same loss between composed
-queries (reference image + modification text) and their target images. Rows of a batch that show the same
-attribute combination are all positives for each other (multi-positive targets), not false negatives.
-Training is deterministic for a given seed and thread count; checkpoints hold the model, optimiser,
-schedule, step and random states, so ``resume`` continues exactly where a run stopped.
+Loss: symmetric InfoNCE between image and caption embeddings (CLIP), plus (built-in data) the same loss between
+composed queries (reference image + modification text) and their target images. Rows of a batch that show the
+same attribute combination (built-in data) or have the same label (your pairs) are all positives for each
+other (multi-positive targets), not false negatives. Training is deterministic for a given seed and thread
+count; checkpoints hold the model, optimiser, schedule, step and random states, so ``resume`` continues
+exactly where a run stopped.
 """
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import random
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import Subset
 
 from . import metrics
-from .data import ComposedQueries, ShapesDataset, composed_triples
+from .data import ComposedQueries, ShapesDataset, composed_triples, vocabulary_words
 from .encoders import CrossModalModel, Tokenizer
 from .index import FlatIndex
 
-__all__ = ["TrainConfig", "contrastive_loss", "train", "train_pairs", "evaluate", "build_model"]
+__all__ = ["TrainConfig", "contrastive_loss", "train", "train_pairs", "evaluate", "evaluate_pairs", "build_model"]
 
 
 def contrastive_loss(a: Tensor, b: Tensor, logit_scale: Tensor, labels: Optional[Tensor] = None) -> Tensor:
@@ -59,12 +63,8 @@ class TrainConfig:
 
 def build_model(seed: int = 0) -> CrossModalModel:
     """The default model, with a tokenizer fitted on every word the built-in data can produce."""
-    from .data import _KIND_WORDS, _POSITION_WORDS, _SIZE_WORDS, _TEMPLATES, COLOURS
-
-    words = list(COLOURS) + [w for d in (_KIND_WORDS, _SIZE_WORDS, _POSITION_WORDS) for v in d.values() for w in v]
-    words += _TEMPLATES + ["make it change the colour to same but paint turn into a instead shape size move put in"]
     torch.manual_seed(seed)
-    return CrossModalModel.default(Tokenizer.fit(words, max_length=24))
+    return CrossModalModel.default(Tokenizer.fit(vocabulary_words(), max_length=24))
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -80,6 +80,99 @@ def _save_atomic(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _optimise(
+    model: CrossModalModel,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    step_loss: Callable[[int], Tuple[Tensor, Dict[str, float]]],
+    steps: int,
+    *,
+    checkpoint: Optional[str],
+    resume: bool,
+    checkpoint_every: int,
+    config: Dict,
+    progress: bool,
+    on_step: Optional[Callable[[int, Dict[str, float]], None]],
+    rng: Optional[random.Random] = None,
+    run_state: Optional[Dict] = None,
+    same_config: bool = False,
+) -> Dict[str, float]:
+    """The training loop of ``train`` and ``train_pairs``: for each step, ``step_loss(step)`` gives the loss
+    and the values to report; then backward, gradient clipping, the optimiser and schedule steps, the
+    progress bar, checkpoints and ``on_step``. Returns the last reported values.
+
+    A checkpoint holds the model, optimiser, schedule, step, the random states (torch's and ``rng``'s),
+    ``config`` and ``run_state`` (a dict the caller keeps up to date, e.g. a loss history); resuming restores
+    all of them into the objects given, so the run goes on as if it had never stopped. ``same_config``: a
+    checkpoint written with another ``config`` raises instead of resuming.
+    """
+    if checkpoint_every <= 0:
+        raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every}")
+    if checkpoint:
+        folder = os.path.dirname(os.path.abspath(checkpoint))
+        if not os.path.isdir(folder):
+            raise ValueError(f"checkpoint {checkpoint!r}: the folder {folder!r} does not exist")
+    elif resume:
+        raise ValueError("resume=True needs the checkpoint file to resume from: pass checkpoint=...")
+    run_state = {} if run_state is None else run_state
+    start = 0
+    if resume and os.path.exists(checkpoint):
+        state = torch.load(checkpoint, weights_only=True)
+        if same_config and state.get("config") != config:
+            saved = state.get("config") or {}
+            changed = ", ".join(f"{k}: {saved.get(k)!r} then, {config.get(k)!r} now"
+                                for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k))
+            raise ValueError(f"checkpoint {checkpoint!r} is from a run with other settings ({changed}); resume with "
+                             f"the same data and settings, or start afresh with resume=False")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = state["step"]
+        if rng is not None:
+            rng.setstate(_to_rng_state(state["python_rng"]))
+        torch.set_rng_state(state["torch_rng"])
+        run_state.update(state.get("run_state", {}))
+
+    def save(step: int) -> None:
+        if checkpoint:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "step": step, "torch_rng": torch.get_rng_state(), "config": config, "run_state": run_state,
+                     "tokenizer": model.tokenizer.state_dict() if model.tokenizer is not None else None}
+            if rng is not None:
+                state["python_rng"] = _from_rng_state(rng.getstate())
+            _save_atomic(state, checkpoint)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    model.train()
+    last: Dict[str, float] = {}
+    try:
+        for step in range(start, steps):
+            loss, values = step_loss(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            last.update(values)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()})
+            if checkpoint and (step + 1) % checkpoint_every == 0:
+                save(step + 1)
+            if on_step is not None:
+                on_step(step + 1, dict(last))
+    finally:
+        if bar is not None:
+            bar.close()
+    save(steps)
+    model.eval()
+    return last
+
+
 def train(
     model: CrossModalModel,
     config: TrainConfig = TrainConfig(),
@@ -93,7 +186,7 @@ def train(
     """Trains ``model`` in place on renderings of the built-in data; returns the last losses.
 
     ``checkpoint``: a file written every ``config.checkpoint_every`` steps and at the end (atomically).
-    ``resume``: continue from that file if it exists (same config expected).
+    ``resume``: continue from that file if it exists (same config expected; without ``checkpoint``, an error).
     ``on_step(step, losses)``: called after every step (and after that step's checkpoint), e.g. for logging.
     """
     torch.manual_seed(config.seed)
@@ -101,37 +194,15 @@ def train(
     pool = pool if pool is not None else ShapesDataset(config.train_images, seed=config.seed + 1000)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
-    start = 0
-    if resume and checkpoint and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = state["step"]
-        rng.setstate(_to_rng_state(state["python_rng"]))
-        torch.set_rng_state(state["torch_rng"])
-
-    def save(step: int) -> None:
-        if checkpoint:
-            _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                          "step": step, "python_rng": _from_rng_state(rng.getstate()), "torch_rng": torch.get_rng_state(),
-                          "config": asdict(config), "tokenizer": model.tokenizer.state_dict() if model.tokenizer else None}, checkpoint)
-
-    steps = range(start, config.steps)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     device = model.logit_scale.device  # batches come from the (CPU) pool and go to the model's device
-    model.train()
-    last: Dict[str, float] = {}
-    for step in steps:
+
+    def step_loss(step: int) -> Tuple[Tensor, Dict[str, float]]:
         idx = [rng.randrange(len(pool)) for _ in range(config.batch_size)]
         texts = [pool.captions[i][rng.randrange(pool.captions_per_image)] for i in idx]
         labels = pool.labels[idx].to(device)
         images = pool.images[idx].to(device)
         loss_match = contrastive_loss(model.encode_image(images), model.encode_text(texts), model.logit_scale, labels)
+        values = {"match_loss": loss_match.item()}
         loss = loss_match
         if config.composed_weight > 0 and config.composed_batch_size > 0:
             refs, mods, targets, target_labels = composed_triples(pool, config.composed_batch_size, rng)
@@ -140,25 +211,58 @@ def train(
                 target_labels.to(device),
             )
             loss = loss + config.composed_weight * loss_composed
-            last["composed_loss"] = loss_composed.item()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        sched.step()
-        last["match_loss"] = loss_match.item()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()})
-        if checkpoint and (step + 1) % config.checkpoint_every == 0:
-            save(step + 1)
-        if on_step is not None:
-            on_step(step + 1, dict(last))
-    if bar is not None:
-        bar.close()
-    save(config.steps)
-    model.eval()
-    return last
+            values["composed_loss"] = loss_composed.item()
+        return loss, values
+
+    return _optimise(model, opt, sched, step_loss, config.steps, checkpoint=checkpoint, resume=resume,
+                     checkpoint_every=config.checkpoint_every, config=asdict(config), progress=progress,
+                     on_step=on_step, rng=rng)
+
+
+def _row_attribute(pairs, name: str):
+    """``pairs.<name>``, one entry per row (``labels``, ``image_paths``), or None where it has none. Sees
+    through a ``torch.utils.data.Subset`` (what ``random_split`` makes): its rows are some of its data set's."""
+    if isinstance(pairs, Subset):
+        values = _row_attribute(pairs.dataset, name)
+        if values is None:
+            return None
+        if isinstance(values, Tensor):
+            return values[torch.as_tensor(pairs.indices, dtype=torch.long)]
+        return [values[i] for i in pairs.indices]
+    return getattr(pairs, name, None)
+
+
+def _row_classes(pairs) -> Optional[Tensor]:
+    """For each row of ``pairs``, the id of its class: rows of one class match each other. The class is the
+    label where the rows have labels, else the image file (the captions of one image); ids are numbered in
+    order of first appearance. None when neither is known: every row is a class of its own."""
+    labels = _row_attribute(pairs, "labels")
+    if labels is not None:
+        return torch.as_tensor(labels, dtype=torch.long)
+    paths = _row_attribute(pairs, "image_paths")
+    if paths is None:
+        return None
+    ids: Dict[str, int] = {}
+    return torch.tensor([ids.setdefault(p, len(ids)) for p in paths], dtype=torch.long)
+
+
+class _EpochBatches:
+    """The batches of row indices of a run over ``rows`` rows: a fresh permutation each epoch, cut into
+    ``size``-row batches (an incomplete last batch is dropped). Batch ``step`` of the run depends only on the
+    seed, so a resumed run sees the batches an uninterrupted one would."""
+
+    def __init__(self, rows: int, size: int, seed: int) -> None:
+        self.rows, self.size = rows, size
+        self.per_epoch = rows // size
+        self._generator = torch.Generator().manual_seed(seed)
+        self._epoch, self._order = -1, torch.arange(rows)
+
+    def batch(self, step: int) -> Tensor:
+        epoch, b = divmod(step, self.per_epoch)
+        while self._epoch < epoch:  # epochs are drawn in turn (a resumed run draws the ones it skips again)
+            self._order = torch.randperm(self.rows, generator=self._generator)
+            self._epoch += 1
+        return self._order[b * self.size : (b + 1) * self.size]
 
 
 def train_pairs(
@@ -171,49 +275,61 @@ def train_pairs(
     weight_decay: float = 0.01,
     seed: int = 0,
     progress: bool = True,
+    checkpoint: Optional[str] = None,
+    resume: bool = False,
+    checkpoint_every: Optional[int] = None,
+    on_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
 ) -> List[float]:
     """Contrastive training on your own (image, caption) pairs, e.g. an ``ImageCaptionCSV``: symmetric
-    InfoNCE over shuffled batches (every other pair of a batch is a negative), AdamW, cosine schedule.
-    Returns the mean loss of each epoch. Deterministic for a seed and thread count."""
-    from torch.utils.data import DataLoader
+    InfoNCE over shuffled batches, AdamW, cosine schedule. Returns the mean loss of each epoch.
 
+    Positives: with labels (``pairs.labels``, e.g. a CSV's ``label`` column) every two pairs of a batch with
+    equal labels are positives for each other, so pairs of one class are never pushed apart; without labels,
+    pairs that show the same image file (several captions of one image). Every other pair of a batch is a
+    negative. A ``torch.utils.data.Subset`` of such a data set (``random_split``) keeps its rows' labels.
+
+    ``checkpoint``: a file written atomically every ``checkpoint_every`` steps (default: after every epoch)
+    and at the end. ``resume``: continue from it if it exists; it must come from a run with the same data
+    size and arguments, else ``ValueError``. A run that is stopped and resumed ends with the weights and the
+    loss history of an uninterrupted one. ``on_step(step, {"loss": ...})``: called after every step (and
+    after that step's checkpoint). Deterministic for a seed and thread count.
+    """
     from .data import collate_captions
 
     if len(pairs) < 2:
         raise ValueError(f"contrastive training needs at least 2 pairs, got {len(pairs)}")
-    g = torch.Generator().manual_seed(seed)
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be at least 2 (a batch's other pairs are the negatives), got {batch_size}")
     torch.manual_seed(seed)
-    loader = DataLoader(pairs, batch_size=min(batch_size, len(pairs)), shuffle=True, drop_last=True, generator=g,
-                        collate_fn=collate_captions)
+    batches = _EpochBatches(len(pairs), min(batch_size, len(pairs)), seed)
+    classes = _row_classes(pairs)
+    if classes is not None and len(classes.unique()) == len(classes):
+        classes = None  # every pair is its own class: plain InfoNCE, the same loss without the bookkeeping
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
+    steps = epochs * batches.per_epoch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
     device = model.logit_scale.device
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    # the loss history is part of the checkpoint, so that a resumed run returns the whole of it
+    run = {"history": [], "epoch_total": 0.0}
 
-        bar = tqdm(total=epochs * len(loader), desc="train", unit="step", dynamic_ncols=True)
-    model.train()
-    history: List[float] = []
-    for _ in range(epochs):
-        total = 0.0
-        for images, texts in loader:
-            loss = contrastive_loss(model.encode_image(images.to(device)), model.encode_text(list(texts)),
-                                    model.logit_scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            sched.step()
-            total += loss.item()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        history.append(total / len(loader))
-    if bar is not None:
-        bar.close()
-    model.eval()
-    return history
+    def step_loss(step: int) -> Tuple[Tensor, Dict[str, float]]:
+        rows = batches.batch(step)
+        images, texts = collate_captions([pairs[i] for i in rows.tolist()])[:2]
+        labels = classes[rows].to(device) if classes is not None else None
+        loss = contrastive_loss(model.encode_image(images.to(device)), model.encode_text(list(texts)),
+                                model.logit_scale, labels)
+        run["epoch_total"] += loss.item()
+        if (step + 1) % batches.per_epoch == 0:
+            run["history"].append(run["epoch_total"] / batches.per_epoch)
+            run["epoch_total"] = 0.0
+        return loss, {"loss": loss.item()}
+
+    config = {"pairs": len(pairs), "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+              "seed": seed}
+    _optimise(model, opt, sched, step_loss, steps, checkpoint=checkpoint, resume=resume,
+              checkpoint_every=checkpoint_every or batches.per_epoch, config=config, progress=progress,
+              on_step=on_step, run_state=run, same_config=True)
+    return list(run["history"])
 
 
 def _from_rng_state(state):
@@ -260,4 +376,83 @@ def evaluate(model: CrossModalModel, gallery: ShapesDataset, composed: Optional[
         for r in (1, 5, 10):
             if r <= k:
                 out[f"composed_R@{r}"] = metrics.recall_at_k(c2i, torch.tensor(composed.targets), r)
+    return out
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    model: CrossModalModel, pairs, ks: Sequence[int] = (1, 5, 10), batch_size: int = 256
+) -> Dict[str, float]:
+    """Retrieval quality on your own pairs (e.g. a held-out ``ImageCaptionCSV``), both ways: each caption
+    searches the images (``text_to_image``) and each image searches the captions (``image_to_text``).
+
+    What is relevant: with labels (``pairs.labels``), every image / caption of the query's label; without, a
+    caption's own image and an image's own captions. Rows that name one image file share one gallery image
+    (its captions are all its rows' captions), so a caption's own image never also counts as a miss.
+
+    Returns, for each direction ``d``: ``d/R@K`` for each K in ``ks`` (the fraction of queries with a relevant
+    result among the first K; K is capped at the number of results), ``d/mAP@K`` for the largest K and
+    ``d/mAP`` (mean average precision over the whole ranking). Runs the model in eval mode and restores its
+    train/eval mode afterwards.
+    """
+    from torch.utils.data import DataLoader
+
+    from .data import collate_captions
+    from .ops import topk_search
+
+    if not isinstance(ks, (list, tuple)) or not ks \
+            or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0 for k in ks):
+        raise ValueError(f"ks must be a non-empty tuple or list of positive ints, got {ks!r}")
+    ks = [int(k) for k in ks]
+    if len(pairs) == 0:
+        raise ValueError("evaluate_pairs needs at least one pair, got an empty data set")
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.logit_scale.device
+        image_emb, text_emb = [], []
+        for batch in DataLoader(pairs, batch_size=batch_size, collate_fn=collate_captions):
+            image_emb.append(model.encode_image(batch[0].to(device)).float().cpu())
+            text_emb.append(model.encode_text(list(batch[1])).float().cpu())
+    finally:
+        model.train(was_training)
+    image_emb, text_emb = torch.cat(image_emb), torch.cat(text_emb)
+
+    # the gallery: one image per image file (per row where files are unknown), embedded from its first row
+    paths = _row_attribute(pairs, "image_paths")
+    files = paths if paths is not None else range(len(pairs))
+    ids: Dict[object, int] = {}
+    first_row: List[int] = []
+    for row, file in enumerate(files):
+        if file not in ids:
+            ids[file] = len(ids)
+            first_row.append(row)
+    image_of_row = torch.tensor([ids[file] for file in files])
+    gallery = image_emb[first_row]
+    # relevance through classes: a caption's class is its label (or, without labels, its image); image u is
+    # relevant to caption t when one of u's rows has t's class, and the other way round
+    labels = _row_attribute(pairs, "labels")
+    row_class = torch.as_tensor(labels, dtype=torch.long) if labels is not None else image_of_row
+    image_has_class = torch.zeros(len(ids), int(row_class.max()) + 1, dtype=torch.bool)
+    image_has_class[image_of_row, row_class] = True
+
+    out: Dict[str, float] = {}
+    for direction, queries, database, relevant in (
+        ("text_to_image", text_emb, gallery, lambda q: image_has_class[:, row_class[q]].T),
+        ("image_to_text", gallery, text_emb, lambda q: image_has_class[q][:, row_class]),
+    ):
+        n = database.shape[0]
+        sums: Dict[str, float] = {}
+        # the whole ranking for mAP, a chunk of queries at a time so that [chunk, n] ids stay small
+        chunk = max(1, (1 << 22) // n)
+        for q0 in range(0, queries.shape[0], chunk):
+            q = torch.arange(q0, min(q0 + chunk, queries.shape[0]))
+            _, ranked = topk_search(queries[q], database, n, "ip")
+            rel = relevant(q)
+            values = {f"R@{k}": metrics.recall_at_k(ranked, rel, min(k, n)) for k in ks}
+            values[f"mAP@{max(ks)}"] = metrics.mean_average_precision(ranked, rel, min(max(ks), n))
+            values["mAP"] = metrics.mean_average_precision(ranked, rel)
+            for name, v in values.items():
+                sums[name] = sums.get(name, 0.0) + v * len(q)
+        out.update({f"{direction}/{name}": total / queries.shape[0] for name, total in sums.items()})
     return out
