@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import reprlib
 from typing import Optional, Tuple
 
 import torch
@@ -46,8 +48,47 @@ def topk_search(
         ``(values, indices)``, each ``[Q, k]`` (or ``[k]`` for a 1-D query), best first; ``values`` in the
         input dtype, ``indices`` int64. Where fewer than k candidates exist the rest is padded with index -1
         and value -inf (similarities) or +inf (distances). A NaN score ranks below every number.
+
+    ``queries``, ``database`` and ``mask`` may also be NumPy (or CuPy) arrays, as the indexes accept them; the
+    result is then in the queries' array type (bfloat16 comes back as float32, which NumPy and CuPy lack).
     """
-    return torch.ops.xmodal.topk_search(queries, database, k, metric, mask, tf32=tf32)
+    queries, database, k, mask, kind = _search_args(queries, database, k, metric, mask, tf32)
+    values, indices = torch.ops.xmodal.topk_search(queries, database, k, metric, mask, tf32=tf32)
+    if kind != "torch":
+        from .index import _from_torch
+
+        return _from_torch(values, kind), _from_torch(indices, kind)
+    return values, indices
+
+
+def _search_args(queries, database, k, metric, mask, tf32):
+    """topk_search's arguments checked for type (values, shapes and dtypes are the op's to check), arrays
+    turned into tensors: ``(queries, database, k, mask, kind)``, kind being the queries' array type. Plain
+    isinstance checks, so that torch.compile traces through them (for tensors and an int k nothing else runs)."""
+    kind = "torch"
+    tensors = isinstance(queries, Tensor) and isinstance(database, Tensor)
+    if not (tensors and (mask is None or isinstance(mask, Tensor))):
+        from .index import _to_torch  # (index imports this module)
+
+        queries, kind = _to_torch(queries, "queries")
+        database, _ = _to_torch(database, "database")
+        mask = None if mask is None else _to_torch(mask, "mask")[0]
+    # the schema's int takes a Python int (a SymInt under torch.compile): a NumPy integer is converted, and a
+    # bool, an int to Python, refused
+    if not isinstance(k, (int, torch.SymInt)) or isinstance(k, bool):
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool):
+            raise TypeError(f"k must be an int, got {_given(k)}")
+        k = int(k)
+    if not isinstance(metric, str):
+        raise TypeError(f"metric must be a str, got {_given(metric)}")
+    if not isinstance(tf32, bool):
+        raise TypeError(f"tf32 must be a bool, got {_given(tf32)}")
+    return queries, database, k, mask, kind
+
+
+def _given(value) -> str:
+    """What was passed, for an error message: its type and a repr cut short (a tensor's could be huge)."""
+    return f"{type(value).__name__} ({reprlib.repr(value)})"
 
 
 def bilinear(input1: Tensor, input2: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
