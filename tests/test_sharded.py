@@ -1,4 +1,5 @@
 """ShardedIndex over 2 and 3 CPU processes (gloo): the merged answer equals one FlatIndex over all data."""
+import datetime
 import os
 import socket
 
@@ -87,3 +88,36 @@ def test_sharded_equals_flat(tmp_path, world, shard_sizes, metric, route):
 def test_sharded_needs_a_process_group():
     with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group"):
         ShardedIndex(FlatIndex(4))
+
+
+def _lonely_len_worker(rank, world, port, done, errors):
+    """Rank 0 calls len(index) alone; the others only wait until it has seen the error."""
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=2))
+        index = ShardedIndex(FlatIndex(4))
+        if rank == 0:
+            try:
+                collective = (r"^ShardedIndex.__len__ is a collective: every rank of the group must call it, .* "
+                              r"failed on rank 0 of 2, most likely because another rank did not call it")
+                with pytest.raises(RuntimeError, match=collective) as info:
+                    len(index)
+                assert isinstance(info.value.__cause__, RuntimeError)  # the backend's own error, chained
+            finally:
+                done.set()
+        else:
+            assert done.wait(60), "rank 0 never reported"
+    except BaseException as e:
+        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_a_collective_called_on_one_rank_says_so_when_it_times_out():
+    ctx = mp.get_context("spawn")
+    done, errors = ctx.Event(), ctx.Queue()
+    mp.start_processes(_lonely_len_worker, args=(2, _free_port(), done, errors), nprocs=2, join=True,
+                       start_method="spawn")
+    assert errors.empty(), errors.get()
