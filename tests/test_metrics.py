@@ -69,3 +69,40 @@ def test_retrieval_report_both_directions():
     assert report["image_to_text_R@2"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match=r"text_to_image must have one entry per caption \(6\), got 5"):
         metrics.retrieval_report(images, captions, text_to_image[:5])
+
+
+def test_retrieval_report_rejects_bad_text_to_image():
+    images, captions = torch.eye(3, 4), torch.eye(4)[[0, 0, 1, 1, 2, 2]]
+    bad = [
+        (torch.tensor([0, 0, 1, 3, 2, 2]), r"text_to_image\[3\] = 3 is out of range: with 3 images an image index must "
+                                           r"be in \[0, 2\] \(1 of the 6 entries are out of range\)"),
+        ([0, -1, 1, 1, 2, 7], r"text_to_image\[1\] = -1 is out of range: .* must be in \[0, 2\] \(2 of the 6"),
+        (torch.tensor([0.0, 0, 1, 1, 2, 2.7]), r"text_to_image must hold integer image indices, got dtype "
+                                               r"torch.float32"),
+        (torch.ones(6, dtype=torch.bool), r"text_to_image must hold integer image indices, got dtype torch.bool"),
+        (torch.zeros(6, 1, dtype=torch.int64), r"text_to_image must be 1-D, one image index per caption, got shape "
+                                               r"\(6, 1\)"),
+        ([0, 1, 2], r"text_to_image must have one entry per caption \(6\), got 3"),
+    ]
+    for text_to_image, message in bad:
+        with pytest.raises(ValueError, match=message):
+            metrics.retrieval_report(images, captions, text_to_image)
+    np = pytest.importorskip("numpy")
+    report = metrics.retrieval_report(images.numpy(), captions.numpy(), np.array([0, 0, 1, 1, 2, 2], dtype=np.int32),
+                                      ks=(1, np.int64(2)))
+    assert report["text_to_image_R@1"] == 1.0 and set(report) == {"text_to_image_R@1", "image_to_text_R@1",
+                                                                  "text_to_image_R@2", "image_to_text_R@2"}
+
+
+def test_retrieval_report_rejects_bad_embeddings_and_ks():
+    images, captions, t2i = torch.eye(3, 4), torch.eye(4)[[0, 1, 2]], [0, 1, 2]
+    with pytest.raises(ValueError, match=r"image_embeddings and text_embeddings must have the same dimension D, got 4 "
+                                         r"and 3"):
+        metrics.retrieval_report(images, captions[:, :3], t2i)
+    with pytest.raises(ValueError, match=r"image_embeddings must be 2-D \[N, D\] with N >= 1, got shape \(0, 4\)"):
+        metrics.retrieval_report(images[:0], captions, t2i)
+    with pytest.raises(ValueError, match=r"text_embeddings must be 2-D \[N, D\] with N >= 1, got shape \(4,\)"):
+        metrics.retrieval_report(images, captions[0], [0])
+    for ks in [(), (0, 1), (1.5,), 5]:
+        with pytest.raises(ValueError, match=r"ks must be a non-empty tuple or list of positive ints, got "):
+            metrics.retrieval_report(images, captions, t2i, ks=ks)

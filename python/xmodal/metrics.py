@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import numbers
 from typing import Dict, List, Sequence, Set, Union
 
 import torch
@@ -99,6 +100,25 @@ def ndcg_at_k(ranked, relevant: Relevant, k: int) -> float:
     return torch.where(idcg > 0, dcg / idcg.clamp(min=1e-300), torch.zeros_like(dcg)).mean().item()
 
 
+def _image_of_caption(text_to_image, captions: int, images: int) -> Tensor:
+    """text_to_image as int64 image indices, checked: one per caption, each in [0, images)."""
+    t2i = torch.as_tensor(text_to_image).cpu()
+    if t2i.dtype.is_floating_point or t2i.dtype.is_complex or t2i.dtype == torch.bool:
+        # a cast would truncate 1.7 to image 1 without a word
+        raise ValueError(f"text_to_image must hold integer image indices, got dtype {t2i.dtype}")
+    if t2i.dim() != 1:
+        raise ValueError(f"text_to_image must be 1-D, one image index per caption, got shape {tuple(t2i.shape)}")
+    if t2i.shape[0] != captions:
+        raise ValueError(f"text_to_image must have one entry per caption ({captions}), got {t2i.shape[0]}")
+    t2i = t2i.to(torch.int64)
+    bad = ((t2i < 0) | (t2i >= images)).nonzero().flatten()
+    if bad.numel():
+        t = int(bad[0])
+        raise ValueError(f"text_to_image[{t}] = {int(t2i[t])} is out of range: with {images} images an image index "
+                         f"must be in [0, {images - 1}] ({bad.numel()} of the {captions} entries are out of range)")
+    return t2i
+
+
 def retrieval_report(image_embeddings, text_embeddings, text_to_image, ks=(1, 5, 10), metric: str = "cosine") -> Dict[str, float]:
     """R@K in both directions, as CLIP evaluations report them.
 
@@ -111,9 +131,17 @@ def retrieval_report(image_embeddings, text_embeddings, text_to_image, ks=(1, 5,
 
     img = torch.as_tensor(image_embeddings)
     txt = torch.as_tensor(text_embeddings)
-    t2i = torch.as_tensor(text_to_image).to(torch.int64).cpu()
-    if t2i.shape[0] != txt.shape[0]:
-        raise ValueError(f"text_to_image must have one entry per caption ({txt.shape[0]}), got {t2i.shape[0]}")
+    for name, e in (("image_embeddings", img), ("text_embeddings", txt)):
+        if e.dim() != 2 or e.shape[0] == 0:
+            raise ValueError(f"{name} must be 2-D [N, D] with N >= 1, got shape {tuple(e.shape)}")
+    if img.shape[1] != txt.shape[1]:
+        raise ValueError(f"image_embeddings and text_embeddings must have the same dimension D, got "
+                         f"{img.shape[1]} and {txt.shape[1]}")
+    t2i = _image_of_caption(text_to_image, txt.shape[0], img.shape[0])
+    if not isinstance(ks, (tuple, list)) or not ks \
+            or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0 for k in ks):
+        raise ValueError(f"ks must be a non-empty tuple or list of positive ints, got {ks!r}")
+    ks = [int(k) for k in ks]
     kmax = max(ks)
     _, t_ranked = topk_search(txt, img, min(kmax, img.shape[0]), metric)
     _, i_ranked = topk_search(img, txt, min(kmax, txt.shape[0]), metric)
