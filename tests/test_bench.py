@@ -1,6 +1,7 @@
 """The benchmark harnesses compare like with like: every baseline computes what xmodal computes."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -113,3 +114,43 @@ def test_info_reports_versions_and_switches():
     assert info["torch"] == torch.__version__ and info["CUDA kernels compiled"] in ("yes", "no")
     assert info["XMODAL_CUDA_FILTER_SELECT"] == "on" and info["XMODAL_CUDA_FUSED_GEMM"] == "off"
     assert info["CPU block cache held"].endswith("MiB")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--repeats", "0"], r"argument --repeats: must be a positive integer, got '0'"),
+    (["--repeats", "-2"], r"argument --repeats: must be a positive integer, got '-2'"),
+    (["--repeats", "many"], r"argument --repeats: must be a positive integer, got 'many'"),
+    (["--device", "tpu"], r"argument --device: must be cpu, cuda or cuda:N, got 'tpu'"),
+    (["--device", "cuda:x"], r"argument --device: must be cpu, cuda or cuda:N, got 'cuda:x'"),
+    (["--json", "/no/such/folder/b.json"], r"argument --json: cannot write '/no/such/folder/b.json': folder "
+                                           r"'/no/such/folder' does not exist"),
+    (["--markdown", "/"], r"argument --markdown: cannot write '/': it is a folder"),
+])
+@pytest.mark.parametrize("op", ["search", "bilinear"])
+def test_bench_cli_rejects_bad_options_with_a_usage_error(capsys, op, argv, message):
+    from xmodal import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", op, "--quick", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: xmodal bench") and err.strip().splitlines()[-1].startswith("xmodal bench: error: ")
+    assert re.search(message, err), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_bench_cli_cuda_without_a_gpu_is_a_usage_error():
+    out = subprocess.run([sys.executable, "-m", "xmodal", "bench", "search", "--device", "cuda", "--quick"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines()[-1] == (
+        "xmodal bench: error: argument --device: 'cuda' asked for, but no CUDA GPU is visible to torch")
+
+
+def test_bench_functions_reject_non_positive_repeats():
+    for call in (lambda: bench.time_call(lambda: None, "cpu", 0),
+                 lambda: bench.run_search_case(bench.SearchCase(1, 10, 4, 2), repeats=0),
+                 lambda: bench_bilinear.run_bilinear_case(bench_bilinear.BilinearCase("full", 2, 3, 3, 2), repeats=-1,
+                                                          measure_memory=False)):
+        with pytest.raises(ValueError, match=r"repeats must be a positive int, got (0|-1)"):
+            call()

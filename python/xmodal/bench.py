@@ -115,8 +115,16 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def check_repeats(repeats) -> int:
+    """repeats, which must be a positive int (a median of no times does not exist)."""
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats <= 0:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    return repeats
+
+
 def time_call(fn: Callable[[], object], device: str, repeats: int) -> float:
     """Median wall time of ``repeats`` calls after one warm-up; CUDA work is synchronised."""
+    check_repeats(repeats)
     fn()
     _sync(device)
     times = []
@@ -179,6 +187,7 @@ def run_search_case(case: SearchCase, device: str = "cpu", repeats: int = 3, use
     """Times xmodal and its baselines interleaved (one call of each per round, after a warm-up round), so
     that drift in the machine's speed during a run affects them alike; reports each one's median. Cases of
     over 1e11 scores run once, without a warm-up round."""
+    check_repeats(repeats)
     queries, database = make_data(case, device)
     search = lambda: xmodal.topk_search(queries, database, case.k, case.metric)  # noqa: E731
     calls = {"xmodal": search}

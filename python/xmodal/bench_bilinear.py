@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import xmodal
 from xmodal import reference
 
-from .bench import _sync, cuda_missing, environment, format_text, write_ratio_chart
+from .bench import _sync, check_repeats, cuda_missing, environment, format_text, write_ratio_chart
 
 
 @dataclass(frozen=True)
@@ -228,8 +228,9 @@ def _step(fn, leaves, backward):
 
 
 def run_bilinear_case(
-    case: BilinearCase, device: str = "cpu", repeats: int = 3, measure_memory: bool = True
+    case: BilinearCase, device: str = "cpu", repeats: int = 3, measure_memory: bool = True, memory_processes: int = 3
 ) -> BilinearResult:
+    check_repeats(repeats)
     leaves, calls = make_problem(case, device)
     # F.bilinear's backward loops over output features with a B x dx x dy temporary each: on big shapes it
     # takes minutes; time it only where that stays reasonable
@@ -242,7 +243,7 @@ def run_bilinear_case(
         if device.startswith("cuda"):
             result.peak_bytes[name] = peak_extra_bytes(step, device)
         elif measure_memory:
-            result.peak_bytes[name] = cpu_peak_extra_bytes(case, name)
+            result.peak_bytes[name] = cpu_peak_extra_bytes(case, name, memory_processes)
         if case.backward:
             result.activation_bytes[name] = activation_bytes(calls[name], leaves)
     times = {name: [] for name in steps}
@@ -312,7 +313,8 @@ def main(args) -> int:
     results = []
     for case in cases:
         print(f"  {case.name} ...", flush=True)
-        results.append(run_bilinear_case(case, device, repeats=args.repeats))
+        # --quick: one fresh process per CPU peak-memory figure instead of three (each costs an import of torch)
+        results.append(run_bilinear_case(case, device, repeats=args.repeats, memory_processes=1 if args.quick else 3))
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump({"environment": env, "results": [

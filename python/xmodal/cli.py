@@ -56,11 +56,46 @@ def _demo(args) -> int:
     return demo.run(args)
 
 
+# argparse `type=` functions: a bad value ends in the usage line and one error line naming the option (exit 2)
+
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
+
+
+def _bench_device(text: str) -> str:
+    """cpu, or cuda / cuda:N where this process sees that GPU and xmodal was built with CUDA kernels."""
+    if text == "cpu":
+        return text
+    kind, _, number = text.partition(":")
+    if kind != "cuda" or not (number == "" or number.isdigit()):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    import torch
+
+    import xmodal
+
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} asked for, but no CUDA GPU is visible to torch")
+    if number and int(number) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+    if not xmodal.build_info()["cuda"]:
+        raise argparse.ArgumentTypeError(f"{text!r} asked for, but xmodal was built without CUDA kernels")
+    return text
+
+
+def _output_file(text: str) -> str:
+    """A path to write a report to: its folder must exist (else the run would fail after its first case)."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: folder {folder!r} does not exist")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: it is a folder")
+    return text
 
 
 def main(argv=None) -> int:
@@ -71,12 +106,13 @@ def main(argv=None) -> int:
     p_info.set_defaults(func=_info)
     p_bench = sub.add_parser("bench", help="benchmark the fused ops against naive PyTorch (and faiss)")
     p_bench.add_argument("op", choices=["search", "bilinear"], help="which op to benchmark")
-    p_bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p_bench.add_argument("--device", type=_bench_device, default="cpu", help="cpu or cuda (default: cpu)")
     p_bench.add_argument("--quick", action="store_true", help="a small grid that runs in seconds")
-    p_bench.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
-    p_bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    p_bench.add_argument("--markdown", metavar="PATH", help="write the results as a markdown report")
-    p_bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the speed-ups")
+    p_bench.add_argument("--repeats", type=_positive_int, default=3,
+                         help="timed runs per case, at least 1 (median reported; default: 3)")
+    p_bench.add_argument("--json", metavar="PATH", type=_output_file, help="write the results as JSON")
+    p_bench.add_argument("--markdown", metavar="PATH", type=_output_file, help="write the results as a markdown report")
+    p_bench.add_argument("--plot", metavar="PATH", type=_output_file, help="write a PNG bar chart of the speed-ups")
     p_bench.add_argument("--no-faiss", action="store_true", help="skip faiss even when installed")
     p_bench.add_argument("--variants", metavar="NAMES",
                          help="search: also time opt-in CUDA paths beside the default, comma-separated (filter, fused, mma)")
