@@ -2,15 +2,18 @@
 // (csrc/search/, csrc/bilinear/: *_cpu.cpp, *_cuda.cu); fake tensors and autograd are registered in Python
 // (python/xmodal/_registrations.py).
 #include "common/cpu_block_cache.h"
+#include "common/settings.h"
+#include "search/planner.h"
 
 #include <torch/extension.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(xmodal, m) {
   // Batched top-k similarity search; see xmodal.topk_search for the semantics. tf32: let float32 GEMMs on
-  // the GPU use TF32 tensor cores (faster, ~1e-3 relative error in scores); ignored elsewhere.
+  // the GPU use TF32 tensor cores (faster, ~1e-3 relative error in scores); ignored elsewhere. strategy:
+  // "auto" (search/planner.h decides) or a strategy to force.
   m.def("topk_search(Tensor queries, Tensor database, int k, str metric=\"cosine\", Tensor? mask=None, *,"
-        " bool tf32=False) -> (Tensor values, Tensor indices)");
+        " bool tf32=False, str strategy=\"auto\") -> (Tensor values, Tensor indices)");
   // Gradients of topk_search's values for queries and database (empty where output_mask is False); the
   // indices are constants, so this gathers the selected rows and scatters their gradients back.
   m.def("topk_search_backward(Tensor grad_values, Tensor values, Tensor indices, Tensor queries, Tensor database,"
@@ -61,4 +64,37 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "How this extension was built: CUDA kernels, their architectures, torch version");
   m.def("empty_cpu_cache", &xmodal::release_cpu_cache, "Free the CPU block cache's blocks; returns the bytes freed");
   m.def("cpu_cache_bytes", &xmodal::cpu_cache_bytes, "Bytes held by the CPU block cache's free blocks");
+  m.def("get_settings", &xmodal::get_settings, "Every tuning setting's current value, by name");
+  m.def("set_setting", &xmodal::set_setting, "Set one tuning setting (checked)");
+  // The search planner: what strategy="auto" does for a search on `device` (this process's CPU / GPU facts).
+  m.def("search_plan", [](const at::Tensor& queries, const at::Tensor& database, int64_t k, const std::string& metric,
+                          const std::optional<at::Tensor>& mask, const std::string& strategy) {
+    const xmodal::SearchArgs args = xmodal::validate_search_args(queries, database, k, metric, mask);
+    return xmodal::plan_search(xmodal::device_facts(database.device()), xmodal::search_shape(args),
+                               xmodal::parse_strategy(strategy)).describe();
+  });
+  // The planner as a pure function of explicit facts (for tests and for `xmodal info` on other machines).
+  m.def("plan_for", [](bool cuda, int cc_major, const std::string& cpu_kind, bool mkl_gemm16, at::ScalarType dtype,
+                       const std::string& metric, int64_t Q, int64_t N, int64_t D, int64_t k, bool masked,
+                       bool aligned_rows, const std::string& strategy) {
+    xmodal::DeviceFacts dev;
+    dev.cuda = cuda;
+    dev.cc_major = cc_major;
+    dev.cpu = xmodal::parse_cpu_kind(cpu_kind);
+    dev.mkl_gemm16 = mkl_gemm16;
+    xmodal::SearchShape s;
+    s.dtype = dtype;
+    s.metric = xmodal::parse_metric(metric);
+    s.Q = Q, s.N = N, s.D = D, s.k = k, s.masked = masked, s.aligned_rows = aligned_rows;
+    return xmodal::plan_search(dev, s, xmodal::parse_strategy(strategy)).describe();
+  });
+  m.def("device_facts", [](const std::string& device) {
+    const xmodal::DeviceFacts f = xmodal::device_facts(at::Device(device));
+    pybind11::dict d;
+    d["cuda"] = f.cuda;
+    d["compute_capability"] = std::to_string(f.cc_major) + "." + std::to_string(f.cc_minor);
+    d["cpu_kind"] = std::string(xmodal::cpu_kind_name(f.cpu));
+    d["mkl_gemm16"] = f.mkl_gemm16;
+    return d;
+  });
 }

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import xmodal
 from xmodal import bench, bench_bilinear
 
 
@@ -56,28 +57,53 @@ def test_bench_cli_quick_writes_reports(tmp_path):
 def test_search_bench_times_variants_beside_the_default(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "xmodal", "bench", "search", "--quick", "--repeats", "1", "--no-faiss",
-         "--variants", "filter,fused", "--json", str(tmp_path / "s.json"), "--markdown", str(tmp_path / "s.md")],
-        capture_output=True, text=True, timeout=300,
+         "--variants", "aten,tiled:widen", "--json", str(tmp_path / "s.json"), "--markdown", str(tmp_path / "s.md")],
+        capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    results = json.loads((tmp_path / "s.json").read_text())["results"]
-    assert results and all(set(r["seconds"]) == {"xmodal", "naive", "xmodal[filter]", "xmodal[fused]"} for r in results)
+    data = json.loads((tmp_path / "s.json").read_text())
+    results = data["results"]
+    assert results and all(set(r["seconds"]) == {"xmodal", "naive", "xmodal[aten]", "xmodal[tiled:widen]"} for r in results)
+    assert data["environment"]["read_bandwidth_GBps"] > 0 and data["environment"]["search_cpu_kind"]
     report = (tmp_path / "s.md").read_text()
-    assert "xmodal[fused] vs naive" in report and "`XMODAL_CUDA_FUSED_GEMM=1`" in report
+    assert "xmodal[aten] vs naive" in report and '`strategy="tiled"` with `settings.cpu_tile_gemm="widen"`' in report
+    assert "## Targets, worst case of this run" in report and "never below naive" in report
     bad = subprocess.run([sys.executable, "-m", "xmodal", "bench", "search", "--quick", "--variants", "nope"],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "unknown --variants ['nope']" in bad.stdout
+    assert bad.returncode == 2 and "unknown variant 'nope'" in bad.stdout
 
 
-def test_variant_switches_are_restored_after_each_call(monkeypatch):
-    from xmodal.bench import CUDA_VARIANTS, _with_env
+def test_variant_calls_force_a_strategy_and_restore_the_settings():
+    from xmodal.bench import variant_call
 
-    monkeypatch.setenv("XMODAL_CUDA_FUSED_SCAN", "0")
-    monkeypatch.delenv("XMODAL_CUDA_FUSED_GEMM", raising=False)
-    seen = _with_env(CUDA_VARIANTS["fused"], lambda: (os.environ["XMODAL_CUDA_FUSED_SCAN"],
-                                                      os.environ["XMODAL_CUDA_FUSED_GEMM"]))()
-    assert seen == ("1", "1")
-    assert os.environ["XMODAL_CUDA_FUSED_SCAN"] == "0" and "XMODAL_CUDA_FUSED_GEMM" not in os.environ
+    seen = []
+
+    def search(strategy):
+        seen.append((strategy, xmodal.settings.get()["cpu_tile_gemm"]))
+
+    variant_call("aten", search)()
+    variant_call("tiled:scan", search)()
+    assert seen == [("aten", "auto"), ("tiled", "scan")] and xmodal.settings.get()["cpu_tile_gemm"] == "auto"
+    for bad in ("fastest", "aten:scan", "tiled:gpu"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            variant_call(bad, search)
+
+
+def test_cpu_targets_read_off_one_run():
+    from xmodal.bench import SearchCase, SearchResult, cpu_targets
+
+    n = 200_000
+    results = [
+        # bf16 Q = 1, D = 512: 204.8 MB in 10 ms = 20.5 GB/s = 0.51 of 40; 2.0x naive
+        SearchResult(SearchCase(1, n, 512, 10, "bfloat16"), {"xmodal": 0.010, "naive": 0.020, "xmodal[aten]": 0.019}),
+        SearchResult(SearchCase(256, n, 512, 10, "float32"), {"xmodal": 0.30, "naive": 0.27, "xmodal[aten]": 0.26}),
+    ]
+    rows = cpu_targets(results, {"read_bandwidth_GBps": 40.0})
+    assert rows[0] == ["target", "goal", "xmodal", "xmodal[aten]"]
+    never, bandwidth, bf16 = (row[2:] for row in rows[1:])
+    assert never == ["NO (0.90)", "yes (1.04)"]
+    assert bandwidth == ["NO (0.51)", "NO (0.27)"]
+    assert bf16 == ["yes (2.00)", "NO (1.05)"]
 
 
 def test_cuda_targets_read_off_one_run():
@@ -104,15 +130,14 @@ def test_cuda_targets_read_off_one_run():
     assert bounded == ["yes (2.50)", "yes (0.30)"]
 
 
-def test_info_reports_versions_and_switches():
-    env = {**os.environ, "XMODAL_CUDA_FILTER_SELECT": "1"}
-    env.pop("XMODAL_CUDA_FUSED_GEMM", None)
-    out = subprocess.run([sys.executable, "-m", "xmodal", "info", "--json"], capture_output=True, text=True,
-                         timeout=120, env=env)
+def test_info_reports_versions_settings_and_plans():
+    out = subprocess.run([sys.executable, "-m", "xmodal", "info", "--json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     info = json.loads(out.stdout)
     assert info["torch"] == torch.__version__ and info["CUDA kernels compiled"] in ("yes", "no")
-    assert info["XMODAL_CUDA_FILTER_SELECT"] == "on" and info["XMODAL_CUDA_FUSED_GEMM"] == "off"
+    assert info["settings"] == "cpu_tile_gemm=auto, cpu_tile_kib=0, cuda_max_tile_rows=0"
+    assert info["plan cpu float32 Q=256 D=512 k=10"] == "tiled (BLAS GEMM, 512 KiB tiles, query blocks of 256)"
+    assert info["plan cpu bfloat16 Q=1 D=512 k=10"].startswith("tiled (one-pass scan")
     assert info["CPU block cache held"].endswith("MiB")
 
 

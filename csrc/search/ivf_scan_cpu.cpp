@@ -50,8 +50,8 @@ inline acc_t score(const T* __restrict q, const T* __restrict x, int64_t D, Scan
 std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const at::Tensor& vectors,
                                                const at::Tensor& list_offsets, const at::Tensor& probes, int64_t k,
                                                const std::string& metric, const std::optional<at::Tensor>& mask) {
-  // No autograd kernel sits above this one, so without the guard the ATen calls below would record
-  // autograd history for inputs that require grad (and mm_out would refuse them).
+  // No autograd kernel sits above this op, so without the guard the ATen calls below would record
+  // autograd history for inputs that require grad.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_float_dtype(vectors, "vectors");
   check_same_dtype(queries, "queries", vectors, "vectors");

@@ -5,8 +5,9 @@
 // MKL's bf16/fp16 GEMM with fp32 output), turns the scores into ranking keys while they are in cache, and
 // feeds them to per-query candidate buffers (topk_select.h). The Q x N score matrix never exists: extra
 // memory is O(threads * Q * k + tile). Per-thread buffers are merged at the end.
-#include "common/env.h"
 #include "common/parallel.h"
+#include "search/cpu_scan.h"
+#include "search/planner.h"
 #include "search/topk_common.h"
 #include "search/topk_select.h"
 
@@ -33,22 +34,25 @@ using Gemm16Fn = void (*)(int layout, int transa, int transb, int m, int n, int 
 constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
 
 Gemm16Fn find_gemm16(at::ScalarType t) {
-  static void* handle = [] {
-    const char* off = std::getenv("XMODAL_DISABLE_MKL_GEMM16");
-    if (off && off[0] == '1') return static_cast<void*>(nullptr);
-    return dlopen("libtorch_cpu.so", RTLD_NOLOAD | RTLD_LAZY);
-  }();
+  static void* handle = dlopen("libtorch_cpu.so", RTLD_NOLOAD | RTLD_LAZY);
   if (!handle) return nullptr;
   static auto bf16 = reinterpret_cast<Gemm16Fn>(dlsym(handle, "cblas_gemm_bf16bf16f32"));
   static auto f16 = reinterpret_cast<Gemm16Fn>(dlsym(handle, "cblas_gemm_f16f16f32"));
   return t == at::kBFloat16 ? bf16 : (t == at::kHalf ? f16 : nullptr);
 }
 
-// out[m, n] = a[m, :] · b[n, :]   (row-major out with leading dimension n)
+// out[m, n] = a[m, :] · b[n, :] (row-major, leading dimension n), the way the plan says (planner.h, TileGemm).
+// `half_scores`: this thread's buffer for Aten16's 16-bit scores.
 template <typename acc_t>
-void gemm_nt(const at::Tensor& a, const at::Tensor& b, acc_t* out) {
+void score_tile(const Plan& plan, const at::Tensor& a, const at::Tensor& b, acc_t* out, at::Tensor& half_scores) {
   const int64_t m = a.size(0), n = b.size(0), d = a.size(1);
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (plan.gemm == TileGemm::Scan && a.scalar_type() == at::kFloat && a.is_contiguous() && b.stride(1) == 1) {
+      scan_dots(plan.scan_isa, a.data_ptr<float>(), m, b, out);
+      return;
+    }
+  }
   if (a.scalar_type() == acc_dtype) {
     if (m == 1) {  // one query: a row-major matrix-vector product streams the tile slightly faster
       auto o = at::from_blob(out, {n}, at::TensorOptions().dtype(acc_dtype));
@@ -59,7 +63,8 @@ void gemm_nt(const at::Tensor& a, const at::Tensor& b, acc_t* out) {
     at::mm_out(o, a, b.t());
     return;
   }
-  Gemm16Fn fn = find_gemm16(a.scalar_type());
+  auto o = at::from_blob(out, {m, n}, at::TensorOptions().dtype(acc_dtype));
+  Gemm16Fn fn = plan.gemm == TileGemm::Mkl16 ? find_gemm16(a.scalar_type()) : nullptr;
   const bool rows_ok = a.stride(1) == 1 && b.stride(1) == 1 && d > 0 && a.stride(0) >= d && b.stride(0) >= d &&
                        std::max({m, n, d, a.stride(0), b.stride(0)}) < (int64_t(1) << 31);
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -69,8 +74,11 @@ void gemm_nt(const at::Tensor& a, const at::Tensor& b, acc_t* out) {
       return;
     }
   }
-  auto o = at::from_blob(out, {m, n}, at::TensorOptions().dtype(acc_dtype));
-  o.copy_(at::mm(a, b.t()));
+  // ATen's 16-bit GEMM: 16-bit scores (as naive PyTorch has them), widened while they are in cache
+  if (!half_scores.defined() || half_scores.numel() < m * n) half_scores = at::empty({m * n}, a.options());
+  at::Tensor h = half_scores.narrow(0, 0, m * n).view({m, n});
+  at::mm_out(h, a, b.t());
+  o.copy_(h);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -86,12 +94,13 @@ template <typename acc_t>
 struct TileSide {  // per-database-row terms for one tile
   at::Tensor gemm_operand;  // the tile rows, or log of them for kl
   at::Tensor zeros;         // kl: 1 where d_i = 0 (undefined when !has_zeros)
+  at::Tensor widened;       // TileGemm::Widen: this thread's fp32 copy of the tile, reused from tile to tile
   bool has_zeros = false;
   std::vector<acc_t> term;  // cosine: 1/||x||; l2: ||x||²
 };
 
 template <typename acc_t>
-QuerySide<acc_t> prepare_queries(const at::Tensor& queries, Metric metric) {
+QuerySide<acc_t> prepare_queries(const at::Tensor& queries, Metric metric, TileGemm gemm) {
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   QuerySide<acc_t> qs;
   at::Tensor term = row_norm_term(queries, metric, acc_dtype);
@@ -102,6 +111,9 @@ QuerySide<acc_t> prepare_queries(const at::Tensor& queries, Metric metric) {
     qs.positive = (q > 0).to(acc_dtype).contiguous();
     qs.gemm_operand = q.contiguous();
   }
+  // widened tiles and the scan multiply fp32 queries
+  if (!qs.gemm_operand.defined() && (gemm == TileGemm::Widen || gemm == TileGemm::Scan))
+    qs.gemm_operand = queries.to(acc_dtype).contiguous();
   if (!qs.gemm_operand.defined()) qs.gemm_operand = queries.stride(1) == 1 ? queries : queries.contiguous();
   if (term.defined()) {
     term = term.contiguous();
@@ -111,7 +123,7 @@ QuerySide<acc_t> prepare_queries(const at::Tensor& queries, Metric metric) {
 }
 
 template <typename acc_t>
-void prepare_tile(const at::Tensor& tile, Metric metric, int64_t first_row, TileSide<acc_t>& ts) {
+void prepare_tile(const at::Tensor& tile, Metric metric, TileGemm gemm, int64_t first_row, TileSide<acc_t>& ts) {
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   ts.term.clear();
   ts.has_zeros = false;
@@ -129,7 +141,14 @@ void prepare_tile(const at::Tensor& tile, Metric metric, int64_t first_row, Tile
     }
     ts.gemm_operand = logd;
   }
-  if (metric != Metric::KL) ts.gemm_operand = tile.stride(1) == 1 ? tile : tile.contiguous();
+  if (metric != Metric::KL && gemm == TileGemm::Widen) {
+    if (!ts.widened.defined() || ts.widened.size(0) < tile.size(0))
+      ts.widened = at::empty({tile.size(0), tile.size(1)}, tile.options().dtype(acc_dtype));
+    ts.gemm_operand = ts.widened.narrow(0, 0, tile.size(0));
+    ts.gemm_operand.copy_(tile);
+  } else if (metric != Metric::KL) {
+    ts.gemm_operand = tile.stride(1) == 1 ? tile : tile.contiguous();
+  }
   if (term.defined()) {
     term = term.contiguous();
     ts.term.assign(term.template data_ptr<acc_t>(), term.template data_ptr<acc_t>() + term.numel());
@@ -187,7 +206,7 @@ acc_t key_to_value(Metric metric, acc_t key, const std::vector<acc_t>& qterm, in
 }
 
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args) {
+std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args, const Plan& plan) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   using ord_t = ord_type<acc_t>;
   const Metric metric = args.metric;
@@ -196,20 +215,14 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args) {
   const int64_t threads = at::get_num_threads();
   const int64_t gemm_elem = metric == Metric::KL ? int64_t(sizeof(acc_t)) : database.element_size();
 
-  // Tile sizes: a database tile of about 512 KiB stays in L2 while every query block meets it; with few
-  // queries (a memory-bound scan) larger tiles amortise the per-GEMM call overhead. Query blocks of 256
-  // keep MKL from re-packing the tile too often. XMODAL_TILE_KIB, XMODAL_SMALL_TILE_KIB and
-  // XMODAL_QUERY_BLOCK override these for tuning on other machines.
-  static const int64_t tile_kib = env_int("XMODAL_TILE_KIB", 512);
-  static const int64_t small_tile_kib = env_int("XMODAL_SMALL_TILE_KIB", 16384);
-  static const int64_t query_block_max = env_int("XMODAL_QUERY_BLOCK", 256);
+  // Tile sizes come from the plan (search/planner.cpp says why).
   const int64_t row_bytes = std::max<int64_t>(D * gemm_elem, 1);
-  int64_t tile_rows = ((Q <= 8 ? small_tile_kib : tile_kib) << 10) / row_bytes;
+  int64_t tile_rows = plan.tile_bytes / row_bytes;
   tile_rows = std::clamp<int64_t>(tile_rows / 16 * 16, 64, 65536);
   tile_rows = std::min(tile_rows, std::max<int64_t>(16, (N + threads - 1) / threads));
   const int64_t num_tiles = (N + tile_rows - 1) / tile_rows;
   const int64_t parts = std::min(threads, num_tiles);
-  const int64_t query_block = std::min<int64_t>(Q, query_block_max);
+  const int64_t query_block = std::min<int64_t>(Q, plan.query_block);
   const int64_t max_rows_per_part = ((num_tiles + parts - 1) / parts) * tile_rows;
   const int64_t capacity = std::min(k + std::max<int64_t>(k, 32), max_rows_per_part);
 
@@ -218,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args) {
   int64_t super_block = std::max<int64_t>(1, (int64_t(256) << 20) / state_bytes_per_query);
   super_block = std::min(Q, std::max(super_block, query_block));
 
-  QuerySide<acc_t> qside = prepare_queries<acc_t>(args.queries, metric);
+  QuerySide<acc_t> qside = prepare_queries<acc_t>(args.queries, metric, plan.gemm);
   const bool* mask = args.mask ? args.mask->data_ptr<bool>() : nullptr;
 
   std::vector<Candidate<ord_t>> slots(size_t(parts * super_block * capacity));
@@ -242,15 +255,17 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args) {
       std::vector<acc_t> zero_hits(metric == Metric::KL ? static_cast<size_t>(query_block * tile_rows) : 0);
       std::vector<ord_t> keys(static_cast<size_t>(tile_rows));
       TileSide<acc_t> tside;
+      at::Tensor half_scores;
       for (int64_t p = pb; p < pe; ++p) {
         const int64_t t_begin = p * num_tiles / parts, t_end = (p + 1) * num_tiles / parts;
         for (int64_t t = t_begin; t < t_end; ++t) {
           const int64_t n0 = t * tile_rows, nt = std::min(N, n0 + tile_rows) - n0;
-          prepare_tile<acc_t>(database.narrow(0, n0, nt), metric, n0, tside);
+          prepare_tile<acc_t>(database.narrow(0, n0, nt), metric, plan.gemm, n0, tside);
           for (int64_t q0 = s0; q0 < s1; q0 += query_block) {
             const int64_t qn = std::min(s1, q0 + query_block) - q0;
-            gemm_nt<acc_t>(qside.gemm_operand.narrow(0, q0, qn), tside.gemm_operand, scores.data());
-            if (tside.has_zeros) gemm_nt<acc_t>(qside.positive.narrow(0, q0, qn), tside.zeros, zero_hits.data());
+            score_tile<acc_t>(plan, qside.gemm_operand.narrow(0, q0, qn), tside.gemm_operand, scores.data(), half_scores);
+            if (tside.has_zeros)
+              score_tile<acc_t>(plan, qside.positive.narrow(0, q0, qn), tside.zeros, zero_hits.data(), half_scores);
             for (int64_t i = 0; i < qn; ++i) {
               row_keys<acc_t, ord_t>(metric, scores.data() + i * nt, tside.has_zeros ? zero_hits.data() + i * nt : nullptr,
                                      tside.term.data(), mask ? mask + n0 : nullptr, nt, keys.data());
@@ -289,15 +304,19 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args) {
 
 std::tuple<at::Tensor, at::Tensor> topk_search_cpu(const at::Tensor& queries, const at::Tensor& database, int64_t k,
                                                    c10::string_view metric, const std::optional<at::Tensor>& mask,
-                                                   bool /*tf32: the CPU has no TF32; fp32 stays exact*/) {
-  // No autograd kernel sits above this one, so without the guard the ATen calls below would record
-  // autograd history for inputs that require grad (and mm_out would refuse them).
+                                                   bool /*tf32: the CPU has no TF32; fp32 stays exact*/,
+                                                   c10::string_view strategy) {
+  // Kernels run below autograd (the op's autograd formula is registered in Python); the guard makes sure
+  // the ATen calls below (mm_out refuses inputs that require grad) never record history, however the
+  // kernel is reached.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   SearchArgs args = validate_search_args(queries, database, k, std::string(metric), mask);
   TORCH_CHECK(database.device().is_cpu(), "database must be a CPU tensor for the CPU kernel, got ", database.device());
+  const Plan plan = plan_search(device_facts(database.device()), search_shape(args), parse_strategy(std::string(strategy)));
   if (args.queries.size(0) == 0 || database.size(0) == 0) return padded_results(args);
+  if (plan.strategy == Strategy::Aten) return aten_search(args);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, database.scalar_type(), "topk_search_cpu",
-                                         [&] { return search_cpu<scalar_t>(args); });
+                                         [&] { return search_cpu<scalar_t>(args, plan); });
 }
 
 }  // namespace

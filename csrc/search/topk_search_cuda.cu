@@ -9,7 +9,8 @@
 // Everything runs on the current stream with no host synchronisation, except the optional check that
 // kl inputs are non-negative, which is skipped while a CUDA graph is being captured.
 #include "search/topk_common.h"
-#include "common/env.h"
+#include "common/settings.h"
+#include "search/planner.h"
 #include "search/topk_mma_cuda.cuh"
 #include "search/topk_select_cuda.cuh"
 
@@ -120,7 +121,7 @@ __global__ void finalize_kernel(int metric, int64_t total, int64_t k,
   indices[t] = run_idx[slot];
 }
 
-// ---- Fused scan for a few queries (opt-in while it awaits verification on a GPU; see fused_scan_enabled) ----
+// ---- Fused scan for a few queries (strategy "fused_scan"; not chosen by "auto" until a GPU run verifies it) ----
 //
 // One pass over the database at memory speed: each block scans a contiguous range of rows; a warp scores
 // four rows at a time against every query held in shared memory (lanes split D, 4 elements each, so one
@@ -135,8 +136,7 @@ constexpr int kFusedWarps = 8;
 constexpr int kFusedRowsPerWarp = 8;
 constexpr int kFusedRowsTogether = 4;  // rows a warp scores at once (the kernel's norm lookup assumes 4)
 constexpr int kFusedRound = kFusedWarps * kFusedRowsPerWarp;
-constexpr int kFusedMaxQueries = 16;
-constexpr int kFusedMaxK = 192;
+constexpr int kFusedMaxQueries = int(kFusedScanMaxQueries);  // planner.h holds the limits
 
 struct FusedEntry {
   uint32_t key;
@@ -327,9 +327,6 @@ __global__ void __launch_bounds__(kFusedWarps * 32)
   }
 }
 
-// The fused scan is opt-in (XMODAL_CUDA_FUSED_SCAN=1) until a GPU run has verified it; the tests run both.
-bool fused_scan_enabled() { return env_flag("XMODAL_CUDA_FUSED_SCAN"); }
-
 size_t fused_smem_bytes(int64_t Q, int64_t D, int cap) {
   return size_t(Q) * D * sizeof(float) + size_t(Q) * cap * sizeof(FusedEntry) + size_t(Q) * 8;
 }
@@ -339,17 +336,9 @@ size_t fused_smem_bytes(int64_t Q, int64_t D, int cap) {
 int64_t fused_query_bucket(int64_t Q) { return Q == 1 ? 1 : (Q <= 4 ? 4 : kFusedMaxQueries); }
 int fused_capacity(int64_t k) { return k <= 64 ? 128 : 256; }
 
-template <typename scalar_t>
-bool fused_scan_eligible(const SearchArgs& a) {
-  if constexpr (std::is_same_v<scalar_t, double>) {
-    return false;
-  } else {
-    const int64_t Q = a.queries.size(0), D = a.database.size(1), N = a.database.size(0);
-    return fused_scan_enabled() && a.metric != Metric::KL && Q <= kFusedMaxQueries && a.k <= kFusedMaxK &&
-           N < (int64_t(1) << 31) && D % 4 == 0 && a.database.is_contiguous() &&
-           reinterpret_cast<uintptr_t>(a.database.data_ptr()) % 16 == 0 &&
-           fused_smem_bytes(fused_query_bucket(Q), D, fused_capacity(a.k)) <= 96 * 1024;
-  }
+// What the planner cannot see: the shared memory a call needs (queries, candidate buffers) on this device.
+bool fused_scan_fits(const SearchArgs& a) {
+  return fused_smem_bytes(fused_query_bucket(a.queries.size(0)), a.database.size(1), fused_capacity(a.k)) <= 96 * 1024;
 }
 
 template <typename scalar_t, int kQ, int kCap>
@@ -406,32 +395,18 @@ void fused_scan(const SearchArgs& a, const at::Tensor& keys_in, const at::Tensor
 
 // ---- How tiles are selected -------------------------------------------------------------------------------
 //
-// Radix: every tile's scores go through a radix select (verified on an H200; the default).
-// Filter: threshold-filtered selection of cuBLAS score tiles (XMODAL_CUDA_FILTER_SELECT=1).
-// FusedMma: 16-bit inputs, tiles after the first scored and filtered by mma_filter_kernel with no score
-// tile (XMODAL_CUDA_FUSED_GEMM=1). Both are opt-in until a GPU run has verified them.
+// Radix (strategy "tiled"): every tile's scores go through a radix select (verified correct on an H200).
+// Filter ("filtered"): threshold-filtered selection of cuBLAS score tiles.
+// FusedMma ("tensor_core"): 16-bit inputs, tiles after the first scored and filtered by mma_filter_kernel
+// with no score tile. The planner checks each strategy's limits before a call gets here.
 enum class TileSelection { Radix, Filter, FusedMma };
-constexpr int64_t kFilterMaxK = 2048;
 
-template <typename scalar_t>
-bool mma_eligible(const SearchArgs& a) {
-  if constexpr (sizeof(scalar_t) != 2) {
-    return false;
-  } else {
-    const int64_t D = a.database.size(1);
-    return a.metric != Metric::KL && D >= 8 && D % 8 == 0 && a.database.is_contiguous() &&
-           a.queries.is_contiguous() && reinterpret_cast<uintptr_t>(a.database.data_ptr()) % 16 == 0 &&
-           reinterpret_cast<uintptr_t>(a.queries.data_ptr()) % 16 == 0 &&
-           at::cuda::getCurrentDeviceProperties()->major >= 8;
+TileSelection tile_selection(Strategy strategy) {
+  switch (strategy) {
+    case Strategy::Filtered: return TileSelection::Filter;
+    case Strategy::TensorCore: return TileSelection::FusedMma;
+    default: return TileSelection::Radix;
   }
-}
-
-template <typename scalar_t>
-TileSelection choose_tile_selection(const SearchArgs& a) {
-  if (a.k > kFilterMaxK) return TileSelection::Radix;
-  if (env_flag("XMODAL_CUDA_FUSED_GEMM") && mma_eligible<scalar_t>(a)) return TileSelection::FusedMma;
-  if (env_flag("XMODAL_CUDA_FILTER_SELECT") || env_flag("XMODAL_CUDA_FUSED_GEMM")) return TileSelection::Filter;
-  return TileSelection::Radix;
 }
 
 // Rows of the tile starting at row `seen`. Radix tiles are as large as the score workspace allows.
@@ -443,7 +418,7 @@ int64_t next_tile_rows(TileSelection sel, int64_t seen, int64_t k, int64_t cap, 
   if (seen == 0) return std::min(score_tile_rows, std::max<int64_t>(8192, 4 * k));
   const int64_t grow = std::max<int64_t>(4096, seen * cap / (2 * k));
   if (sel == TileSelection::Filter) return std::min(score_tile_rows, grow);
-  return std::min<int64_t>({grow, kMmaMaxTileRows, env_int("XMODAL_CUDA_TILE_ROWS", INT64_MAX)});
+  return std::min<int64_t>({grow, kMmaMaxTileRows, max_tile_rows()});
 }
 
 // scores [qn, nt] (fp32, row-major) = a [qn, D] . b [nt, D]^T through cuBLAS with TF32 tensor-core compute.
@@ -467,7 +442,7 @@ at::Tensor mm_tf32(const at::Tensor& a, const at::Tensor& b) {
 }
 
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args, bool tf32) {
+std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args, const Plan& plan, bool tf32) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   using key_t = typename KeyOf<acc_t>::type;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
@@ -492,12 +467,12 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args, bool tf32
 
   // Running top-k (ping-pong buffers). Score tiles stay under ~256 MiB. The fused few-query scan needs none
   // of the tile state below (it computes row norms as it reads the rows).
-  const bool fused = fused_scan_eligible<scalar_t>(args);
-  const TileSelection selection = choose_tile_selection<scalar_t>(args);
+  const bool fused = plan.strategy == Strategy::FusedScan;
+  const TileSelection selection = tile_selection(plan.strategy);
   const bool filtered = !fused && selection != TileSelection::Radix;
   const int64_t query_block = std::min<int64_t>(Q, filtered ? 16384 : 65536);
   const int64_t score_tile_rows = std::min<int64_t>(
-      env_int("XMODAL_CUDA_TILE_ROWS", INT64_MAX), std::max<int64_t>(1024, (int64_t(64) << 20) / query_block));
+      max_tile_rows(), std::max<int64_t>(1024, (int64_t(64) << 20) / query_block));
   auto keys_a = at::zeros({Q, k}, queries.options().dtype(sizeof(key_t) == 4 ? at::kInt : at::kLong));
   auto keys_b = at::empty_like(keys_a);
   auto idx_a = at::full({Q, k}, -1, queries.options().dtype(at::kLong));
@@ -527,10 +502,12 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args, bool tf32
 
   constexpr int kThreads = 256;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  if (fused) {
-    fused_scan<scalar_t>(args, keys_a, idx_a, keys_b, idx_b);  // from the empty top-k, as each tile below
-    std::swap(keys_a, keys_b);
-    std::swap(idx_a, idx_b);
+  if constexpr (!std::is_same_v<scalar_t, double>) {  // the planner never sends float64 to the fused scan
+    if (fused) {
+      fused_scan<scalar_t>(args, keys_a, idx_a, keys_b, idx_b);  // from the empty top-k, as each tile below
+      std::swap(keys_a, keys_b);
+      std::swap(idx_a, idx_b);
+    }
   }
   for (int64_t n0 = 0, nt = 0; n0 < N && !fused; n0 += nt) {
     // The first filtered tile sets the thresholds (with a full select over it), so it goes through a score tile.
@@ -640,15 +617,20 @@ std::tuple<at::Tensor, at::Tensor> search_cuda(const SearchArgs& args, bool tf32
 
 std::tuple<at::Tensor, at::Tensor> topk_search_cuda(const at::Tensor& queries, const at::Tensor& database, int64_t k,
                                                     c10::string_view metric, const std::optional<at::Tensor>& mask,
-                                                    bool tf32) {
-  // No autograd kernel sits above this one, so without the guard the ATen calls below would record
-  // autograd history for inputs that require grad (and mm_out would refuse them).
+                                                    bool tf32, c10::string_view strategy) {
+  // Kernels run below autograd (the op's autograd formula is registered in Python); the guard makes sure
+  // the ATen calls below never record history, however the kernel is reached.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   SearchArgs args = validate_search_args(queries, database, k, std::string(metric), mask);
   c10::cuda::CUDAGuard guard(database.device());
+  const Plan plan = plan_search(device_facts(database.device()), search_shape(args), parse_strategy(std::string(strategy)));
   if (args.queries.size(0) == 0 || database.size(0) == 0) return padded_results(args);
+  if (plan.strategy == Strategy::Aten) return aten_search(args);
+  TORCH_CHECK(plan.strategy != Strategy::FusedScan || fused_scan_fits(args),
+              "strategy 'fused_scan' cannot run this search: its queries and candidate buffers need more than 96 KiB "
+              "of shared memory at D = ", database.size(1), " and k = ", k);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, database.scalar_type(), "topk_search_cuda",
-                                         [&] { return search_cuda<scalar_t>(args, tf32); });
+                                         [&] { return search_cuda<scalar_t>(args, plan, tf32); });
 }
 
 }  // namespace

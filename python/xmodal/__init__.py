@@ -9,13 +9,16 @@ from . import _C  # noqa: F401
 from . import _registrations  # noqa: F401
 from . import metrics, nn
 from .index import FlatIndex, IVFIndex, ShardedIndex
-from .ops import METRICS, bilinear, factorized_bilinear, topk_search
+from . import settings
+from .ops import METRICS, bilinear, factorized_bilinear, search_plan, topk_search
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METRICS",
     "topk_search",
+    "search_plan",
+    "settings",
     "bilinear",
     "factorized_bilinear",
     "nn",

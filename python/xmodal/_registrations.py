@@ -6,7 +6,7 @@ import torch
 
 
 @torch.library.register_fake("xmodal::topk_search")
-def _topk_search_fake(queries, database, k, metric="cosine", mask=None, *, tf32=False):
+def _topk_search_fake(queries, database, k, metric="cosine", mask=None, *, tf32=False, strategy="auto"):
     torch._check(queries.dim() in (1, 2), lambda: f"queries must be 1-D [D] or 2-D [Q, D], got shape {tuple(queries.shape)}")
     torch._check(database.dim() == 2, lambda: f"database must be 2-D [N, D], got shape {tuple(database.shape)}")
     torch._check(k > 0, lambda: f"k must be positive, got {k}")

@@ -39,7 +39,7 @@ class SearchCase:
 
 
 def search_grid(quick: bool = False, device: str = "cpu") -> List[SearchCase]:
-    """The cases the issue's targets are stated for (N = 200,000 on the CPU; 1,000,000 on a GPU)."""
+    """The cases the search targets are stated for (N = 200,000 on the CPU; 1,000,000 on a GPU)."""
     if quick:
         return [SearchCase(q, 20_000, 128, 10, dt) for q in (1, 64) for dt in ("float32", "bfloat16")]
     if device == "cuda":
@@ -55,15 +55,14 @@ def search_grid(quick: bool = False, device: str = "cpu") -> List[SearchCase]:
         # bounded workspace: naive would need 640 GB of scores
         cases.append(SearchCase(16384, 10_000_000, 128, 10, "bfloat16"))
         return cases
-    cases = [
-        SearchCase(q, 200_000, d, k, dt)
-        for dt in ("float32", "bfloat16")
-        for d in (256, 512)
-        for q in (1, 256, 1024)
-        for k in (10, 100)
+    # N = 200,000, k = 10: every Q x D x dtype x metric the CPU targets are stated for
+    return [
+        SearchCase(q, 200_000, d, 10, dt, metric)
+        for metric in ("ip", "l2")
+        for dt in ("float32", "bfloat16", "float16")
+        for d in (128, 512)
+        for q in (1, 16, 256, 1024)
     ]
-    cases += [SearchCase(256, 200_000, 256, 10, "float32", "l2"), SearchCase(1, 200_000, 256, 10, "float32", "l2")]
-    return cases
 
 
 _database_cache: dict = {}
@@ -157,28 +156,24 @@ class SearchResult:
         return c.n * c.d * torch.tensor([], dtype=c.torch_dtype).element_size() / self.seconds["xmodal"] / 1e9
 
 
-# Opt-in CUDA code paths (environment switches read by the extension on every call), benchmarked beside the
-# default path as "xmodal[name]" until a GPU run has verified them.
-CUDA_SWITCHES = ("XMODAL_CUDA_FUSED_SCAN", "XMODAL_CUDA_FILTER_SELECT", "XMODAL_CUDA_FUSED_GEMM")
-CUDA_VARIANTS = {
-    "filter": {"XMODAL_CUDA_FILTER_SELECT": "1"},
-    "fused": {"XMODAL_CUDA_FUSED_SCAN": "1", "XMODAL_CUDA_FUSED_GEMM": "1"},
-    "mma": {"XMODAL_CUDA_FUSED_GEMM": "1"},  # the tensor-core tiles also for the few-query cases
-}
+# Variants timed beside "xmodal" (strategy "auto") as "xmodal[name]": a strategy forced by name, or on the
+# CPU "tiled:<gemm>", the tiled strategy with one way of scoring tiles (xmodal.settings' cpu_tile_gemm).
+STRATEGIES = ("tiled", "aten", "filtered", "tensor_core", "fused_scan")
+TILE_GEMMS = ("blas", "mkl16", "widen", "aten16", "scan")
 
 
-def _with_env(settings: Dict[str, str], fn: Callable[[], object]) -> Callable[[], object]:
+def variant_call(name: str, search: Callable[..., object]) -> Callable[[], object]:
+    """A call of ``search(strategy=...)`` that runs variant ``name`` (see STRATEGIES / TILE_GEMMS)."""
+    strategy, _, gemm = name.partition(":")
+    if strategy not in STRATEGIES or (gemm and (strategy != "tiled" or gemm not in TILE_GEMMS)):
+        raise ValueError(f"unknown variant {name!r}: a strategy {list(STRATEGIES)} or tiled:<gemm> with gemm in "
+                         f"{list(TILE_GEMMS)}")
+    if not gemm:
+        return lambda: search(strategy=strategy)
+
     def call():
-        saved = {name: os.environ.get(name) for name in settings}
-        os.environ.update(settings)
-        try:
-            return fn()
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+        with xmodal.settings.override(cpu_tile_gemm=gemm):
+            return search(strategy=strategy)
     return call
 
 
@@ -189,10 +184,10 @@ def run_search_case(case: SearchCase, device: str = "cpu", repeats: int = 3, use
     over 1e11 scores run once, without a warm-up round."""
     check_repeats(repeats)
     queries, database = make_data(case, device)
-    search = lambda: xmodal.topk_search(queries, database, case.k, case.metric)  # noqa: E731
+    search = lambda strategy="auto": xmodal.topk_search(queries, database, case.k, case.metric, strategy=strategy)  # noqa: E731
     calls = {"xmodal": search}
-    for name in variants:  # a variant turns off the switches it does not name, whatever the caller's environment
-        calls[f"xmodal[{name}]"] = _with_env({**dict.fromkeys(CUDA_SWITCHES, "0"), **CUDA_VARIANTS[name]}, search)
+    for name in variants:
+        calls[f"xmodal[{name}]"] = variant_call(name, search)
     # the naive baseline needs Q x N scores; skip it where they would not fit comfortably
     if case.q * case.n * 4 <= (8 << 30 if device == "cpu" else 32 << 30):
         calls["naive"] = lambda: naive_search(queries, database, case.k, case.metric)
@@ -225,6 +220,10 @@ def environment(device: str) -> dict:
         "threads": torch.get_num_threads(),
         "device": device,
     }
+    if not device.startswith("cuda"):
+        env["cpu_flags"] = _cpu_flags()
+        env["search_cpu_kind"] = xmodal._C.device_facts("cpu")["cpu_kind"]
+        env["read_bandwidth_GBps"] = round(read_bandwidth(), 1)
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
         env["driver"] = _nvidia_driver()
@@ -304,9 +303,10 @@ def format_markdown(rows: List[List[str]], env: dict, title: str) -> str:
               "naive = `torch.topk(q @ X.T, k)` (ip) or `torch.topk(torch.cdist(q, X), k, largest=False)` (l2);",
               "faiss = faiss-cpu IndexFlatIP / IndexFlatL2 on float32 data (faiss has no bf16 flat index)."]
     variants = [c[: -len(" ms")] for c in rows[0] if c.startswith("xmodal[") and c.endswith(" ms")]
+    lines.append("xmodal = `topk_search(..., strategy=\"auto\")`, the planner's choice (`xmodal.search_plan`).")
     for name in variants:
-        settings = CUDA_VARIANTS[name[len("xmodal["):-1]]
-        lines.append(f"{name} = xmodal with the opt-in switches " + ", ".join(f"`{k}={v}`" for k, v in settings.items())
+        strategy, _, gemm = name[len("xmodal["):-1].partition(":")
+        lines.append(f"{name} = `strategy=\"{strategy}\"`" + (f" with `settings.cpu_tile_gemm=\"{gemm}\"`" if gemm else "")
                      + ", timed in the same rounds.")
     lines.append("")
     lines.append("| " + " | ".join(rows[0]) + " |")
@@ -321,7 +321,7 @@ def _element_size(dtype: str) -> int:
 
 
 def cuda_targets(results: List[SearchResult], env: dict) -> List[List[str]]:
-    """Issue 3's targets read off one CUDA run: a row per target, a column per implementation timed
+    """The CUDA search targets read off one run: a row per target, a column per implementation timed
     (xmodal and any opt-in variant), each cell the worst case's figure and whether it meets the target
     ("-": the run has none of the target's cases)."""
     names = ["xmodal"] + sorted({n for r in results for n in r.seconds if n.startswith("xmodal[")})
@@ -380,12 +380,75 @@ def _write_reports(args, env, results, device):
                       f, indent=2)
     if args.markdown:
         text = format_markdown(table(results), env, f"topk_search benchmark ({device})")
-        if device.startswith("cuda"):
-            rows = cuda_targets(results, env)
-            text += "\n## Targets (issue 3), worst case of this run\n\n| " + " | ".join(rows[0]) + " |\n|"
+        rows = cuda_targets(results, env) if device.startswith("cuda") else cpu_targets(results, env)
+        if rows:
+            text += "\n## Targets, worst case of this run\n\n| " + " | ".join(rows[0]) + " |\n|"
             text += "---|" * len(rows[0]) + "\n" + "".join("| " + " | ".join(r) + " |\n" for r in rows[1:])
         with open(args.markdown, "w") as f:
             f.write(text)
+
+
+def read_bandwidth(nbytes: int = 400 << 20) -> float:
+    """CPU memory read bandwidth in GB/s: the best of 7 sums of a 400 MB float32 tensor on every thread."""
+    x = torch.ones(nbytes // 4)
+    best = min(_timed(x.sum) for _ in range(7))
+    return nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _cpu_flags() -> str:
+    """The instruction sets that matter for search, from /proc/cpuinfo."""
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16",
+              "amx_int8", "amx_fp16", "asimd", "sve")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return " ".join(w for w in wanted if w in have)
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_targets(results: List[SearchResult], env: dict) -> List[List[str]]:
+    """The CPU search targets read off one run: per implementation timed, the worst case of each."""
+    names = ["xmodal"] + sorted({n for r in results for n in r.seconds if n.startswith("xmodal[")})
+    bandwidth = env.get("read_bandwidth_GBps")
+
+    def worst(name, select, value):
+        values = [value(r) for r in results if name in r.seconds and select(r.case)]
+        values = [v for v in values if v is not None]
+        return min(values) if values else None
+
+    def share_of_bandwidth(name):
+        return lambda r: (r.case.n * r.case.d * _element_size(r.case.dtype) / r.seconds[name] / 1e9 / bandwidth
+                          if bandwidth else None)
+
+    targets = [
+        ("never below naive: every case", ">= 1.0x",
+         lambda n: worst(n, lambda c: True, lambda r: r.seconds["naive"] / r.seconds[n] if "naive" in r.seconds else None),
+         lambda v: v >= 1.0),
+        ("Q <= 16: database bytes / time, share of the read bandwidth", ">= 0.80",
+         lambda n: worst(n, lambda c: c.q <= 16, share_of_bandwidth(n)), lambda v: v >= 0.80),
+        ("bf16, Q = 1, D = 512, ip: vs naive", ">= 1.5x",
+         lambda n: worst(n, lambda c: c.dtype == "bfloat16" and c.q == 1 and c.d == 512 and c.metric == "ip",
+                         lambda r: r.seconds["naive"] / r.seconds[n] if "naive" in r.seconds else None),
+         lambda v: v >= 1.5),
+    ]
+    rows = [["target", "goal"] + names]
+    for label, goal, measure, ok in targets:
+        row = [label, goal]
+        for name in names:
+            v = measure(name)
+            row.append("-" if v is None else f"{'yes' if ok(v) else 'NO'} ({v:.2f})")
+        rows.append(row)
+    return rows
 
 
 def copy_bandwidth(device: str, nbytes: int = 2 << 30) -> float:
@@ -435,10 +498,12 @@ def main(args) -> int:
         return 2
     cases = search_grid(quick=args.quick, device="cuda" if device.startswith("cuda") else "cpu")
     variants = tuple(v for v in (getattr(args, "variants", None) or "").split(",") if v)
-    unknown = [v for v in variants if v not in CUDA_VARIANTS]
-    if unknown:
-        print(f"xmodal bench: unknown --variants {unknown}; known: {sorted(CUDA_VARIANTS)}")
-        return 2
+    for name in variants:
+        try:
+            variant_call(name, lambda strategy: None)
+        except ValueError as e:
+            print(f"xmodal bench: --variants: {e}")
+            return 2
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover

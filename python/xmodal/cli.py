@@ -12,7 +12,6 @@ def _info(args) -> int:
     import torch
 
     import xmodal
-    from xmodal.bench import CUDA_SWITCHES
 
     bi = xmodal.build_info()
     rows = [
@@ -26,8 +25,10 @@ def _info(args) -> int:
         ("CPU threads", str(torch.get_num_threads())),
         ("CPU capability", torch.backends.cpu.get_cpu_capability()),
         ("python", platform.python_version()),
-        # opt-in CUDA search paths (on with 1) and the CPU gradient block cache (README, "Performance")
-        *((name, "on" if os.environ.get(name) == "1" else "off") for name in CUDA_SWITCHES),
+        ("search CPU kind", xmodal._C.device_facts("cpu")["cpu_kind"]),
+        ("settings", ", ".join(f"{k}={v}" for k, v in xmodal.settings.get().items())),
+        *_search_plans(),
+        # the CPU gradient block cache (README, "Bilinear pooling")
         ("CPU block cache held", f"{xmodal._C.cpu_cache_bytes() / 2**20:.1f} MiB of at most "
                                  f"{os.environ.get('XMODAL_CPU_CACHE_MB', '1024')} MiB"),
     ]
@@ -38,6 +39,23 @@ def _info(args) -> int:
         for name, value in rows:
             print(f"{name:<{width}}  {value}")
     return 0
+
+
+def _search_plans():
+    """("plan <device> <shape>", what topk_search's strategy="auto" does) for a few typical searches."""
+    import torch
+
+    import xmodal
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and xmodal.build_info()["cuda"] else [])
+    rows = []
+    for device in devices:
+        for dtype, q in (("float32", 1), ("float32", 256), ("bfloat16", 1), ("bfloat16", 256), ("float16", 16)):
+            # meta-free: tiny tensors of the right dtype stand for the shape; the plan reads Q, D and the dtype
+            queries = torch.empty(q, 512, dtype=getattr(torch, dtype), device=device)
+            database = torch.empty(16, 512, dtype=queries.dtype, device=device)
+            rows.append((f"plan {device} {dtype} Q={q} D=512 k=10", xmodal.search_plan(queries, database, 10, "ip")))
+    return rows
 
 
 def _bench(args) -> int:

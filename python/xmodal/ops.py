@@ -28,6 +28,7 @@ def topk_search(
     *,
     mask: Optional[Tensor] = None,
     tf32: bool = False,
+    strategy: str = "auto",
 ) -> Tuple[Tensor, Tensor]:
     """Exact batched top-k similarity search, fused so the Q x N score matrix is never materialised.
 
@@ -43,6 +44,14 @@ def topk_search(
         tf32: let float32 score GEMMs on a GPU use TF32 tensor cores (faster on large batches; scores then
             carry ~1e-3 relative error, so near-ties may swap). Off by default; ignored on the CPU and for
             other dtypes.
+        strategy: how the search runs. ``"auto"`` (default) lets the planner choose for this device, dtype
+            and shape (:func:`search_plan` says what it picks). ``"tiled"``: score database tiles and select
+            while they are in cache (CPU; on CUDA, cuBLAS tiles and a radix select). ``"aten"``: naive
+            PyTorch's own GEMM and ``torch.topk`` in bounded tiles (any device). CUDA only, not chosen by
+            ``"auto"`` until a GPU run has verified them: ``"filtered"`` (threshold-filtered selection),
+            ``"tensor_core"`` (float16/bfloat16 tiles scored and filtered on the tensor cores, sm_80+) and
+            ``"fused_scan"`` (up to 16 queries, k <= 192, one pass). A strategy that cannot run the inputs
+            raises an error saying why.
 
     Returns:
         ``(values, indices)``, each ``[Q, k]`` (or ``[k]`` for a 1-D query), best first; ``values`` in the
@@ -52,8 +61,8 @@ def topk_search(
     ``queries``, ``database`` and ``mask`` may also be NumPy (or CuPy) arrays, as the indexes accept them; the
     result is then in the queries' array type (bfloat16 comes back as float32, which NumPy and CuPy lack).
     """
-    queries, database, k, mask, kind = _search_args(queries, database, k, metric, mask, tf32)
-    values, indices = torch.ops.xmodal.topk_search(queries, database, k, metric, mask, tf32=tf32)
+    queries, database, k, mask, kind = _search_args(queries, database, k, metric, mask, tf32, strategy)
+    values, indices = torch.ops.xmodal.topk_search(queries, database, k, metric, mask, tf32=tf32, strategy=strategy)
     if kind != "torch":
         from .index import _from_torch
 
@@ -61,7 +70,7 @@ def topk_search(
     return values, indices
 
 
-def _search_args(queries, database, k, metric, mask, tf32):
+def _search_args(queries, database, k, metric, mask, tf32, strategy="auto"):
     """topk_search's arguments checked for type (values, shapes and dtypes are the op's to check), arrays
     turned into tensors: ``(queries, database, k, mask, kind)``, kind being the queries' array type. Plain
     isinstance checks, so that torch.compile traces through them (for tensors and an int k nothing else runs)."""
@@ -83,7 +92,20 @@ def _search_args(queries, database, k, metric, mask, tf32):
         raise TypeError(f"metric must be a str, got {_given(metric)}")
     if not isinstance(tf32, bool):
         raise TypeError(f"tf32 must be a bool, got {_given(tf32)}")
+    if not isinstance(strategy, str):
+        raise TypeError(f"strategy must be a str, got {_given(strategy)}")
     return queries, database, k, mask, kind
+
+
+def search_plan(queries, database, k: int, metric: str = "cosine", *, mask=None, strategy: str = "auto") -> str:
+    """What :func:`topk_search` would do with these arguments on this machine, in words: the strategy and,
+    for the CPU's tiled search, how tiles are scored (BLAS, MKL's or ATen's 16-bit GEMM, tiles widened to
+    fp32, or a one-pass scan and its instruction set) and the tile size. Raises the error the search would
+    raise for a strategy that cannot run the inputs. Computes nothing."""
+    queries, database, k, mask, _ = _search_args(queries, database, k, metric, mask, False, strategy)
+    from . import _C
+
+    return _C.search_plan(queries, database, k, metric, mask, strategy)
 
 
 def _given(value) -> str:

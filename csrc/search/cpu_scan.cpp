@@ -1,0 +1,245 @@
+#include "search/cpu_scan.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define XMODAL_X86 1
+#endif
+
+namespace xmodal {
+namespace {
+
+template <typename T>
+inline float to_float(T v) {
+  return static_cast<float>(v);
+}
+
+template <typename T>
+void scan_portable(const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out,
+                   int64_t ldo) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* row = x + j * ld;
+    for (int64_t i = 0; i < Q; ++i) {
+      const float* qi = q + i * D;
+      float s = 0;
+      for (int64_t d = 0; d < D; ++d) s += qi[d] * to_float(row[d]);
+      out[i * ldo + j] = s;
+    }
+  }
+}
+
+#ifdef XMODAL_X86
+// Each step loads a chunk of kR rows once (converting 16-bit values to fp32 once) and multiplies it with up
+// to kQ queries: kQ x kR accumulators. Query groups of kQ go through the same kR rows while they sit in L1.
+#define XMODAL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
+#define XMODAL_AVX2 __attribute__((target("avx2,f16c,fma")))
+
+// ---- AVX-512: 16 lanes, masked loads for the tail of D ----
+XMODAL_AVX512 inline __m512 load_avx512(const float* p) { return _mm512_loadu_ps(p); }
+XMODAL_AVX512 inline __m512 load_avx512(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+XMODAL_AVX512 inline __m512 load_avx512(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+XMODAL_AVX512 inline __m512 load_avx512(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+XMODAL_AVX512 inline __m512 load_avx512(const c10::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+XMODAL_AVX512 inline __m512 load_avx512(const c10::Half* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+
+template <int kQ, int kR, typename T>
+XMODAL_AVX512 void block_avx512(const float* q, int64_t D, const T* const* rows, float* out, int64_t ldo) {
+  __m512 acc[kQ][kR];
+  for (int i = 0; i < kQ; ++i)
+    for (int r = 0; r < kR; ++r) acc[i][r] = _mm512_setzero_ps();
+  const int64_t full = D / 16 * 16;
+  for (int64_t d = 0; d < full; d += 16) {  // unmasked loads: masked ones are slow on some CPUs
+    __m512 x[kR];
+    for (int r = 0; r < kR; ++r) x[r] = load_avx512(rows[r] + d);
+    for (int i = 0; i < kQ; ++i) {
+      const __m512 qv = _mm512_loadu_ps(q + i * D + d);
+      for (int r = 0; r < kR; ++r) acc[i][r] = _mm512_fmadd_ps(qv, x[r], acc[i][r]);
+    }
+  }
+  if (full < D) {
+    const __mmask16 m = __mmask16((1u << (D - full)) - 1);
+    __m512 x[kR];
+    for (int r = 0; r < kR; ++r) x[r] = load_avx512(rows[r] + full, m);
+    for (int i = 0; i < kQ; ++i) {
+      const __m512 qv = _mm512_maskz_loadu_ps(m, q + i * D + full);
+      for (int r = 0; r < kR; ++r) acc[i][r] = _mm512_fmadd_ps(qv, x[r], acc[i][r]);
+    }
+  }
+  for (int i = 0; i < kQ; ++i)
+    for (int r = 0; r < kR; ++r) out[i * ldo + r] = _mm512_reduce_add_ps(acc[i][r]);
+}
+
+// ---- AVX512-BF16: bf16 rows and queries multiplied in pairs by vdpbf16ps (fp32 accumulation), so the rows
+// need no conversion: half the instructions of converting and FMA-ing. Exact products (bf16 x bf16 fits
+// fp32); the queries are bf16 inputs, so nothing is rounded that the caller gave in more precision.
+#define XMODAL_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma")))
+
+template <int kQ, int kR>
+XMODAL_AVX512BF16 void block_avx512bf16(const c10::BFloat16* q, int64_t D, const c10::BFloat16* const* rows,
+                                        float* out, int64_t ldo) {
+  __m512 acc[kQ][kR];
+  for (int i = 0; i < kQ; ++i)
+    for (int r = 0; r < kR; ++r) acc[i][r] = _mm512_setzero_ps();
+  const int64_t full = D / 32 * 32;
+  for (int64_t d = 0; d < full; d += 32) {
+    __m512bh x[kR];
+    for (int r = 0; r < kR; ++r) x[r] = (__m512bh)_mm512_loadu_si512(rows[r] + d);
+    for (int i = 0; i < kQ; ++i) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + i * D + d);
+      for (int r = 0; r < kR; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], qv, x[r]);
+    }
+  }
+  for (int i = 0; i < kQ; ++i)
+    for (int r = 0; r < kR; ++r) {
+      float s = _mm512_reduce_add_ps(acc[i][r]);
+      for (int64_t d = full; d < D; ++d) s += float(q[i * D + d]) * float(rows[r][d]);
+      out[i * ldo + r] = s;
+    }
+}
+
+// ---- AVX2: 8 lanes (F16C converts fp16), a scalar tail of D ----
+XMODAL_AVX2 inline __m256 load_avx2(const float* p) { return _mm256_loadu_ps(p); }
+XMODAL_AVX2 inline __m256 load_avx2(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+XMODAL_AVX2 inline __m256 load_avx2(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+XMODAL_AVX2 inline float hsum_avx2(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+template <int kQ, int kR, typename T>
+XMODAL_AVX2 void block_avx2(const float* q, int64_t D, const T* const* rows, float* out, int64_t ldo) {
+  __m256 acc[kQ][kR];
+  for (int i = 0; i < kQ; ++i)
+    for (int r = 0; r < kR; ++r) acc[i][r] = _mm256_setzero_ps();
+  const int64_t full = D / 8 * 8;
+  for (int64_t d = 0; d < full; d += 8) {
+    __m256 x[kR];
+    for (int r = 0; r < kR; ++r) x[r] = load_avx2(rows[r] + d);
+    for (int i = 0; i < kQ; ++i) {
+      const __m256 qv = _mm256_loadu_ps(q + i * D + d);
+      for (int r = 0; r < kR; ++r) acc[i][r] = _mm256_fmadd_ps(qv, x[r], acc[i][r]);
+    }
+  }
+  for (int i = 0; i < kQ; ++i)
+    for (int r = 0; r < kR; ++r) {
+      float s = hsum_avx2(acc[i][r]);
+      for (int64_t d = full; d < D; ++d) s += q[i * D + d] * to_float(rows[r][d]);
+      out[i * ldo + r] = s;
+    }
+}
+
+// Rows in blocks of kR (then one at a time), queries in groups of up to kQ.
+template <int kQ, int kR, typename T, typename QT, typename Block, typename Block1>
+void scan_blocks(const QT* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out, Block block,
+                 Block1 block1) {
+  int64_t j = 0;
+  const T* rows[kR];
+  for (; j + kR <= n; j += kR) {
+    for (int r = 0; r < kR; ++r) rows[r] = x + (j + r) * ld;
+    for (int64_t i = 0; i < Q; i += kQ) block(q + i * D, std::min<int64_t>(kQ, Q - i), D, rows, out + i * n + j, n);
+  }
+  for (; j < n; ++j) {
+    rows[0] = x + j * ld;
+    for (int64_t i = 0; i < Q; i += kQ) block1(q + i * D, std::min<int64_t>(kQ, Q - i), D, rows, out + i * n + j, n);
+  }
+}
+
+// block functions for a query group of 1..4 (the group size is a template parameter of the kernels)
+#define XMODAL_GROUP_DISPATCH(fn, R)                                                                        \
+  [](const float* q, int64_t g, int64_t D, const T* const* rows, float* out, int64_t ldo) {               \
+    switch (g) {                                                                                          \
+      case 1: return fn<1, R, T>(q, D, rows, out, ldo);                                                   \
+      case 2: return fn<2, R, T>(q, D, rows, out, ldo);                                                   \
+      case 3: return fn<3, R, T>(q, D, rows, out, ldo);                                                   \
+      default: return fn<4, R, T>(q, D, rows, out, ldo);                                                  \
+    }                                                                                                     \
+  }
+
+template <typename T>
+void scan_avx512(const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out) {
+  scan_blocks<4, 4, T, float>(q, Q, x, ld, n, D, out, XMODAL_GROUP_DISPATCH(block_avx512, 4),
+                       XMODAL_GROUP_DISPATCH(block_avx512, 1));
+}
+
+void scan_avx512bf16(const c10::BFloat16* q, int64_t Q, const c10::BFloat16* x, int64_t ld, int64_t n, int64_t D,
+                     float* out) {
+  using T = c10::BFloat16;
+#define XMODAL_BF16_GROUP(R)                                                                                \
+  [](const T* q, int64_t g, int64_t D, const T* const* rows, float* out, int64_t ldo) {                     \
+    switch (g) {                                                                                          \
+      case 1: return block_avx512bf16<1, R>(q, D, rows, out, ldo);                                        \
+      case 2: return block_avx512bf16<2, R>(q, D, rows, out, ldo);                                        \
+      case 3: return block_avx512bf16<3, R>(q, D, rows, out, ldo);                                        \
+      default: return block_avx512bf16<4, R>(q, D, rows, out, ldo);                                       \
+    }                                                                                                     \
+  }
+  scan_blocks<4, 4, T, T>(q, Q, x, ld, n, D, out, XMODAL_BF16_GROUP(4), XMODAL_BF16_GROUP(1));
+#undef XMODAL_BF16_GROUP
+}
+
+template <typename T>
+void scan_avx2(const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out) {
+  // 16 registers: one query takes four rows at a time (four independent FMA chains), more take two
+  if (Q == 1) {
+    scan_blocks<1, 4, T, float>(q, Q, x, ld, n, D, out,
+                                [](const float* q, int64_t, int64_t D, const T* const* rows, float* out, int64_t ldo) {
+                                  block_avx2<1, 4, T>(q, D, rows, out, ldo);
+                                },
+                                XMODAL_GROUP_DISPATCH(block_avx2, 1));
+    return;
+  }
+  scan_blocks<4, 2, T, float>(q, Q, x, ld, n, D, out, XMODAL_GROUP_DISPATCH(block_avx2, 2), XMODAL_GROUP_DISPATCH(block_avx2, 1));
+}
+#undef XMODAL_GROUP_DISPATCH
+#endif
+
+template <typename T>
+void scan_rows(ScanIsa isa, const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out) {
+#ifdef XMODAL_X86
+  if (isa == ScanIsa::Avx512) return scan_avx512(q, Q, x, ld, n, D, out);
+  if (isa == ScanIsa::Avx2) return scan_avx2(q, Q, x, ld, n, D, out);
+#endif
+  scan_portable(q, Q, x, ld, n, D, out, n);
+}
+
+}  // namespace
+
+void scan_dots(ScanIsa isa, const float* queries, int64_t Q, const at::Tensor& rows, float* out) {
+  const int64_t n = rows.size(0), D = rows.size(1), ld = rows.stride(0);
+  TORCH_INTERNAL_ASSERT(D == 0 || rows.stride(1) == 1, "scan_dots needs unit stride within a row");
+#ifdef XMODAL_X86
+  if (isa == ScanIsa::Avx512Bf16 && rows.scalar_type() == at::kBFloat16) {
+    // the queries back in bf16 (they came from bf16 inputs, so this is exact)
+    std::vector<c10::BFloat16> q16(queries, queries + Q * D);
+    return scan_avx512bf16(q16.data(), Q, rows.data_ptr<c10::BFloat16>(), ld, n, D, out);
+  }
+#endif
+  if (isa == ScanIsa::Avx512Bf16) isa = ScanIsa::Avx512;
+  switch (rows.scalar_type()) {
+    case at::kFloat: return scan_rows(isa, queries, Q, rows.data_ptr<float>(), ld, n, D, out);
+    case at::kBFloat16: return scan_rows(isa, queries, Q, rows.data_ptr<c10::BFloat16>(), ld, n, D, out);
+    case at::kHalf: return scan_rows(isa, queries, Q, rows.data_ptr<c10::Half>(), ld, n, D, out);
+    default: TORCH_INTERNAL_ASSERT(false, "scan_dots: unsupported dtype ", rows.scalar_type());
+  }
+}
+
+}  // namespace xmodal

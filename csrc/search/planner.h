@@ -1,0 +1,85 @@
+// How a top-k search runs: one pure function, plan_search, decides from the device, the inputs' shape and
+// dtype, the metric and k. Every kernel asks it; nothing else picks a path.
+//
+// Strategies (the `strategy` argument of topk_search; "auto" asks the planner):
+//   tiled        score tiles with a GEMM and select from each tile while it is in cache (CPU), or with
+//                cuBLAS score tiles and a radix select per tile (CUDA)
+//   aten         bounded-memory tiles of torch.mm + torch.topk: the GEMM and selection naive PyTorch uses,
+//                without ever holding more than a fixed budget of scores (any device)
+//   filtered     CUDA: cuBLAS score tiles, threshold-filtered selection (only scores above each query's
+//                current k-th best reach a small candidate buffer)
+//   tensor_core  CUDA, float16/bfloat16, sm_80+: the filtered selection applied in the epilogue of a
+//                tensor-core (mma.sync) tile kernel, so scores never reach memory
+//   fused_scan   CUDA, up to 16 queries: one pass over the database, scores kept in shared memory
+#pragma once
+#include "search/cpu_scan.h"
+#include "search/topk_common.h"
+
+#include <cstdint>
+#include <string>
+
+namespace xmodal {
+
+enum class Strategy { Auto, Tiled, Aten, Filtered, TensorCore, FusedScan };
+Strategy parse_strategy(const std::string& name);
+const char* strategy_name(Strategy s);
+
+// What the CPU offers for 16-bit dot products. AMX and AVX512-BF16 multiply bf16 natively (MKL's bf16
+// GEMM is fast there); plain AVX-512 and AVX2 CPUs do not (MKL emulates it, slowly).
+enum class CpuKind { Amx, Avx512Bf16, Avx512, Avx2, Arm, Baseline };
+const char* cpu_kind_name(CpuKind k);
+CpuKind parse_cpu_kind(const std::string& name);
+
+struct DeviceFacts {
+  bool cuda = false;
+  int cc_major = 0, cc_minor = 0;  // CUDA compute capability
+  CpuKind cpu = CpuKind::Avx2;
+  bool mkl_gemm16 = false;  // MKL's bf16/fp16 GEMMs with fp32 output are linked in
+  int64_t tile_kib_override = 0;  // the cpu_tile_kib setting: 0 = decide
+  int tile_gemm_override = 0;  // the cpu_tile_gemm setting (common/settings.h): 0 = decide, else TileGemm + 1
+};
+
+// This process's facts for a device (the CPU's kind honours ATEN_CPU_CAPABILITY, as ATen's own kernels do).
+DeviceFacts device_facts(const at::Device& device);
+
+struct SearchShape {
+  at::ScalarType dtype = at::kFloat;
+  Metric metric = Metric::IP;
+  int64_t Q = 0, N = 0, D = 0, k = 1;
+  bool masked = false;
+  bool aligned_rows = true;  // database (and queries) contiguous and 16-byte aligned: the CUDA kernels' loads
+};
+
+SearchShape search_shape(const SearchArgs& args);
+
+// How the CPU tiled path scores a tile (queries x tile rows):
+//   Blas    fp32/fp64 GEMM (GEMV for one query) through ATen's BLAS
+//   Mkl16   MKL's bf16/fp16 GEMM with fp32 output (fast with AMX)
+//   Widen   16-bit tile widened to fp32 in cache, then the fp32 GEMM (CPUs without native 16-bit dot products)
+//   Aten16  ATen's 16-bit GEMM (oneDNN: native bf16 dot products), 16-bit scores as naive PyTorch has them
+//   Scan    a handful of queries: scan_dots (cpu_scan.h), one pass over the rows at memory speed
+enum class TileGemm { Blas, Mkl16, Widen, Aten16, Scan };
+const char* tile_gemm_name(TileGemm g);
+
+struct Plan {
+  Strategy strategy = Strategy::Tiled;
+  TileGemm gemm = TileGemm::Blas;
+  ScanIsa scan_isa = ScanIsa::Portable;  // TileGemm::Scan: which instructions
+  int64_t tile_bytes = 0;   // CPU tiled: bytes of database rows per tile
+  int64_t query_block = 0;  // CPU tiled: queries per GEMM
+  std::string describe() const;
+};
+
+// The limits of the CUDA kernels (the kernels include this header, so there is one definition of each).
+constexpr int64_t kFusedScanMaxQueries = 16;
+constexpr int64_t kFusedScanMaxK = 192;
+constexpr int64_t kFilterMaxK = 2048;
+
+// Decides how to run a search. `requested` other than Auto forces that strategy, after checking that it
+// can run these inputs (a clear error otherwise).
+Plan plan_search(const DeviceFacts& device, const SearchShape& shape, Strategy requested);
+
+// The aten strategy (topk_aten.cpp): runs on every device.
+std::tuple<at::Tensor, at::Tensor> aten_search(const SearchArgs& args);
+
+}  // namespace xmodal
