@@ -12,7 +12,7 @@
 //   C (16 x 8, fp32):  c0, c1 at (g, 2t), (g, 2t+1);  c2, c3 at (g+8, 2t), (g+8, 2t+1)
 // ldmatrix.x4 loads four 8 x 8 matrices whose row addresses come from lanes 0-7, 8-15, 16-23 and 24-31,
 // and gives each lane the pair at (lane / 4, 2 (lane % 4)) of each: the layouts above.
-// scripts/device_models/mma_filter_layout.py models this kernel lane by lane (no GPU needed).
+// tests/device_models/mma_filter_layout.py models this kernel lane by lane (no GPU needed).
 #pragma once
 #include "search/topk_select_cuda.cuh"
 

@@ -196,7 +196,7 @@ __device__ __forceinline__ void load4(const scalar_t* p, float (&out)[4], bool l
 // step (partner lane^O, O = 16, 8, ..., 1) lanes exchange half of what they hold and keep the other half.
 // Afterwards lane l holds the totals of entries first + j in v[j], j < max(1, V / 32); with V < 32 several
 // lanes hold the same totals, and all but one of them get a bit of `spare` set. Compile-time recursion, so
-// that every index is a constant and v stays in registers. Modelled in scripts/device_models/.
+// that every index is a constant and v stays in registers. Modelled in tests/device_models/.
 template <int N, int V, int O>
 __device__ __forceinline__ void transpose_sum_step(float (&v)[N], int lane, int& first, unsigned& spare) {
   if constexpr (V >= 2) {

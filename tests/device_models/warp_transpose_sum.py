@@ -2,7 +2,7 @@
 exchange halves with lane ^ O for O = 16, 8, ..., 1. Checks that lane l ends with the warp totals of
 entries first + j, that exactly one lane owns each entry (spare bits), and the layouts the fused scan
 relies on (V = 4: lane 8 r holds row r; V = 64: lane l holds entries 2 l, 2 l + 1).
-Run: python3 scripts/device_models/warp_transpose_sum.py (no GPU)."""
+Run by tests/test_device_models.py (no GPU)."""
 import random
 def simulate(V):
     orig = [[random.random() for _ in range(V)] for _ in range(32)]

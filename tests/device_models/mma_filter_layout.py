@@ -1,7 +1,7 @@
 """A lane-level model of mma_filter_kernel (csrc/search/topk_mma_cuda.cuh): its cp.async staging, ldmatrix
 addresses, fragment use and epilogue indexing, with ldmatrix and mma.sync m16n8k16 as the PTX ISA lays
 out their fragments (see the kernel's header comment). Checks that every (query, row) score is computed
-exactly once and equals Q_tile @ X_tile^T. Run: python3 scripts/device_models/mma_filter_layout.py
+exactly once and equals Q_tile @ X_tile^T. Run by tests/test_device_models.py
 (NumPy only; no GPU). Keep it in step with the kernel when its tiling changes."""
 import numpy as np
 rng = np.random.default_rng(0)
