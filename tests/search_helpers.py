@@ -59,8 +59,16 @@ def assert_topk_close(values, indices, queries, database, k, metric, mask=None, 
     assert values.device == queries.device and indices.device == queries.device
     expected_shape = (k,) if squeeze else (queries.shape[0], k)
     assert tuple(values.shape) == expected_shape and tuple(indices.shape) == expected_shape
-    ref_v, ref_i = reference.topk_search(queries.cpu(), database.cpu(), k, metric, mask=None if mask is None else mask.cpu())
-    full = reference.scores(queries.cpu(), database.cpu(), metric)
+    if queries.is_cuda:
+        # on a GPU: float64 references through matrix products, on the device (no [Q, N, D] tensors)
+        full = reference.scores_by_matmul(queries, database, metric)
+        ref_v, ref_i = reference.topk_from_scores(full, k, metric, mask=mask)
+        full, ref_v, ref_i = full.cpu(), ref_v.cpu(), ref_i.cpu()
+        if squeeze:
+            ref_v, ref_i = ref_v[0], ref_i[0]
+    else:
+        ref_v, ref_i = reference.topk_search(queries, database, k, metric, mask=mask)
+        full = reference.scores(queries, database, metric)
     v = values.detach().cpu().double().reshape(-1, k)
     i = indices.detach().cpu().reshape(-1, k)
     ref_v, ref_i = ref_v.reshape(-1, k), ref_i.reshape(-1, k)

@@ -10,18 +10,18 @@ from search_helpers import assert_topk_close, make_inputs
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and CUDA kernels")]
 
 
-def captured_search(queries, database, k, metric):
+def captured_search(queries, database, k, metric, strategy="auto"):
     """A CUDA graph of one search (captured after warm-up calls on a side stream, as capture requires) and
     the static outputs its replays write."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
-            xmodal.topk_search(queries, database, k, metric)
+            xmodal.topk_search(queries, database, k, metric, strategy=strategy)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = xmodal.topk_search(queries, database, k, metric)
+        out = xmodal.topk_search(queries, database, k, metric, strategy=strategy)
     return graph, out
 
 
@@ -86,131 +86,116 @@ def test_cuda_few_queries_split_over_blocks(q, n, k):
     assert_topk_close(values, indices, queries, database, k, "ip", mask=mask)
 
 
-# --- the fused few-query scan (opt-in with XMODAL_CUDA_FUSED_SCAN=1 until verified on a GPU) ------------
+# --- every CUDA strategy, forced: a covering set of cases each -------------------------------------------
+# Test ids carry "via_<strategy>", so scripts/gpu_check.sh runs one strategy per process with -k via_<name>.
+# References are float64 on the GPU through matrix products (search_helpers), once per case. Small tiles
+# (settings.cuda_max_tile_rows) make small problems span many tiles, so thresholds, overflows and merges
+# all happen; one test keeps production tile sizes.
+
+STRATEGIES = ["tiled", "aten", "filtered", "tensor_core", "fused_scan"]
 
 
-@pytest.fixture
-def fused_scan(monkeypatch):
-    monkeypatch.setenv("XMODAL_CUDA_FUSED_SCAN", "1")
+@pytest.fixture(params=STRATEGIES, ids=[f"via_{s}" for s in STRATEGIES])
+def strategy(request):
+    with xmodal.settings.override(cuda_max_tile_rows=4096):
+        yield request.param
 
 
-@pytest.mark.parametrize("metric", ["ip", "cosine", "l2", "sqeuclidean", "cosine_distance"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("q,n,d,k", [(1, 100_000, 128, 10), (3, 50_000, 64, 100), (16, 30_000, 256, 192), (5, 70, 8, 64),
-                                     (16, 1000, 512, 1), (2, 5, 16, 10), (7, 5000, 36, 20), (4, 3001, 260, 5)])
-def test_fused_scan_matches_reference(fused_scan, metric, dtype, q, n, d, k):
+def search_or_skip(queries, database, k, metric, strategy, mask=None):
+    """The search with a forced strategy; skips the case where the strategy cannot run it (the planner's
+    error says why; test_planner.py checks those errors)."""
+    try:
+        xmodal.search_plan(queries, database, k, metric, mask=mask, strategy=strategy)
+    except RuntimeError as e:
+        pytest.skip(str(e).splitlines()[0])
+    return xmodal.topk_search(queries, database, k, metric, mask=mask, strategy=strategy)
+
+
+F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+CASES = [  # (metric, dtype, Q, N, D, k): every metric and dtype, few and many queries, k from 1 to 2048
+    ("ip", F32, 1, 100_000, 128, 10), ("ip", BF16, 16, 30_000, 256, 192), ("ip", F16, 300, 40_000, 64, 10),
+    ("ip", F64, 3, 9_000, 24, 100), ("ip", BF16, 129, 3_000, 8, 7), ("ip", F32, 5, 9_000, 24, 2048),
+    ("cosine", BF16, 1, 50_000, 16, 1), ("cosine", F32, 40, 30_000, 128, 100), ("cosine", F16, 7, 5_000, 36, 20),
+    ("l2", F16, 130, 20_000, 200, 1000), ("l2", F32, 4, 3_001, 260, 5), ("l2", BF16, 512, 60_000, 128, 256),
+    ("sqeuclidean", F32, 2, 5, 16, 10), ("sqeuclidean", BF16, 64, 20_000, 64, 64),
+    ("cosine_distance", F16, 16, 1_000, 512, 1), ("cosine_distance", F32, 300, 10_000, 32, 32),
+    ("kl", F32, 129, 3_000, 8, 7), ("kl", BF16, 40, 20_000, 64, 100), ("kl", F64, 1, 10_000, 16, 10),
+]
+
+
+@pytest.mark.parametrize("metric,dtype,q,n,d,k", CASES, ids=[f"{c[0]}-{str(c[1])[6:]}-Q{c[2]}-N{c[3]}-D{c[4]}-k{c[5]}" for c in CASES])
+def test_strategy_matches_reference(strategy, metric, dtype, q, n, d, k):
     queries, database = make_inputs(q, n, d, metric, dtype, "cuda", seed=21)
-    values, indices = xmodal.topk_search(queries, database, k, metric)
+    values, indices = search_or_skip(queries, database, k, metric, strategy)
     assert_topk_close(values, indices, queries, database, k, metric)
 
 
-def test_fused_scan_mask_ties_nan(fused_scan):
-    base = make_inputs(1, 400, 32, "ip", torch.float32, "cpu", seed=22)[1]
-    database = base.repeat(3, 1)  # ties: every row three times
-    database[7] = float("nan")
-    database = database.cuda()
-    queries = make_inputs(4, 1, 32, "ip", torch.float32, "cuda", seed=23)[0]
-    mask = torch.rand(database.shape[0], device="cuda") < 0.6
-    for m in (None, mask):
-        values, indices = xmodal.topk_search(queries, database, 50, "ip", mask=m)
-        assert_topk_close(values, indices, queries, database, 50, "ip", mask=m)
-        if m is not None:
-            assert m[indices[indices >= 0]].all()
-
-
-def test_fused_scan_under_graph_capture(fused_scan):
-    queries, database = make_inputs(2, 20_000, 128, "cosine", torch.bfloat16, "cuda", seed=24)
-    expected = xmodal.topk_search(queries, database, 10, "cosine")
-    graph, out = captured_search(queries, database, 10, "cosine")
-    graph.replay()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(out[0], expected[0])
-
-
-# --- threshold-filtered tile selection (XMODAL_CUDA_FILTER_SELECT=1) and the fused tensor-core tile kernel
-# (XMODAL_CUDA_FUSED_GEMM=1, 16-bit inputs; other dtypes take the filtered path): opt-in until verified.
-# XMODAL_CUDA_TILE_ROWS=4096 makes small problems span many tiles, so thresholds, overflows and merges
-# all happen.
-
-
-# param ids name the path, so `-k score_tiles` / `-k mma_tiles` (scripts/gpu_check.sh) pick one
-@pytest.fixture(params=["score_tiles", "mma_tiles"])
-def filtered(request, monkeypatch):
-    monkeypatch.setenv("XMODAL_CUDA_FILTER_SELECT" if request.param == "score_tiles" else "XMODAL_CUDA_FUSED_GEMM", "1")
-    monkeypatch.setenv("XMODAL_CUDA_TILE_ROWS", "4096")
-    return request.param
-
-
-@pytest.mark.parametrize("metric", ["ip", "cosine", "l2", "sqeuclidean", "cosine_distance", "kl"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
-@pytest.mark.parametrize("q,n,d,k", [(300, 40_000, 64, 10), (40, 30_000, 128, 100), (130, 20_000, 200, 1000),
-                                     (5, 9000, 24, 2048), (1, 50_000, 16, 1), (129, 3000, 8, 7)])
-def test_filtered_selection_matches_reference(filtered, metric, dtype, q, n, d, k):
-    queries, database = make_inputs(q, n, d, metric, dtype, "cuda", seed=31)
-    values, indices = xmodal.topk_search(queries, database, k, metric)
-    assert_topk_close(values, indices, queries, database, k, metric)
-
-
-def test_filtered_selection_overflow_falls_back_to_the_whole_tile(filtered):
-    # scores rise with the row index, so every later tile beats every threshold: each buffer overflows and
-    # the merge must select over the whole tile (recomputing scores in the fused case)
-    g = torch.Generator().manual_seed(32)
-    direction = torch.randn(64, generator=g, dtype=torch.float64)
-    scale = torch.linspace(0.1, 10.0, 30_000, dtype=torch.float64)[:, None]
-    noise = 1e-3 * torch.randn(30_000, 64, generator=g, dtype=torch.float64)
-    for dtype in (torch.float32, torch.bfloat16):
-        database = (scale * direction + noise).to(dtype).cuda()
-        queries = torch.stack([direction, -direction, torch.randn(64, generator=g, dtype=torch.float64)]).to(dtype).cuda()
-        for k in (5, 600):
-            values, indices = xmodal.topk_search(queries, database, k, "ip")
-            assert_topk_close(values, indices, queries, database, k, "ip")
-
-
-def test_filtered_selection_ties_mask_nan(filtered):
-    base = make_inputs(1, 500, 32, "ip", torch.float32, "cpu", seed=33)[1]
+def test_strategy_ties_mask_nan(strategy):
+    base = make_inputs(1, 500, 32, "ip", F32, "cpu", seed=33)[1]
     database = base.repeat(40, 1)  # every row 40 times: thresholds equal to many keys
     database[123] = float("nan")
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (F32, BF16):
         db = database.to(dtype).cuda()
-        queries = make_inputs(70, 1, 32, "ip", dtype, "cuda", seed=34)[0]
+        queries = make_inputs(12, 1, 32, "ip", dtype, "cuda", seed=34)[0]
         sparse = torch.zeros(db.shape[0], dtype=torch.bool, device="cuda")
         sparse[::401] = True  # 50 rows for k = 100: thresholds stay unset, results are padded
         dense = torch.rand(db.shape[0], device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)) < 0.7
         for m, k in ((None, 64), (dense, 64), (sparse, 100)):
-            values, indices = xmodal.topk_search(queries, db, k, "ip", mask=m)
+            values, indices = search_or_skip(queries, db, k, "ip", strategy, mask=m)
             assert_topk_close(values, indices, queries, db, k, "ip", mask=m)
+            # the custom kernels resolve a tie at rank k to the smaller index, as the CPU does; "aten" is
+            # torch.topk's selection, whose choice among tied keys is unspecified
+            if strategy != "aten":
+                cpu_i = xmodal.topk_search(queries.cpu(), db.cpu(), k, "ip", mask=None if m is None else m.cpu())[1]
+                assert torch.equal(indices.cpu().sort(1).values, cpu_i.sort(1).values)
 
 
-def test_filtered_selection_identical_rows(filtered):
-    database = torch.ones(20_000, 16, device="cuda", dtype=torch.bfloat16)
-    queries = torch.ones(200, 16, device="cuda", dtype=torch.bfloat16)
-    values, indices = xmodal.topk_search(queries, database, 50, "ip")
-    assert (values == 16).all()
-    assert all(row.unique().numel() == 50 for row in indices.cpu())
+def test_strategy_overflow_falls_back_to_the_whole_tile(strategy):
+    # scores rise with the row index, so every later tile beats every threshold: each candidate buffer
+    # overflows and the merge must select over the whole tile
+    g = torch.Generator().manual_seed(32)
+    direction = torch.randn(64, generator=g, dtype=F64)
+    scale = torch.linspace(0.1, 10.0, 30_000, dtype=F64)[:, None]
+    noise = 1e-3 * torch.randn(30_000, 64, generator=g, dtype=F64)
+    for dtype in (F32, BF16):
+        database = (scale * direction + noise).to(dtype).cuda()
+        queries = torch.stack([direction, -direction, torch.randn(64, generator=g, dtype=F64)]).to(dtype).cuda()
+        for k in (5, 150):
+            values, indices = search_or_skip(queries, database, k, "ip", strategy)
+            assert_topk_close(values, indices, queries, database, k, "ip")
 
 
-def test_filtered_selection_non_contiguous_inputs(filtered):
-    queries, database = make_inputs(150, 20_000, 64, "cosine", torch.bfloat16, "cuda", seed=35)
-    q_nc = queries.t().contiguous().t()  # same values, column-major
-    db_nc = database[::2]
-    values, indices = xmodal.topk_search(q_nc, db_nc, 20, "cosine")
+def test_strategy_k_above_n_and_identical_rows(strategy):
+    queries, database = make_inputs(3, 100, 16, "l2", F32, "cuda", seed=35)
+    values, indices = search_or_skip(queries, database, 150, "l2", strategy)
+    assert_topk_close(values, indices, queries, database, 150, "l2")
+    assert (indices[:, 100:] == -1).all() and (values[:, 100:] == float("inf")).all()
+    ones = torch.ones(20_000, 16, device="cuda", dtype=BF16)
+    values, indices = search_or_skip(torch.ones(8, 16, device="cuda", dtype=BF16), ones, 50, "ip", strategy)
+    assert (values == 16).all() and all(row.unique().numel() == 50 for row in indices.cpu())
+
+
+def test_strategy_non_contiguous_inputs(strategy):
+    queries, database = make_inputs(12, 20_000, 64, "cosine", BF16, "cuda", seed=36)
+    q_nc, db_nc = queries.t().contiguous().t(), database[::2]
+    values, indices = search_or_skip(q_nc, db_nc, 20, "cosine", strategy)
     assert_topk_close(values, indices, q_nc, db_nc, 20, "cosine")
 
 
-def test_filtered_selection_large_batch_default_tiles_mma_tiles(monkeypatch):
-    # tile sizes as chosen in production (growing after the first tile)
-    monkeypatch.setenv("XMODAL_CUDA_FUSED_GEMM", "1")
-    queries, database = make_inputs(512, 300_000, 128, "ip", torch.bfloat16, "cuda", seed=36)
-    for k in (10, 256):
-        values, indices = xmodal.topk_search(queries, database, k, "ip")
-        assert_topk_close(values, indices, queries, database, k, "ip")
-
-
-def test_filtered_selection_under_graph_capture(filtered):
-    queries, database = make_inputs(300, 20_000, 64, "l2", torch.bfloat16, "cuda", seed=37)
-    expected = xmodal.topk_search(queries, database, 10, "l2")
-    graph, out = captured_search(queries, database, 10, "l2")
-    for _ in range(2):  # replays start from fresh thresholds
+def test_strategy_under_graph_capture(strategy):
+    queries, database = make_inputs(12, 20_000, 64, "l2", BF16, "cuda", seed=37)
+    expected = search_or_skip(queries, database, 10, "l2", strategy)
+    graph, out = captured_search(queries, database, 10, "l2", strategy=strategy)
+    for _ in range(2):  # replays start from fresh state
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(out[0], expected[0])
+
+
+@pytest.mark.parametrize("s", ["tiled", "filtered", "tensor_core"], ids=lambda s: f"via_{s}")
+def test_strategy_production_tiles(s):
+    # tile sizes as chosen in production (growing after the first tile)
+    queries, database = make_inputs(512, 300_000, 128, "ip", BF16, "cuda", seed=38)
+    for k in (10, 256):
+        values, indices = xmodal.topk_search(queries, database, k, "ip", strategy=s)
+        assert_topk_close(values, indices, queries, database, k, "ip")

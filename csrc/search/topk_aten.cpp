@@ -11,8 +11,21 @@
 
 #include <limits>
 
+#ifdef XMODAL_WITH_CUDA
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#endif
+
 namespace xmodal {
 namespace {
+
+// Whether the current CUDA stream is being captured into a graph (then nothing may synchronise with the host).
+bool capturing(const at::Tensor& t) {
+#ifdef XMODAL_WITH_CUDA
+  return t.is_cuda() && c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+#else
+  return false;
+#endif
+}
 
 // The ranking key of every (query, row) pair of one chunk (larger is better; see topk_common.h), in the
 // GEMM's dtype. kl: `qpos` marks q_i > 0, so rows with d_i = 0 < q_i get -inf.
@@ -61,17 +74,18 @@ std::tuple<at::Tensor, at::Tensor> aten_search(const SearchArgs& a) {
   const auto acc = X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const double inf = std::numeric_limits<double>::infinity();
 
-  at::Tensor q_gemm = a.queries, qpos;
-  at::Tensor negative_entries;  // kl: counted on the device, checked once at the end (one synchronisation)
-  if (metric == Metric::KL) {
-    q_gemm = a.queries.to(acc);
-    qpos = (q_gemm > 0).to(acc);
+  at::Tensor q_gemm = metric == Metric::KL ? a.queries.to(acc) : a.queries;
+  const at::Tensor qpos = metric == Metric::KL ? (q_gemm > 0).to(acc) : at::Tensor();
+  // kl: negative entries counted on the device, checked once at the end (one synchronisation; not while a
+  // CUDA graph is captured)
+  at::Tensor negative_entries;
+  if (metric == Metric::KL && !capturing(X)) {
     negative_entries = (q_gemm < 0).sum();
   }
   const int64_t budget = X.is_cuda() ? (int64_t(1) << 28) : (int64_t(1) << 26);
   const int64_t chunk_rows = std::min(N, std::max<int64_t>(4096, budget / std::max<int64_t>(Q, 1)));
   const int64_t query_block = std::min(Q, std::max<int64_t>(1, budget / chunk_rows));
-  const at::Tensor keep = a.mask.has_value() ? a.mask->logical_not() : at::Tensor();
+  const at::Tensor excluded = a.mask.has_value() ? a.mask->logical_not() : at::Tensor();
 
   std::vector<at::Tensor> block_idx, block_pad;
   for (int64_t q0 = 0; q0 < Q; q0 += query_block) {
@@ -80,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> aten_search(const SearchArgs& a) {
     for (int64_t n0 = 0; n0 < N; n0 += chunk_rows) {
       const int64_t nc = std::min(N, n0 + chunk_rows) - n0;
       const at::Tensor x = X.narrow(0, n0, nc);
-      if (metric == Metric::KL) negative_entries = negative_entries + (x < 0).sum();
+      if (negative_entries.defined()) negative_entries = negative_entries + (x < 0).sum();
       at::Tensor keys = chunk_keys(metric, qb, metric == Metric::KL ? qpos.narrow(0, q0, qb.size(0)) : qpos, x, acc);
       // torch.topk ranks NaN first: NaN and a real -inf become the lowest finite key, so that masked-out rows
       // (-inf, below) are the only ones under them and are never chosen over a candidate.
@@ -89,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> aten_search(const SearchArgs& a) {
                             : keys.scalar_type() == at::kBFloat16 ? -3.3895313892515355e38
                                                                    : double(std::numeric_limits<float>::lowest());
       keys.nan_to_num_(lowest, c10::nullopt, lowest);
-      if (keep.defined()) keys.masked_fill_(keep.narrow(0, n0, nc).unsqueeze(0), -inf);
+      if (excluded.defined()) keys.masked_fill_(excluded.narrow(0, n0, nc).unsqueeze(0), -inf);
       auto [ck, ci] = at::topk(keys, std::min(k, nc), 1, true, false);
       ci.add_(n0);
       if (best_key.defined()) {

@@ -60,10 +60,18 @@ def topk_search(
     """Reference for :func:`xmodal.topk_search`: float64 values and int64 indices, best first, NaN last,
     padded with index -1 and -inf/+inf. Among tied scores the smaller index comes first."""
     squeeze = queries.dim() == 1
-    s = scores(queries, database, metric)
+    values, indices = topk_from_scores(scores(queries, database, metric), k, metric, mask=mask)
+    if squeeze:
+        return values[0], indices[0]
+    return values, indices
+
+
+def topk_from_scores(s: Tensor, k: int, metric: str, *, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The k best of a ``[Q, N]`` score matrix in :func:`topk_search`'s order and padding, on s's device."""
     larger = METRICS[metric]
     n = s.shape[1]
-    cand = torch.arange(n) if mask is None else torch.nonzero(mask.cpu(), as_tuple=False).flatten()
+    cand = (torch.arange(n, device=s.device) if mask is None
+            else torch.nonzero(mask.to(s.device), as_tuple=False).flatten())
     s = s[:, cand]
     key = s if larger else -s
     nan = torch.isnan(key)
@@ -73,13 +81,34 @@ def topk_search(
     order = order.gather(1, torch.argsort(nan.gather(1, order).to(torch.int8), dim=1, stable=True))
     take = min(k, cand.numel())
     pad_value = -float("inf") if larger else float("inf")
-    values = torch.full((s.shape[0], k), pad_value, dtype=torch.float64)
-    indices = torch.full((s.shape[0], k), -1, dtype=torch.int64)
+    values = torch.full((s.shape[0], k), pad_value, dtype=torch.float64, device=s.device)
+    indices = torch.full((s.shape[0], k), -1, dtype=torch.int64, device=s.device)
     values[:, :take] = s.gather(1, order[:, :take])
     indices[:, :take] = cand[order[:, :take]]
-    if squeeze:
-        return values[0], indices[0]
     return values, indices
+
+
+def scores_by_matmul(queries: Tensor, database: Tensor, metric: str) -> Tensor:
+    """:func:`scores` through matrix products, in float64 on the inputs' device: the reference for large
+    problems on a GPU, where ``scores``' ``[Q, N, D]`` differences (l2, kl) would not fit or take minutes.
+    Distances come from ``|q|^2 + |x|^2 - 2 q.x`` (float64 keeps the cancellation far below the tests'
+    tolerances)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    q = queries.detach().to(torch.float64).reshape(-1, queries.shape[-1])
+    x = database.detach().to(torch.float64)
+    if metric == "ip":
+        return q @ x.T
+    if metric in ("cosine", "cosine_distance"):
+        cos = F.normalize(q, dim=1, eps=NORM_EPS) @ F.normalize(x, dim=1, eps=NORM_EPS).T
+        return cos if metric == "cosine" else torch.sqrt(torch.clamp(2 * (1 - cos), min=0))
+    if metric in ("l2", "sqeuclidean"):
+        sq = ((q * q).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2 * (q @ x.T)).clamp_min(0)
+        # a NaN row stays NaN (clamp_min keeps NaN)
+        return sq.sqrt() if metric == "l2" else sq
+    zero = (x == 0).to(torch.float64)
+    kl = torch.xlogy(q, q).sum(1)[:, None] - q @ torch.log(x).masked_fill(x == 0, 0).T
+    return kl.masked_fill((q > 0).to(torch.float64) @ zero.T > 0, float("inf"))
 
 
 SQRT_EPS = 1e-12
