@@ -55,6 +55,29 @@ XMODAL_AVX512 inline __m512 load_avx512(const c10::Half* p, __mmask16 m) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
 
+// The sums of four vectors at once (about 15 instructions instead of 4 x 9): halves, then quarters are added
+// across the vectors so that 128-bit lane i holds vector i's partial sums, then each lane is summed.
+XMODAL_AVX512 inline __m128 reduce4_avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  u = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
+  u = _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), u));
+}
+
+// Writes the kQ x kR sums: four rows of a query at once where kR is 4.
+template <int kQ, int kR>
+XMODAL_AVX512 inline void store_sums_avx512(__m512 (&acc)[kQ][kR], float* out, int64_t ldo) {
+  for (int i = 0; i < kQ; ++i) {
+    if constexpr (kR == 4) {
+      _mm_storeu_ps(out + i * ldo, reduce4_avx512(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+    } else {
+      for (int r = 0; r < kR; ++r) out[i * ldo + r] = _mm512_reduce_add_ps(acc[i][r]);
+    }
+  }
+}
+
 template <int kQ, int kR, typename T>
 XMODAL_AVX512 void block_avx512(const float* q, int64_t D, const T* const* rows, float* out, int64_t ldo) {
   __m512 acc[kQ][kR];
@@ -78,8 +101,7 @@ XMODAL_AVX512 void block_avx512(const float* q, int64_t D, const T* const* rows,
       for (int r = 0; r < kR; ++r) acc[i][r] = _mm512_fmadd_ps(qv, x[r], acc[i][r]);
     }
   }
-  for (int i = 0; i < kQ; ++i)
-    for (int r = 0; r < kR; ++r) out[i * ldo + r] = _mm512_reduce_add_ps(acc[i][r]);
+  store_sums_avx512<kQ, kR>(acc, out, ldo);
 }
 
 // ---- AVX512-BF16: bf16 rows and queries multiplied in pairs by vdpbf16ps (fp32 accumulation), so the rows
@@ -102,12 +124,10 @@ XMODAL_AVX512BF16 void block_avx512bf16(const c10::BFloat16* q, int64_t D, const
       for (int r = 0; r < kR; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], qv, x[r]);
     }
   }
-  for (int i = 0; i < kQ; ++i)
-    for (int r = 0; r < kR; ++r) {
-      float s = _mm512_reduce_add_ps(acc[i][r]);
-      for (int64_t d = full; d < D; ++d) s += float(q[i * D + d]) * float(rows[r][d]);
-      out[i * ldo + r] = s;
-    }
+  store_sums_avx512<kQ, kR>(acc, out, ldo);
+  for (int64_t d = full; d < D; ++d)  // the last D % 32 elements
+    for (int i = 0; i < kQ; ++i)
+      for (int r = 0; r < kR; ++r) out[i * ldo + r] += float(q[i * D + d]) * float(rows[r][d]);
 }
 
 // ---- AVX2: 8 lanes (F16C converts fp16), a scalar tail of D ----
@@ -209,6 +229,44 @@ void scan_avx2(const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int
   }
   scan_blocks<4, 2, T, float>(q, Q, x, ld, n, D, out, XMODAL_GROUP_DISPATCH(block_avx2, 2), XMODAL_GROUP_DISPATCH(block_avx2, 1));
 }
+template <typename T>
+XMODAL_AVX512 void squared_norms_avx512(const T* x, int64_t ld, int64_t n, int64_t D, float* out) {
+  const int64_t full = D / 16 * 16;
+  for (int64_t j = 0; j < n; ++j) {
+    const T* row = x + j * ld;
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 32 <= full; d += 32) {
+      const __m512 u = load_avx512(row + d), v = load_avx512(row + d + 16);
+      a = _mm512_fmadd_ps(u, u, a);
+      b = _mm512_fmadd_ps(v, v, b);
+    }
+    for (; d < full; d += 16) {
+      const __m512 u = load_avx512(row + d);
+      a = _mm512_fmadd_ps(u, u, a);
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+    for (; d < D; ++d) s += to_float(row[d]) * to_float(row[d]);
+    out[j] = s;
+  }
+}
+
+template <typename T>
+XMODAL_AVX2 void squared_norms_avx2(const T* x, int64_t ld, int64_t n, int64_t D, float* out) {
+  const int64_t full = D / 8 * 8;
+  for (int64_t j = 0; j < n; ++j) {
+    const T* row = x + j * ld;
+    __m256 a = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d < full; d += 8) {
+      const __m256 u = load_avx2(row + d);
+      a = _mm256_fmadd_ps(u, u, a);
+    }
+    float s = hsum_avx2(a);
+    for (; d < D; ++d) s += to_float(row[d]) * to_float(row[d]);
+    out[j] = s;
+  }
+}
 #undef XMODAL_GROUP_DISPATCH
 #endif
 
@@ -219,6 +277,19 @@ void scan_rows(ScanIsa isa, const float* q, int64_t Q, const T* x, int64_t ld, i
   if (isa == ScanIsa::Avx2) return scan_avx2(q, Q, x, ld, n, D, out);
 #endif
   scan_portable(q, Q, x, ld, n, D, out, n);
+}
+
+template <typename T>
+void squared_norms_rows(ScanIsa isa, const T* x, int64_t ld, int64_t n, int64_t D, float* out) {
+#ifdef XMODAL_X86
+  if (isa == ScanIsa::Avx512 || isa == ScanIsa::Avx512Bf16) return squared_norms_avx512(x, ld, n, D, out);
+  if (isa == ScanIsa::Avx2) return squared_norms_avx2(x, ld, n, D, out);
+#endif
+  for (int64_t j = 0; j < n; ++j) {
+    float s = 0;
+    for (int64_t d = 0; d < D; ++d) s += to_float(x[j * ld + d]) * to_float(x[j * ld + d]);
+    out[j] = s;
+  }
 }
 
 }  // namespace
@@ -239,6 +310,21 @@ void scan_dots(ScanIsa isa, const float* queries, int64_t Q, const at::Tensor& r
     case at::kBFloat16: return scan_rows(isa, queries, Q, rows.data_ptr<c10::BFloat16>(), ld, n, D, out);
     case at::kHalf: return scan_rows(isa, queries, Q, rows.data_ptr<c10::Half>(), ld, n, D, out);
     default: TORCH_INTERNAL_ASSERT(false, "scan_dots: unsupported dtype ", rows.scalar_type());
+  }
+}
+
+}  // namespace xmodal
+
+namespace xmodal {
+
+void squared_norms(ScanIsa isa, const at::Tensor& rows, float* out) {
+  const int64_t n = rows.size(0), D = rows.size(1), ld = rows.stride(0);
+  TORCH_INTERNAL_ASSERT(D == 0 || rows.stride(1) == 1, "squared_norms needs unit stride within a row");
+  switch (rows.scalar_type()) {
+    case at::kFloat: return squared_norms_rows(isa, rows.data_ptr<float>(), ld, n, D, out);
+    case at::kBFloat16: return squared_norms_rows(isa, rows.data_ptr<c10::BFloat16>(), ld, n, D, out);
+    case at::kHalf: return squared_norms_rows(isa, rows.data_ptr<c10::Half>(), ld, n, D, out);
+    default: TORCH_INTERNAL_ASSERT(false, "squared_norms: unsupported dtype ", rows.scalar_type());
   }
 }
 

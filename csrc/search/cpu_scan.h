@@ -17,4 +17,8 @@ enum class ScanIsa { Avx512Bf16, Avx512, Avx2, Portable };
 // rows: fp32, bf16 or fp16, unit stride within a row.
 void scan_dots(ScanIsa isa, const float* queries, int64_t Q, const at::Tensor& rows, float* out);
 
+// out[j] = rows[j, :] · rows[j, :] in fp32, for fp32 or 16-bit rows (unit stride within a row). ATen's norm
+// of a 16-bit tile in fp32 first copies the tile to fp32 (fresh pages for every tile).
+void squared_norms(ScanIsa isa, const at::Tensor& rows, float* out);
+
 }  // namespace xmodal

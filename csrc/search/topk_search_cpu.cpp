@@ -123,11 +123,24 @@ QuerySide<acc_t> prepare_queries(const at::Tensor& queries, Metric metric, TileG
 }
 
 template <typename acc_t>
-void prepare_tile(const at::Tensor& tile, Metric metric, TileGemm gemm, int64_t first_row, TileSide<acc_t>& ts) {
+void prepare_tile(const at::Tensor& tile, Metric metric, const Plan& plan, int64_t first_row, TileSide<acc_t>& ts) {
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const TileGemm gemm = plan.gemm;
   ts.term.clear();
   ts.has_zeros = false;
-  at::Tensor term = row_norm_term(tile, metric, acc_dtype);
+  at::Tensor term;
+  const bool needs_norms = metric == Metric::Cosine || metric == Metric::CosineDistance || metric == Metric::L2 ||
+                           metric == Metric::SqEuclidean;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (needs_norms && tile.element_size() == 2 && tile.stride(1) == 1) {
+      // 16-bit rows: squared norms converted in registers (ATen would copy the tile to fp32 first)
+      ts.term.resize(size_t(tile.size(0)));
+      squared_norms(plan.scan_isa, tile, ts.term.data());
+      if (metric == Metric::Cosine || metric == Metric::CosineDistance)
+        for (float& v : ts.term) v = 1.0f / std::max(std::sqrt(v), float(kNormEps));
+    }
+  }
+  if (ts.term.empty()) term = row_norm_term(tile, metric, acc_dtype);
   if (metric == Metric::KL) {
     at::Tensor d = tile.to(acc_dtype);
     TORCH_CHECK(!(d < 0).any().item<bool>(), "database must be non-negative with metric 'kl', found a negative "
@@ -260,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args, const Plan
         const int64_t t_begin = p * num_tiles / parts, t_end = (p + 1) * num_tiles / parts;
         for (int64_t t = t_begin; t < t_end; ++t) {
           const int64_t n0 = t * tile_rows, nt = std::min(N, n0 + tile_rows) - n0;
-          prepare_tile<acc_t>(database.narrow(0, n0, nt), metric, plan.gemm, n0, tside);
+          prepare_tile<acc_t>(database.narrow(0, n0, nt), metric, plan, n0, tside);
           for (int64_t q0 = s0; q0 < s1; q0 += query_block) {
             const int64_t qn = std::min(s1, q0 + query_block) - q0;
             score_tile<acc_t>(plan, qside.gemm_operand.narrow(0, q0, qn), tside.gemm_operand, scores.data(), half_scores);
