@@ -254,3 +254,17 @@ def test_recompute_under_torch_compile(device):
     fn = torch.compile(lambda *a: xmodal.factorized_bilinear(*a, factor=2, recompute=True), fullgraph=True,
                        backend="aot_eager" if device == "cpu" else "inductor")
     torch.testing.assert_close(fn(*args), xmodal.factorized_bilinear(*args, factor=2))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_module_errors_name_its_arguments_in_every_mode(training):
+    # with dropout in training mode the module calls the projection op directly: its errors must still
+    # speak of x / y and the module's dimensions
+    mfb = xmodal.nn.FactorizedBilinearPooling(16, 8, 4, factor=2, dropout=0.1).train(training)
+    with pytest.raises(ValueError, match=r"x's last dimension must be dim_x = 16, got shape \(3, 1, 8\)"):
+        mfb(torch.randn(3, 1, 8), torch.randn(3, 5, 8))
+    with pytest.raises(ValueError, match=r"y's last dimension must be dim_y = 8, got shape \(3, 5, 16\)"):
+        mfb(torch.randn(3, 1, 16), torch.randn(3, 5, 16))
+    with pytest.raises(TypeError, match="y must be a torch.Tensor, got list"):
+        mfb(torch.randn(3, 16), [1.0] * 8)
+    assert mfb(torch.randn(3, 1, 16), torch.randn(3, 5, 8)).shape == (3, 5, 4)

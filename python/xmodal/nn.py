@@ -58,6 +58,13 @@ class FactorizedBilinearPooling(nn.Module):
         self.proj_y = nn.Linear(dim_y, out_features * factor, device=device, dtype=dtype)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        # checked here, so that errors name the module's arguments in every mode (the dropout branch below
+        # calls the projection op, whose messages speak of "input" and "weight")
+        for name, t, dim in (("x", x, self.dim_x), ("y", y, self.dim_y)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() < 1 or t.shape[-1] != dim:
+                raise ValueError(f"{name}'s last dimension must be dim_{name} = {dim}, got shape {tuple(t.shape)}")
         if self.training and self.dropout > 0:
             project = torch.ops.xmodal.project
             px = F.dropout(project(x, self.proj_x.weight) + self.proj_x.bias, self.dropout, training=True)
