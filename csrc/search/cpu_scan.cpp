@@ -86,7 +86,10 @@ XMODAL_AVX512 void block_avx512(const float* q, int64_t D, const T* const* rows,
   const int64_t full = D / 16 * 16;
   for (int64_t d = 0; d < full; d += 16) {  // unmasked loads: masked ones are slow on some CPUs
     __m512 x[kR];
-    for (int r = 0; r < kR; ++r) x[r] = load_avx512(rows[r] + d);
+    for (int r = 0; r < kR; ++r) {
+      if constexpr (kR > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + kR * D + d), _MM_HINT_T0);
+      x[r] = load_avx512(rows[r] + d);
+    }
     for (int i = 0; i < kQ; ++i) {
       const __m512 qv = _mm512_loadu_ps(q + i * D + d);
       for (int r = 0; r < kR; ++r) acc[i][r] = _mm512_fmadd_ps(qv, x[r], acc[i][r]);
@@ -118,7 +121,10 @@ XMODAL_AVX512BF16 void block_avx512bf16(const c10::BFloat16* q, int64_t D, const
   const int64_t full = D / 32 * 32;
   for (int64_t d = 0; d < full; d += 32) {
     __m512bh x[kR];
-    for (int r = 0; r < kR; ++r) x[r] = (__m512bh)_mm512_loadu_si512(rows[r] + d);
+    for (int r = 0; r < kR; ++r) {
+      if constexpr (kR > 1) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + kR * D + d), _MM_HINT_T0);
+      x[r] = (__m512bh)_mm512_loadu_si512(rows[r] + d);
+    }
     for (int i = 0; i < kQ; ++i) {
       const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + i * D + d);
       for (int r = 0; r < kR; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], qv, x[r]);
@@ -165,6 +171,35 @@ XMODAL_AVX2 void block_avx2(const float* q, int64_t D, const T* const* rows, flo
       for (int64_t d = full; d < D; ++d) s += q[i * D + d] * to_float(rows[r][d]);
       out[i * ldo + r] = s;
     }
+}
+
+// One query, four rows, two accumulators per row (eight independent FMA chains hide the latency of the
+// conversions and FMAs, which four chains left exposed at large D).
+template <typename T>
+XMODAL_AVX2 void block_avx2_one_query(const float* q, int64_t D, const T* const* rows, float* out, int64_t ldo) {
+  __m256 a[4][2];
+  for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+  const int64_t full2 = D / 16 * 16, full = D / 8 * 8;
+  int64_t d = 0;
+  for (; d < full2; d += 16) {
+    const __m256 q0 = _mm256_loadu_ps(q + d), q1 = _mm256_loadu_ps(q + d + 8);
+    for (int r = 0; r < 4; ++r) {
+      // the same place in the next block's row: the hardware prefetcher alone left large rows waiting
+      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 4 * D + d), _MM_HINT_T0);
+      a[r][0] = _mm256_fmadd_ps(q0, load_avx2(rows[r] + d), a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(q1, load_avx2(rows[r] + d + 8), a[r][1]);
+    }
+  }
+  for (; d < full; d += 8) {
+    const __m256 q0 = _mm256_loadu_ps(q + d);
+    for (int r = 0; r < 4; ++r) a[r][0] = _mm256_fmadd_ps(q0, load_avx2(rows[r] + d), a[r][0]);
+  }
+  for (int r = 0; r < 4; ++r) {
+    float s = hsum_avx2(_mm256_add_ps(a[r][0], a[r][1]));
+    for (int64_t e = full; e < D; ++e) s += q[e] * to_float(rows[r][e]);
+    out[r] = s;
+  }
+  (void)ldo;
 }
 
 // Rows in blocks of kR (then one at a time), queries in groups of up to kQ.
@@ -222,7 +257,7 @@ void scan_avx2(const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int
   if (Q == 1) {
     scan_blocks<1, 4, T, float>(q, Q, x, ld, n, D, out,
                                 [](const float* q, int64_t, int64_t D, const T* const* rows, float* out, int64_t ldo) {
-                                  block_avx2<1, 4, T>(q, D, rows, out, ldo);
+                                  block_avx2_one_query<T>(q, D, rows, out, ldo);
                                 },
                                 XMODAL_GROUP_DISPATCH(block_avx2, 1));
     return;

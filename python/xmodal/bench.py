@@ -330,9 +330,7 @@ def cuda_targets(results: List[SearchResult], env: dict) -> List[List[str]]:
                       and c.k in (1, 10, 100, 1024) and c.d in (128, 512))
 
     def worst(name, select, value, use_max=False):
-        values = [value(r) for r in results if name in r.seconds and select(r.case)]
-        values = [v for v in values if v is not None]
-        return (max(values) if use_max else min(values)) if values else None
+        return _worst(results, name, select, value, use_max)
 
     def vs_naive(name):
         return lambda r: r.seconds["naive"] / r.seconds[name] if "naive" in r.seconds else None
@@ -363,14 +361,7 @@ def cuda_targets(results: List[SearchResult], env: dict) -> List[List[str]]:
         ("Q = 16384, N = 10M, D = 128, bf16 runs (bounded workspace): seconds", "runs",
          lambda n: worst(n, lambda c: c.q == 16384 and c.n == 10_000_000, lambda r: r.seconds[n]), lambda v: True),
     ]
-    rows = [["target", "goal"] + names]
-    for label, goal, measure, ok in targets:
-        row = [label, goal]
-        for name in names:
-            v = measure(name)
-            row.append("-" if v is None else f"{'yes' if ok(v) else 'NO'} ({v:.2f})")
-        rows.append(row)
-    return rows
+    return _target_rows(names, targets)
 
 
 def _write_reports(args, env, results, device):
@@ -416,15 +407,34 @@ def _cpu_flags() -> str:
     return ""
 
 
+def _worst(results, name, select, value, use_max=False):
+    """The worst (least, or with use_max the largest) of value(result) over the results that timed
+    implementation `name` on a case `select` accepts; None when there are none."""
+    values = [value(r) for r in results if name in r.seconds and select(r.case)]
+    values = [v for v in values if v is not None]
+    return (max(values) if use_max else min(values)) if values else None
+
+
+def _target_rows(names, targets):
+    """A targets table: a row per (label, goal, measure, ok) target, a column per implementation, each cell
+    "yes (value)" / "NO (value)", or "-" where the run has none of the target's cases."""
+    rows = [["target", "goal"] + names]
+    for label, goal, measure, ok in targets:
+        row = [label, goal]
+        for name in names:
+            v = measure(name)
+            row.append("-" if v is None else f"{'yes' if ok(v) else 'NO'} ({v:.2f})")
+        rows.append(row)
+    return rows
+
+
 def cpu_targets(results: List[SearchResult], env: dict) -> List[List[str]]:
     """The CPU search targets read off one run: per implementation timed, the worst case of each."""
     names = ["xmodal"] + sorted({n for r in results for n in r.seconds if n.startswith("xmodal[")})
     bandwidth = env.get("read_bandwidth_GBps")
 
     def worst(name, select, value):
-        values = [value(r) for r in results if name in r.seconds and select(r.case)]
-        values = [v for v in values if v is not None]
-        return min(values) if values else None
+        return _worst(results, name, select, value)
 
     def share_of_bandwidth(name):
         return lambda r: (r.case.n * r.case.d * _element_size(r.case.dtype) / r.seconds[name] / 1e9 / bandwidth
@@ -441,14 +451,7 @@ def cpu_targets(results: List[SearchResult], env: dict) -> List[List[str]]:
                          lambda r: r.seconds["naive"] / r.seconds[n] if "naive" in r.seconds else None),
          lambda v: v >= 1.5),
     ]
-    rows = [["target", "goal"] + names]
-    for label, goal, measure, ok in targets:
-        row = [label, goal]
-        for name in names:
-            v = measure(name)
-            row.append("-" if v is None else f"{'yes' if ok(v) else 'NO'} ({v:.2f})")
-        rows.append(row)
-    return rows
+    return _target_rows(names, targets)
 
 
 def copy_bandwidth(device: str, nbytes: int = 2 << 30) -> float:

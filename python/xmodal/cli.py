@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     p_bench = sub.add_parser("bench", help="benchmark the fused ops against naive PyTorch (and faiss)")
     p_bench.add_argument("op", choices=["search", "bilinear"], help="which op to benchmark")
     p_bench.add_argument("--device", type=_bench_device, default="cpu", help="cpu or cuda (default: cpu)")
-    p_bench.add_argument("--quick", action="store_true", help="a small grid that runs in seconds")
+    p_bench.add_argument("--quick", action="store_true", help="a small grid (search: seconds; bilinear: under a minute, its peak memory measured in one fresh process per figure)")
     p_bench.add_argument("--repeats", type=_positive_int, default=3,
                          help="timed runs per case, at least 1 (median reported; default: 3)")
     p_bench.add_argument("--json", metavar="PATH", type=_output_file, help="write the results as JSON")
