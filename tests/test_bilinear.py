@@ -215,3 +215,18 @@ def test_no_batch_by_features_intermediates():
     )
     extra_mib = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
     assert extra_mib < 200, f"forward + backward grew the peak RSS by {extra_mib} MiB"
+
+
+def test_tile_settings_change_the_tiling_not_the_result():
+    # tiny tiles (xmodal.settings): one batch row and 4 KiB per tile, so every call spans many tiles
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(5, 12, generator=g, dtype=torch.float64), torch.randn(5, 9, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 12, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    expected = xmodal.bilinear(x, y, w)
+    with xmodal.settings.override(bilinear_tile_kib=4, bilinear_max_rows=1):
+        out = xmodal.bilinear(x, y, w)
+        (grad_w,) = torch.autograd.grad(out.sum(), w)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad_w, torch.autograd.grad(expected.sum(), w)[0])
+    with pytest.raises(ValueError, match=r"bilinear_max_rows must be in \[1, "):
+        xmodal.settings.set(bilinear_max_rows=0)

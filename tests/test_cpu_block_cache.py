@@ -127,8 +127,10 @@ def test_cache_can_be_turned_off_or_limited():
         print(xmodal._C.cpu_cache_bytes())
     """
     assert int(_run(code)) == 3000 * 1024 * 4
-    assert int(_run(code, XMODAL_CPU_CACHE_MB="0")) == 0
-    assert int(_run(code, XMODAL_CPU_CACHE_MB="8")) == 0  # over the limit: back to the system
+    limited = code.replace("import torch, xmodal", "import torch, xmodal; xmodal.settings.set(cpu_cache_mb={mb})")
+    assert int(_run(limited.format(mb=0))) == 0
+    assert int(_run(limited.format(mb=8))) == 0  # over the limit: back to the system
+    assert int(_run(limited.format(mb=16))) == 3000 * 1024 * 4
 
 
 def test_training_steps_do_not_fault_in_fresh_gradient_pages():

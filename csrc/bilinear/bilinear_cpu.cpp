@@ -10,7 +10,7 @@
 
 #include "bilinear/bilinear.h"
 #include "bilinear/factorized_rows.h"
-#include "common/env.h"
+#include "common/settings.h"
 
 namespace xmodal {
 namespace {
@@ -49,12 +49,11 @@ void contract_cpu(const at::Tensor& U, const at::Tensor& x_blk, const at::Tensor
 }
 
 const BilinearDevice& cpu_device() {
-  // Z tiles of about 2 MiB (fp32): at 1 MiB MKL's per-call packing showed (forward 0.9x of one big GEMM);
-  // 4 MiB was no faster (B = 256, 128^3 fwd+bwd: 24 vs 21.5 ms; 300^3: 80 vs 86 ms, three runs each) and
-  // its backward's two tiles put the peak above F.bilinear's (24 vs 17 MiB, against F.bilinear's 19-50).
-  // XMODAL_BILINEAR_TILE_KIB and XMODAL_BILINEAR_ROWS override the tile size and the most batch rows per tile.
-  static const BilinearDevice dev{contract_cpu, env_int("XMODAL_BILINEAR_TILE_KIB", 2048) * 1024 / 4,
-                                  env_int("XMODAL_BILINEAR_ROWS", 256)};
+  // tile sizes from xmodal.settings (bilinear_tile_kib, bilinear_max_rows: common/settings.cpp says why
+  // 2 MiB), read on every call so that a change applies to the next one
+  thread_local BilinearDevice dev{contract_cpu, 0, 0};
+  dev.tile_elems = bilinear_tile_kib() * 1024 / 4;
+  dev.max_rows = bilinear_max_rows();
   return dev;
 }
 

@@ -1,6 +1,6 @@
 #include "common/cpu_block_cache.h"
 
-#include "common/env.h"
+#include "common/settings.h"
 
 #include <c10/core/impl/alloc_cpu.h>
 
@@ -28,7 +28,7 @@ class BlockCache {
   void give_back(void* p, int64_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (held_ + bytes <= limit_) {
+      if (held_ + bytes <= limit()) {
         free_.emplace(bytes, p);
         held_ += bytes;
         return;
@@ -55,16 +55,13 @@ class BlockCache {
     return held_;
   }
 
-  bool enabled() const { return limit_ > 0; }
+  bool enabled() const { return limit() > 0; }
 
  private:
   std::mutex mutex_;
   std::multimap<int64_t, void*> free_;  // size -> block
   int64_t held_ = 0;
-  const int64_t limit_ = [] {
-    const char* v = std::getenv("XMODAL_CPU_CACHE_MB");
-    return (v && v[0] == '0' && v[1] == '\0') ? int64_t(0) : env_int("XMODAL_CPU_CACHE_MB", 1024) << 20;
-  }();
+  static int64_t limit() { return cpu_cache_mb() << 20; }  // xmodal.settings' cpu_cache_mb
 };
 
 // Never destroyed: tensors freed during interpreter shutdown still give their blocks back.

@@ -2,7 +2,7 @@
 // gradients: `param.grad = None`, then the next backward). A fresh large allocation is a new mapping whose
 // every page faults on first write (measured here: ~16 ms for 41 MB, more than the GEMM that fills it);
 // a block kept from the previous step is already mapped. Blocks return to the cache when their tensor is
-// freed; the cache keeps at most XMODAL_CPU_CACHE_MB MiB (default 1024; 0 turns it off) and
+// freed; the cache keeps at most the cpu_cache_mb setting's MiB (default 1024; 0 turns it off) and
 // xmodal.empty_cpu_cache() releases what it holds.
 #pragma once
 #include <ATen/ATen.h>

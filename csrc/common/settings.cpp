@@ -6,42 +6,60 @@
 
 namespace xmodal {
 namespace {
-std::atomic<int64_t> g_max_tile_rows{0};
+
+std::atomic<int64_t> g_cuda_max_tile_rows{0};
 std::atomic<int64_t> g_cpu_tile_gemm{0};
 std::atomic<int64_t> g_cpu_tile_kib{0};
+std::atomic<int64_t> g_cpu_cache_mb{1024};
+// 2 MiB tiles: 1 MiB showed MKL's per-call packing, 4 MiB was no faster and put the backward's peak memory
+// above F.bilinear's (benchmarks/results, the bilinear CPU reports)
+std::atomic<int64_t> g_bilinear_tile_kib{2048};
+std::atomic<int64_t> g_bilinear_max_rows{256};
+
+struct Setting {
+  std::atomic<int64_t>* value;
+  int64_t min, max;
+};
+
+// every setting: its value and the range a new value must be in
+const std::map<std::string, Setting>& table() {
+  static const std::map<std::string, Setting> settings = {
+      {"cuda_max_tile_rows", {&g_cuda_max_tile_rows, 0, INT64_MAX}},
+      {"cpu_tile_gemm", {&g_cpu_tile_gemm, 0, 5}},
+      {"cpu_tile_kib", {&g_cpu_tile_kib, 0, int64_t(1) << 22}},
+      {"cpu_cache_mb", {&g_cpu_cache_mb, 0, int64_t(1) << 24}},
+      {"bilinear_tile_kib", {&g_bilinear_tile_kib, 4, int64_t(1) << 22}},
+      {"bilinear_max_rows", {&g_bilinear_max_rows, 1, int64_t(1) << 30}},
+  };
+  return settings;
+}
+
+int64_t read(const std::atomic<int64_t>& v) { return v.load(std::memory_order_relaxed); }
+
 }  // namespace
 
 int64_t max_tile_rows() {
-  const int64_t v = g_max_tile_rows.load(std::memory_order_relaxed);
+  const int64_t v = read(g_cuda_max_tile_rows);
   return v > 0 ? v : INT64_MAX;
 }
-
-int64_t cpu_tile_kib_override() { return g_cpu_tile_kib.load(std::memory_order_relaxed); }
-
-int64_t cpu_tile_gemm_override() { return g_cpu_tile_gemm.load(std::memory_order_relaxed); }
+int64_t cpu_tile_gemm_override() { return read(g_cpu_tile_gemm); }
+int64_t cpu_tile_kib_override() { return read(g_cpu_tile_kib); }
+int64_t cpu_cache_mb() { return read(g_cpu_cache_mb); }
+int64_t bilinear_tile_kib() { return read(g_bilinear_tile_kib); }
+int64_t bilinear_max_rows() { return read(g_bilinear_max_rows); }
 
 std::map<std::string, int64_t> get_settings() {
-  return {{"cuda_max_tile_rows", g_max_tile_rows.load()}, {"cpu_tile_gemm", g_cpu_tile_gemm.load()},
-          {"cpu_tile_kib", g_cpu_tile_kib.load()}};
+  std::map<std::string, int64_t> values;
+  for (const auto& [name, s] : table()) values[name] = read(*s.value);
+  return values;
 }
 
 void set_setting(const std::string& name, int64_t value) {
-  if (name == "cuda_max_tile_rows") {
-    TORCH_CHECK(value >= 0, "cuda_max_tile_rows must be >= 0 (0 = no cap), got ", value);
-    g_max_tile_rows.store(value);
-    return;
-  }
-  if (name == "cpu_tile_gemm") {
-    TORCH_CHECK(value >= 0 && value <= 5, "cpu_tile_gemm must be 0 (auto) to 5, got ", value);
-    g_cpu_tile_gemm.store(value);
-    return;
-  }
-  if (name == "cpu_tile_kib") {
-    TORCH_CHECK(value >= 0 && value <= (int64_t(1) << 22), "cpu_tile_kib must be 0 (auto) to 4194304, got ", value);
-    g_cpu_tile_kib.store(value);
-    return;
-  }
-  TORCH_CHECK(false, "unknown setting '", name, "'");
+  const auto it = table().find(name);
+  TORCH_CHECK(it != table().end(), "unknown setting '", name, "'");
+  TORCH_CHECK(value >= it->second.min && value <= it->second.max, name, " must be in [", it->second.min, ", ",
+              it->second.max, "], got ", value);
+  it->second.value->store(value);
 }
 
 }  // namespace xmodal

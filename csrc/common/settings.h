@@ -20,6 +20,13 @@ int64_t cpu_tile_gemm_override();
 // CPU search: KiB of database rows per tile (0 = as the planner decides).
 int64_t cpu_tile_kib_override();
 
+// CPU block cache (common/cpu_block_cache.h): the most MiB of free blocks it keeps (0 turns it off).
+int64_t cpu_cache_mb();
+
+// CPU bilinear pooling: KiB of one outer-product tile, and the most batch rows in one tile.
+int64_t bilinear_tile_kib();
+int64_t bilinear_max_rows();
+
 // Every setting's current value, by name; and a setter that checks the name and the value's range.
 std::map<std::string, int64_t> get_settings();
 void set_setting(const std::string& name, int64_t value);

@@ -39,6 +39,6 @@ def build_info() -> dict:
 
 def empty_cpu_cache() -> int:
     """Free the blocks xmodal keeps for large CPU gradients (weight gradients of its ops come from a cache so
-    that a training step does not fault in fresh pages for them; see ``XMODAL_CPU_CACHE_MB``). Returns the
+    that a training step does not fault in fresh pages for them; see ``xmodal.settings``' ``cpu_cache_mb``). Returns the
     bytes freed. Blocks still in use by tensors are not affected."""
     return int(_C.empty_cpu_cache())

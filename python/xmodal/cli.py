@@ -30,7 +30,7 @@ def _info(args) -> int:
         *_search_plans(),
         # the CPU gradient block cache (README, "Bilinear pooling")
         ("CPU block cache held", f"{xmodal._C.cpu_cache_bytes() / 2**20:.1f} MiB of at most "
-                                 f"{os.environ.get('XMODAL_CPU_CACHE_MB', '1024')} MiB"),
+                                 f"{xmodal.settings.get()['cpu_cache_mb']} MiB"),
     ]
     if args.json:
         print(json.dumps(dict(rows), indent=2))

@@ -18,6 +18,12 @@ code, :func:`override`::
 ``cuda_max_tile_rows``
     The most database rows per CUDA tile; 0 (default) means no cap. Tests use a small cap so that small
     problems span many tiles.
+``cpu_cache_mb``
+    The most MiB of free blocks the CPU block cache keeps for large weight gradients (default 1024; 0 turns
+    it off): a training step that frees its gradients (``param.grad = None``) and asks for them again gets
+    blocks whose pages are already mapped. ``xmodal.empty_cpu_cache()`` frees what it holds.
+``bilinear_tile_kib``, ``bilinear_max_rows``
+    The CPU bilinear ops' outer-product tile size (default 2048 KiB) and most batch rows per tile (256).
 """
 from __future__ import annotations
 
