@@ -351,3 +351,30 @@ def test_flat_cuda_and_cupy():
     scores, ids = bf.search(q, 5)
     assert scores.dtype == cupy.float32 and ids.dtype == cupy.int64
     np.testing.assert_allclose(cupy.asnumpy(scores), ref_v.numpy(), rtol=2e-2, atol=2e-2)
+
+
+def test_ivf_threads_searching_with_different_nprobe_at_once():
+    # nprobe is a call argument, never index state: two threads sharing an index get what each asked for
+    import threading
+
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(6000, 16, generator=g)
+    index = IVFIndex(16, nlist=32, metric="l2", nprobe=1)
+    index.train(rows)
+    index.add(rows)
+    queries = torch.randn(40, 16, generator=g)
+    expected = {n: index.search(queries, 10, nprobe=n)[1] for n in (1, 32)}
+    assert not torch.equal(expected[1], expected[32])
+    failures = []
+
+    def worker(n):
+        for _ in range(30):
+            if not torch.equal(index.search(queries, 10, nprobe=n)[1], expected[n]):
+                failures.append(n)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in (1, 32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures

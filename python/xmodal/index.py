@@ -377,10 +377,15 @@ class FlatIndex:
     def search(self, queries, k: int, mask=None):
         """The k best rows for each query: ``(scores, ids)``, each ``[Q, k]`` (``[k]`` for a 1-D query), best
         first, padded with id -1 and -inf/+inf; in the queries' array type."""
+        return self._search(queries, k, mask)
+
+    def _search(self, queries, k: int, mask, **options):
+        """search(), with the subclass's search options (IVF: nprobe) passed down as arguments, never kept as
+        state, so threads sharing an index can search with different options at once."""
         q, kind, squeeze = _rows(queries, self.dim, "queries")
         k = _check_k(k)
         m = self._mask(mask)
-        values, positions = self._search_rows(q, k, m)
+        values, positions = self._search_rows(q, k, m, **options)
         if self._size == 0:
             ids = torch.full_like(positions, -1)
         else:
@@ -540,14 +545,14 @@ class IVFIndex(FlatIndex):
     def search(self, queries, k: int, mask=None, *, nprobe: Optional[int] = None):
         """As :meth:`FlatIndex.search`, scanning the ``nprobe`` (default ``self.nprobe``) nearest lists."""
         self._require_trained("search")
-        self._nprobe_now = _check_k(self.nprobe if nprobe is None else nprobe)
-        return super().search(queries, k, mask)
+        return self._search(queries, k, mask, nprobe=_check_k(self.nprobe if nprobe is None else nprobe))
 
-    def _search_rows(self, q: Tensor, k: int, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    def _search_rows(self, q: Tensor, k: int, mask: Optional[Tensor], nprobe: Optional[int] = None
+                     ) -> Tuple[Tensor, Tensor]:
         q = q.to(self.device)
         nq = q.shape[0]
         larger = METRICS[self.metric]
-        nprobe = min(self._nprobe_now, self.nlist)
+        nprobe = min(self.nprobe if nprobe is None else nprobe, self.nlist)
         if self._normalised:  # rows are stored normalised: cosine is an inner-product search
             q = _unit_rows(q)
             op_metric, pad = "ip", float("-inf")
