@@ -75,7 +75,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   // The planner as a pure function of explicit facts (for tests and for `xmodal info` on other machines).
   m.def("plan_for", [](bool cuda, int cc_major, const std::string& cpu_kind, bool mkl_gemm16, at::ScalarType dtype,
-                       const std::string& metric, int64_t Q, int64_t N, int64_t D, int64_t k, bool masked,
+                       const std::string& metric, int64_t Q, int64_t N, int64_t D, int64_t k,
                        bool aligned_rows, const std::string& strategy) {
     xmodal::DeviceFacts dev;
     dev.cuda = cuda;
@@ -85,7 +85,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     xmodal::SearchShape s;
     s.dtype = dtype;
     s.metric = xmodal::parse_metric(metric);
-    s.Q = Q, s.N = N, s.D = D, s.k = k, s.masked = masked, s.aligned_rows = aligned_rows;
+    s.Q = Q, s.N = N, s.D = D, s.k = k, s.aligned_rows = aligned_rows;
     return xmodal::plan_search(dev, s, xmodal::parse_strategy(strategy)).describe();
   });
   m.def("device_facts", [](const std::string& device) {

@@ -16,7 +16,7 @@ BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float6
 
 def plan(cpu="avx2", dtype=F32, metric="ip", Q=1, N=200_000, D=512, k=10, cuda=False, cc=9, mkl=True,
          aligned=True, strategy="auto"):
-    return _C.plan_for(cuda, cc, cpu, mkl, dtype, metric, Q, N, D, k, False, aligned, strategy)
+    return _C.plan_for(cuda, cc, cpu, mkl, dtype, metric, Q, N, D, k, aligned, strategy)
 
 
 DECISIONS = [

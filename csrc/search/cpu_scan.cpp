@@ -112,9 +112,8 @@ XMODAL_AVX512 void block_avx512(const float* q, int64_t D, const T* const* rows,
 // fp32); the queries are bf16 inputs, so nothing is rounded that the caller gave in more precision.
 #define XMODAL_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma")))
 
-template <int kQ, int kR>
-XMODAL_AVX512BF16 void block_avx512bf16(const c10::BFloat16* q, int64_t D, const c10::BFloat16* const* rows,
-                                        float* out, int64_t ldo) {
+template <int kQ, int kR, typename T>  // T is c10::BFloat16 (a parameter so one dispatch macro serves all)
+XMODAL_AVX512BF16 void block_avx512bf16(const T* q, int64_t D, const T* const* rows, float* out, int64_t ldo) {
   __m512 acc[kQ][kR];
   for (int i = 0; i < kQ; ++i)
     for (int r = 0; r < kR; ++r) acc[i][r] = _mm512_setzero_ps();
@@ -218,9 +217,10 @@ void scan_blocks(const QT* q, int64_t Q, const T* x, int64_t ld, int64_t n, int6
   }
 }
 
-// block functions for a query group of 1..4 (the group size is a template parameter of the kernels)
-#define XMODAL_GROUP_DISPATCH(fn, R)                                                                        \
-  [](const float* q, int64_t g, int64_t D, const T* const* rows, float* out, int64_t ldo) {               \
+// block functions for a query group of 1..4 (the group size is a template parameter of the kernels); QT is
+// the queries' element type
+#define XMODAL_GROUP_DISPATCH(fn, R, QT)                                                                    \
+  [](const QT* q, int64_t g, int64_t D, const T* const* rows, float* out, int64_t ldo) {                  \
     switch (g) {                                                                                          \
       case 1: return fn<1, R, T>(q, D, rows, out, ldo);                                                   \
       case 2: return fn<2, R, T>(q, D, rows, out, ldo);                                                   \
@@ -231,24 +231,15 @@ void scan_blocks(const QT* q, int64_t Q, const T* x, int64_t ld, int64_t n, int6
 
 template <typename T>
 void scan_avx512(const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out) {
-  scan_blocks<4, 4, T, float>(q, Q, x, ld, n, D, out, XMODAL_GROUP_DISPATCH(block_avx512, 4),
-                       XMODAL_GROUP_DISPATCH(block_avx512, 1));
+  scan_blocks<4, 4, T, float>(q, Q, x, ld, n, D, out, XMODAL_GROUP_DISPATCH(block_avx512, 4, float),
+                              XMODAL_GROUP_DISPATCH(block_avx512, 1, float));
 }
 
 void scan_avx512bf16(const c10::BFloat16* q, int64_t Q, const c10::BFloat16* x, int64_t ld, int64_t n, int64_t D,
                      float* out) {
   using T = c10::BFloat16;
-#define XMODAL_BF16_GROUP(R)                                                                                \
-  [](const T* q, int64_t g, int64_t D, const T* const* rows, float* out, int64_t ldo) {                     \
-    switch (g) {                                                                                          \
-      case 1: return block_avx512bf16<1, R>(q, D, rows, out, ldo);                                        \
-      case 2: return block_avx512bf16<2, R>(q, D, rows, out, ldo);                                        \
-      case 3: return block_avx512bf16<3, R>(q, D, rows, out, ldo);                                        \
-      default: return block_avx512bf16<4, R>(q, D, rows, out, ldo);                                       \
-    }                                                                                                     \
-  }
-  scan_blocks<4, 4, T, T>(q, Q, x, ld, n, D, out, XMODAL_BF16_GROUP(4), XMODAL_BF16_GROUP(1));
-#undef XMODAL_BF16_GROUP
+  scan_blocks<4, 4, T, T>(q, Q, x, ld, n, D, out, XMODAL_GROUP_DISPATCH(block_avx512bf16, 4, T),
+                          XMODAL_GROUP_DISPATCH(block_avx512bf16, 1, T));
 }
 
 template <typename T>
@@ -259,10 +250,11 @@ void scan_avx2(const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int
                                 [](const float* q, int64_t, int64_t D, const T* const* rows, float* out, int64_t ldo) {
                                   block_avx2_one_query<T>(q, D, rows, out, ldo);
                                 },
-                                XMODAL_GROUP_DISPATCH(block_avx2, 1));
+                                XMODAL_GROUP_DISPATCH(block_avx2, 1, float));
     return;
   }
-  scan_blocks<4, 2, T, float>(q, Q, x, ld, n, D, out, XMODAL_GROUP_DISPATCH(block_avx2, 2), XMODAL_GROUP_DISPATCH(block_avx2, 1));
+  scan_blocks<4, 2, T, float>(q, Q, x, ld, n, D, out, XMODAL_GROUP_DISPATCH(block_avx2, 2, float),
+                              XMODAL_GROUP_DISPATCH(block_avx2, 1, float));
 }
 template <typename T>
 XMODAL_AVX512 void squared_norms_avx512(const T* x, int64_t ld, int64_t n, int64_t D, float* out) {

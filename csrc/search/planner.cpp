@@ -42,9 +42,9 @@ bool matches(const VerifiedClass& c, const DeviceFacts& dev, const SearchShape& 
 
 bool is16(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
-// Up to this many queries a one-pass scan beats a GEMM (benchmarks/results, the CPU search reports): 16 where
-// the scan multiplies natively (fp32; bf16 with AVX512-BF16), 4 where it converts 16-bit values first.
-constexpr int64_t kScanMaxQueriesNative = 16, kScanMaxQueriesConverted = 16;
+// Up to this many queries a one-pass scan beats a GEMM, whether it multiplies natively or converts 16-bit
+// values first (benchmarks/results, the 2026-12-01 CPU search reports).
+constexpr int64_t kScanMaxQueries = 16;
 
 // Why a forced CUDA strategy cannot run these inputs ("" when it can).
 std::string cuda_strategy_problem(Strategy st, const DeviceFacts& dev, const SearchShape& s) {
@@ -94,11 +94,15 @@ CpuKind detect_cpu_kind() {
 #endif
 }
 
-bool mkl_gemm16_linked() {
-  void* handle = dlopen("libtorch_cpu.so", RTLD_NOLOAD | RTLD_LAZY);
-  return handle && dlsym(handle, "cblas_gemm_bf16bf16f32") && dlsym(handle, "cblas_gemm_f16f16f32");
-}
 }  // namespace
+
+Gemm16Fn find_gemm16(at::ScalarType t) {
+  static void* handle = dlopen("libtorch_cpu.so", RTLD_NOLOAD | RTLD_LAZY);
+  if (!handle) return nullptr;
+  static auto bf16 = reinterpret_cast<Gemm16Fn>(dlsym(handle, "cblas_gemm_bf16bf16f32"));
+  static auto f16 = reinterpret_cast<Gemm16Fn>(dlsym(handle, "cblas_gemm_f16f16f32"));
+  return t == at::kBFloat16 ? bf16 : (t == at::kHalf ? f16 : nullptr);
+}
 
 Strategy parse_strategy(const std::string& name) {
   for (int i = 0; i < int(std::size(kStrategyNames)); ++i)
@@ -110,11 +114,6 @@ Strategy parse_strategy(const std::string& name) {
 const char* strategy_name(Strategy s) { return kStrategyNames[int(s)]; }
 const char* cpu_kind_name(CpuKind k) { return kCpuKindNames[int(k)]; }
 
-const char* tile_gemm_name(TileGemm g) {
-  constexpr const char* names[] = {"blas", "mkl16", "widen", "aten16", "scan"};
-  return names[int(g)];
-}
-
 CpuKind parse_cpu_kind(const std::string& name) {
   for (int i = 0; i < int(std::size(kCpuKindNames)); ++i)
     if (name == kCpuKindNames[i]) return CpuKind(i);
@@ -123,7 +122,7 @@ CpuKind parse_cpu_kind(const std::string& name) {
 
 DeviceFacts device_facts(const at::Device& device) {
   static const CpuKind cpu = detect_cpu_kind();
-  static const bool mkl16 = mkl_gemm16_linked();
+  static const bool mkl16 = find_gemm16(at::kBFloat16) && find_gemm16(at::kHalf);
   DeviceFacts f;
   f.cpu = cpu;
   f.mkl_gemm16 = mkl16;
@@ -148,7 +147,6 @@ SearchShape search_shape(const SearchArgs& a) {
   s.N = a.database.size(0);
   s.D = a.database.size(1);
   s.k = a.k;
-  s.masked = a.mask.has_value();
   auto aligned = [](const at::Tensor& t) {
     return t.is_contiguous() && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   };
@@ -210,8 +208,7 @@ Plan plan_search(const DeviceFacts& dev, const SearchShape& s, Strategy requeste
                                                                                 : ScanIsa::Portable;
   const bool half = is16(s.dtype) && s.metric != Metric::KL;  // kl multiplies log(d) in fp32/fp64
   const bool scannable = s.dtype != at::kDouble && s.metric != Metric::KL;
-  const bool native_scan = s.dtype == at::kFloat || (s.dtype == at::kBFloat16 && plan.scan_isa == ScanIsa::Avx512Bf16);
-  if (scannable && s.Q <= (native_scan ? kScanMaxQueriesNative : kScanMaxQueriesConverted)) {
+  if (scannable && s.Q <= kScanMaxQueries) {
     plan.gemm = TileGemm::Scan;
   } else if (half) {
     // Native 16-bit dot products: MKL's GEMM with AMX (Intel); oneDNN's through ATen elsewhere (MKL takes

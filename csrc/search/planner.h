@@ -34,7 +34,7 @@ struct DeviceFacts {
   bool cuda = false;
   int cc_major = 0, cc_minor = 0;  // CUDA compute capability
   CpuKind cpu = CpuKind::Avx2;
-  bool mkl_gemm16 = false;  // MKL's bf16/fp16 GEMMs with fp32 output are linked in
+  bool mkl_gemm16 = false;  // MKL's bf16/fp16 GEMMs with fp32 output are linked in (find_gemm16)
   int64_t tile_kib_override = 0;  // the cpu_tile_kib setting: 0 = decide
   int tile_gemm_override = 0;  // the cpu_tile_gemm setting (common/settings.h): 0 = decide, else TileGemm + 1
 };
@@ -46,7 +46,6 @@ struct SearchShape {
   at::ScalarType dtype = at::kFloat;
   Metric metric = Metric::IP;
   int64_t Q = 0, N = 0, D = 0, k = 1;
-  bool masked = false;
   bool aligned_rows = true;  // database (and queries) contiguous and 16-byte aligned: the CUDA kernels' loads
 };
 
@@ -59,7 +58,12 @@ SearchShape search_shape(const SearchArgs& args);
 //   Aten16  ATen's 16-bit GEMM (oneDNN: native bf16 dot products), 16-bit scores as naive PyTorch has them
 //   Scan    a handful of queries: scan_dots (cpu_scan.h), one pass over the rows at memory speed
 enum class TileGemm { Blas, Mkl16, Widen, Aten16, Scan };
-const char* tile_gemm_name(TileGemm g);
+
+// MKL's 16-bit GEMMs with fp32 output (cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32, linked into
+// libtorch_cpu), looked up at run time: nullptr for other dtypes or where a torch build lacks them.
+using Gemm16Fn = void (*)(int layout, int transa, int transb, int m, int n, int k, float alpha, const void* a,
+                          int lda, const void* b, int ldb, float beta, float* c, int ldc);
+Gemm16Fn find_gemm16(at::ScalarType t);
 
 struct Plan {
   Strategy strategy = Strategy::Tiled;

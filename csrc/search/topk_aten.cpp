@@ -86,6 +86,13 @@ std::tuple<at::Tensor, at::Tensor> aten_search(const SearchArgs& a) {
   const int64_t chunk_rows = std::min(N, std::max<int64_t>(4096, budget / std::max<int64_t>(Q, 1)));
   const int64_t query_block = std::min(Q, std::max<int64_t>(1, budget / chunk_rows));
   const at::Tensor excluded = a.mask.has_value() ? a.mask->logical_not() : at::Tensor();
+  // torch.topk ranks NaN first: NaN and a real -inf become the keys' lowest finite value, so that masked-out
+  // rows (-inf, below) are the only ones under them and are never chosen over a candidate
+  const auto key_dtype = q_gemm.scalar_type();
+  const double lowest = key_dtype == at::kDouble     ? std::numeric_limits<double>::lowest()
+                        : key_dtype == at::kHalf     ? -65504.0
+                        : key_dtype == at::kBFloat16 ? -3.3895313892515355e38
+                                                     : double(std::numeric_limits<float>::lowest());
 
   std::vector<at::Tensor> block_idx, block_pad;
   for (int64_t q0 = 0; q0 < Q; q0 += query_block) {
@@ -96,12 +103,6 @@ std::tuple<at::Tensor, at::Tensor> aten_search(const SearchArgs& a) {
       const at::Tensor x = X.narrow(0, n0, nc);
       if (negative_entries.defined()) negative_entries = negative_entries + (x < 0).sum();
       at::Tensor keys = chunk_keys(metric, qb, metric == Metric::KL ? qpos.narrow(0, q0, qb.size(0)) : qpos, x, acc);
-      // torch.topk ranks NaN first: NaN and a real -inf become the lowest finite key, so that masked-out rows
-      // (-inf, below) are the only ones under them and are never chosen over a candidate.
-      const double lowest = keys.scalar_type() == at::kDouble ? std::numeric_limits<double>::lowest()
-                            : keys.scalar_type() == at::kHalf  ? -65504.0
-                            : keys.scalar_type() == at::kBFloat16 ? -3.3895313892515355e38
-                                                                   : double(std::numeric_limits<float>::lowest());
       keys.nan_to_num_(lowest, c10::nullopt, lowest);
       if (excluded.defined()) keys.masked_fill_(excluded.narrow(0, n0, nc).unsqueeze(0), -inf);
       auto [ck, ci] = at::topk(keys, std::min(k, nc), 1, true, false);

@@ -15,7 +15,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <dlfcn.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -25,21 +24,9 @@ namespace xmodal {
 namespace {
 
 // ---------------------------------------------------------------------------------------------------------
-// 16-bit GEMM with fp32 output. ATen's CPU matmul rounds bf16/fp16 results to 16 bits, which would turn
-// near ties into exact ties and cost ranking accuracy; MKL (linked into libtorch_cpu) has
-// cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32, which accumulate and write fp32 (AMX where present).
-// We look them up at run time and fall back to ATen (16-bit output) where a torch build lacks them.
-using Gemm16Fn = void (*)(int layout, int transa, int transb, int m, int n, int k, float alpha, const void* a,
-                          int lda, const void* b, int ldb, float beta, float* c, int ldc);
+// MKL's 16-bit GEMMs (planner.h, find_gemm16) accumulate and write fp32 (AMX where present); ATen's CPU
+// matmul would round bf16/fp16 scores to 16 bits. Where a torch build lacks them, ATen's 16-bit GEMM runs.
 constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
-
-Gemm16Fn find_gemm16(at::ScalarType t) {
-  static void* handle = dlopen("libtorch_cpu.so", RTLD_NOLOAD | RTLD_LAZY);
-  if (!handle) return nullptr;
-  static auto bf16 = reinterpret_cast<Gemm16Fn>(dlsym(handle, "cblas_gemm_bf16bf16f32"));
-  static auto f16 = reinterpret_cast<Gemm16Fn>(dlsym(handle, "cblas_gemm_f16f16f32"));
-  return t == at::kBFloat16 ? bf16 : (t == at::kHalf ? f16 : nullptr);
-}
 
 // out[m, n] = a[m, :] · b[n, :] (row-major, leading dimension n), the way the plan says (planner.h, TileGemm).
 // `half_scores`: this thread's buffer for Aten16's 16-bit scores.
