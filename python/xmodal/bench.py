@@ -159,11 +159,11 @@ class SearchResult:
 # Variants timed beside "xmodal" (strategy "auto") as "xmodal[name]": a strategy forced by name, or on the
 # CPU "tiled:<gemm>", the tiled strategy with one way of scoring tiles (xmodal.settings' cpu_tile_gemm).
 STRATEGIES = ("tiled", "aten", "filtered", "tensor_core", "fused_scan")
-TILE_GEMMS = ("blas", "mkl16", "widen", "aten16", "scan")
 
 
 def variant_call(name: str, search: Callable[..., object]) -> Callable[[], object]:
-    """A call of ``search(strategy=...)`` that runs variant ``name`` (see STRATEGIES / TILE_GEMMS)."""
+    """A call of ``search(strategy=...)`` that runs variant ``name`` (see STRATEGIES and settings.TILE_GEMMS)."""
+    TILE_GEMMS = xmodal.settings.TILE_GEMMS
     strategy, _, gemm = name.partition(":")
     if strategy not in STRATEGIES or (gemm and (strategy != "tiled" or gemm not in TILE_GEMMS)):
         raise ValueError(f"unknown variant {name!r}: a strategy {list(STRATEGIES)} or tiled:<gemm> with gemm in "

@@ -34,7 +34,9 @@ from . import _C
 
 __all__ = ["get", "set", "override"]
 
-_TILE_GEMMS = ("auto", "blas", "mkl16", "widen", "aten16", "scan")  # the C++ codes are the positions
+#: the ways the CPU's tiled search can score a tile (cpu_tile_gemm, besides "auto")
+TILE_GEMMS = ("blas", "mkl16", "widen", "aten16", "scan")
+_TILE_GEMMS = ("auto",) + TILE_GEMMS  # the C++ codes are the positions
 
 
 def get() -> Dict[str, Union[int, str]]:
