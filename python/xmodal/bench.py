@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import platform
 import statistics
 import time
@@ -18,6 +17,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import xmodal
+from xmodal._atomic import write_atomic
 
 
 @dataclass(frozen=True)
@@ -482,9 +482,7 @@ def write_ratio_chart(path: str, title: str, bars: List[tuple]) -> None:
         draw.text((label_w + int(bar_w * r / top) + 4, y + 3), f"{r:.2f}x", fill="black")
     x1 = label_w + int(bar_w / top)
     draw.line([x1, y0 - 4, x1, height - pad], fill=(90, 90, 90), width=1)
-    tmp = f"{path}.tmp.png"
-    image.save(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, image.save, suffix=".png")
 
 
 def cuda_missing(device: str) -> bool:

@@ -16,6 +16,7 @@ from typing import List, Sequence
 import torch
 
 from . import data as D
+from ._atomic import write_atomic
 from .index import FlatIndex
 from .train import TrainConfig, build_model, evaluate, train
 
@@ -70,9 +71,7 @@ def write_grid(path: str, rows: Sequence[dict], cell: int = 96) -> None:
             colour = CORRECT_FRAME if correct else WRONG_FRAME
             draw.rectangle([x - 2, y + pad - 2, x + cell + 1, y + pad + cell + 1], outline=colour, width=3)
             x += cell + pad
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    canvas.save(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, canvas.save, suffix=".png")
 
 
 def _to_pil(image: torch.Tensor):

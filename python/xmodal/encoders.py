@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._atomic import write_atomic
 from .nn import FactorizedBilinearPooling
 
 __all__ = ["Tokenizer", "ImageEncoder", "TextEncoder", "SentenceTransformerEncoder", "ProjectionHead", "CrossModalModel"]
@@ -240,14 +241,14 @@ class CrossModalModel(nn.Module):
             "tokenizer": self.tokenizer.state_dict() if self.tokenizer is not None else None,
         }
         # save_model (not save_file) copes with tensors that share memory, as tied weights of a custom tower do
-        _write_atomic(os.path.join(path, self.WEIGHTS_FILE),
+        write_atomic(os.path.join(path, self.WEIGHTS_FILE),
                       lambda tmp: save_model(self, tmp, metadata={"xmodal_save_id": save_id}))
 
         def write_config(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as fh:
                 json.dump(config, fh, indent=1)
 
-        _write_atomic(config_path, write_config)
+        write_atomic(config_path, write_config)
 
     @classmethod
     def load(
@@ -354,14 +355,3 @@ def _build_tower(config: Dict, name: str, path: str) -> nn.Module:
                      f"was when saved (the weights come from the file)")
 
 
-def _write_atomic(path: str, write) -> None:
-    """``write(tmp)`` to a temporary file next to ``path``, then renames it to ``path``: a reader never sees a
-    half-written file, and an interrupted write leaves the old file as it was."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import Subset
 
 from . import metrics
+from ._atomic import write_atomic
 from .data import ComposedQueries, ShapesDataset, composed_triples, vocabulary_words
 from .encoders import CrossModalModel, Tokenizer
 from .index import FlatIndex
@@ -72,12 +73,6 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
         return (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _save_atomic(obj, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _optimise(
@@ -140,7 +135,7 @@ def _optimise(
                      "tokenizer": model.tokenizer.state_dict() if model.tokenizer is not None else None}
             if rng is not None:
                 state["python_rng"] = _from_rng_state(rng.getstate())
-            _save_atomic(state, checkpoint)
+            write_atomic(checkpoint, lambda tmp: torch.save(state, tmp))
 
     bar = None
     if progress:
