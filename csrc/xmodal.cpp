@@ -29,18 +29,21 @@ TORCH_LIBRARY(xmodal, m) {
   m.def("bilinear_backward(Tensor grad, Tensor input1, Tensor input2, Tensor weight, bool[3] output_mask)"
         " -> (Tensor grad_input1, Tensor grad_input2, Tensor grad_weight)");
   // The fused pass of factorized (MFB) pooling after the projections; see xmodal.factorized_bilinear.
-  m.def("factorized_pool(Tensor proj_x, Tensor proj_y, Tensor? bias_x, Tensor? bias_y, int factor, bool normalize)"
+  m.def("factorized_bilinear(Tensor proj_x, Tensor proj_y, Tensor? bias_x, Tensor? bias_y, int factor, bool normalize)"
         " -> Tensor");
-  m.def("factorized_pool_backward(Tensor grad, Tensor proj_x, Tensor proj_y, Tensor? bias_x, Tensor? bias_y,"
+  m.def("factorized_bilinear_backward(Tensor grad, Tensor proj_x, Tensor proj_y, Tensor? bias_x, Tensor? bias_y,"
         " int factor, bool normalize) -> (Tensor grad_proj_x, Tensor grad_proj_y)");
-  // input [..., in] @ weight [out, in]^T (F.linear without bias): the projections of factorized pooling.
-  m.def("project(Tensor input, Tensor weight) -> Tensor");
-  // project's weight gradient: grad [..., out], input [..., in] -> [out, in], summed over the leading
+  // input [..., in] @ weight [out, in]^T (F.linear without bias), whose weight gradient comes from the CPU
+  // block cache (common/cpu_block_cache.h) so a training step does not fault in fresh pages for it: the
+  // projections of factorized pooling.
+  m.def("cached_linear(Tensor input, Tensor weight) -> Tensor");
+  // cached_linear's weight gradient: grad [..., out], input [..., in] -> [out, in], summed over the leading
   // dimensions; on the CPU its block comes from the block cache (common/cpu_block_cache.h).
-  m.def("linear_weight_grad(Tensor grad, Tensor input) -> Tensor");
-  // factorized_pool(proj_a, project(b, weight_b), bias_a, bias_b, factor, normalize) whose backward recomputes
-  // b's projection instead of keeping it: the graph keeps proj_a only (pooling is symmetric in its sides).
-  m.def("factorized_pool_recompute(Tensor proj_a, Tensor b, Tensor weight_b, Tensor? bias_a, Tensor? bias_b,"
+  m.def("cached_linear_weight_grad(Tensor grad, Tensor input) -> Tensor");
+  // factorized_bilinear(proj_a, cached_linear(b, weight_b), bias_a, bias_b, factor, normalize) whose backward
+  // recomputes b's projection instead of keeping it: the graph keeps proj_a only (pooling is symmetric in its
+  // sides).
+  m.def("factorized_bilinear_recompute(Tensor proj_a, Tensor b, Tensor weight_b, Tensor? bias_a, Tensor? bias_b,"
         " int factor, bool normalize) -> Tensor");
 }
 

@@ -15,7 +15,7 @@ def test_project_and_weight_grad_match_linear(device):
     for shape in [(5, 7), (2, 3, 7), (7,), (0, 7)]:
         x = torch.randn(*shape, generator=g, dtype=torch.float64).to(device).requires_grad_()
         w = torch.randn(4, 7, generator=g, dtype=torch.float64).to(device).requires_grad_()
-        out = torch.ops.xmodal.project(x, w)
+        out = torch.ops.xmodal.cached_linear(x, w)
         torch.testing.assert_close(out, F.linear(x, w))
         grad = torch.randn_like(out)
         gx, gw = torch.autograd.grad(out, (x, w), grad)
@@ -28,15 +28,15 @@ def test_project_gradcheck_and_double_backward(device):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 2, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
     w = torch.randn(4, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
-    assert torch.autograd.gradcheck(torch.ops.xmodal.project, (x, w))
-    assert torch.autograd.gradgradcheck(torch.ops.xmodal.project, (x, w))
+    assert torch.autograd.gradcheck(torch.ops.xmodal.cached_linear, (x, w))
+    assert torch.autograd.gradgradcheck(torch.ops.xmodal.cached_linear, (x, w))
 
 
 def test_opcheck(device):
     x = torch.randn(6, 5, device=device)
     w = torch.randn(3, 5, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.xmodal.project.default, (x.requires_grad_(), w))
-    torch.library.opcheck(torch.ops.xmodal.linear_weight_grad.default, (torch.randn(2, 6, 3, device=device),
+    torch.library.opcheck(torch.ops.xmodal.cached_linear.default, (x.requires_grad_(), w))
+    torch.library.opcheck(torch.ops.xmodal.cached_linear_weight_grad.default, (torch.randn(2, 6, 3, device=device),
                                                                         torch.randn(2, 6, 5, device=device)))
 
 
@@ -50,12 +50,12 @@ def test_opcheck(device):
 )
 def test_project_bad_input(args, match):
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.xmodal.project(*args)
+        torch.ops.xmodal.cached_linear(*args)
 
 
 def test_weight_grad_bad_input():
     with pytest.raises(RuntimeError, match="grad and input must share their leading dimensions"):
-        torch.ops.xmodal.linear_weight_grad(torch.randn(3, 4), torch.randn(2, 5))
+        torch.ops.xmodal.cached_linear_weight_grad(torch.randn(3, 4), torch.randn(2, 5))
 
 
 def _factorized_step(leaves):
@@ -122,7 +122,7 @@ def test_cache_can_be_turned_off_or_limited():
         import torch, xmodal
         x = torch.randn(8, 1024, requires_grad=True)
         w = torch.randn(3000, 1024, requires_grad=True)  # 12 MB gradient
-        torch.ops.xmodal.project(x, w).sum().backward()
+        torch.ops.xmodal.cached_linear(x, w).sum().backward()
         w.grad = None
         print(xmodal._C.cpu_cache_bytes())
     """
@@ -158,7 +158,7 @@ def test_training_steps_do_not_fault_in_fresh_gradient_pages():
     assert ours < 1000 < eager, (ours, eager)
 
 
-def test_full_bilinear_weight_gradient_comes_from_the_cache():
+def test_full_bicached_linear_weight_gradient_comes_from_the_cache():
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(4, 64, generator=g), torch.randn(4, 64, generator=g)
     w = torch.randn(128, 64, 64, generator=g).requires_grad_()  # 2 MB gradient
@@ -184,7 +184,7 @@ def test_cache_is_shared_safely_between_threads():
         expected = torch.autograd.grad(F.linear(x, w).square().sum(), w)[0]
         for _ in range(20):
             w.grad = None
-            torch.ops.xmodal.project(x, w).square().sum().backward()
+            torch.ops.xmodal.cached_linear(x, w).square().sum().backward()
             if not torch.allclose(w.grad, expected, rtol=1e-5, atol=1e-5):
                 errors.append(seed)
 

@@ -186,9 +186,9 @@ def test_opcheck(device):
     bx = torch.randn(6, device=device)
     for args in ((px, py, bx, None, 3, True), (px[:1], py, None, bx, 2, False)):
         args = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
-        torch.library.opcheck(torch.ops.xmodal.factorized_pool.default, args)
+        torch.library.opcheck(torch.ops.xmodal.factorized_bilinear.default, args)
     torch.library.opcheck(
-        torch.ops.xmodal.factorized_pool_backward.default, (torch.randn(4, 2, device=device), px, py, bx, None, 3, True)
+        torch.ops.xmodal.factorized_bilinear_backward.default, (torch.randn(4, 2, device=device), px, py, bx, None, 3, True)
     )
 
 
@@ -228,8 +228,8 @@ def test_recompute_keeps_one_projection(shape_x, shape_y, kept_rows):
 def test_recompute_gradcheck_and_opcheck(device):
     args = [t.requires_grad_() for t in make((3, 1, 6), (3, 4, 5), 3, 2, torch.float64, device)]
     assert torch.autograd.gradcheck(lambda *a: xmodal.factorized_bilinear(*a, factor=2, recompute=True), args)
-    px = torch.ops.xmodal.project(args[0], args[2]).detach().requires_grad_()
-    torch.library.opcheck(torch.ops.xmodal.factorized_pool_recompute.default,
+    px = torch.ops.xmodal.cached_linear(args[0], args[2]).detach().requires_grad_()
+    torch.library.opcheck(torch.ops.xmodal.factorized_bilinear_recompute.default,
                           (px, args[1], args[3], args[4], args[5], 2, True))
 
 

@@ -239,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bilinear_backward_op(const at::Te
           output_mask[2] ? gw.to(dtype) : empty_grad(weight)};
 }
 
-at::Tensor factorized_pool_op(const at::Tensor& proj_x, const at::Tensor& proj_y,
+at::Tensor factorized_bilinear_op(const at::Tensor& proj_x, const at::Tensor& proj_y,
                               const std::optional<at::Tensor>& bias_x, const std::optional<at::Tensor>& bias_y,
                               int64_t factor, bool normalize, const FactorizedKernels& kernels) {
   const at::Tensor bx = bias_x.value_or(at::Tensor()), by = bias_y.value_or(at::Tensor());
@@ -250,7 +250,7 @@ at::Tensor factorized_pool_op(const at::Tensor& proj_x, const at::Tensor& proj_y
   return out.view(a.out_shape);
 }
 
-std::tuple<at::Tensor, at::Tensor> factorized_pool_backward_op(const at::Tensor& grad, const at::Tensor& proj_x,
+std::tuple<at::Tensor, at::Tensor> factorized_bilinear_backward_op(const at::Tensor& grad, const at::Tensor& proj_x,
                                                                const at::Tensor& proj_y,
                                                                const std::optional<at::Tensor>& bias_x,
                                                                const std::optional<at::Tensor>& bias_y, int64_t factor,

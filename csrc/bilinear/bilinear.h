@@ -77,10 +77,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bilinear_backward_op(const at::Te
                                                                     const at::Tensor& input2, const at::Tensor& weight,
                                                                     std::array<bool, 3> output_mask,
                                                                     const BilinearDevice& dev, bool upcast_16bit);
-at::Tensor factorized_pool_op(const at::Tensor& proj_x, const at::Tensor& proj_y,
+at::Tensor factorized_bilinear_op(const at::Tensor& proj_x, const at::Tensor& proj_y,
                               const std::optional<at::Tensor>& bias_x, const std::optional<at::Tensor>& bias_y,
                               int64_t factor, bool normalize, const FactorizedKernels& kernels);
-std::tuple<at::Tensor, at::Tensor> factorized_pool_backward_op(const at::Tensor& grad, const at::Tensor& proj_x,
+std::tuple<at::Tensor, at::Tensor> factorized_bilinear_backward_op(const at::Tensor& grad, const at::Tensor& proj_x,
                                                                const at::Tensor& proj_y,
                                                                const std::optional<at::Tensor>& bias_x,
                                                                const std::optional<at::Tensor>& bias_y, int64_t factor,
@@ -109,25 +109,25 @@ struct BilinearBackend {
     const Guard guard(input1.device());
     return bilinear_backward_op(grad, input1, input2, weight, output_mask, device(), kUpcast16);
   }
-  static at::Tensor factorized_pool(const at::Tensor& proj_x, const at::Tensor& proj_y,
+  static at::Tensor factorized_bilinear(const at::Tensor& proj_x, const at::Tensor& proj_y,
                                     const std::optional<at::Tensor>& bias_x, const std::optional<at::Tensor>& bias_y,
                                     int64_t factor, bool normalize) {
     const Guard guard(proj_x.device());
-    return factorized_pool_op(proj_x, proj_y, bias_x, bias_y, factor, normalize, kernels());
+    return factorized_bilinear_op(proj_x, proj_y, bias_x, bias_y, factor, normalize, kernels());
   }
-  static std::tuple<at::Tensor, at::Tensor> factorized_pool_backward(const at::Tensor& grad, const at::Tensor& proj_x,
+  static std::tuple<at::Tensor, at::Tensor> factorized_bilinear_backward(const at::Tensor& grad, const at::Tensor& proj_x,
                                                                      const at::Tensor& proj_y,
                                                                      const std::optional<at::Tensor>& bias_x,
                                                                      const std::optional<at::Tensor>& bias_y,
                                                                      int64_t factor, bool normalize) {
     const Guard guard(proj_x.device());
-    return factorized_pool_backward_op(grad, proj_x, proj_y, bias_x, bias_y, factor, normalize, kernels());
+    return factorized_bilinear_backward_op(grad, proj_x, proj_y, bias_x, bias_y, factor, normalize, kernels());
   }
   static void register_impls(torch::Library& m) {
     m.impl("bilinear", &bilinear);
     m.impl("bilinear_backward", &bilinear_backward);
-    m.impl("factorized_pool", &factorized_pool);
-    m.impl("factorized_pool_backward", &factorized_pool_backward);
+    m.impl("factorized_bilinear", &factorized_bilinear);
+    m.impl("factorized_bilinear_backward", &factorized_bilinear_backward);
   }
 };
 

@@ -67,7 +67,7 @@ inline void pool_row(const FactorizedRows<T>& v, int64_t r, acc_t* s) {
 
 void factorized_forward_cpu(const FactorizedArgs& a, const at::Tensor& bx, const at::Tensor& by, bool normalize,
                             at::Tensor out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.px.scalar_type(), "factorized_pool_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.px.scalar_type(), "factorized_bilinear_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto v = factorized_rows<scalar_t>(a, bx, by);
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -95,7 +95,7 @@ void factorized_forward_cpu(const FactorizedArgs& a, const at::Tensor& bx, const
 
 void factorized_backward_cpu(const at::Tensor& grad, const FactorizedArgs& a, const at::Tensor& bx,
                              const at::Tensor& by, bool normalize, at::Tensor gx, at::Tensor gy) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.px.scalar_type(), "factorized_pool_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.px.scalar_type(), "factorized_bilinear_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto v = factorized_rows<scalar_t>(a, bx, by);
     const scalar_t* g = grad.data_ptr<scalar_t>();

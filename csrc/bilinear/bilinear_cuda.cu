@@ -95,7 +95,7 @@ void check_grid(int64_t rows) {
 void factorized_forward_cuda(const FactorizedArgs& a, const at::Tensor& bx, const at::Tensor& by, bool normalize,
                              at::Tensor out) {
   check_grid(a.rows);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.px.scalar_type(), "factorized_pool_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.px.scalar_type(), "factorized_bilinear_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     factorized_forward_kernel<scalar_t, acc_t><<<unsigned(a.rows), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         factorized_rows<scalar_t>(a, bx, by), out.data_ptr<scalar_t>(), normalize);
@@ -106,7 +106,7 @@ void factorized_forward_cuda(const FactorizedArgs& a, const at::Tensor& bx, cons
 void factorized_backward_cuda(const at::Tensor& grad, const FactorizedArgs& a, const at::Tensor& bx,
                               const at::Tensor& by, bool normalize, at::Tensor gx, at::Tensor gy) {
   check_grid(a.rows);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.px.scalar_type(), "factorized_pool_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.px.scalar_type(), "factorized_bilinear_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     factorized_backward_kernel<scalar_t, acc_t><<<unsigned(a.rows), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         factorized_rows<scalar_t>(a, bx, by), grad.data_ptr<scalar_t>(), gx.data_ptr<acc_t>(), gy.data_ptr<acc_t>(),

@@ -10,7 +10,7 @@
 namespace xmodal {
 namespace {
 
-at::Tensor project(const at::Tensor& input, const at::Tensor& weight) {
+at::Tensor cached_linear(const at::Tensor& input, const at::Tensor& weight) {
   check_dim(weight, 2, "weight", "[out_features, in_features]");
   TORCH_CHECK(input.dim() >= 1 && input.size(-1) == weight.size(1), "input's last dimension must be weight's in_features ",
               weight.size(1), ", got input of shape ", input.sizes());
@@ -19,7 +19,7 @@ at::Tensor project(const at::Tensor& input, const at::Tensor& weight) {
   return at::matmul(input, weight.t());
 }
 
-at::Tensor linear_weight_grad(const at::Tensor& grad, const at::Tensor& input) {
+at::Tensor cached_linear_weight_grad(const at::Tensor& grad, const at::Tensor& input) {
   TORCH_CHECK(grad.dim() >= 1 && input.dim() == grad.dim() && grad.sizes().slice(0, grad.dim() - 1) ==
                                                                     input.sizes().slice(0, input.dim() - 1),
               "grad and input must share their leading dimensions, got shapes ", grad.sizes(), " and ", input.sizes());
@@ -32,22 +32,22 @@ at::Tensor linear_weight_grad(const at::Tensor& grad, const at::Tensor& input) {
   return at::mm_out(result, g2.t(), x2);
 }
 
-at::Tensor factorized_pool_recompute(const at::Tensor& proj_a, const at::Tensor& b, const at::Tensor& weight_b,
-                                     const std::optional<at::Tensor>& bias_a, const std::optional<at::Tensor>& bias_b,
-                                     int64_t factor, bool normalize) {
+at::Tensor factorized_bilinear_recompute(const at::Tensor& proj_a, const at::Tensor& b, const at::Tensor& weight_b,
+                                         const std::optional<at::Tensor>& bias_a, const std::optional<at::Tensor>& bias_b,
+                                         int64_t factor, bool normalize) {
   static auto pool = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("xmodal::factorized_pool", "")
+                         .findSchemaOrThrow("xmodal::factorized_bilinear", "")
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                            const std::optional<at::Tensor>&, int64_t, bool)>();
-  return pool.call(proj_a, project(b, weight_b), bias_a, bias_b, factor, normalize);
+  return pool.call(proj_a, cached_linear(b, weight_b), bias_a, bias_b, factor, normalize);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(xmodal, CompositeExplicitAutograd, m) {
-  m.impl("project", &project);
-  m.impl("linear_weight_grad", &linear_weight_grad);
-  m.impl("factorized_pool_recompute", &factorized_pool_recompute);
+  m.impl("cached_linear", &cached_linear);
+  m.impl("cached_linear_weight_grad", &cached_linear_weight_grad);
+  m.impl("factorized_bilinear_recompute", &factorized_bilinear_recompute);
 }
 
 }  // namespace xmodal

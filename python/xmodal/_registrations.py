@@ -89,15 +89,15 @@ torch.library.register_autograd("xmodal::bilinear", _bilinear_backward, setup_co
 # --- factorized (MFB) pooling -----------------------------------------------------------------------------
 
 
-@torch.library.register_fake("xmodal::factorized_pool")
-def _factorized_pool_fake(proj_x, proj_y, bias_x, bias_y, factor, normalize):
+@torch.library.register_fake("xmodal::factorized_bilinear")
+def _factorized_bilinear_fake(proj_x, proj_y, bias_x, bias_y, factor, normalize):
     torch._check(factor > 0, lambda: f"factor must be positive, got {factor}")
     lead = torch.broadcast_shapes(proj_x.shape[:-1], proj_y.shape[:-1])
     return proj_x.new_empty((*lead, proj_x.shape[-1] // factor))
 
 
-@torch.library.register_fake("xmodal::factorized_pool_backward")
-def _factorized_pool_backward_fake(grad, proj_x, proj_y, bias_x, bias_y, factor, normalize):
+@torch.library.register_fake("xmodal::factorized_bilinear_backward")
+def _factorized_bilinear_backward_fake(grad, proj_x, proj_y, bias_x, bias_y, factor, normalize):
     return torch.empty_like(proj_x, memory_format=torch.contiguous_format), torch.empty_like(
         proj_y, memory_format=torch.contiguous_format
     )
@@ -111,26 +111,26 @@ def _factorized_setup_context(ctx, inputs, output):
 
 def _factorized_backward(ctx, grad):
     proj_x, proj_y, bias_x, bias_y = ctx.saved_tensors
-    gx, gy = torch.ops.xmodal.factorized_pool_backward(grad, proj_x, proj_y, bias_x, bias_y, ctx.factor, ctx.normalize)
+    gx, gy = torch.ops.xmodal.factorized_bilinear_backward(grad, proj_x, proj_y, bias_x, bias_y, ctx.factor, ctx.normalize)
     gbx = _sum_leading(gx) if bias_x is not None and ctx.needs_input_grad[2] else None
     gby = _sum_leading(gy) if bias_y is not None and ctx.needs_input_grad[3] else None
     return (gx if ctx.needs_input_grad[0] else None), (gy if ctx.needs_input_grad[1] else None), gbx, gby, None, None
 
 
-torch.library.register_autograd("xmodal::factorized_pool", _factorized_backward, setup_context=_factorized_setup_context)
+torch.library.register_autograd("xmodal::factorized_bilinear", _factorized_backward, setup_context=_factorized_setup_context)
 
 
 # --- projections (F.linear without bias) whose weight gradient comes from the CPU block cache ---------------
 
 
-@torch.library.register_fake("xmodal::project")
-def _project_fake(input, weight):
+@torch.library.register_fake("xmodal::cached_linear")
+def _cached_linear_fake(input, weight):
     torch._check(weight.dim() == 2, lambda: f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
 
 
-@torch.library.register_fake("xmodal::linear_weight_grad")
-def _linear_weight_grad_fake(grad, input):
+@torch.library.register_fake("xmodal::cached_linear_weight_grad")
+def _cached_linear_weight_grad_fake(grad, input):
     return input.new_empty((grad.shape[-1], input.shape[-1]))
 
 
@@ -141,16 +141,16 @@ def _save_both(ctx, inputs, output):
 def _projection_grads(grad, input, weight, need_input, need_weight):
     """Gradients of ``input @ weight^T`` (for input, weight) given the gradient of its output."""
     g_input = torch.matmul(grad, weight) if need_input else None
-    g_weight = torch.ops.xmodal.linear_weight_grad(grad, input) if need_weight else None
+    g_weight = torch.ops.xmodal.cached_linear_weight_grad(grad, input) if need_weight else None
     return g_input, g_weight
 
 
-def _project_backward(ctx, grad):
+def _cached_linear_backward(ctx, grad):
     input, weight = ctx.saved_tensors
     return _projection_grads(grad, input, weight, *ctx.needs_input_grad[:2])
 
 
-def _linear_weight_grad_backward(ctx, grad_w):
+def _cached_linear_weight_grad_backward(ctx, grad_w):
     # d/d(grad) of sum(grad^T input * grad_w) is input @ grad_w^T; d/d(input) is grad @ grad_w
     grad, input = ctx.saved_tensors
     g_grad = torch.matmul(input, grad_w.t()) if ctx.needs_input_grad[0] else None
@@ -158,12 +158,12 @@ def _linear_weight_grad_backward(ctx, grad_w):
     return g_grad, g_input
 
 
-torch.library.register_autograd("xmodal::project", _project_backward, setup_context=_save_both)
-torch.library.register_autograd("xmodal::linear_weight_grad", _linear_weight_grad_backward, setup_context=_save_both)
+torch.library.register_autograd("xmodal::cached_linear", _cached_linear_backward, setup_context=_save_both)
+torch.library.register_autograd("xmodal::cached_linear_weight_grad", _cached_linear_weight_grad_backward, setup_context=_save_both)
 
 
-@torch.library.register_fake("xmodal::factorized_pool_recompute")
-def _factorized_pool_recompute_fake(proj_a, b, weight_b, bias_a, bias_b, factor, normalize):
+@torch.library.register_fake("xmodal::factorized_bilinear_recompute")
+def _factorized_bilinear_recompute_fake(proj_a, b, weight_b, bias_a, bias_b, factor, normalize):
     torch._check(factor > 0, lambda: f"factor must be positive, got {factor}")
     lead = torch.broadcast_shapes(proj_a.shape[:-1], b.shape[:-1])
     return proj_a.new_empty((*lead, proj_a.shape[-1] // factor))
@@ -177,8 +177,8 @@ def _factorized_recompute_setup_context(ctx, inputs, output):
 
 def _factorized_recompute_backward(ctx, grad):
     proj_a, b, weight_b, bias_a, bias_b = ctx.saved_tensors
-    proj_b = torch.ops.xmodal.project(b, weight_b)  # recomputed rather than kept
-    ga, gb = torch.ops.xmodal.factorized_pool_backward(grad, proj_a, proj_b, bias_a, bias_b, ctx.factor, ctx.normalize)
+    proj_b = torch.ops.xmodal.cached_linear(b, weight_b)  # recomputed rather than kept
+    ga, gb = torch.ops.xmodal.factorized_bilinear_backward(grad, proj_a, proj_b, bias_a, bias_b, ctx.factor, ctx.normalize)
     need = ctx.needs_input_grad
     g_b, g_wb = _projection_grads(gb, b, weight_b, need[1], need[2])
     g_ba = _sum_leading(ga) if bias_a is not None and need[3] else None
@@ -187,7 +187,7 @@ def _factorized_recompute_backward(ctx, grad):
 
 
 torch.library.register_autograd(
-    "xmodal::factorized_pool_recompute", _factorized_recompute_backward, setup_context=_factorized_recompute_setup_context
+    "xmodal::factorized_bilinear_recompute", _factorized_recompute_backward, setup_context=_factorized_recompute_setup_context
 )
 
 

@@ -66,14 +66,14 @@ class FactorizedBilinearPooling(nn.Module):
             if t.dim() < 1 or t.shape[-1] != dim:
                 raise ValueError(f"{name}'s last dimension must be dim_{name} = {dim}, got shape {tuple(t.shape)}")
         if self.training and self.dropout > 0:
-            project = torch.ops.xmodal.project
-            px = F.dropout(project(x, self.proj_x.weight) + self.proj_x.bias, self.dropout, training=True)
+            linear = torch.ops.xmodal.cached_linear
+            px = F.dropout(linear(x, self.proj_x.weight) + self.proj_x.bias, self.dropout, training=True)
             if self.recompute:  # the dropped-out x projection is kept; y's is recomputed
-                return torch.ops.xmodal.factorized_pool_recompute(
+                return torch.ops.xmodal.factorized_bilinear_recompute(
                     px, y, self.proj_y.weight, None, self.proj_y.bias, self.factor, self.normalize
                 )
-            return torch.ops.xmodal.factorized_pool(
-                px, project(y, self.proj_y.weight), None, self.proj_y.bias, self.factor, self.normalize
+            return torch.ops.xmodal.factorized_bilinear(
+                px, linear(y, self.proj_y.weight), None, self.proj_y.bias, self.factor, self.normalize
             )
         return factorized_bilinear(
             x,

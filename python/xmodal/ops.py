@@ -185,7 +185,7 @@ def factorized_bilinear(
     ``x [..., dim_x]`` and ``y [..., dim_y]`` have leading shapes that broadcast: e.g. one question
     ``x [B, 1, dim_x]`` against ``N`` image regions ``y [B, N, dim_y]`` gives ``[B, N, out_features]``; ``x`` is
     projected once per row, never copied ``N`` times. The two projections are GEMMs; bias, product, pooling and
-    normalisation run as one fused pass (``torch.ops.xmodal.factorized_pool``) forward and backward, saving
+    normalisation run as one fused pass (``torch.ops.xmodal.factorized_bilinear``) forward and backward, saving
     only the two projections for the backward pass.
 
     ``recompute=True`` keeps one projection instead of two and recomputes the other in the backward pass
@@ -193,13 +193,13 @@ def factorized_bilinear(
     counts are equal, as that is the cheaper to recompute per byte saved.
     """
     _check_factorized(x, y, weight_x, weight_y, factor)
-    project = torch.ops.xmodal.project  # F.linear, with weight gradients from the CPU block cache
+    linear = torch.ops.xmodal.cached_linear  # F.linear, with weight gradients from the CPU block cache
     if not recompute:
-        return torch.ops.xmodal.factorized_pool(project(x, weight_x), project(y, weight_y), bias_x, bias_y, factor,
-                                                normalize)
+        return torch.ops.xmodal.factorized_bilinear(linear(x, weight_x), linear(y, weight_y), bias_x, bias_y, factor,
+                                                    normalize)
     if (math.prod(y.shape[:-1]), -y.shape[-1]) >= (math.prod(x.shape[:-1]), -x.shape[-1]):
-        return torch.ops.xmodal.factorized_pool_recompute(project(x, weight_x), y, weight_y, bias_x, bias_y, factor,
-                                                          normalize)
+        return torch.ops.xmodal.factorized_bilinear_recompute(linear(x, weight_x), y, weight_y, bias_x, bias_y, factor,
+                                                              normalize)
     # the pooling is symmetric in its two sides
-    return torch.ops.xmodal.factorized_pool_recompute(project(y, weight_y), x, weight_x, bias_y, bias_x, factor,
-                                                      normalize)
+    return torch.ops.xmodal.factorized_bilinear_recompute(linear(y, weight_y), x, weight_x, bias_y, bias_x, factor,
+                                                              normalize)
