@@ -4,6 +4,7 @@
 #include "common/cpu_block_cache.h"
 #include "common/settings.h"
 #include "search/planner.h"
+#include "search/topk_common.h"
 
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -67,6 +68,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "How this extension was built: CUDA kernels, their architectures, torch version");
   m.def("empty_cpu_cache", &xmodal::release_cpu_cache, "Free the CPU block cache's blocks; returns the bytes freed");
   m.def("cpu_cache_bytes", &xmodal::cpu_cache_bytes, "Bytes held by the CPU block cache's free blocks");
+  m.def("metrics", [] {
+    pybind11::list out;
+    for (const xmodal::MetricInfo& info : xmodal::kMetrics) out.append(pybind11::make_tuple(info.name, info.larger_is_better));
+    return out;
+  }, "The metric table: (name, larger_is_better) for every metric");
   m.def("get_settings", &xmodal::get_settings, "Every tuning setting's current value, by name");
   m.def("set_setting", &xmodal::set_setting, "Set one tuning setting (checked)");
   // The search planner: what strategy="auto" does for a search on `device` (this process's CPU / GPU facts).

@@ -7,6 +7,7 @@
 // grad_x (U contracted with y) and grad_y (U contracted with x). The device-specific part is only that
 // contraction (hand-written loops on the CPU, batched GEMV on the GPU) and the tile size.
 #pragma once
+#include "common/constants.h"
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -131,9 +132,8 @@ struct BilinearBackend {
   }
 };
 
-// eps inside the signed square root (u = sign(s) (sqrt(|s| + eps) - sqrt(eps)), gradient <= 1 / (2 sqrt(eps)))
-// and the floor of the L2 norm (z = u / max(||u||, eps), as F.normalize).
+// eps inside the signed square root (u = sign(s) (sqrt(|s| + eps) - sqrt(eps)), gradient <= 1 / (2 sqrt(eps)));
+// the floor of the L2 norm (z = u / max(||u||, eps), as F.normalize) is kNormEps (common/constants.h).
 constexpr double kSqrtEps = 1e-12;
-constexpr double kNormEps = 1e-12;
 
 }  // namespace xmodal

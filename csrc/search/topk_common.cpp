@@ -2,31 +2,20 @@
 
 #include "common/checks.h"
 
+#include <algorithm>
 #include <limits>
 
 namespace xmodal {
 
-Metric parse_metric(const std::string& name) {
-  if (name == "ip") return Metric::IP;
-  if (name == "cosine") return Metric::Cosine;
-  if (name == "l2") return Metric::L2;
-  if (name == "sqeuclidean") return Metric::SqEuclidean;
-  if (name == "cosine_distance") return Metric::CosineDistance;
-  if (name == "kl") return Metric::KL;
-  TORCH_CHECK(false, "metric must be one of 'ip', 'cosine', 'l2', 'sqeuclidean', 'cosine_distance', 'kl', got '",
-              name, "'");
-}
-
-const char* metric_name(Metric m) {
-  switch (m) {
-    case Metric::IP: return "ip";
-    case Metric::Cosine: return "cosine";
-    case Metric::L2: return "l2";
-    case Metric::SqEuclidean: return "sqeuclidean";
-    case Metric::CosineDistance: return "cosine_distance";
-    case Metric::KL: return "kl";
+Metric parse_metric(const std::string& name, std::initializer_list<Metric> allowed, const char* op) {
+  auto is_allowed = [&](Metric m) { return allowed.size() == 0 || std::find(allowed.begin(), allowed.end(), m) != allowed.end(); };
+  std::string names;
+  for (const MetricInfo& info : kMetrics) {
+    if (!is_allowed(info.metric)) continue;
+    if (name == info.name) return info.metric;
+    names += std::string(names.empty() ? "'" : ", '") + info.name + "'";
   }
-  return "?";
+  TORCH_CHECK(false, "metric must be one of ", names, op ? " for " : "", op ? op : "", ", got '", name, "'");
 }
 
 at::Tensor row_norm_term(const at::Tensor& rows, Metric metric, at::ScalarType acc) {

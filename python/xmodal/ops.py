@@ -9,15 +9,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-#: metric name -> True when larger values are better
-METRICS = {
-    "ip": True,
-    "cosine": True,
-    "l2": False,
-    "sqeuclidean": False,
-    "cosine_distance": False,
-    "kl": False,
-}
+from . import _C
+
+#: metric name -> True when larger values are better (read from the extension's one metric table)
+METRICS = dict(_C.metrics())
 
 
 def topk_search(
