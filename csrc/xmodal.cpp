@@ -19,9 +19,11 @@ TORCH_LIBRARY(xmodal, m) {
   // indices are constants, so this gathers the selected rows and scatters their gradients back.
   m.def("topk_search_backward(Tensor grad_values, Tensor values, Tensor indices, Tensor queries, Tensor database,"
         " str metric, bool[2] output_mask) -> (Tensor grad_queries, Tensor grad_database)");
-  // Exact top-k over the inverted lists each query probes (IVF search); rows of `vectors` are grouped by list,
-  // list l at rows [list_offsets[l], list_offsets[l + 1]); probes [Q, nprobe] list ids (-1: none). Returns
-  // values and row positions in `vectors`. metric: ip, l2 or sqeuclidean. CPU only.
+  // Exact top-k over the inverted lists each query probes (IVF search). Rows of `vectors` are grouped by list:
+  // list_offsets [nlist + 1] puts list l at rows [list_offsets[l], list_offsets[l + 1]) (lists back to back),
+  // list_offsets [nlist, 2] at rows [list_offsets[l][0], list_offsets[l][1]) (gaps allowed). probes
+  // [Q, nprobe] list ids (-1: none). Returns values and row positions in `vectors`. metric: ip, l2 or
+  // sqeuclidean. A C++ kernel on the CPU, a plain-PyTorch one on every other device (_fallback_kernels.py).
   m.def("ivf_scan(Tensor queries, Tensor vectors, Tensor list_offsets, Tensor probes, int k, str metric=\"ip\","
         " Tensor? mask=None) -> (Tensor values, Tensor indices)");
   // Bilinear pooling, torch.nn.functional.bilinear semantics; see xmodal.bilinear.

@@ -341,7 +341,7 @@ def test_flat_cuda_and_cupy():
     index.to("cpu")
     assert index.vectors.device.type == "cpu" and index.search(queries, 5)[1].device.type == "cpu"
     # zero-copy in: a CuPy array becomes a tensor over the same memory
-    from xmodal.index import _to_torch
+    from xmodal.index.arrays import to_torch as _to_torch
 
     q = cupy.asarray(queries.numpy())
     assert _to_torch(q, "queries")[0].data_ptr() == q.data.ptr
@@ -378,3 +378,72 @@ def test_ivf_threads_searching_with_different_nprobe_at_once():
     for t in threads:
         t.join()
     assert not failures
+
+
+def test_ivf_appends_cost_the_rows_added_and_keep_every_row():
+    """Many small adds and removes: the store moves a list only when it is full (so the buffer is
+    reallocated a logarithmic number of times), and the index always equals a flat index of the same rows."""
+    x = _clustered(3000, 8, 12)
+    index = IVFIndex(8, 12, "l2", nprobe=12)
+    index.train(x)
+    flat = FlatIndex(8, "l2")
+    g = torch.Generator().manual_seed(0)
+    buffers, moved = set(), 0
+    for step in range(300):
+        rows = x[torch.randint(0, 3000, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g)]
+        ids = index.add(rows)
+        flat.add(rows, ids)
+        buffers.add(index._lists.vectors.data_ptr())
+        if step % 25 == 24:  # remove a random tenth
+            gone = index.ids[torch.rand(len(index), generator=g) < 0.1]
+            assert index.remove(gone) == flat.remove(gone) == gone.numel()
+    assert len(buffers) <= 12
+    assert sorted(index.ids.tolist()) == sorted(flat.ids.tolist())
+    by_id = dict(zip(flat.ids.tolist(), flat.vectors))
+    assert all(torch.equal(v, by_id[i]) for i, v in zip(index.ids.tolist()[:200], index.vectors[:200]))
+    q = x[:20]
+    v, i = index.search(q, 5)  # every list probed: exact
+    fv, fi = flat.search(q, 5)
+    torch.testing.assert_close(v, fv)
+    # the rows are grouped by list, and a mask follows that order
+    lists = index._lists.lists()
+    assert torch.equal(lists, lists.sort().values)
+    mask = torch.zeros(len(index), dtype=torch.bool)
+    mask[::3] = True
+    _, mi = index.search(q, 5, mask)
+    allowed = set(index.ids[mask].tolist())
+    assert all(j in allowed for j in mi.flatten().tolist() if j >= 0)
+
+
+def test_ivf_search_runs_the_scan_op_on_every_device(monkeypatch):
+    """The index calls the ivf_scan op whatever the device; on devices without a compiled kernel the op runs
+    its plain-PyTorch kernel (here: that kernel called for CPU tensors gives the index's answers)."""
+    from xmodal import _fallback_kernels
+
+    x = _clustered(2000, 16, 10)
+    index = IVFIndex(16, 10, "cosine", nprobe=3)
+    index.train(x)
+    index.add(x)
+    want = index.search(x[:30], 7)
+    calls = []
+
+    def plain(*args):
+        calls.append(args[3].shape)
+        return _fallback_kernels.ivf_scan(*args)
+
+    monkeypatch.setattr(torch.ops.xmodal, "ivf_scan", plain)
+    got = index.search(x[:30], 7)
+    assert calls == [(30, 3)]
+    torch.testing.assert_close(got[0], want[0])
+    assert (got[1] == want[1]).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("cls", ["flat", "ivf"])
+def test_nbytes_counts_rows_and_ids(cls):
+    x = _clustered(5000, 32, 8)
+    index = FlatIndex(32, "cosine", dtype=torch.bfloat16) if cls == "flat" else IVFIndex(32, 8, dtype=torch.bfloat16)
+    if cls == "ivf":
+        index.train(x)
+    index.add(x)
+    least = 5000 * (32 * 2 + 8)
+    assert least <= index.nbytes <= 2.1 * least + (0 if cls == "flat" else 8 * 32 * 4)

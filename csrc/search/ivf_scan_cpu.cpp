@@ -17,24 +17,16 @@
 
 #include "common/checks.h"
 #include "common/parallel.h"
+#include "search/topk_common.h"
 #include "search/topk_select.h"
 
 namespace xmodal {
 namespace {
 
-enum class ScanMetric { IP, SqEuclidean, L2 };
-
-ScanMetric parse_scan_metric(const std::string& m) {
-  if (m == "ip") return ScanMetric::IP;
-  if (m == "sqeuclidean") return ScanMetric::SqEuclidean;
-  if (m == "l2") return ScanMetric::L2;
-  TORCH_CHECK(false, "metric must be one of 'ip', 'l2', 'sqeuclidean' for ivf_scan, got '", m, "'");
-}
-
 template <typename T, typename acc_t>
-inline acc_t score(const T* __restrict q, const T* __restrict x, int64_t D, ScanMetric m) {
+inline acc_t score(const T* __restrict q, const T* __restrict x, int64_t D, Metric m) {
   acc_t s = 0;
-  if (m == ScanMetric::IP) {
+  if (m == Metric::IP) {
 #pragma omp simd reduction(+ : s)
     for (int64_t d = 0; d < D; ++d) s += acc_t(q[d]) * acc_t(x[d]);
     return s;
@@ -60,24 +52,41 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
   TORCH_CHECK(queries.size(1) == vectors.size(1), "queries and vectors must have the same dimension D, got ",
               queries.size(1), " and ", vectors.size(1));
   TORCH_CHECK(k > 0, "k must be positive, got ", k);
-  const ScanMetric m = parse_scan_metric(metric);
-  TORCH_CHECK(list_offsets.scalar_type() == at::kLong && list_offsets.dim() == 1 && list_offsets.size(0) >= 1,
-              "list_offsets must be a 1-D int64 tensor [nlist + 1], got ", list_offsets.scalar_type(), " of shape ",
-              list_offsets.sizes());
+  const Metric m = parse_metric(metric, {Metric::IP, Metric::L2, Metric::SqEuclidean}, "ivf_scan");
   TORCH_CHECK(probes.scalar_type() == at::kLong && probes.dim() == 2 && probes.size(0) == queries.size(0),
               "probes must be a 2-D int64 tensor [Q, nprobe] with Q = ", queries.size(0), ", got ",
               probes.scalar_type(), " of shape ", probes.sizes());
+  const int64_t Q = queries.size(0), N = vectors.size(0), D = vectors.size(1), nprobe = probes.size(1);
+  // List l holds rows begin[l] .. end[l]: lists stored back to back ([nlist + 1] offsets) or each in its
+  // own range with gaps between ([nlist, 2] (begin, end) rows, the index's appendable layout).
+  const bool ranges = list_offsets.dim() == 2;
+  TORCH_CHECK(list_offsets.scalar_type() == at::kLong &&
+                  ((list_offsets.dim() == 1 && list_offsets.size(0) >= 1) ||
+                   (ranges && list_offsets.size(1) == 2)),
+              "list_offsets must be a 1-D int64 tensor [nlist + 1] or a 2-D int64 tensor [nlist, 2], got ",
+              list_offsets.scalar_type(), " of shape ", list_offsets.sizes());
   for (const auto* t : {&queries, &vectors, &list_offsets, &probes}) {
     TORCH_CHECK(t->device().is_cpu(), "ivf_scan runs on the CPU; got a tensor on ", t->device());
   }
-  const int64_t Q = queries.size(0), N = vectors.size(0), D = vectors.size(1), nprobe = probes.size(1);
-  const int64_t nlist = list_offsets.size(0) - 1;
+  const int64_t nlist = ranges ? list_offsets.size(0) : list_offsets.size(0) - 1;
   const at::Tensor offsets = list_offsets.contiguous();
   const int64_t* off = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(off[0] == 0 && off[nlist] == N, "list_offsets must start at 0 and end at N = ", N, ", got ", off[0],
-              " and ", off[nlist]);
+  std::vector<int64_t> begin(nlist), end(nlist);
   for (int64_t l = 0; l < nlist; ++l) {
-    TORCH_CHECK(off[l] <= off[l + 1], "list_offsets must be non-decreasing, got ", off[l], " before ", off[l + 1]);
+    begin[l] = ranges ? off[2 * l] : off[l];
+    end[l] = ranges ? off[2 * l + 1] : off[l + 1];
+  }
+  if (ranges) {
+    for (int64_t l = 0; l < nlist; ++l) {
+      TORCH_CHECK(0 <= begin[l] && begin[l] <= end[l] && end[l] <= N, "list_offsets row ", l,
+                  " must be a range 0 <= begin <= end <= N = ", N, ", got (", begin[l], ", ", end[l], ")");
+    }
+  } else {
+    TORCH_CHECK(off[0] == 0 && off[nlist] == N, "list_offsets must start at 0 and end at N = ", N, ", got ", off[0],
+                " and ", off[nlist]);
+    for (int64_t l = 0; l < nlist; ++l) {
+      TORCH_CHECK(off[l] <= off[l + 1], "list_offsets must be non-decreasing, got ", off[l], " before ", off[l + 1]);
+    }
   }
   const bool* keep = nullptr;
   at::Tensor mask_c;
@@ -113,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
   std::vector<int64_t> busy_lists;
   for (int64_t l = 0; l < nlist; ++l) if (pair_start[l + 1] > pair_start[l]) busy_lists.push_back(l);
 
-  const bool larger = m == ScanMetric::IP;
+  const bool larger = m == Metric::IP;
   const auto acc_type = vectors.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor values = at::empty({Q, k}, vectors.options().dtype(acc_type));
   at::Tensor indices = at::empty({Q, k}, vectors.options().dtype(at::kLong));
@@ -132,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
     // at 1M x 128: nprobe 8 went from 140 to 61 ms); 16-bit rows and distances keep the dot-product loop,
     // which accumulates 16-bit rows in fp32.
     constexpr bool kBlasType = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
-    auto use_gemm = [&](int64_t np) { return kBlasType && m == ScanMetric::IP && np >= 2; };
+    auto use_gemm = [&](int64_t np) { return kBlasType && m == Metric::IP && np >= 2; };
 
     parallel_for(0, int64_t(busy_lists.size()), 1, [&](int64_t l0, int64_t l1) {
       std::vector<Candidate<ord_t>> slots;
@@ -147,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
         if (use_gemm(np)) {
           // Several queries share this list: score them all with one small GEMM (BLAS, single-threaded
           // inside this worker), then select from each query's row of scores.
-          const int64_t lo = off[l], n_l = off[l + 1] - lo;
+          const int64_t lo = begin[l], n_l = end[l] - lo;
           at::Tensor group = at::empty({np, D}, qc.options());
           for (int64_t i = 0; i < np; ++i) group[i].copy_(qc[pair_order[p0 + i] / nprobe]);
           const at::Tensor scores = at::mm(group, xc.narrow(0, lo, n_l).t()).contiguous();
@@ -160,8 +169,8 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
             buffers[i].scan(keys.data(), n_l, lo, k, capacity);
           }
         } else {
-          for (int64_t r0 = off[l]; r0 < off[l + 1]; r0 += kRowBlock) {
-            const int64_t nr = std::min(kRowBlock, off[l + 1] - r0);
+          for (int64_t r0 = begin[l]; r0 < end[l]; r0 += kRowBlock) {
+            const int64_t nr = std::min(kRowBlock, end[l] - r0);
             for (int64_t i = 0; i < np; ++i) {
               const scalar_t* q = qp + (pair_order[p0 + i] / nprobe) * D;
               for (int64_t r = 0; r < nr; ++r) {
@@ -197,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
           }
           acc_t v = from_ord<acc_t>(first[j].key);
           if (!larger) v = -v;
-          if (m == ScanMetric::L2) v = std::sqrt(v);
+          if (m == Metric::L2) v = std::sqrt(v);
           vp[q * k + j] = v;
           ip[q * k + j] = first[j].index;
         }

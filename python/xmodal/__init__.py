@@ -1,12 +1,14 @@
 """xmodal: cross-modal retrieval for PyTorch with fused C++/CUDA kernels.
 
 Importing xmodal loads the compiled extension (which registers ``torch.ops.xmodal.*``), then the fake-tensor
-and autograd registrations, then re-exports the public API.
+and autograd registrations and the plain-PyTorch kernels for devices without compiled ones, then re-exports
+the public API.
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401
 from . import _registrations  # noqa: F401
+from . import _fallback_kernels  # noqa: F401
 from . import metrics, nn
 from .index import FlatIndex, IVFIndex, ShardedIndex
 from . import settings

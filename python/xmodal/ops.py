@@ -59,9 +59,9 @@ def topk_search(
     queries, database, k, mask, kind = _search_args(queries, database, k, metric, mask, tf32, strategy)
     values, indices = torch.ops.xmodal.topk_search(queries, database, k, metric, mask, tf32=tf32, strategy=strategy)
     if kind != "torch":
-        from .index import _from_torch
+        from .index.arrays import from_torch
 
-        return _from_torch(values, kind), _from_torch(indices, kind)
+        return from_torch(values, kind), from_torch(indices, kind)
     return values, indices
 
 
@@ -72,11 +72,11 @@ def _search_args(queries, database, k, metric, mask, tf32, strategy="auto"):
     kind = "torch"
     tensors = isinstance(queries, Tensor) and isinstance(database, Tensor)
     if not (tensors and (mask is None or isinstance(mask, Tensor))):
-        from .index import _to_torch  # (index imports this module)
+        from .index.arrays import to_torch  # (the index package imports this module)
 
-        queries, kind = _to_torch(queries, "queries")
-        database, _ = _to_torch(database, "database")
-        mask = None if mask is None else _to_torch(mask, "mask")[0]
+        queries, kind = to_torch(queries, "queries")
+        database, _ = to_torch(database, "database")
+        mask = None if mask is None else to_torch(mask, "mask")[0]
     # the schema's int takes a Python int (a SymInt under torch.compile): a NumPy integer is converted, and a
     # bool, an int to Python, refused
     if not isinstance(k, (int, torch.SymInt)) or isinstance(k, bool):

@@ -1,0 +1,272 @@
+"""What every index shares: the ``Index`` base class (argument checks, ids, masks, search and file
+plumbing) and the small helpers its subclasses use. Subclasses say how rows are stored and scanned."""
+from __future__ import annotations
+
+import abc
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops import METRICS
+from . import io
+from .arrays import as_ids, as_rows, from_torch, to_torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {str(d).replace("torch.", ""): d for d in FLOAT_DTYPES}
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+
+
+def check_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        dtype = _DTYPE_NAMES.get(dtype.replace("torch.", ""), dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
+    return dtype
+
+
+def check_positive(value, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def duplicates(ids: Tensor, limit: int = 10) -> list:
+    values, counts = torch.unique(ids, return_counts=True)
+    return values[counts > 1][:limit].tolist()
+
+
+def unit_rows(rows: Tensor) -> Tensor:
+    """Rows scaled to unit L2 norm, computed in fp32 (fp64 for fp64 input); zero rows stay zero."""
+    return F.normalize(rows.to(torch.float64 if rows.dtype == torch.float64 else torch.float32), dim=1, eps=1e-12)
+
+
+def cosine_to_distance(cos: Tensor, positions: Tensor) -> Tensor:
+    """sqrt(2 (1 - cos)) where a result exists, +inf padding elsewhere."""
+    dist = torch.sqrt(torch.clamp(2 * (1 - cos.float()), min=0)).to(cos.dtype)
+    return torch.where(positions >= 0, dist, torch.full_like(dist, float("inf")))
+
+
+def merge_best(values: Tensor, positions: Tensor, k: int, larger: bool, pad: float) -> Tuple[Tensor, Tensor]:
+    """The k best of each row's candidates (position -1 = none; NaN ranks below every number), best first,
+    padded with (pad, -1) when a row has fewer than k columns."""
+    key = values.float() if larger else -values.float()
+    key = torch.where(positions >= 0, key.nan_to_num(nan=float("-inf")), torch.full_like(key, float("-inf")))
+    take = min(k, key.shape[1])
+    best = torch.topk(key, take, dim=1).indices
+    out_v = torch.full((values.shape[0], k), pad, dtype=values.dtype, device=values.device)
+    out_p = torch.full((values.shape[0], k), -1, dtype=torch.int64, device=values.device)
+    out_v[:, :take] = values.gather(1, best)
+    out_p[:, :take] = positions.gather(1, best)
+    return out_v, out_p
+
+
+class Index(abc.ABC):
+    """An index of ``dim``-dimensional vectors under ``metric``, each with an int64 id.
+
+    Subclasses store rows (``_store``, ``_keep``, ``_clear``, ``_move``), scan them (``_search_rows``,
+    answering positions that ``_position_ids`` maps to ids) and name their file contents (``_tensors``,
+    ``_restore``). Everything else -- argument checks, ids, masks, array types, files -- lives here, so every
+    index follows the same conventions (see the package docstring).
+    """
+
+    FORMAT = ""  # "xmodal.<Class>/<version>", stored in files
+
+    def __init__(self, dim: int, metric: str = "cosine", *, dtype=torch.float32, device="cpu"):
+        check_positive(dim, "dim")
+        check_metric(metric)
+        self.dim = dim
+        self.metric = metric
+        self.dtype = check_dtype(dtype)
+        self.device = torch.device(device)
+        self._next_id = 0
+
+    # -- what subclasses provide
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def ids(self) -> Tensor:
+        """The stored ids, in storage order (the order a ``mask`` follows)."""
+
+    @property
+    @abc.abstractmethod
+    def vectors(self) -> Tensor:
+        """The stored rows (unit-normalised for cosine metrics), aligned with ``ids``."""
+
+    @property
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        """Bytes the index holds for its rows and ids, spare room for appends included (what a machine must
+        have for it)."""
+
+    @abc.abstractmethod
+    def _store(self, rows: Tensor, ids: Tensor) -> None:
+        """Append prepared rows and their ids."""
+
+    @abc.abstractmethod
+    def _keep(self, keep: Tensor) -> None:
+        """Keep only the rows where the CPU bool ``keep`` (aligned with ``ids``) is True."""
+
+    @abc.abstractmethod
+    def _clear(self) -> None: ...
+
+    @abc.abstractmethod
+    def _move(self, device: torch.device) -> None: ...
+
+    @abc.abstractmethod
+    def _search_rows(self, q: Tensor, k: int, mask: Optional[Tensor], **options) -> Tuple[Tensor, Tensor]:
+        """(values, storage positions) of the k best rows for ``[Q, dim]`` queries; ``mask`` aligned with
+        ``ids``."""
+
+    @abc.abstractmethod
+    def _position_ids(self) -> Tensor:
+        """The id of each storage position ``_search_rows`` answers with."""
+
+    @abc.abstractmethod
+    def _tensors(self) -> dict: ...
+
+    @abc.abstractmethod
+    def _restore(self, tensors: dict, path: str) -> None:
+        """Fill a new index from a file's tensors; raise ValueError naming ``path`` if they do not fit."""
+
+    # -- shared behaviour
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(dim={self.dim}, metric={self.metric!r}, dtype={self.dtype}, "
+                f"device={self.device}, len={len(self)})")
+
+    @property
+    def _normalised(self) -> bool:
+        """Rows are stored unit-normalised, so a cosine search is an inner-product search."""
+        return self.metric in ("cosine", "cosine_distance")
+
+    def _prepare(self, rows: Tensor, name: str) -> Tensor:
+        rows = rows.to(self.device)
+        if self._normalised:
+            rows = unit_rows(rows)
+        if self.metric == "kl" and bool((rows < 0).any()):
+            raise ValueError(f"{name} must be non-negative with metric 'kl', found a negative entry")
+        return rows.to(self.dtype)
+
+    def add(self, vectors, ids=None) -> Tensor:
+        """Add rows; returns their ids. ``ids``: optional int64 per row, unique and not already present."""
+        rows, _, _ = as_rows(vectors, self.dim, "vectors")
+        n = rows.shape[0]
+        if ids is None:
+            new_ids = torch.arange(self._next_id, self._next_id + n, dtype=torch.int64)
+        else:
+            new_ids = as_ids(ids, n)
+            dup = duplicates(new_ids)
+            if dup:
+                raise ValueError(f"ids must be unique, got duplicates {dup}")
+            present = new_ids[torch.isin(new_ids, self.ids.cpu())]
+            if present.numel():
+                raise ValueError(f"ids already in the index: {present[:10].tolist()}")
+        rows = self._prepare(rows, "vectors")
+        self._store(rows, new_ids.to(self.device))
+        if n:
+            self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+        return new_ids
+
+    def remove(self, ids) -> int:
+        """Remove the rows with these ids (every id must be present); returns how many were removed."""
+        gone = as_ids(ids, -1)
+        if gone.numel() == 0:
+            return 0
+        stored = self.ids.cpu()
+        missing = gone[~torch.isin(gone, stored)]
+        if missing.numel():
+            raise KeyError(f"ids not in the index: {missing[:10].tolist()}")
+        before = len(self)
+        self._keep(~torch.isin(stored, gone))
+        return before - len(self)
+
+    def reset(self) -> None:
+        """Remove everything (the id counter starts again at 0)."""
+        self._clear()
+        self._next_id = 0
+
+    def to(self, device):
+        """Move the index to ``device`` (in place); returns self."""
+        device = torch.device(device)
+        self._move(device)
+        self.device = device
+        return self
+
+    def _mask(self, mask) -> Optional[Tensor]:
+        if mask is None:
+            return None
+        m, _ = to_torch(mask, "mask")
+        if m.dtype != torch.bool or m.dim() != 1 or m.shape[0] != len(self):
+            raise ValueError(f"mask must be a bool array of shape [{len(self)}] (len(index)), got dtype {m.dtype} "
+                             f"and shape {tuple(m.shape)}")
+        return m.to(self.device)
+
+    def search(self, queries, k: int, mask=None):
+        """The k best rows for each query: ``(scores, ids)``, each ``[Q, k]`` (``[k]`` for a 1-D query), best
+        first, padded with id -1 and -inf/+inf; in the queries' array type."""
+        return self._search(queries, k, mask)
+
+    def _search(self, queries, k: int, mask, **options):
+        """search(), with the subclass's search options (IVF: nprobe) passed down as arguments, never kept as
+        state, so threads sharing an index can search with different options at once."""
+        q, kind, squeeze = as_rows(queries, self.dim, "queries")
+        k = check_positive(k, "k")
+        m = self._mask(mask)
+        values, positions = self._search_rows(q.to(self.device), k, m, **options)
+        if len(self) == 0:
+            ids = torch.full_like(positions, -1)
+        else:
+            ids = torch.where(positions >= 0, self._position_ids()[positions.clamp(min=0)],
+                              torch.full_like(positions, -1))
+        if squeeze:
+            values, ids = values[0], ids[0]
+        return from_torch(values, kind), from_torch(ids, kind)
+
+    # -- persistence
+    def _metadata(self) -> dict:
+        return {"format": self.FORMAT, "dim": self.dim, "metric": self.metric,
+                "dtype": str(self.dtype).replace("torch.", ""), "next_id": self._next_id}
+
+    @classmethod
+    def _from_metadata(cls, meta: dict, device) -> "Index":
+        return cls(int(meta["dim"]), meta["metric"], dtype=meta["dtype"], device=device)
+
+    def save(self, path) -> None:
+        """Write the index to ``path`` (safetensors, with a checksum of its contents), atomically; the folder
+        must exist."""
+        io.save(self._tensors(), self._metadata(), path)
+
+    @classmethod
+    def load(cls, path, device="cpu", *, verify: bool = True):
+        """Read an index written by :meth:`save`; a truncated, corrupt or foreign file raises ValueError, a
+        missing one FileNotFoundError.
+
+        ``verify``: check the contents against the checksum :meth:`save` stored; a mismatch raises ValueError
+        (the file is corrupt). It is one more pass over the data in memory, under a tenth of the time to load a
+        file from the page cache and less next to a read from disk; ``verify=False`` skips it (e.g. for huge
+        files on a trusted disk). Files written before xmodal stored checksums have none and load unchecked.
+        """
+        tensors, meta = io.read(path, cls.FORMAT, verify)
+        where = os.fspath(path)
+        try:
+            index = cls._from_metadata(meta, device)
+            next_id = int(meta["next_id"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{where!r} is not a valid {cls.FORMAT} file: {e}") from None
+        try:
+            index._restore(tensors, where)
+        except KeyError as e:
+            raise ValueError(f"{where!r} is not a valid {cls.FORMAT} file: no tensor {e}") from None
+        index._next_id = next_id
+        return index
+
+    def _invalid(self, path: str, why: str) -> ValueError:
+        return ValueError(f"{path!r} is not a valid {self.FORMAT} file: {why}")
