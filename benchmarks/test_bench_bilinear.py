@@ -10,7 +10,7 @@ one table with ratios.
 import pytest
 import torch
 
-from xmodal.bench_bilinear import BilinearCase, _step, activation_bytes, bilinear_grid, make_problem, peak_extra_bytes
+from xmodal.bench import BilinearCase, activation_bytes, bilinear_grid, make_problem, peak_extra_bytes, step
 
 
 def _cases(device):
@@ -38,16 +38,16 @@ def _run(benchmark, case, impl, device):
     fn = calls[impl]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def step():
-        _step(fn, leaves, case.backward)
+    def synced_step():
+        step(fn, leaves, case.backward)
         sync()
 
     benchmark.group = case.name
     if case.backward:
         benchmark.extra_info["activation_bytes"] = activation_bytes(fn, leaves)
     if device == "cuda":
-        benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(step, device)
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+        benchmark.extra_info["peak_extra_bytes"] = peak_extra_bytes(synced_step, device)
+    benchmark.pedantic(synced_step, rounds=5, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("case,impl", _params(CPU_CASES))

@@ -9,23 +9,23 @@ import pytest
 import torch
 
 import xmodal
-from xmodal import bench, bench_bilinear
+from xmodal import bench
 
 
-@pytest.mark.parametrize("case", bench_bilinear.bilinear_grid(quick=True), ids=lambda c: c.name)
+@pytest.mark.parametrize("case", bench.bilinear_grid(quick=True), ids=lambda c: c.name)
 def test_bilinear_baselines_agree_with_xmodal(case):
-    leaves, calls = bench_bilinear.make_problem(case, "cpu")
+    leaves, calls = bench.make_problem(case, "cpu")
     with torch.no_grad():
         outputs = {name: fn() for name, fn in calls.items()}
     for name, out in outputs.items():
         torch.testing.assert_close(out, outputs["xmodal"], rtol=1e-4, atol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("case", [bench_bilinear.BilinearCase("full", 8, 6, 5, 4),
-                                  bench_bilinear.BilinearCase("factorized", 4, 6, 5, 3, "float32", 2, regions=3)],
+@pytest.mark.parametrize("case", [bench.BilinearCase("full", 8, 6, 5, 4),
+                                  bench.BilinearCase("factorized", 4, 6, 5, 3, "float32", 2, regions=3)],
                          ids=lambda c: c.kind)
 def test_bilinear_gradients_agree_with_xmodal(case):
-    leaves, calls = bench_bilinear.make_problem(case, "cpu")
+    leaves, calls = bench.make_problem(case, "cpu")
     grads = {}
     for name, fn in calls.items():
         grads[name] = torch.autograd.grad(fn().square().sum(), leaves)
@@ -176,7 +176,7 @@ def test_bench_cli_cuda_without_a_gpu_is_a_usage_error():
 def test_bench_functions_reject_non_positive_repeats():
     for call in (lambda: bench.time_call(lambda: None, "cpu", 0),
                  lambda: bench.run_search_case(bench.SearchCase(1, 10, 4, 2), repeats=0),
-                 lambda: bench_bilinear.run_bilinear_case(bench_bilinear.BilinearCase("full", 2, 3, 3, 2), repeats=-1,
+                 lambda: bench.run_bilinear_case(bench.BilinearCase("full", 2, 3, 3, 2), repeats=-1,
                                                           measure_memory=False)):
         with pytest.raises(ValueError, match=r"repeats must be a positive int, got (0|-1)"):
             call()

@@ -214,7 +214,7 @@ def test_recompute_keeps_one_projection(shape_x, shape_y, kept_rows):
     leaves = {t.untyped_storage().data_ptr() for t in args}
 
     def saved(recompute):
-        from xmodal.bench_bilinear import activation_bytes
+        from xmodal.bench import activation_bytes
 
         return activation_bytes(lambda: xmodal.factorized_bilinear(*args, factor=5, recompute=recompute), args)
 

@@ -59,10 +59,6 @@ def _search_plans():
 
 
 def _bench(args) -> int:
-    if args.op == "bilinear":
-        from . import bench_bilinear
-
-        return bench_bilinear.main(args)
     from . import bench
 
     return bench.main(args)
@@ -133,7 +129,7 @@ def main(argv=None) -> int:
     p_bench.add_argument("--plot", metavar="PATH", type=_output_file, help="write a PNG bar chart of the speed-ups")
     p_bench.add_argument("--no-faiss", action="store_true", help="skip faiss even when installed")
     p_bench.add_argument("--variants", metavar="NAMES",
-                         help="search: also time opt-in CUDA paths beside the default, comma-separated (filter, fused, mma)")
+                         help="search: also time forced strategies beside auto, comma-separated: a strategy name (tiled, aten, filtered, tensor_core, fused_scan) or tiled:<gemm> with a CPU tile GEMM from xmodal.settings.TILE_GEMMS")
     p_bench.set_defaults(func=_bench)
     p_demo = sub.add_parser("demo", help="train and evaluate cross-modal retrieval on the built-in Shapes data")
     p_demo.add_argument("--steps", type=_positive_int, default=800, help="training steps (default: 800)")

@@ -1,4 +1,5 @@
-"""``xmodal bench bilinear``: the fused bilinear ops against the ways people write them in plain PyTorch.
+"""``xmodal bench bilinear``: the fused bilinear ops against the ways people write them in plain PyTorch, also
+used by the pytest-benchmark suite ``benchmarks/test_bench_bilinear.py``.
 
 Full bilinear: ``F.bilinear`` and the usual rewrite ``outer(x, y) @ W``. Factorized (MFB): the eager formula
 (every intermediate materialised; for the broadcast form, ``x`` expanded to ``y``'s rows before projecting).
@@ -10,10 +11,8 @@ peak extra memory per call (CPU: the process's RSS high-water mark, reset before
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -23,11 +22,12 @@ import torch.nn.functional as F
 import xmodal
 from xmodal import reference
 
-from .bench import _sync, check_repeats, cuda_missing, environment, format_text, write_ratio_chart
+from .harness import (Case, Result, check_repeats, environment, fmt_ratio, format_markdown, run_cases,
+                      time_interleaved)
 
 
 @dataclass(frozen=True)
-class BilinearCase:
+class BilinearCase(Case):
     kind: str  # "full" or "factorized"
     batch: int
     dx: int
@@ -37,10 +37,6 @@ class BilinearCase:
     factor: int = 1
     regions: int = 0  # factorized broadcast form: x [B, 1, dx] against y [B, regions, dy]
     backward: bool = True
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
 
     @property
     def name(self) -> str:
@@ -113,11 +109,23 @@ def make_problem(case: BilinearCase, device: str, seed: int = 0):
     return (x, y, wx, wy, bx, by), calls
 
 
-def _status_bytes(field: str) -> int:
+def step(fn: Callable[[], torch.Tensor], leaves, backward: bool):
+    """One step of ``fn``: forward alone (no grad), or forward, a scalar loss and backward to every leaf."""
+    if not backward:
+        with torch.no_grad():
+            return fn()
+    for t in leaves:
+        t.grad = None
+    fn().float().square().sum().backward()
+
+
+# --- memory -----------------------------------------------------------------------------------------------
+
+def _status_bytes(name: str) -> int:
     """A memory figure of this process from /proc/self/status: ``VmRSS`` (now) or ``VmHWM`` (peak)."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith(field + ":"):
+            if line.startswith(name + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -147,7 +155,7 @@ def peak_extra_bytes(fn: Callable[[], object], device: str) -> Optional[int]:
     return max(0, _status_bytes("VmHWM") - before)
 
 
-def _peak_child(case_json: str, impl: str) -> None:
+def peak_child(case_json: str, impl: str) -> None:
     """Runs in a fresh process: one step of ``impl`` on ``case``, printing its peak extra RSS in bytes."""
     case = BilinearCase(**json.loads(case_json))
     # load and initialise the libraries on a problem tiny in every dimension first: with the case's own
@@ -156,10 +164,10 @@ def _peak_child(case_json: str, impl: str) -> None:
     small = BilinearCase(**{**asdict(case), "batch": 2, "regions": min(case.regions, 2), "dx": 4, "dy": 4, "out": 4,
                             "factor": 1})
     leaves, calls = make_problem(small, "cpu")
-    _step(calls[impl], leaves, case.backward)
+    step(calls[impl], leaves, case.backward)
     leaves, calls = make_problem(case, "cpu")
     xmodal.empty_cpu_cache()
-    print(peak_extra_bytes(lambda: _step(calls[impl], leaves, case.backward), "cpu"))
+    print(peak_extra_bytes(lambda: step(calls[impl], leaves, case.backward), "cpu"))
 
 
 def cpu_peak_extra_bytes(case: BilinearCase, impl: str, processes: int = 3) -> Optional[int]:
@@ -167,7 +175,7 @@ def cpu_peak_extra_bytes(case: BilinearCase, impl: str, processes: int = 3) -> O
     reuses memory that is already resident, which hides transient buffers from the RSS high-water mark.
     The smallest of `processes` runs: when threads hold temporaries at once varies from run to run
     (F.bilinear's backward measured 19 to 50 MiB on the same case)."""
-    code = f"from xmodal.bench_bilinear import _peak_child; _peak_child({json.dumps(json.dumps(asdict(case)))}, {impl!r})"
+    code = f"from xmodal.bench.bilinear import peak_child; peak_child({json.dumps(json.dumps(asdict(case)))}, {impl!r})"
     values = []
     for _ in range(processes):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -194,37 +202,12 @@ def activation_bytes(forward: Callable[[], torch.Tensor], leaves) -> int:
     return sum(seen.values())
 
 
+# --- running a case and reporting -------------------------------------------------------------------------
+
 @dataclass
-class BilinearResult:
-    case: BilinearCase
-    seconds: Dict[str, float] = field(default_factory=dict)
+class BilinearResult(Result):
     peak_bytes: Dict[str, Optional[int]] = field(default_factory=dict)
     activation_bytes: Dict[str, int] = field(default_factory=dict)
-
-    def ratio(self, baseline: str, impl: str = "xmodal") -> Optional[float]:
-        return self.seconds[baseline] / self.seconds[impl] if baseline in self.seconds else None
-
-    @property
-    def impls(self) -> List[str]:
-        """xmodal and its variants (e.g. ``xmodal[recompute]``)."""
-        return [n for n in self.seconds if n.startswith("xmodal")]
-
-    @property
-    def baselines(self) -> List[str]:
-        return [n for n in self.seconds if not n.startswith("xmodal")]
-
-
-def _step(fn, leaves, backward):
-    if not backward:
-        with torch.no_grad():
-            return fn()
-
-    def run():
-        for t in leaves:
-            t.grad = None
-        fn().float().square().sum().backward()
-
-    return run()
 
 
 def run_bilinear_case(
@@ -236,25 +219,17 @@ def run_bilinear_case(
     # takes minutes; time it only where that stays reasonable
     if case.kind == "full" and case.batch * case.dx * case.dy * case.out > (1 << 34 if device == "cuda" else 1 << 32):
         calls.pop("F.bilinear")
-    steps = {name: (lambda fn=fn: _step(fn, leaves, case.backward)) for name, fn in calls.items()}
+    steps = {name: (lambda fn=fn: step(fn, leaves, case.backward)) for name, fn in calls.items()}
     result = BilinearResult(case)
-    for name, step in steps.items():
-        step()  # warm-up
+    for name, run in steps.items():
+        run()  # warm-up
         if device.startswith("cuda"):
-            result.peak_bytes[name] = peak_extra_bytes(step, device)
+            result.peak_bytes[name] = peak_extra_bytes(run, device)
         elif measure_memory:
             result.peak_bytes[name] = cpu_peak_extra_bytes(case, name, memory_processes)
         if case.backward:
             result.activation_bytes[name] = activation_bytes(calls[name], leaves)
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    result.seconds = {name: statistics.median(t) for name, t in times.items()}
+    result.seconds = time_interleaved(steps, device, repeats, warmup=False)  # warmed up above
     return result
 
 
@@ -274,7 +249,7 @@ def table(results: List[BilinearResult]) -> List[List[str]]:
                     f"{r.seconds[impl] * 1e3:.2f}",
                     base,
                     f"{r.seconds[base] * 1e3:.2f}",
-                    f"{r.ratio(base, impl):.2f}x",
+                    fmt_ratio(r.ratio(base, impl)),
                     f"{_mib(r.peak_bytes.get(impl))} / {_mib(r.peak_bytes.get(base))}",
                     f"{_mib(r.activation_bytes.get(impl))} / {_mib(r.activation_bytes.get(base))}"
                     if r.activation_bytes else "-",
@@ -282,50 +257,37 @@ def table(results: List[BilinearResult]) -> List[List[str]]:
     return rows
 
 
-def format_markdown(rows: List[List[str]], env: dict, title: str) -> str:
-    lines = [f"# {title}", ""]
-    lines += [f"- {key}: {value}" for key, value in env.items()]
-    lines += [
-        "",
+def notes(memory_processes: int = 3) -> List[str]:
+    """What the report's columns and baselines mean."""
+    fresh = f"the least of {memory_processes} fresh processes" if memory_processes > 1 else "one fresh process"
+    return [
         "speed-up = baseline time / xmodal time, measured side by side in one run (above 1: xmodal is faster).",
         "fwd+bwd = forward, a scalar loss and backward to every input and parameter. peak = memory above what",
-        "was in use before the call (CPU: RSS high-water mark, the least of 3 fresh processes; GPU: max_memory_allocated). saved = bytes the",
+        f"was in use before the call (CPU: RSS high-water mark, {fresh}; GPU: max_memory_allocated). saved = bytes the",
         "autograd graph keeps for backward, inputs and parameters excluded (activation memory).",
         "Baselines: `F.bilinear`; `outer@W` = `addmm(b, (x[:, :, None] * y[:, None, :]).reshape(B, -1), W.view(o, -1).T)`;",
         "`eager` = the MFB formula in plain PyTorch (xmodal.reference.factorized_bilinear, x expanded for the",
         "broadcast form). `xmodal[recompute]` = `factorized_bilinear(..., recompute=True)`: one projection kept",
         "for backward, the other recomputed.",
-        "",
     ]
-    lines.append("| " + " | ".join(rows[0]) + " |")
-    lines.append("|" + "---|" * len(rows[0]))
-    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
-    return "\n".join(lines) + "\n"
+
+
+def chart_bars(results: List[BilinearResult]) -> List[tuple]:
+    """A bar per (case, xmodal or variant, baseline): its speed-up."""
+    return [(f"{r.case.name} {impl[len('xmodal'):]} vs {base}".replace("  ", " "), r.ratio(base, impl))
+            for r in results for impl in r.impls for base in r.baselines]
 
 
 def main(args) -> int:
+    """``xmodal bench bilinear`` (called by :func:`xmodal.bench.main`, which has checked the device)."""
     device = args.device
-    if cuda_missing(device):
-        return 2
-    cases = bilinear_grid(quick=args.quick, device="cuda" if device.startswith("cuda") else "cpu")
-    env = environment(device)
-    env.pop("faiss", None)
-    results = []
-    for case in cases:
-        print(f"  {case.name} ...", flush=True)
-        # --quick: one fresh process per CPU peak-memory figure instead of three (each costs an import of torch)
-        results.append(run_bilinear_case(case, device, repeats=args.repeats, memory_processes=1 if args.quick else 3))
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump({"environment": env, "results": [
-                    {"case": asdict(r.case), "seconds": r.seconds, "peak_bytes": r.peak_bytes,
-                     "activation_bytes": r.activation_bytes} for r in results]}, fh, indent=2)
-        if args.markdown:
-            with open(args.markdown, "w") as fh:
-                fh.write(format_markdown(table(results), env, f"bilinear benchmark ({device})"))
-    print(format_text(table(results)))
-    if args.plot:
-        write_ratio_chart(args.plot, f"xmodal bilinear ops vs plain PyTorch ({device}): speed-up",
-                          [(f"{r.case.name} {impl[len('xmodal'):]} vs {base}".replace("  ", " "), r.ratio(base, impl))
-                           for r in results for impl in r.impls for base in r.baselines])
+    # --quick: one fresh process per CPU peak-memory figure instead of three (each costs an import of torch)
+    processes = 1 if args.quick else 3
+    env = environment(device, faiss=False)
+    run_cases(args, env, bilinear_grid(quick=args.quick, device="cuda" if device.startswith("cuda") else "cpu"),
+              lambda case: run_bilinear_case(case, device, repeats=args.repeats, memory_processes=processes),
+              desc="bench bilinear", table=table,
+              markdown=lambda results: format_markdown(table(results), env, f"bilinear benchmark ({device})",
+                                                       notes(processes)),
+              chart_title=f"xmodal bilinear ops vs plain PyTorch ({device}): speed-up", chart_bars=chart_bars)
     return 0
