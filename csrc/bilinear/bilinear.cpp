@@ -198,7 +198,6 @@ FactorizedArgs prepare_factorized_args(const at::Tensor& proj_x, const at::Tenso
 namespace xmodal {
 
 namespace {
-bool is_16bit(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
 at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
 }  // namespace
