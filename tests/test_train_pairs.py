@@ -238,6 +238,14 @@ def test_evaluate_pairs_perfect_and_bad_arguments(tmp_path):
         T.evaluate_pairs(Oracle(), pairs, ks=5)
 
 
+def test_the_evaluation_functions_live_in_evaluation_and_stay_importable_from_train():
+    from xmodal import evaluation
+    from xmodal.train import evaluate, evaluate_pairs
+
+    assert evaluate is evaluation.evaluate and evaluate_pairs is evaluation.evaluate_pairs
+    assert {"evaluate", "evaluate_pairs"} <= set(T.__all__)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_train_evaluate_save_and_load_on_the_gpu(tmp_path):

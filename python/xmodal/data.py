@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 IMAGE_SIZE = 32
 KINDS = ["circle", "square", "triangle", "cross"]
@@ -223,7 +223,7 @@ class ImageCaptionCSV(Dataset):
     unreadable image raises when it is loaded.
 
     The optional ``label`` column names a class (any string). Pairs with equal labels match each other:
-    ``train.train_pairs`` makes them positives (never negatives) and ``train.evaluate_pairs`` counts every
+    ``train.train_pairs`` makes them positives (never negatives) and ``evaluation.evaluate_pairs`` counts every
     image of a caption's class as a hit. Attributes, one entry per row:
 
     - ``captions``: the captions (fit the tokenizer on these: ``Tokenizer.fit(pairs.captions)``);
@@ -296,3 +296,17 @@ def collate_captions(batch: Sequence) -> Tuple[Tensor, List]:
     images = torch.stack([item[0] for item in batch])
     rest = [list(column) for column in zip(*[item[1:] for item in batch])]
     return (images, *rest)
+
+
+def row_attribute(pairs, name: str):
+    """``pairs.<name>``, one entry per row (``labels``, ``image_paths``), or None where it has none. Sees
+    through a ``torch.utils.data.Subset`` (what ``random_split`` makes): its rows are some of its data set's.
+    Shared by ``evaluation.evaluate_pairs`` and ``train.train_pairs`` (which rows are positives for each other)."""
+    if isinstance(pairs, Subset):
+        values = row_attribute(pairs.dataset, name)
+        if values is None:
+            return None
+        if isinstance(values, Tensor):
+            return values[torch.as_tensor(pairs.indices, dtype=torch.long)]
+        return [values[i] for i in pairs.indices]
+    return getattr(pairs, name, None)

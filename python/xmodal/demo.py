@@ -18,7 +18,8 @@ import torch
 from . import data as D
 from ._atomic import write_atomic
 from .index import FlatIndex
-from .train import TrainConfig, build_model, evaluate, train
+from .evaluation import evaluate
+from .train import TrainConfig, build_model, train
 
 
 def _upscale(image: torch.Tensor, size: int) -> torch.Tensor:
