@@ -13,6 +13,7 @@ from . import metrics, nn
 from .index import FlatIndex, IVFIndex, ShardedIndex
 from . import settings
 from .ops import METRICS, bilinear, factorized_bilinear, search_plan, topk_search
+from .pca import PCA
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "FlatIndex",
     "IVFIndex",
     "ShardedIndex",
+    "PCA",
     "metrics",
     "build_info",
     "empty_cpu_cache",
