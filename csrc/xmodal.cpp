@@ -26,6 +26,15 @@ TORCH_LIBRARY(xmodal, m) {
   // sqeuclidean. A C++ kernel on the CPU, a plain-PyTorch one on every other device (_fallback_kernels.py).
   m.def("ivf_scan(Tensor queries, Tensor vectors, Tensor list_offsets, Tensor probes, int k, str metric=\"ip\","
         " Tensor? mask=None) -> (Tensor values, Tensor indices)");
+  // Top-k over int8 codes (scalar quantisation): key[q, n] = (queries[q] · codes[n] + query_bias[q]) *
+  // row_scale[n] + row_bias[n] (absent terms: 0 / 1 / 0), k largest keys first (float32, padded with -inf
+  // and index -1; ties to the smaller index). queries float32 [Q, D] (the codec's scale folded in), codes
+  // int8 [N, D]. The index turns keys into metric values (index/codecs.py).
+  m.def("topk_int8(Tensor queries, Tensor codes, int k, Tensor? query_bias=None, Tensor? row_scale=None,"
+        " Tensor? row_bias=None, Tensor? mask=None) -> (Tensor keys, Tensor indices)");
+  // Top-k by Hamming distance over packed bits: queries uint8 [Q, B], codes uint8 [N, B] (B a multiple of 8),
+  // the k smallest distances first (int32, padded with INT32_MAX and index -1; ties to the smaller index).
+  m.def("topk_hamming(Tensor queries, Tensor codes, int k, Tensor? mask=None) -> (Tensor distances, Tensor indices)");
   // Bilinear pooling, torch.nn.functional.bilinear semantics; see xmodal.bilinear.
   m.def("bilinear(Tensor input1, Tensor input2, Tensor weight, Tensor? bias=None) -> Tensor");
   // Gradients for input1, input2, weight (empty where output_mask is False); the bias gradient is grad's sum.

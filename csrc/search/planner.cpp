@@ -7,6 +7,7 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <array>
 
 #include <fstream>
@@ -202,10 +203,7 @@ Plan plan_search(const DeviceFacts& dev, const SearchShape& s, Strategy requeste
   // the BLAS from re-packing a tile too often.
   plan.query_block = 256;
   plan.tile_bytes = s.Q <= 8 ? (int64_t(16) << 20) : (int64_t(512) << 10);
-  plan.scan_isa = dev.cpu == CpuKind::Avx2                                       ? ScanIsa::Avx2
-                  : (dev.cpu == CpuKind::Amx || dev.cpu == CpuKind::Avx512Bf16) ? ScanIsa::Avx512Bf16
-                  : dev.cpu == CpuKind::Avx512                                  ? ScanIsa::Avx512
-                                                                                : ScanIsa::Portable;
+  plan.scan_isa = scan_isa_for(dev.cpu);
   const bool half = is16(s.dtype) && s.metric != Metric::KL;  // kl multiplies log(d) in fp32/fp64
   const bool scannable = s.dtype != at::kDouble && s.metric != Metric::KL;
   if (scannable && s.Q <= kScanMaxQueries) {
@@ -235,6 +233,39 @@ Plan plan_search(const DeviceFacts& dev, const SearchShape& s, Strategy requeste
   // 16 MiB at D = 128 and 512, Q = 256 and 1024), few queries 8 MiB tiles
   if (plan.gemm == TileGemm::Aten16) plan.tile_bytes = s.Q >= 64 ? 2048 * std::max<int64_t>(s.D, 1) * 2 : int64_t(8) << 20;
   if (dev.tile_kib_override > 0) plan.tile_bytes = dev.tile_kib_override << 10;
+  return plan;
+}
+
+ScanIsa scan_isa_for(CpuKind cpu) {
+  switch (cpu) {
+    case CpuKind::Avx2: return ScanIsa::Avx2;
+    case CpuKind::Amx:
+    case CpuKind::Avx512Bf16: return ScanIsa::Avx512Bf16;
+    case CpuKind::Avx512: return ScanIsa::Avx512;
+    default: return ScanIsa::Portable;
+  }
+}
+
+CodesPlan plan_codes_search(const DeviceFacts& dev, int64_t Q, int64_t D, int64_t bytes_per_row, bool binary) {
+  CodesPlan plan;
+  const ScanIsa isa = scan_isa_for(dev.cpu);
+  plan.isa = isa == ScanIsa::Avx512Bf16 ? ScanIsa::Avx512 : isa;  // decoded tiles are fp32
+#if defined(__x86_64__) || defined(_M_X64)
+  plan.vpopcnt = binary && plan.isa == ScanIsa::Avx512 && __builtin_cpu_supports("avx512vpopcntdq");
+  // VNNI (or AMX) makes oneDNN's int8 GEMM exact and ~4x an fp32 GEMM; an AVX2 kind (or its emulation)
+  // never takes it (codes_cpu.cpp probes exactness too)
+  plan.int8_gemm = dev.cpu != CpuKind::Avx2 && dev.cpu != CpuKind::Baseline &&
+                   (__builtin_cpu_supports("avx512vnni") || __builtin_cpu_supports("avxvnni") || dev.cpu == CpuKind::Amx);
+#endif
+  // int8: up to kScanMaxQueries queries scan the codes, converting them in registers (memory-bound: the
+  // codes are read once, a quarter of the float rows' bytes); more multiply tiles with a GEMM: int8 tiles
+  // of 256 KiB, or decoded fp32 tiles of 256 KiB, in L2 next to the scores.
+  plan.gemm = !binary && Q > kScanMaxQueries;
+  plan.query_block = binary ? std::max<int64_t>(Q, 1) : (plan.gemm ? 256 : kScanMaxQueries);
+  const int64_t tile_bytes = binary ? (int64_t(1) << 20) : (int64_t(256) << 10);
+  const int64_t row_bytes = binary || (plan.gemm && plan.int8_gemm) || !plan.gemm
+                                ? std::max<int64_t>(bytes_per_row, 1) : std::max<int64_t>(D, 1) * 4;
+  plan.tile_rows = std::clamp<int64_t>(tile_bytes / row_bytes / 16 * 16, 64, 65536);
   return plan;
 }
 

@@ -39,6 +39,9 @@ struct DeviceFacts {
   int tile_gemm_override = 0;  // the cpu_tile_gemm setting (common/settings.h): 0 = decide, else TileGemm + 1
 };
 
+// The scan's instructions for a CPU kind (ScanIsa::Avx512Bf16 where the CPU multiplies bf16 natively).
+ScanIsa scan_isa_for(CpuKind cpu);
+
 // This process's facts for a device (the CPU's kind honours ATEN_CPU_CAPABILITY, as ATen's own kernels do).
 DeviceFacts device_facts(const at::Device& device);
 
@@ -85,5 +88,18 @@ Plan plan_search(const DeviceFacts& device, const SearchShape& shape, Strategy r
 
 // The aten strategy (topk_aten.cpp): runs on every device.
 std::tuple<at::Tensor, at::Tensor> aten_search(const SearchArgs& args);
+
+// How a top-k search over compressed rows (int8 codes, binary codes) runs on the CPU: tiles of rows are
+// decoded (int8) or compared (binary) while in cache, as the tiled float search does.
+struct CodesPlan {
+  ScanIsa isa = ScanIsa::Portable;  // int8: which instructions decode and scan a tile
+  bool vpopcnt = false;             // binary: AVX-512 VPOPCNTDQ counts 8 words at once
+  bool gemm = false;                // int8: many queries multiply a tile with a GEMM (else: scan)
+  bool int8_gemm = false;           // ... an int8 GEMM (VNNI / AMX) rather than a decoded fp32 tile's
+  int64_t tile_rows = 0;            // rows per tile
+  int64_t query_block = 0;          // queries per GEMM / scan call
+};
+// `bytes_per_row`: the stored row's size (int8: D; binary: D / 8 rounded up to 8 bytes).
+CodesPlan plan_codes_search(const DeviceFacts& dev, int64_t Q, int64_t D, int64_t bytes_per_row, bool binary);
 
 }  // namespace xmodal

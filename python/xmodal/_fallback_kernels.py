@@ -89,3 +89,74 @@ def ivf_scan(queries: Tensor, vectors: Tensor, list_offsets: Tensor, probes: Ten
 
 
 torch.library.register_kernel("xmodal::ivf_scan", None, ivf_scan)
+
+
+def _merge_topk(best_keys: Tensor, best_idx: Tensor, keys: Tensor, base: int, k: int):
+    """The k largest of the running best and a new block of keys (rows base ..), ties to the smaller index."""
+    idx = torch.arange(base, base + keys.shape[1], device=keys.device).expand(keys.shape[0], -1)
+    all_keys, all_idx = torch.cat([best_keys, keys], 1), torch.cat([best_idx, idx], 1)
+    # sort by index first, then stably by key: equal keys keep index order
+    order = torch.argsort(all_idx.masked_fill(all_idx < 0, torch.iinfo(torch.int64).max), dim=1, stable=True)
+    all_keys, all_idx = all_keys.gather(1, order), all_idx.gather(1, order)
+    top = torch.sort(all_keys, dim=1, descending=True, stable=True).indices[:, :k]
+    return all_keys.gather(1, top), all_idx.gather(1, top)
+
+
+def _blocks(n: int, q: int, width: int):
+    step = max(1, _SCORE_ELEMENTS // max(1, q * width))
+    return range(0, n, step), step
+
+
+def topk_int8(queries: Tensor, codes: Tensor, k: int, query_bias: Optional[Tensor] = None,
+              row_scale: Optional[Tensor] = None, row_bias: Optional[Tensor] = None, mask: Optional[Tensor] = None):
+    """As the CPU kernel (csrc/search/codes_cpu.cpp): keys = (queries . codes + query_bias) * row_scale +
+    row_bias, k largest first; blocks of rows are decoded to float32 and multiplied."""
+    torch._check(k > 0, lambda: f"k must be positive, got {k}")
+    nq, device = queries.shape[0], queries.device
+    best_keys = torch.full((nq, k), float("-inf"), device=device)
+    best_idx = torch.full((nq, k), -1, dtype=torch.int64, device=device)
+    starts, step = _blocks(codes.shape[0], nq, codes.shape[1])
+    for n0 in starts:
+        block = slice(n0, n0 + step)
+        keys = queries.float() @ codes[block].float().T
+        if query_bias is not None:
+            keys = keys + query_bias[:, None]
+        if row_scale is not None:
+            keys = keys * row_scale[block]
+        if row_bias is not None:
+            keys = keys + row_bias[block]
+        keys = keys.nan_to_num(nan=-torch.finfo(torch.float32).max)
+        if mask is not None:
+            keys = keys.masked_fill(~mask[block].to(device), float("-inf"))
+        best_keys, best_idx = _merge_topk(best_keys, best_idx, keys, n0, k)
+    best_idx = torch.where(best_keys > float("-inf"), best_idx, -1)
+    return best_keys, best_idx
+
+
+_POPCOUNT = torch.tensor([bin(v).count("1") for v in range(256)], dtype=torch.int32)
+
+
+def topk_hamming(queries: Tensor, codes: Tensor, k: int, mask: Optional[Tensor] = None):
+    """As the CPU kernel: the k smallest Hamming distances between packed bit rows, ties to the smaller
+    index; a table lookup per byte."""
+    torch._check(k > 0, lambda: f"k must be positive, got {k}")
+    nq, device = queries.shape[0], queries.device
+    table = _POPCOUNT.to(device)
+    best_keys = torch.full((nq, k), float("-inf"), device=device)
+    best_idx = torch.full((nq, k), -1, dtype=torch.int64, device=device)
+    starts, step = _blocks(codes.shape[0], nq, codes.shape[1])
+    for n0 in starts:
+        block = slice(n0, n0 + step)
+        dist = table[(queries[:, None, :] ^ codes[block][None, :, :]).long()].sum(-1)
+        keys = -dist.float()
+        if mask is not None:
+            keys = keys.masked_fill(~mask[block].to(device), float("-inf"))
+        best_keys, best_idx = _merge_topk(best_keys, best_idx, keys, n0, k)
+    found = best_keys > float("-inf")
+    dist = (-best_keys).masked_fill(~found, 0).to(torch.int32).masked_fill(~found, torch.iinfo(torch.int32).max)
+    return dist, torch.where(found, best_idx, -1)
+
+
+torch.library.register_kernel("xmodal::topk_int8", None, topk_int8)
+torch.library.register_kernel("xmodal::topk_hamming", None, topk_hamming)
+

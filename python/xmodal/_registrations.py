@@ -198,3 +198,21 @@ torch.library.register_autograd(
 def _ivf_scan_fake(queries, vectors, list_offsets, probes, k, metric="ip", mask=None):
     torch._check(k > 0, lambda: f"k must be positive, got {k}")
     return queries.new_empty((queries.shape[0], k)), queries.new_empty((queries.shape[0], k), dtype=torch.int64)
+
+
+# --- compressed search ------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("xmodal::topk_int8")
+def _topk_int8_fake(queries, codes, k, query_bias=None, row_scale=None, row_bias=None, mask=None):
+    torch._check(queries.dim() == 2 and codes.dim() == 2, lambda: "queries and codes must be 2-D")
+    torch._check(k > 0, lambda: f"k must be positive, got {k}")
+    return queries.new_empty((queries.shape[0], k)), queries.new_empty((queries.shape[0], k), dtype=torch.int64)
+
+
+@torch.library.register_fake("xmodal::topk_hamming")
+def _topk_hamming_fake(queries, codes, k, mask=None):
+    torch._check(queries.dim() == 2 and codes.dim() == 2, lambda: "queries and codes must be 2-D")
+    torch._check(k > 0, lambda: f"k must be positive, got {k}")
+    shape = (queries.shape[0], k)
+    return queries.new_empty(shape, dtype=torch.int32), queries.new_empty(shape, dtype=torch.int64)

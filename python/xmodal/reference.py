@@ -104,6 +104,26 @@ def scores_by_matmul(queries: Tensor, database: Tensor, metric: str) -> Tensor:
     return kl.masked_fill((q > 0).to(torch.float64) @ zero.T > 0, float("inf"))
 
 
+def int8_keys(queries: Tensor, codes: Tensor, query_bias: Optional[Tensor] = None, row_scale: Optional[Tensor] = None,
+              row_bias: Optional[Tensor] = None) -> Tensor:
+    """The ``[Q, N]`` float64 keys :func:`torch.ops.xmodal.topk_int8` ranks (largest first):
+    ``(queries . codes + query_bias) * row_scale + row_bias``."""
+    keys = queries.double() @ codes.double().T
+    if query_bias is not None:
+        keys = keys + query_bias.double()[:, None]
+    if row_scale is not None:
+        keys = keys * row_scale.double()
+    if row_bias is not None:
+        keys = keys + row_bias.double()
+    return keys
+
+
+def hamming(queries: Tensor, codes: Tensor) -> Tensor:
+    """The ``[Q, N]`` int64 Hamming distances between packed bit rows (uint8 ``[Q, B]``, ``[N, B]``)."""
+    bits = torch.tensor([bin(v).count("1") for v in range(256)], dtype=torch.int64)
+    return bits[(queries[:, None, :] ^ codes[None, :, :]).long()].sum(-1)
+
+
 SQRT_EPS = 1e-12
 
 

@@ -1,0 +1,402 @@
+// Top-k search over compressed rows on the CPU: int8 codes (scalar quantisation) and binary codes
+// (Hamming distance). Like the float search (topk_search_cpu.cpp), each thread owns a range of row tiles,
+// scores a tile while it is in cache and feeds per-query candidate buffers (topk_select.h); the Q x N
+// score matrix never exists. An int8 tile is decoded to fp32 in cache, then scanned (few queries: the
+// codes are read from memory once, a quarter of the fp32 bytes) or multiplied with a BLAS GEMM (many).
+#include "common/checks.h"
+#include "common/parallel.h"
+#include "search/cpu_scan.h"
+#include "search/planner.h"
+#include "search/topk_select.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define XMODAL_X86 1
+#endif
+
+namespace xmodal {
+namespace {
+
+using ord_t = int32_t;
+
+// The k largest keys of each query over N rows. score_tile(n0, nt, q0, qn, keys) writes the float keys of
+// queries q0 .. q0 + qn against rows n0 .. n0 + nt to keys[i * nt + j]; it is called from worker threads, a
+// tile at a time, with a scorer of its own (make_scorer() per thread). Returns float32 keys [Q, k] (best
+// first, padded with -inf) and int64 row indices (-1 padding); ties go to the smaller index.
+template <typename MakeScorer>
+std::tuple<at::Tensor, at::Tensor> tiled_topk(int64_t Q, int64_t N, int64_t k, int64_t tile_rows, int64_t query_block,
+                                              const bool* mask, const MakeScorer& make_scorer) {
+  const int64_t threads = at::get_num_threads();
+  tile_rows = std::max<int64_t>(1, std::min(tile_rows, (N + threads - 1) / threads));
+  const int64_t num_tiles = (N + tile_rows - 1) / tile_rows;
+  const int64_t parts = std::max<int64_t>(1, std::min(threads, num_tiles));
+  const int64_t max_rows_per_part = ((num_tiles + parts - 1) / parts) * tile_rows;
+  const int64_t capacity = std::max<int64_t>(1, std::min(k + std::max<int64_t>(k, 32), max_rows_per_part));
+  // queries go in super-blocks so the candidate buffers stay under ~256 MiB for any Q and k
+  const int64_t per_query = parts * capacity * int64_t(sizeof(Candidate<ord_t>));
+  const int64_t super_block = std::min(std::max<int64_t>(Q, 1),
+                                       std::max((int64_t(256) << 20) / per_query, query_block));
+  std::vector<Candidate<ord_t>> slots(size_t(parts * super_block * capacity));
+  std::vector<TopKBuffer<ord_t>> buffers(size_t(parts * super_block));
+  at::Tensor values = at::empty({Q, k}, at::kFloat), indices = at::empty({Q, k}, at::kLong);
+  float* out_v = values.data_ptr<float>();
+  int64_t* out_i = indices.data_ptr<int64_t>();
+
+  for (int64_t s0 = 0; s0 < Q; s0 += super_block) {
+    const int64_t s1 = std::min(Q, s0 + super_block);
+    for (int64_t p = 0; p < parts; ++p)
+      for (int64_t i = 0; i < s1 - s0; ++i)
+        buffers[p * super_block + i] = {&slots[(p * super_block + i) * capacity], 0, kSkipOrd<ord_t>};
+    parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+      auto score_tile = make_scorer();
+      std::vector<float> keys(static_cast<size_t>(std::min(query_block, s1 - s0) * tile_rows));
+      std::vector<ord_t> ords(static_cast<size_t>(tile_rows));
+      for (int64_t p = pb; p < pe; ++p) {
+        for (int64_t t = p * num_tiles / parts; t < (p + 1) * num_tiles / parts; ++t) {
+          const int64_t n0 = t * tile_rows, nt = std::min(N, n0 + tile_rows) - n0;
+          for (int64_t q0 = s0; q0 < s1; q0 += query_block) {
+            const int64_t qn = std::min(s1, q0 + query_block) - q0;
+            score_tile(n0, nt, q0, qn, keys.data());
+            for (int64_t i = 0; i < qn; ++i) {
+              const float* row = keys.data() + i * nt;
+              for (int64_t j = 0; j < nt; ++j)
+                ords[j] = (mask && !mask[n0 + j]) ? kSkipOrd<ord_t> : to_ord<float>(row[j]);
+              buffers[p * super_block + (q0 - s0 + i)].scan(ords.data(), nt, n0, k, capacity);
+            }
+          }
+        }
+      }
+    });
+    parallel_for(s0, s1, 16, [&](int64_t qb, int64_t qe) {
+      std::vector<Candidate<ord_t>> merged;
+      for (int64_t i = qb; i < qe; ++i) {
+        merged.clear();
+        for (int64_t p = 0; p < parts; ++p) {
+          const auto& b = buffers[p * super_block + (i - s0)];
+          merged.insert(merged.end(), b.slots, b.slots + b.count);
+        }
+        const int64_t found = std::min<int64_t>(k, int64_t(merged.size()));
+        std::partial_sort(merged.begin(), merged.begin() + found, merged.end(), better<ord_t>);
+        for (int64_t r = 0; r < k; ++r) {
+          out_v[i * k + r] = r < found ? from_ord<float>(merged[r].key) : -std::numeric_limits<float>::infinity();
+          out_i[i * k + r] = r < found ? merged[r].index : -1;
+        }
+      }
+    });
+  }
+  return {values, indices};
+}
+
+// ---- int8 -----------------------------------------------------------------------------------------------
+
+// Dot products of up to kQ float queries with int8 rows, the rows converted in registers: memory traffic is
+// the codes' bytes only. kR rows at a time share each query load; each row chunk is converted once for
+// all kQ queries. out[i * ldo + r] = q_i · rows[r].
+template <int kQ, int kR>
+void dots_portable(const float* q, int64_t D, const int8_t* x, int64_t n, float* out, int64_t ldo) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int i = 0; i < kQ; ++i) {
+      float s = 0;
+      for (int64_t d = 0; d < D; ++d) s += q[i * D + d] * float(x[r * D + d]);
+      out[i * ldo + r] = s;
+    }
+}
+
+#ifdef XMODAL_X86
+template <int kQ, int kR>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void dots_avx512(const float* q, int64_t D,
+                                                                          const int8_t* x, int64_t n, float* out,
+                                                                          int64_t ldo) {
+  int64_t r0 = 0;
+  for (; r0 + kR <= n; r0 += kR) {
+    __m512 acc[kQ][kR];
+    for (int i = 0; i < kQ; ++i)
+      for (int r = 0; r < kR; ++r) acc[i][r] = _mm512_setzero_ps();
+    const int64_t full = D / 16 * 16;
+    for (int64_t d = 0; d < full; d += 16) {
+      __m512 row[kR];
+      for (int r = 0; r < kR; ++r)
+        row[r] = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + (r0 + r) * D + d))));
+      for (int i = 0; i < kQ; ++i) {
+        const __m512 qv = _mm512_loadu_ps(q + i * D + d);
+        for (int r = 0; r < kR; ++r) acc[i][r] = _mm512_fmadd_ps(qv, row[r], acc[i][r]);
+      }
+    }
+    if (full < D) {  // the last D % 16 elements, masked
+      const __mmask16 m = __mmask16((1u << (D - full)) - 1);
+      __m512 row[kR];
+      for (int r = 0; r < kR; ++r)
+        row[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, x + (r0 + r) * D + full)));
+      for (int i = 0; i < kQ; ++i) {
+        const __m512 qv = _mm512_maskz_loadu_ps(m, q + i * D + full);
+        for (int r = 0; r < kR; ++r) acc[i][r] = _mm512_fmadd_ps(qv, row[r], acc[i][r]);
+      }
+    }
+    for (int i = 0; i < kQ; ++i)
+      for (int r = 0; r < kR; ++r) out[i * ldo + r0 + r] = _mm512_reduce_add_ps(acc[i][r]);
+  }
+  if (r0 < n) dots_portable<kQ, 1>(q, D, x + r0 * D, n - r0, out + r0, ldo);
+}
+
+template <int kQ, int kR>
+__attribute__((target("avx2,fma"))) void dots_avx2(const float* q, int64_t D, const int8_t* x, int64_t n,
+                                                   float* out, int64_t ldo) {
+  int64_t r0 = 0;
+  const int64_t full = D / 8 * 8;
+  for (; r0 + kR <= n; r0 += kR) {
+    __m256 acc[kQ][kR];
+    for (int i = 0; i < kQ; ++i)
+      for (int r = 0; r < kR; ++r) acc[i][r] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < full; d += 8) {
+      __m256 row[kR];
+      for (int r = 0; r < kR; ++r)
+        row[r] = _mm256_cvtepi32_ps(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x + (r0 + r) * D + d))));
+      for (int i = 0; i < kQ; ++i) {
+        const __m256 qv = _mm256_loadu_ps(q + i * D + d);
+        for (int r = 0; r < kR; ++r) acc[i][r] = _mm256_fmadd_ps(qv, row[r], acc[i][r]);
+      }
+    }
+    for (int i = 0; i < kQ; ++i)
+      for (int r = 0; r < kR; ++r) {
+        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[i][r]), _mm256_extractf128_ps(acc[i][r], 1));
+        const __m128 t = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        float s = _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+        for (int64_t d = full; d < D; ++d) s += q[i * D + d] * float(x[(r0 + r) * D + d]);
+        out[i * ldo + r0 + r] = s;
+      }
+  }
+  if (r0 < n) dots_portable<kQ, 1>(q, D, x + r0 * D, n - r0, out + r0, ldo);
+}
+#endif
+
+template <int kQ>
+void dots_block(ScanIsa isa, const float* q, int64_t D, const int8_t* x, int64_t n, float* out, int64_t ldo) {
+#ifdef XMODAL_X86
+  if (isa == ScanIsa::Avx512 || isa == ScanIsa::Avx512Bf16) return dots_avx512<kQ, 4>(q, D, x, n, out, ldo);
+  if (isa == ScanIsa::Avx2) return dots_avx2<kQ, 4>(q, D, x, n, out, ldo);
+#endif
+  dots_portable<kQ, 1>(q, D, x, n, out, ldo);
+}
+
+// out[i * n + j] = queries[i] · rows[j] for Q queries (any number; groups of 4, 2, 1) and n int8 rows.
+void int8_dots(ScanIsa isa, const float* q, int64_t Q, int64_t D, const int8_t* x, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 4 <= Q; i += 4) dots_block<4>(isa, q + i * D, D, x, n, out + i * n, n);
+  for (; i + 2 <= Q; i += 2) dots_block<2>(isa, q + i * D, D, x, n, out + i * n, n);
+  for (; i < Q; ++i) dots_block<1>(isa, q + i * D, D, x, n, out + i * n, n);
+}
+
+void decode(ScanIsa isa, const int8_t* codes, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = float(codes[i]);  // vectorised by the compiler; GEMM path only
+}
+
+// Whether torch._int_mm multiplies int8 exactly on this CPU. oneDNN's int8 GEMM is exact with VNNI (and
+// AMX); on AVX2-only CPUs its u8 x s8 pair sums saturate at int16 and results come back wrong (measured:
+// errors up to 1e5 on 512-long rows), so the int8 GEMM is used only after this probe passes.
+bool int8_gemm_exact() {
+  static const bool exact = [] {
+    const at::Tensor a = at::full({32, 256}, -127, at::kChar), b = at::full({32, 256}, -128, at::kChar);
+    const at::Tensor got = at::_int_mm(a, b.t()).to(at::kLong);
+    return bool((got == int64_t(127) * 128 * 256).all().item<bool>());
+  }();
+  return exact;
+}
+
+void check_row_terms(const std::optional<at::Tensor>& t, const char* name, int64_t n, const char* what) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == n, name,
+              " must be a 1-D float32 tensor [", what, "] = [", n, "], got ", t->scalar_type(), " of shape ",
+              t->sizes());
+  TORCH_CHECK(t->device().is_cpu(), name, " must be on the CPU, got ", t->device());
+}
+
+const bool* mask_data(const std::optional<at::Tensor>& mask, int64_t n, at::Tensor& keep) {
+  if (!mask.has_value()) return nullptr;
+  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 1 && mask->size(0) == n,
+              "mask must be a 1-D bool tensor [N] = [", n, "], got ", mask->scalar_type(), " of shape ",
+              mask->sizes());
+  keep = mask->contiguous();
+  return keep.data_ptr<bool>();
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_int8_cpu(const at::Tensor& queries, const at::Tensor& codes, int64_t k,
+                                                 const std::optional<at::Tensor>& query_bias,
+                                                 const std::optional<at::Tensor>& row_scale,
+                                                 const std::optional<at::Tensor>& row_bias,
+                                                 const std::optional<at::Tensor>& mask) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_dim(queries, 2, "queries", "[Q, D]");
+  check_dim(codes, 2, "codes", "[N, D]");
+  TORCH_CHECK(queries.scalar_type() == at::kFloat, "queries must be float32, got ", queries.scalar_type());
+  TORCH_CHECK(codes.scalar_type() == at::kChar, "codes must be int8, got ", codes.scalar_type());
+  TORCH_CHECK(queries.size(1) == codes.size(1), "queries and codes must have the same dimension D, got ",
+              queries.size(1), " and ", codes.size(1));
+  TORCH_CHECK(k > 0, "k must be positive, got ", k);
+  TORCH_CHECK(queries.device().is_cpu() && codes.device().is_cpu(), "queries and codes must be CPU tensors");
+  const int64_t Q = queries.size(0), N = codes.size(0), D = codes.size(1);
+  check_row_terms(query_bias, "query_bias", Q, "Q");
+  check_row_terms(row_scale, "row_scale", N, "N");
+  check_row_terms(row_bias, "row_bias", N, "N");
+  at::Tensor keep;
+  const bool* mask_ptr = mask_data(mask, N, keep);
+  if (Q == 0 || N == 0) {
+    return {at::full({Q, k}, -std::numeric_limits<float>::infinity(), at::kFloat), at::full({Q, k}, -1, at::kLong)};
+  }
+  const at::Tensor q = queries.contiguous(), x = codes.contiguous();
+  const at::Tensor qb = query_bias ? query_bias->contiguous() : at::Tensor();
+  const at::Tensor rs = row_scale ? row_scale->contiguous() : at::Tensor();
+  const at::Tensor rb = row_bias ? row_bias->contiguous() : at::Tensor();
+  const float* qbp = qb.defined() ? qb.data_ptr<float>() : nullptr;
+  const float* rsp = rs.defined() ? rs.data_ptr<float>() : nullptr;
+  const float* rbp = rb.defined() ? rb.data_ptr<float>() : nullptr;
+  const int8_t* xp = x.data_ptr<int8_t>();
+  const float* qp = q.data_ptr<float>();
+  const CodesPlan plan = plan_codes_search(device_facts(codes.device()), Q, D, D, false);
+
+  // Many queries on a CPU with an exact int8 GEMM: queries quantised to int8 (per-query scale), tiles
+  // multiplied with torch._int_mm, keys = scale * int32. Else tiles are scanned (few queries) or decoded to
+  // fp32 for a BLAS GEMM.
+  const bool int8_gemm = plan.gemm && plan.int8_gemm && int8_gemm_exact();
+  // The query is quantised twice: q / s = hi + lo / 254 with hi, lo in [-127, 127], so two int8 GEMMs give
+  // the dot products to ~2e-5 of the query's range (one alone: ~4e-3, which swapped 12% of the top 10 in
+  // tests) at half an int8 GEMM's speed, still ~2.5x an fp32 GEMM.
+  at::Tensor q_hi, q_lo, qscale;
+  if (int8_gemm) {
+    qscale = q.abs().amax(1).clamp_min(1e-30) / 127.0;
+    const at::Tensor scaled = q / qscale.unsqueeze(1);
+    const at::Tensor hi = scaled.round().clamp_(-127, 127);
+    q_hi = hi.to(at::kChar);
+    q_lo = ((scaled - hi) * 254.0).round_().clamp_(-127, 127).to(at::kChar);
+  }
+  const float* qsp = int8_gemm ? qscale.data_ptr<float>() : nullptr;
+  auto make_scorer = [&] {
+    // this thread's decoded tile / int32 scores, reused from tile to tile
+    at::Tensor scratch = int8_gemm ? at::empty({2, plan.query_block * plan.tile_rows}, at::kInt)
+                         : plan.gemm ? at::empty({plan.tile_rows, D}, at::kFloat)
+                                     : at::Tensor();
+    return [&, scratch](int64_t n0, int64_t nt, int64_t q0, int64_t qn, float* keys) mutable {
+      if (int8_gemm) {
+        at::Tensor hi = scratch[0].narrow(0, 0, qn * nt).view({qn, nt});
+        at::Tensor lo = scratch[1].narrow(0, 0, qn * nt).view({qn, nt});
+        const at::Tensor tile = x.narrow(0, n0, nt).t();
+        at::_int_mm_out(hi, q_hi.narrow(0, q0, qn), tile);
+        at::_int_mm_out(lo, q_lo.narrow(0, q0, qn), tile);
+        const int32_t* hp = hi.data_ptr<int32_t>();
+        const int32_t* lp = lo.data_ptr<int32_t>();
+        for (int64_t i = 0; i < qn; ++i) {
+          const float s = qsp[q0 + i];
+          for (int64_t j = 0; j < nt; ++j)
+            keys[i * nt + j] = (float(hp[i * nt + j]) + float(lp[i * nt + j]) * (1.0f / 254.0f)) * s;
+        }
+      } else if (plan.gemm) {
+        float* tp = scratch.data_ptr<float>();
+        decode(plan.isa, xp + n0 * D, nt * D, tp);
+        at::Tensor out = at::from_blob(keys, {qn, nt}, at::kFloat);
+        at::mm_out(out, q.narrow(0, q0, qn), scratch.narrow(0, 0, nt).t());
+      } else {
+        int8_dots(plan.isa, qp + q0 * D, qn, D, xp + n0 * D, nt, keys);
+      }
+      for (int64_t i = 0; i < qn; ++i) {
+        float* row = keys + i * nt;
+        const float add = qbp ? qbp[q0 + i] : 0.f;
+        if (rsp || rbp || add != 0.f) {
+          for (int64_t j = 0; j < nt; ++j) {
+            const float s = (row[j] + add) * (rsp ? rsp[n0 + j] : 1.f);
+            row[j] = rbp ? s + rbp[n0 + j] : s;
+          }
+        }
+      }
+    };
+  };
+  return tiled_topk(Q, N, k, plan.tile_rows, plan.query_block, mask_ptr, make_scorer);
+}
+
+// ---- binary ---------------------------------------------------------------------------------------------
+
+__attribute__((target("popcnt"))) void hamming_popcnt(const uint64_t* q, const uint64_t* x, int64_t n, int64_t words,
+                                                      float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint64_t* row = x + j * words;
+    int64_t d = 0;
+    for (int64_t w = 0; w < words; ++w) d += __builtin_popcountll(q[w] ^ row[w]);
+    out[j] = -float(d);
+  }
+}
+
+#ifdef XMODAL_X86
+// 8 words per instruction; rows of a multiple of 8 words (512 bits), else the popcnt loop
+__attribute__((target("avx512f,avx512vpopcntdq"))) void hamming_vpopcnt(const uint64_t* q, const uint64_t* x,
+                                                                        int64_t n, int64_t words, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint64_t* row = x + j * words;
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t w = 0; w < words; w += 8) {
+      const __m512i a = _mm512_loadu_si512(q + w), b = _mm512_loadu_si512(row + w);
+      acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_xor_si512(a, b)));
+    }
+    out[j] = -float(_mm512_reduce_add_epi64(acc));
+  }
+}
+#endif
+
+std::tuple<at::Tensor, at::Tensor> topk_hamming_cpu(const at::Tensor& queries, const at::Tensor& codes, int64_t k,
+                                                    const std::optional<at::Tensor>& mask) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_dim(queries, 2, "queries", "[Q, B]");
+  check_dim(codes, 2, "codes", "[N, B]");
+  TORCH_CHECK(queries.scalar_type() == at::kByte && codes.scalar_type() == at::kByte,
+              "queries and codes must be uint8 (packed bits), got ", queries.scalar_type(), " and ",
+              codes.scalar_type());
+  TORCH_CHECK(queries.size(1) == codes.size(1), "queries and codes must have the same number of bytes B, got ",
+              queries.size(1), " and ", codes.size(1));
+  TORCH_CHECK(codes.size(1) % 8 == 0, "codes must hold a multiple of 8 bytes (64 bits) per row, got ",
+              codes.size(1));
+  TORCH_CHECK(k > 0, "k must be positive, got ", k);
+  TORCH_CHECK(queries.device().is_cpu() && codes.device().is_cpu(), "queries and codes must be CPU tensors");
+  const int64_t Q = queries.size(0), N = codes.size(0), words = codes.size(1) / 8;
+  at::Tensor keep;
+  const bool* mask_ptr = mask_data(mask, N, keep);
+  if (Q == 0 || N == 0)
+    return {at::full({Q, k}, std::numeric_limits<int32_t>::max(), at::kInt), at::full({Q, k}, -1, at::kLong)};
+  const at::Tensor q = queries.contiguous(), x = codes.contiguous();
+  const auto* qp = reinterpret_cast<const uint64_t*>(q.data_ptr<uint8_t>());
+  const auto* xp = reinterpret_cast<const uint64_t*>(x.data_ptr<uint8_t>());
+  const CodesPlan plan = plan_codes_search(device_facts(codes.device()), Q, words * 64, words * 8, true);
+  const bool vpopcnt = plan.vpopcnt && words % 8 == 0;
+  auto make_scorer = [&] {
+    return [&](int64_t n0, int64_t nt, int64_t q0, int64_t qn, float* keys) {
+      for (int64_t i = 0; i < qn; ++i) {
+#ifdef XMODAL_X86
+        if (vpopcnt) {
+          hamming_vpopcnt(qp + (q0 + i) * words, xp + n0 * words, nt, words, keys + i * nt);
+          continue;
+        }
+#endif
+        hamming_popcnt(qp + (q0 + i) * words, xp + n0 * words, nt, words, keys + i * nt);
+      }
+    };
+  };
+  auto [neg, indices] = tiled_topk(Q, N, k, plan.tile_rows, plan.query_block, mask_ptr, make_scorer);
+  // keys are minus the distances; padding (-inf) becomes INT32_MAX
+  at::Tensor dist = neg.neg().masked_fill_(indices < 0, 0).to(at::kInt).masked_fill_(
+      indices < 0, std::numeric_limits<int32_t>::max());
+  return {dist, indices};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xmodal, CPU, m) {
+  m.impl("topk_int8", &topk_int8_cpu);
+  m.impl("topk_hamming", &topk_hamming_cpu);
+}
+
+}  // namespace xmodal

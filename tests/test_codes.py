@@ -1,0 +1,165 @@
+"""torch.ops.xmodal.topk_int8 and topk_hamming (compressed search) against plain-PyTorch references."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import xmodal  # noqa: F401
+from xmodal import reference
+from xmodal._fallback_kernels import topk_hamming as plain_hamming
+from xmodal._fallback_kernels import topk_int8 as plain_int8
+
+
+def _int8_case(q, n, d, seed=0, terms=True):
+    g = torch.Generator().manual_seed(seed)
+    queries = torch.randn(q, d, generator=g)
+    codes = torch.randint(-128, 128, (n, d), generator=g, dtype=torch.int8)
+    qb = torch.randn(q, generator=g) if terms else None
+    rs = torch.rand(n, generator=g) + 0.5 if terms else None
+    rb = torch.randn(n, generator=g) * 10 if terms else None
+    return queries, codes, qb, rs, rb
+
+
+def _check_int8(keys, idx, queries, codes, qb, rs, rb, k, mask=None, rtol=1e-5):
+    ref = reference.int8_keys(queries, codes, qb, rs, rb)
+    want_v, want_i = reference.topk_from_scores(ref, k, "ip", mask=mask)
+    assert keys.dtype == torch.float32 and idx.dtype == torch.int64 and keys.shape == (queries.shape[0], k)
+    assert torch.equal(idx == -1, want_i == -1)
+    scale = ref.abs().max().item() if ref.numel() else 1.0
+    found = want_i >= 0
+    torch.testing.assert_close(keys.double()[found], want_v[found], rtol=0, atol=rtol * scale)
+    # every returned row's exact key matches its reported key, and the k-th best is as good as the reference's
+    got = idx.clamp(min=0)
+    torch.testing.assert_close(ref.gather(1, got)[found], keys.double()[found], rtol=0, atol=rtol * scale)
+    if mask is not None:
+        assert bool(mask[idx[found]].all())
+
+
+@pytest.mark.parametrize("q", [1, 3, 16, 17, 300])  # scan (up to 16 queries) and GEMM paths
+@pytest.mark.parametrize("d", [16, 37, 512])
+def test_int8_matches_reference(q, d):
+    queries, codes, qb, rs, rb = _int8_case(q, 1500, d)
+    keys, idx = torch.ops.xmodal.topk_int8(queries, codes, 10, qb, rs, rb, None)
+    _check_int8(keys, idx, queries, codes, qb, rs, rb, 10, rtol=1e-5 if q <= 16 else 1e-4)
+    # the ranking agrees with the exact one (the many-query GEMM quantises queries to ~2e-5 of their range)
+    ref_i = reference.topk_from_scores(reference.int8_keys(queries, codes, qb, rs, rb), 10, "ip")[1]
+    assert (idx == ref_i).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("k", [1, 7, 2000])
+def test_int8_mask_padding_and_no_terms(k):
+    queries, codes, *_ = _int8_case(5, 900, 24, terms=False)
+    mask = torch.rand(900, generator=torch.Generator().manual_seed(3)) < 0.3
+    keys, idx = torch.ops.xmodal.topk_int8(queries, codes, k, mask=mask)
+    _check_int8(keys, idx, queries, codes, None, None, None, k, mask=mask)
+    assert bool((keys[idx < 0] == float("-inf")).all())
+
+
+def test_int8_ties_go_to_the_smaller_index_and_edge_shapes():
+    codes = torch.randint(-5, 5, (1, 8), dtype=torch.int8).repeat(50, 1)
+    keys, idx = torch.ops.xmodal.topk_int8(torch.randn(2, 8), codes, 5)
+    assert idx.tolist() == [[0, 1, 2, 3, 4]] * 2
+    k0, i0 = torch.ops.xmodal.topk_int8(torch.randn(0, 8), codes, 3)
+    assert k0.shape == (0, 3) and i0.shape == (0, 3)
+    ke, ie = torch.ops.xmodal.topk_int8(torch.randn(2, 8), codes[:0], 3)
+    assert bool((ie == -1).all()) and bool((ke == float("-inf")).all())
+    # non-contiguous inputs
+    q = torch.randn(8, 3).T
+    strided = torch.randint(-128, 128, (40, 16), dtype=torch.int8)[:, ::2]
+    keys, idx = torch.ops.xmodal.topk_int8(q, strided, 4)
+    _check_int8(keys, idx, q, strided, None, None, None, 4)
+
+
+def test_int8_errors():
+    q, codes = torch.randn(2, 8), torch.zeros(5, 8, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="codes must be int8, got Float"):
+        torch.ops.xmodal.topk_int8(q, codes.float(), 1)
+    with pytest.raises(RuntimeError, match="queries must be float32"):
+        torch.ops.xmodal.topk_int8(q.double(), codes, 1)
+    with pytest.raises(RuntimeError, match="queries and codes must have the same dimension D, got 8 and 4"):
+        torch.ops.xmodal.topk_int8(q, codes[:, :4], 1)
+    with pytest.raises(RuntimeError, match="k must be positive, got 0"):
+        torch.ops.xmodal.topk_int8(q, codes, 0)
+    with pytest.raises(RuntimeError, match=r"row_scale must be a 1-D float32 tensor \[N\] = \[5\]"):
+        torch.ops.xmodal.topk_int8(q, codes, 1, row_scale=torch.ones(4))
+    with pytest.raises(RuntimeError, match=r"mask must be a 1-D bool tensor \[N\] = \[5\]"):
+        torch.ops.xmodal.topk_int8(q, codes, 1, mask=torch.ones(5))
+
+
+def _bits(n, b, seed):
+    return torch.randint(0, 256, (n, b), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("q", [1, 5, 40])
+@pytest.mark.parametrize("nbytes", [8, 64, 72])  # 64: whole 512-bit vectors; 72: a partial one
+@pytest.mark.parametrize("k", [1, 10, 3000])
+def test_hamming_matches_reference(q, nbytes, k):
+    queries, codes = _bits(q, nbytes, 1), _bits(2000, nbytes, 2)
+    codes[5] = codes[9]  # equal distances: the smaller index first
+    mask = torch.rand(2000, generator=torch.Generator().manual_seed(4)) < 0.8
+    for m in (None, mask):
+        dist, idx = torch.ops.xmodal.topk_hamming(queries, codes, k, m)
+        want_v, want_i = reference.topk_from_scores(reference.hamming(queries, codes).double(), k, "l2", mask=m)
+        assert dist.dtype == torch.int32 and idx.dtype == torch.int64
+        assert torch.equal(idx, want_i)
+        found = want_i >= 0
+        assert torch.equal(dist[found].long(), want_v[found].long())
+        assert bool((dist[~found] == torch.iinfo(torch.int32).max).all())
+
+
+def test_hamming_errors():
+    q, codes = _bits(2, 8, 0), _bits(5, 8, 1)
+    with pytest.raises(RuntimeError, match="codes must hold a multiple of 8 bytes"):
+        torch.ops.xmodal.topk_hamming(q[:, :6], codes[:, :6], 1)
+    with pytest.raises(RuntimeError, match="queries and codes must be uint8"):
+        torch.ops.xmodal.topk_hamming(q.to(torch.int8), codes, 1)
+    with pytest.raises(RuntimeError, match="same number of bytes B, got 8 and 16"):
+        torch.ops.xmodal.topk_hamming(q, _bits(5, 16, 1), 1)
+
+
+def test_plain_pytorch_kernels_match_the_cpu_kernels():
+    """What devices without a compiled kernel run (xmodal/_fallback_kernels.py), on CPU tensors."""
+    queries, codes, qb, rs, rb = _int8_case(6, 3000, 40)
+    mask = torch.rand(3000, generator=torch.Generator().manual_seed(5)) < 0.5
+    want = torch.ops.xmodal.topk_int8(queries, codes, 9, qb, rs, rb, mask)
+    got = plain_int8(queries, codes, 9, qb, rs, rb, mask)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-3)
+    assert torch.equal(got[1], want[1])
+    bq, bc = _bits(4, 16, 6), _bits(3000, 16, 7)
+    for m in (None, mask):
+        want = torch.ops.xmodal.topk_hamming(bq, bc, 12, m)
+        got = plain_hamming(bq, bc, 12, m)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_opcheck():
+    queries, codes, qb, rs, rb = _int8_case(3, 100, 16)
+    torch.library.opcheck(torch.ops.xmodal.topk_int8.default, (queries, codes, 5, qb, rs, rb, None))
+    torch.library.opcheck(torch.ops.xmodal.topk_hamming.default, (_bits(3, 8, 0), _bits(100, 8, 1), 5, None))
+
+
+_OTHER_KIND = """
+import torch, xmodal
+from xmodal import reference
+g = torch.Generator().manual_seed(0)
+for q in (1, 5, 40):
+    queries, codes = torch.randn(q, 45, generator=g), torch.randint(-128, 128, (700, 45), generator=g, dtype=torch.int8)
+    keys, idx = torch.ops.xmodal.topk_int8(queries, codes, 6)
+    ref = reference.int8_keys(queries, codes)
+    assert torch.equal(idx, reference.topk_from_scores(ref, 6, "ip")[1]), q
+    bq = torch.randint(0, 256, (q, 64), generator=g, dtype=torch.uint8)
+    bc = torch.randint(0, 256, (700, 64), generator=g, dtype=torch.uint8)
+    dist, idx = torch.ops.xmodal.topk_hamming(bq, bc, 6)
+    assert torch.equal(idx, reference.topk_from_scores(reference.hamming(bq, bc).double(), 6, "l2")[1]), q
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_other_cpu_kinds(capability):
+    """The AVX2 and portable kernels, chosen as on CPUs of those kinds (ATEN_CPU_CAPABILITY, as ATen does)."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    out = subprocess.run([sys.executable, "-c", _OTHER_KIND], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
