@@ -15,6 +15,9 @@ from . import io
 from .arrays import as_ids, as_rows, from_torch, to_torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# add() prepares and stores rows in chunks of this many: the most float rows it holds beyond the stored ones
+# (65536 x 512 float32 = 128 MiB)
+ADD_CHUNK_ROWS = 65536
 _DTYPE_NAMES = {str(d).replace("torch.", ""): d for d in FLOAT_DTYPES}
 
 
@@ -134,8 +137,9 @@ class Index(abc.ABC):
     def _tensors(self) -> dict: ...
 
     @abc.abstractmethod
-    def _restore(self, tensors: dict, path: str) -> None:
-        """Fill a new index from a file's tensors; raise ValueError naming ``path`` if they do not fit."""
+    def _restore(self, tensors: dict, path: str, meta: dict) -> None:
+        """Fill a new index from a file's tensors (and metadata); raise ValueError naming ``path`` if they do not
+        fit."""
 
     # -- shared behaviour
     def __repr__(self) -> str:
@@ -147,13 +151,25 @@ class Index(abc.ABC):
         """Rows are stored unit-normalised, so a cosine search is an inner-product search."""
         return self.metric in ("cosine", "cosine_distance")
 
-    def _prepare(self, rows: Tensor, name: str) -> Tensor:
+    def _prepare(self, rows: Tensor) -> Tensor:
+        """Rows as stored and searched: on the index's device, unit-normalised for cosine metrics (subclasses
+        may transform them first: see FlatIndex's ``reduce_to``). Checked rows only (see ``_check_rows``)."""
         rows = rows.to(self.device)
         if self._normalised:
             rows = unit_rows(rows)
-        if self.metric == "kl" and bool((rows < 0).any()):
-            raise ValueError(f"{name} must be non-negative with metric 'kl', found a negative entry")
         return rows.to(self.dtype)
+
+    def _check_rows(self, rows: Tensor, name: str) -> None:
+        """Raise before anything changes if ``rows`` cannot be stored (a chunk at a time: no full-size copy)."""
+        if self.metric != "kl":
+            return
+        for start in range(0, rows.shape[0], ADD_CHUNK_ROWS):
+            if bool((rows[start: start + ADD_CHUNK_ROWS] < 0).any()):
+                raise ValueError(f"{name} must be non-negative with metric 'kl', found a negative entry")
+
+    def _before_store(self, rows: Tensor) -> None:
+        """Called once per ``add`` after the checks, before the first chunk is stored (e.g. to train a codec
+        on the first rows added)."""
 
     def add(self, vectors, ids=None) -> Tensor:
         """Add rows; returns their ids. ``ids``: optional int64 per row, unique and not already present."""
@@ -169,8 +185,12 @@ class Index(abc.ABC):
             present = new_ids[torch.isin(new_ids, self.ids.cpu())]
             if present.numel():
                 raise ValueError(f"ids already in the index: {present[:10].tolist()}")
-        rows = self._prepare(rows, "vectors")
-        self._store(rows, new_ids.to(self.device))
+        self._check_rows(rows, "vectors")
+        self._before_store(rows)
+        # a chunk at a time, so preparing (normalising, encoding) never copies the whole batch
+        for start in range(0, n, ADD_CHUNK_ROWS):
+            chunk = slice(start, start + ADD_CHUNK_ROWS)
+            self._store(self._prepare(rows[chunk]), new_ids[chunk].to(self.device))
         if n:
             self._next_id = max(self._next_id, int(new_ids.max()) + 1)
         return new_ids
@@ -262,7 +282,7 @@ class Index(abc.ABC):
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{where!r} is not a valid {cls.FORMAT} file: {e}") from None
         try:
-            index._restore(tensors, where)
+            index._restore(tensors, where, meta)
         except KeyError as e:
             raise ValueError(f"{where!r} is not a valid {cls.FORMAT} file: no tensor {e}") from None
         index._next_id = next_id

@@ -65,7 +65,7 @@ class IVFIndex(Index):
             raise ValueError(f"training needs at least nlist = {self.nlist} vectors, got {rows.shape[0]}")
         self.centroids = kmeans(rows, self.nlist, metric=self._coarse_metric, spherical=self._normalised,
                                 iterations=iterations, seed=seed, max_points=max_points,
-                                prepare=lambda x: self._prepare(x, "vectors"))
+                                prepare=self._prepare)
 
     def _require_trained(self, what: str) -> None:
         if not self.is_trained:
@@ -136,7 +136,7 @@ class IVFIndex(Index):
     def _tensors(self) -> dict:
         return {"vectors": self.vectors, "ids": self.ids, "lists": self._lists.lists(), "centroids": self.centroids}
 
-    def _restore(self, tensors: dict, path: str) -> None:
+    def _restore(self, tensors: dict, path: str, meta: dict) -> None:
         vectors, ids, lists, centroids = tensors["vectors"], tensors["ids"], tensors["lists"], tensors["centroids"]
         n = vectors.shape[0] if vectors.dim() == 2 else -1
         if n < 0 or vectors.shape[1] != self.dim or ids.shape != (n,) or lists.shape != (n,) \

@@ -1,0 +1,227 @@
+"""How an index stores its rows: as floats, as int8 codes, or as binary codes (with int8 codes for rescoring).
+
+A codec owns the per-row columns it stores (``columns``: name -> dtype and width), learns what it needs from
+sample rows (``fit``), turns prepared rows (normalised for cosine metrics) into column values (``encode``)
+and back (``decode``), and searches stored columns (``search``) with the fused ops:
+
+========  ==========================================  ==============================================
+codec     stores per row (dim d)                      metrics
+========  ==========================================  ==============================================
+None      ``d`` values in the index's dtype           all
+"int8"    ``d`` int8 codes (+ one float32 term)       ip, cosine, cosine_distance, l2, sqeuclidean
+"binary"  ``d`` bits + the int8 codes and term         cosine, cosine_distance (the bits rank by angle;
+                                                      the best ``rescore * k`` are rescored with int8)
+========  ==========================================  ==============================================
+
+int8 is per-dimension scalar quantisation: each dimension's range over the training rows is cut into 256
+steps (values outside it clamp to its ends); scores are the metric of the query against the decoded rows,
+so they are approximate, in the metric's units. Binary codes are the signs of the rows after centring on
+the training mean, searched by Hamming distance (popcount).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..ops import METRICS, topk_search
+from .base import cosine_to_distance, unit_rows
+
+CODECS = {"int8": ("ip", "cosine", "cosine_distance", "l2", "sqeuclidean"),
+          "binary": ("cosine", "cosine_distance")}
+
+
+def check_codec(codec: Optional[str], metric: str) -> None:
+    if codec is None:
+        return
+    if codec not in CODECS:
+        raise ValueError(f"codec must be None, 'int8' or 'binary', got {codec!r}")
+    if metric not in CODECS[codec]:
+        raise ValueError(f"codec {codec!r} supports metrics {list(CODECS[codec])}, got metric {metric!r}")
+
+
+def _pad(values: Tensor, positions: Tensor, metric: str) -> Tensor:
+    fill = float("-inf") if METRICS[metric] else float("inf")
+    return torch.where(positions >= 0, values, torch.full_like(values, fill))
+
+
+class FloatRows:
+    """Rows kept as they are, in the index's dtype; searched exactly with :func:`topk_search`."""
+
+    name = None
+
+    def __init__(self, dim: int, metric: str, dtype: torch.dtype):
+        self.dim, self.metric, self.dtype = dim, metric, dtype
+
+    @property
+    def trained(self) -> bool:
+        return True
+
+    def columns(self) -> Dict[str, Tuple[torch.dtype, int]]:
+        return {"vectors": (self.dtype, self.dim)}
+
+    def fit(self, rows: Tensor) -> None:
+        pass
+
+    def encode(self, rows: Tensor) -> Dict[str, Tensor]:
+        return {"vectors": rows.to(self.dtype)}
+
+    def decode(self, cols: Dict[str, Tensor]) -> Tensor:
+        return cols["vectors"]
+
+    def search(self, q: Tensor, cols: Dict[str, Tensor], k: int, mask: Optional[Tensor], **options):
+        """(values, positions) of the k best stored rows for prepared queries ``q``."""
+        vectors = cols["vectors"]
+        if self.metric not in ("cosine", "cosine_distance"):
+            return topk_search(q.to(self.dtype), vectors, k, self.metric, mask=mask)
+        values, positions = topk_search(q.to(self.dtype), vectors, k, "ip", mask=mask)
+        if self.metric == "cosine_distance":
+            values = cosine_to_distance(values, positions)
+        return values, positions
+
+    def state(self) -> Dict[str, Tensor]:
+        return {}
+
+    def load_state(self, state: Dict[str, Tensor]) -> None:
+        pass
+
+
+class Int8Codes(FloatRows):
+    """Per-dimension scalar quantisation to int8, searched by ``torch.ops.xmodal.topk_int8``."""
+
+    name = "int8"
+
+    def __init__(self, dim: int, metric: str, dtype: torch.dtype):
+        super().__init__(dim, metric, dtype)
+        self.offset: Optional[Tensor] = None  # decoded row = offset + scale * code
+        self.scale: Optional[Tensor] = None
+
+    @property
+    def trained(self) -> bool:
+        return self.scale is not None
+
+    def columns(self):
+        cols = {"codes": (torch.int8, self.dim)}
+        if self.metric != "ip":
+            cols["row_terms"] = (torch.float32, 0)  # cosine: 1 / |decoded row|; l2: -|decoded row|^2
+        return cols
+
+    def fit(self, rows: Tensor) -> None:
+        x = rows.float()
+        low, high = x.amin(0), x.amax(0)
+        scale = ((high - low) / 255).clamp_min(1e-12)
+        self.scale, self.offset = scale, low + 128 * scale
+
+    def _codes(self, rows: Tensor) -> Tensor:
+        return torch.round((rows.float() - self.offset) / self.scale).clamp_(-128, 127).to(torch.int8)
+
+    def _decoded(self, codes: Tensor) -> Tensor:
+        return torch.addcmul(self.offset, codes.float(), self.scale)
+
+    def encode(self, rows: Tensor) -> Dict[str, Tensor]:
+        codes = self._codes(rows)
+        out = {"codes": codes}
+        if self.metric != "ip":
+            sq = self._decoded(codes).square().sum(1)
+            out["row_terms"] = -sq if self.metric in ("l2", "sqeuclidean") else sq.sqrt().clamp_min(1e-12).reciprocal()
+        return out
+
+    def decode(self, cols):
+        return self._decoded(cols["codes"]).to(self.dtype)
+
+    def _values(self, keys: Tensor, positions: Tensor, q: Tensor) -> Tensor:
+        """Metric values from topk_int8's keys (see search)."""
+        if self.metric in ("l2", "sqeuclidean"):
+            sq = (q.square().sum(1, keepdim=True) - keys).clamp_min(0)
+            keys = sq.sqrt() if self.metric == "l2" else sq
+        elif self.metric == "cosine_distance":
+            keys = cosine_to_distance(keys, positions)
+        return _pad(keys, positions, self.metric)
+
+    def search(self, q: Tensor, cols, k: int, mask: Optional[Tensor], **options):
+        # q . decoded = (q * scale) . code + q . offset; l2 ranks by 2 q . x - |x|^2 (|q|^2 added back after)
+        q = q.float()
+        two = 2.0 if self.metric in ("l2", "sqeuclidean") else 1.0
+        scaled = (q * (two * self.scale)).contiguous()
+        bias = (q @ self.offset) * two
+        terms = cols.get("row_terms")
+        row_scale = terms if self.metric in ("cosine", "cosine_distance") else None
+        row_bias = terms if self.metric in ("l2", "sqeuclidean") else None
+        keys, positions = torch.ops.xmodal.topk_int8(scaled, cols["codes"], k, bias, row_scale, row_bias, mask)
+        return self._values(keys, positions, q), positions
+
+    def state(self):
+        return {"offset": self.offset, "scale": self.scale}
+
+    def load_state(self, state):
+        self.offset, self.scale = state["offset"].float(), state["scale"].float()
+
+
+class BinaryCodes(Int8Codes):
+    """One bit per dimension (the sign after centring), searched by Hamming distance; the best
+    ``rescore * k`` rows are rescored against int8 codes kept beside the bits."""
+
+    name = "binary"
+
+    def __init__(self, dim: int, metric: str, dtype: torch.dtype):
+        super().__init__(dim, metric, dtype)
+        self.mean: Optional[Tensor] = None
+        self.nbytes_bits = (dim + 63) // 64 * 8  # whole 64-bit words per row
+        self._weights = 2 ** torch.arange(8, dtype=torch.uint8)
+
+    @property
+    def trained(self) -> bool:
+        return self.mean is not None
+
+    def columns(self):
+        cols = super().columns()
+        cols["bits"] = (torch.uint8, self.nbytes_bits)
+        return cols
+
+    def fit(self, rows: Tensor) -> None:
+        super().fit(rows)
+        self.mean = rows.float().mean(0)
+
+    def bits(self, rows: Tensor) -> Tensor:
+        """Packed signs of ``rows - mean``: uint8 [n, nbytes_bits], unused bits 0."""
+        positive = rows.float() > self.mean
+        padded = torch.zeros(rows.shape[0], self.nbytes_bits * 8, dtype=torch.uint8, device=rows.device)
+        padded[:, : self.dim] = positive
+        return (padded.view(-1, self.nbytes_bits, 8) * self._weights.to(rows.device)).sum(-1, dtype=torch.uint8)
+
+    def encode(self, rows: Tensor):
+        out = super().encode(rows)
+        out["bits"] = self.bits(rows)
+        return out
+
+    def search(self, q: Tensor, cols, k: int, mask: Optional[Tensor], *, rescore: int = 4, **options):
+        n = cols["codes"].shape[0]
+        wide = min(max(rescore * k, k), max(n, 1))
+        _, candidates = torch.ops.xmodal.topk_hamming(self.bits(q), cols["bits"], wide, mask)
+        # rescore the candidates against their decoded int8 rows (keys as Int8Codes.search)
+        q = q.float()
+        found = candidates >= 0
+        rows = self._decoded(cols["codes"][candidates.clamp(min=0)])  # [Q, wide, d]
+        dots = torch.einsum("qd,qwd->qw", q, rows)
+        keys = dots * cols["row_terms"][candidates.clamp(min=0)]  # cosine metrics only
+        keys = torch.where(found, keys, torch.full_like(keys, float("-inf")))
+        take = min(k, wide)
+        best_keys, best = torch.topk(keys, take, dim=1)
+        positions = torch.where(best_keys > float("-inf"), candidates.gather(1, best), -1)
+        values = torch.full((q.shape[0], k), float("-inf"), device=q.device)
+        out_pos = torch.full((q.shape[0], k), -1, dtype=torch.int64, device=q.device)
+        values[:, :take], out_pos[:, :take] = best_keys, positions
+        return self._values(values, out_pos, q), out_pos
+
+    def state(self):
+        return {**super().state(), "mean": self.mean}
+
+    def load_state(self, state):
+        super().load_state(state)
+        self.mean = state["mean"].float()
+
+
+def make_codec(codec: Optional[str], dim: int, metric: str, dtype: torch.dtype) -> FloatRows:
+    check_codec(codec, metric)
+    return {None: FloatRows, "int8": Int8Codes, "binary": BinaryCodes}[codec](dim, metric, dtype)

@@ -1,0 +1,146 @@
+"""FlatIndex with codecs (int8, binary) and PCA reduction: recall against the exact float index, sizes,
+files and bad input."""
+import pytest
+import torch
+
+import xmodal
+from xmodal import FlatIndex
+
+
+def _near_duplicates(n=6000, d=64, q=60, noise=0.05, seed=0):
+    """Rows on a few directions, and queries near some rows: what embeddings of similar items look like."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(40, d, generator=g)
+    x = centres[torch.randint(0, 40, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)
+    queries = x[torch.randint(0, n, (q,), generator=g)] + noise * torch.randn(q, d, generator=g)
+    return x, queries
+
+
+def _recall(got, want):
+    return sum(len(set(a.tolist()) & set(b.tolist()) - {-1}) for a, b in zip(got, want)) / want.numel()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "cosine_distance", "ip", "l2", "sqeuclidean"])
+def test_int8_recall_values_and_size(metric):
+    x, queries = _near_duplicates()
+    exact = FlatIndex(64, metric)
+    exact.add(x)
+    want_v, want_i = exact.search(queries, 10)
+    index = FlatIndex(64, metric, codec="int8")
+    index.add(x)
+    v, i = index.search(queries, 10)
+    assert _recall(i, want_i) >= 0.95
+    # values are the metric against the decoded rows: close to the exact ones, best first
+    spread = (want_v.max() - want_v.min()).item()
+    assert (v - want_v).abs().max().item() < 0.05 * spread
+    assert torch.equal(v, v.sort(dim=1, descending=xmodal.METRICS[metric]).values)
+    assert index.vectors.shape == (6000, 64) and index.codec == "int8"
+    assert index.nbytes <= 0.3 * exact.nbytes  # 64 + 4 + 8 bytes a row against 256 + 8
+
+
+def test_int8_index_is_a_quarter_of_float32_at_512_dimensions():
+    x = torch.randn(3000, 512)
+    exact, index = FlatIndex(512, "cosine"), FlatIndex(512, "cosine", codec="int8")
+    exact.add(x)
+    index.add(x)
+    assert index.nbytes <= 0.26 * exact.nbytes
+
+
+def test_binary_rescoring_finds_near_duplicates():
+    x, queries = _near_duplicates(d=128, noise=0.02)
+    exact = FlatIndex(128, "cosine")
+    exact.add(x)
+    _, want = exact.search(queries, 10)
+    index = FlatIndex(128, "cosine", codec="binary", rescore=10)
+    index.add(x)
+    _, got = index.search(queries, 10)
+    assert (got[:, 0] == want[:, 0]).float().mean() >= 0.95
+    # more rescoring never loses recall here, and rescore=1 still returns k results
+    _, more = index.search(queries, 10, rescore=40)
+    assert _recall(more, want) >= _recall(got, want) - 0.01
+    assert bool((index.search(queries, 10, rescore=1)[1] >= 0).all())
+    assert index.codec == "binary"
+
+
+def test_pca_reduction_with_int8():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(16, 96, generator=g)
+    x = torch.randn(5000, 16, generator=g) @ basis + 0.01 * torch.randn(5000, 96, generator=g)  # rank ~16
+    exact = FlatIndex(96, "cosine")
+    exact.add(x)
+    _, want = exact.search(x[:50], 10)
+    index = FlatIndex(96, "cosine", codec="int8", reduce_to=16)
+    index.add(x)
+    _, got = index.search(x[:50], 10)
+    assert _recall(got, want) >= 0.9
+    assert index.vectors.shape == (5000, 16) and index.pca.n_components == 16
+    assert index.pca.explained_variance_ratio_.sum() > 0.99
+
+
+@pytest.mark.parametrize("codec,reduce_to", [("int8", None), ("binary", None), ("int8", 12), (None, 12)])
+def test_save_load_remove_ids_and_mask(tmp_path, codec, reduce_to):
+    x, queries = _near_duplicates(n=2000, d=32)
+    index = FlatIndex(32, "cosine", codec=codec, reduce_to=reduce_to)
+    index.add(x, ids=torch.arange(2000) * 3)
+    assert index.remove([0, 3, 6]) == 3 and len(index) == 1997
+    mask = torch.zeros(len(index), dtype=torch.bool)
+    mask[::2] = True
+    v, i = index.search(queries, 5, mask)
+    assert set(i.flatten().tolist()) <= set(index.ids[mask].tolist())
+    index.save(tmp_path / "codes.xmodal")
+    loaded = FlatIndex.load(tmp_path / "codes.xmodal")
+    assert loaded.codec == codec and loaded.reduce_to == reduce_to and len(loaded) == 1997
+    lv, li = loaded.search(queries, 5, mask)
+    assert torch.equal(li, i) and torch.equal(lv, v)
+    assert loaded.add(x[:1]).tolist() == [index._next_id]
+    # a damaged file is refused
+    data = bytearray((tmp_path / "codes.xmodal").read_bytes())
+    data[-5] ^= 0xFF
+    (tmp_path / "bad.xmodal").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="is corrupt"):
+        FlatIndex.load(tmp_path / "bad.xmodal")
+
+
+def test_train_then_add_and_untrained_errors():
+    x, queries = _near_duplicates(n=1000, d=16)
+    index = FlatIndex(16, "l2", codec="int8")
+    with pytest.raises(RuntimeError, match=r"FlatIndex.search needs a trained index \(codec='int8'"):
+        index.search(queries, 3)
+    index.train(x[:500])
+    assert index.is_trained and len(index) == 0
+    index.add(x)
+    with pytest.raises(RuntimeError, match="FlatIndex.train must come before add"):
+        index.train(x)
+    assert len(index) == 1000
+
+
+def test_bad_input_names_the_argument_and_leaves_the_index_unchanged():
+    with pytest.raises(ValueError, match=r"codec 'binary' supports metrics \['cosine', 'cosine_distance'\], got metric 'l2'"):
+        FlatIndex(8, "l2", codec="binary")
+    with pytest.raises(ValueError, match=r"codec 'int8' supports metrics .* got metric 'kl'"):
+        FlatIndex(8, "kl", codec="int8")
+    with pytest.raises(ValueError, match=r"codec must be None, 'int8' or 'binary', got 'pq'"):
+        FlatIndex(8, codec="pq")
+    with pytest.raises(ValueError, match=r"reduce_to must be at most dim = 8, got 9"):
+        FlatIndex(8, reduce_to=9)
+    with pytest.raises(ValueError, match=r"rescore must be a positive int, got 0"):
+        FlatIndex(8, codec="binary", rescore=0)
+    x, queries = _near_duplicates(n=300, d=8)
+    index = FlatIndex(8, "cosine", codec="binary")
+    bad = x.clone()
+    bad[7, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"vectors must be finite to be reduced or quantised, found NaN or inf in row 7"):
+        index.add(bad)
+    assert len(index) == 0 and not index.is_trained
+    index.add(x)
+    with pytest.raises(ValueError, match=r"vectors must be finite .* row 0"):
+        index.add(torch.full((2, 8), float("inf")))
+    with pytest.raises(ValueError, match="vectors must have dimension 8, got 9"):
+        index.add(torch.randn(2, 9))
+    with pytest.raises(ValueError, match=r"rescore must be a positive int, got 0"):
+        index.search(queries, 3, rescore=0)
+    with pytest.raises(ValueError, match=r"queries must be finite"):
+        index.search(torch.full((1, 8), float("nan")), 3)
+    with pytest.raises(TypeError, match="vectors must hold floating-point values"):
+        index.add(torch.ones(2, 8, dtype=torch.int64))
+    assert len(index) == 300
