@@ -22,10 +22,14 @@ TORCH_LIBRARY(xmodal, m) {
   // Exact top-k over the inverted lists each query probes (IVF search). Rows of `vectors` are grouped by list:
   // list_offsets [nlist + 1] puts list l at rows [list_offsets[l], list_offsets[l + 1]) (lists back to back),
   // list_offsets [nlist, 2] at rows [list_offsets[l][0], list_offsets[l][1]) (gaps allowed). probes
-  // [Q, nprobe] list ids (-1: none). Returns values and row positions in `vectors`. metric: ip, l2 or
-  // sqeuclidean. A C++ kernel on the CPU, a plain-PyTorch one on every other device (_fallback_kernels.py).
+  // [Q, nprobe] list ids (-1: none). Returns values and row positions in `vectors`. Float rows: metric ip,
+  // l2 or sqeuclidean. Compressed rows rank as the flat ops do: int8 codes with float32 queries and metric
+  // "ip" give topk_int8's keys (query_bias, row_scale, row_bias as there); packed bits (uint8) with uint8
+  // queries and metric "hamming" give Hamming distances (int32, smallest first). A C++ kernel on the CPU,
+  // a plain-PyTorch one on every other device (_fallback_kernels.py).
   m.def("ivf_scan(Tensor queries, Tensor vectors, Tensor list_offsets, Tensor probes, int k, str metric=\"ip\","
-        " Tensor? mask=None) -> (Tensor values, Tensor indices)");
+        " Tensor? mask=None, *, Tensor? query_bias=None, Tensor? row_scale=None, Tensor? row_bias=None)"
+        " -> (Tensor values, Tensor indices)");
   // Top-k over int8 codes (scalar quantisation): key[q, n] = (queries[q] · codes[n] + query_bias[q]) *
   // row_scale[n] + row_bias[n] (absent terms: 0 / 1 / 0), k largest keys first (float32, padded with -inf
   // and index -1; ties to the smaller index). queries float32 [Q, D] (the codec's scale folded in), codes

@@ -144,3 +144,43 @@ def test_bad_input_names_the_argument_and_leaves_the_index_unchanged():
     with pytest.raises(TypeError, match="vectors must hold floating-point values"):
         index.add(torch.ones(2, 8, dtype=torch.int64))
     assert len(index) == 300
+
+
+@pytest.mark.parametrize("codec,metric,reduce_to", [("int8", "cosine", None), ("int8", "l2", None),
+                                                    ("binary", "cosine", None), ("int8", "ip", 24)])
+def test_ivf_with_codecs_matches_the_flat_codec_when_every_list_is_probed(tmp_path, codec, metric, reduce_to):
+    x, queries = _near_duplicates(n=4000, d=32)
+    flat = xmodal.FlatIndex(32, metric, codec=codec, reduce_to=reduce_to)
+    flat.train(x)
+    flat.add(x)
+    ivf = xmodal.IVFIndex(32, 16, metric, nprobe=4, codec=codec, reduce_to=reduce_to)
+    with pytest.raises(RuntimeError, match="IVFIndex.add needs a trained index"):
+        ivf.add(x)
+    ivf.train(x)
+    ivf.add(x)
+    assert ivf.codec == codec and ivf.is_trained and len(ivf) == 4000
+    fv, fi = flat.search(queries, 10)
+    v, i = ivf.search(queries, 10, nprobe=16)
+    # the same PCA and codec (trained on the same rows) and every list probed: the flat codec's answers
+    assert _recall(i, fi) >= 0.98
+    torch.testing.assert_close(v, fv, rtol=1e-3, atol=5e-3)  # flat: many queries take the int8 GEMM
+    # fewer lists: still most of them on clustered data
+    assert _recall(ivf.search(queries, 10)[1], fi) >= 0.8
+    ivf.remove(ivf.ids[:100])
+    mask = torch.rand(len(ivf), generator=torch.Generator().manual_seed(1)) < 0.5
+    mv, mi = ivf.search(queries, 10, mask)
+    assert set(mi.flatten().tolist()) - {-1} <= set(ivf.ids[mask].tolist())
+    ivf.save(tmp_path / "ivf.xmodal")
+    loaded = xmodal.IVFIndex.load(tmp_path / "ivf.xmodal")
+    lv, li = loaded.search(queries, 10, mask)
+    assert torch.equal(li, mi) and torch.equal(lv, mv)
+    assert loaded.nbytes > 0 and loaded.codec == codec
+
+
+def test_ivf_codec_storage_is_compressed():
+    x = torch.randn(4000, 256)
+    plain, int8 = xmodal.IVFIndex(256, 8), xmodal.IVFIndex(256, 8, codec="int8")
+    for index in (plain, int8):
+        index.train(x)
+        index.add(x)
+    assert int8._lists.nbytes <= 0.3 * plain._lists.nbytes

@@ -82,7 +82,7 @@ def test_int8_errors():
         torch.ops.xmodal.topk_int8(q, codes[:, :4], 1)
     with pytest.raises(RuntimeError, match="k must be positive, got 0"):
         torch.ops.xmodal.topk_int8(q, codes, 0)
-    with pytest.raises(RuntimeError, match=r"row_scale must be a 1-D float32 tensor \[N\] = \[5\]"):
+    with pytest.raises(RuntimeError, match=r"row_scale must be a 1-D float32 tensor of 5 values, got Float of shape \[4\]"):
         torch.ops.xmodal.topk_int8(q, codes, 1, row_scale=torch.ones(4))
     with pytest.raises(RuntimeError, match=r"mask must be a 1-D bool tensor \[N\] = \[5\]"):
         torch.ops.xmodal.topk_int8(q, codes, 1, mask=torch.ones(5))

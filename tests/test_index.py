@@ -393,7 +393,7 @@ def test_ivf_appends_cost_the_rows_added_and_keep_every_row():
         rows = x[torch.randint(0, 3000, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g)]
         ids = index.add(rows)
         flat.add(rows, ids)
-        buffers.add(index._lists.vectors.data_ptr())
+        buffers.add(index._lists.ids.data_ptr())
         if step % 25 == 24:  # remove a random tenth
             gone = index.ids[torch.rand(len(index), generator=g) < 0.1]
             assert index.remove(gone) == flat.remove(gone) == gone.numel()

@@ -187,3 +187,57 @@ def test_ranges_opcheck():
     buffer, ranges, _ = with_gaps(vectors, offsets)
     queries, probes = torch.randn(3, 8), torch.tensor([[0, 1], [2, 4], [3, 3]])
     torch.library.opcheck(torch.ops.xmodal.ivf_scan.default, (queries, buffer, ranges, probes, 4, "ip", None))
+
+
+@pytest.mark.parametrize("kind", ["int8", "bits"])
+def test_compressed_rows_match_the_flat_ops_over_the_probed_lists(kind):
+    """ivf_scan over int8 codes / packed bits gives, per query, the flat op's answer over its probed lists;
+    the plain-PyTorch kernel (other devices) agrees."""
+    from xmodal._fallback_kernels import ivf_scan as plain_ivf_scan
+
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(0, 40, (9,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+    n = int(offsets[-1])
+    probes = torch.randint(-1, 9, (6, 3), generator=g)
+    mask = torch.rand(n, generator=g) < 0.8
+    if kind == "int8":
+        rows = torch.randint(-128, 128, (n, 20), generator=g, dtype=torch.int8)
+        queries = torch.randn(6, 20, generator=g)
+        qb, rs, rb = torch.randn(6, generator=g), torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)
+        values, idx = torch.ops.xmodal.ivf_scan(queries, rows, offsets, probes, 5, "ip", mask, query_bias=qb,
+                                                row_scale=rs, row_bias=rb)
+        full = reference.int8_keys(queries, rows, qb, rs, rb)
+        metric, kwargs = "ip", dict(query_bias=qb, row_scale=rs, row_bias=rb)
+        assert values.dtype == torch.float32
+    else:
+        rows = torch.randint(0, 256, (n, 16), generator=g, dtype=torch.uint8)
+        queries = torch.randint(0, 256, (6, 16), generator=g, dtype=torch.uint8)
+        values, idx = torch.ops.xmodal.ivf_scan(queries, rows, offsets, probes, 5, "hamming", mask)
+        full = reference.hamming(queries, rows).double()
+        metric, kwargs = "l2", {}
+        assert values.dtype == torch.int32
+    for q in range(6):
+        allowed = torch.zeros(n, dtype=torch.bool)
+        for lst in probes[q].tolist():
+            if lst >= 0:
+                allowed[offsets[lst]: offsets[lst + 1]] = True
+        want_v, want_i = reference.topk_from_scores(full[q: q + 1], 5, metric, mask=allowed & mask)
+        assert torch.equal(idx[q], want_i[0])
+        found = want_i[0] >= 0
+        torch.testing.assert_close(values[q][found].double(), want_v[0][found], rtol=1e-5, atol=1e-4)
+    plain = plain_ivf_scan(queries, rows, offsets, probes, 5, "ip" if kind == "int8" else "hamming", mask, **kwargs)
+    assert torch.equal(plain[1], idx) and plain[0].dtype == values.dtype
+    torch.testing.assert_close(plain[0].double(), values.double(), rtol=1e-5, atol=1e-3)
+
+
+def test_compressed_rows_errors():
+    bits = torch.zeros(10, 8, dtype=torch.uint8)
+    offsets, probes = torch.tensor([0, 5, 10]), torch.tensor([[0, 1]])
+    with pytest.raises(RuntimeError, match="metric must be 'hamming' with uint8 vectors"):
+        torch.ops.xmodal.ivf_scan(torch.zeros(1, 8, dtype=torch.uint8), bits, offsets, probes, 3, "ip")
+    with pytest.raises(RuntimeError, match="queries must be float32 with int8 vectors"):
+        torch.ops.xmodal.ivf_scan(torch.zeros(1, 8, dtype=torch.float64), bits.to(torch.int8), offsets, probes, 3)
+    with pytest.raises(RuntimeError, match="query_bias, row_scale and row_bias apply to int8 vectors only"):
+        torch.ops.xmodal.ivf_scan(torch.zeros(1, 8), torch.zeros(10, 8), offsets, probes, 3, "ip",
+                                  row_scale=torch.ones(10))

@@ -5,6 +5,7 @@
 // codes are read from memory once, a quarter of the fp32 bytes) or multiplied with a BLAS GEMM (many).
 #include "common/checks.h"
 #include "common/parallel.h"
+#include "search/codes_cpu.h"
 #include "search/cpu_scan.h"
 #include "search/planner.h"
 #include "search/topk_select.h"
@@ -94,7 +95,10 @@ std::tuple<at::Tensor, at::Tensor> tiled_topk(int64_t Q, int64_t N, int64_t k, i
   return {values, indices};
 }
 
+}  // namespace
+
 // ---- int8 -----------------------------------------------------------------------------------------------
+namespace {
 
 // Dot products of up to kQ float queries with int8 rows, the rows converted in registers: memory traffic is
 // the codes' bytes only. kR rows at a time share each query load; each row chunk is converted once for
@@ -143,7 +147,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void dots_avx5
     for (int i = 0; i < kQ; ++i)
       for (int r = 0; r < kR; ++r) out[i * ldo + r0 + r] = _mm512_reduce_add_ps(acc[i][r]);
   }
-  if (r0 < n) dots_portable<kQ, 1>(q, D, x + r0 * D, n - r0, out + r0, ldo);
+  // the last rows one at a time with the same arithmetic, so equal rows score exactly equal
+  if constexpr (kR > 1) {
+    if (r0 < n) dots_avx512<kQ, 1>(q, D, x + r0 * D, n - r0, out + r0, ldo);
+  }
 }
 
 template <int kQ, int kR>
@@ -174,7 +181,9 @@ __attribute__((target("avx2,fma"))) void dots_avx2(const float* q, int64_t D, co
         out[i * ldo + r0 + r] = s;
       }
   }
-  if (r0 < n) dots_portable<kQ, 1>(q, D, x + r0 * D, n - r0, out + r0, ldo);
+  if constexpr (kR > 1) {
+    if (r0 < n) dots_avx2<kQ, 1>(q, D, x + r0 * D, n - r0, out + r0, ldo);
+  }
 }
 #endif
 
@@ -187,13 +196,44 @@ void dots_block(ScanIsa isa, const float* q, int64_t D, const int8_t* x, int64_t
   dots_portable<kQ, 1>(q, D, x, n, out, ldo);
 }
 
-// out[i * n + j] = queries[i] · rows[j] for Q queries (any number; groups of 4, 2, 1) and n int8 rows.
+}  // namespace
+
+Int8Terms::Int8Terms(const std::optional<at::Tensor>& query_bias, const std::optional<at::Tensor>& row_scale,
+                     const std::optional<at::Tensor>& row_bias, int64_t Q, int64_t N) {
+  for (const auto& [t, name, n, held, ptr] :
+       {std::tuple{&query_bias, "query_bias", Q, &qb, &this->query_bias},
+        std::tuple{&row_scale, "row_scale", N, &rs, &this->row_scale},
+        std::tuple{&row_bias, "row_bias", N, &rb, &this->row_bias}}) {
+    if (!t->has_value()) continue;
+    const at::Tensor& v = **t;
+    TORCH_CHECK(v.scalar_type() == at::kFloat && v.dim() == 1 && v.size(0) == n, name,
+                " must be a 1-D float32 tensor of ", n, " values, got ", v.scalar_type(), " of shape ", v.sizes());
+    TORCH_CHECK(v.device().is_cpu(), name, " must be on the CPU, got ", v.device());
+    *held = v.contiguous();
+    *ptr = held->data_ptr<float>();
+  }
+}
+
+void Int8Terms::apply(float* keys, int64_t qn, int64_t nt, const float* qbias, int64_t n0) const {
+  if (!qbias && !row_scale && !row_bias) return;
+  for (int64_t i = 0; i < qn; ++i) {
+    float* row = keys + i * nt;
+    const float add = qbias ? qbias[i] : 0.f;
+    for (int64_t j = 0; j < nt; ++j) {
+      const float s = (row[j] + add) * (row_scale ? row_scale[n0 + j] : 1.f);
+      row[j] = row_bias ? s + row_bias[n0 + j] : s;
+    }
+  }
+}
+
 void int8_dots(ScanIsa isa, const float* q, int64_t Q, int64_t D, const int8_t* x, int64_t n, float* out) {
   int64_t i = 0;
   for (; i + 4 <= Q; i += 4) dots_block<4>(isa, q + i * D, D, x, n, out + i * n, n);
   for (; i + 2 <= Q; i += 2) dots_block<2>(isa, q + i * D, D, x, n, out + i * n, n);
   for (; i < Q; ++i) dots_block<1>(isa, q + i * D, D, x, n, out + i * n, n);
 }
+
+namespace {
 
 void decode(ScanIsa isa, const int8_t* codes, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = float(codes[i]);  // vectorised by the compiler; GEMM path only
@@ -209,14 +249,6 @@ bool int8_gemm_exact() {
     return bool((got == int64_t(127) * 128 * 256).all().item<bool>());
   }();
   return exact;
-}
-
-void check_row_terms(const std::optional<at::Tensor>& t, const char* name, int64_t n, const char* what) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == n, name,
-              " must be a 1-D float32 tensor [", what, "] = [", n, "], got ", t->scalar_type(), " of shape ",
-              t->sizes());
-  TORCH_CHECK(t->device().is_cpu(), name, " must be on the CPU, got ", t->device());
 }
 
 const bool* mask_data(const std::optional<at::Tensor>& mask, int64_t n, at::Tensor& keep) {
@@ -243,21 +275,13 @@ std::tuple<at::Tensor, at::Tensor> topk_int8_cpu(const at::Tensor& queries, cons
   TORCH_CHECK(k > 0, "k must be positive, got ", k);
   TORCH_CHECK(queries.device().is_cpu() && codes.device().is_cpu(), "queries and codes must be CPU tensors");
   const int64_t Q = queries.size(0), N = codes.size(0), D = codes.size(1);
-  check_row_terms(query_bias, "query_bias", Q, "Q");
-  check_row_terms(row_scale, "row_scale", N, "N");
-  check_row_terms(row_bias, "row_bias", N, "N");
+  const Int8Terms terms(query_bias, row_scale, row_bias, Q, N);
   at::Tensor keep;
   const bool* mask_ptr = mask_data(mask, N, keep);
   if (Q == 0 || N == 0) {
     return {at::full({Q, k}, -std::numeric_limits<float>::infinity(), at::kFloat), at::full({Q, k}, -1, at::kLong)};
   }
   const at::Tensor q = queries.contiguous(), x = codes.contiguous();
-  const at::Tensor qb = query_bias ? query_bias->contiguous() : at::Tensor();
-  const at::Tensor rs = row_scale ? row_scale->contiguous() : at::Tensor();
-  const at::Tensor rb = row_bias ? row_bias->contiguous() : at::Tensor();
-  const float* qbp = qb.defined() ? qb.data_ptr<float>() : nullptr;
-  const float* rsp = rs.defined() ? rs.data_ptr<float>() : nullptr;
-  const float* rbp = rb.defined() ? rb.data_ptr<float>() : nullptr;
   const int8_t* xp = x.data_ptr<int8_t>();
   const float* qp = q.data_ptr<float>();
   const CodesPlan plan = plan_codes_search(device_facts(codes.device()), Q, D, D, false);
@@ -305,22 +329,16 @@ std::tuple<at::Tensor, at::Tensor> topk_int8_cpu(const at::Tensor& queries, cons
       } else {
         int8_dots(plan.isa, qp + q0 * D, qn, D, xp + n0 * D, nt, keys);
       }
-      for (int64_t i = 0; i < qn; ++i) {
-        float* row = keys + i * nt;
-        const float add = qbp ? qbp[q0 + i] : 0.f;
-        if (rsp || rbp || add != 0.f) {
-          for (int64_t j = 0; j < nt; ++j) {
-            const float s = (row[j] + add) * (rsp ? rsp[n0 + j] : 1.f);
-            row[j] = rbp ? s + rbp[n0 + j] : s;
-          }
-        }
-      }
+      terms.apply(keys, qn, nt, terms.query_bias ? terms.query_bias + q0 : nullptr, n0);
     };
   };
   return tiled_topk(Q, N, k, plan.tile_rows, plan.query_block, mask_ptr, make_scorer);
 }
 
+}  // namespace
+
 // ---- binary ---------------------------------------------------------------------------------------------
+namespace {
 
 __attribute__((target("popcnt"))) void hamming_popcnt(const uint64_t* q, const uint64_t* x, int64_t n, int64_t words,
                                                       float* out) {
@@ -348,6 +366,17 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) void hamming_vpopcnt(const ui
 }
 #endif
 
+}  // namespace
+
+void hamming_keys(bool vpopcnt, const uint64_t* q, const uint64_t* x, int64_t n, int64_t words, float* out) {
+#ifdef XMODAL_X86
+  if (vpopcnt && words % 8 == 0) return hamming_vpopcnt(q, x, n, words, out);
+#endif
+  hamming_popcnt(q, x, n, words, out);
+}
+
+namespace {
+
 std::tuple<at::Tensor, at::Tensor> topk_hamming_cpu(const at::Tensor& queries, const at::Tensor& codes, int64_t k,
                                                     const std::optional<at::Tensor>& mask) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -374,15 +403,7 @@ std::tuple<at::Tensor, at::Tensor> topk_hamming_cpu(const at::Tensor& queries, c
   const bool vpopcnt = plan.vpopcnt && words % 8 == 0;
   auto make_scorer = [&] {
     return [&](int64_t n0, int64_t nt, int64_t q0, int64_t qn, float* keys) {
-      for (int64_t i = 0; i < qn; ++i) {
-#ifdef XMODAL_X86
-        if (vpopcnt) {
-          hamming_vpopcnt(qp + (q0 + i) * words, xp + n0 * words, nt, words, keys + i * nt);
-          continue;
-        }
-#endif
-        hamming_popcnt(qp + (q0 + i) * words, xp + n0 * words, nt, words, keys + i * nt);
-      }
+      for (int64_t i = 0; i < qn; ++i) hamming_keys(vpopcnt, qp + (q0 + i) * words, xp + n0 * words, nt, words, keys + i * nt);
     };
   };
   auto [neg, indices] = tiled_topk(Q, N, k, plan.tile_rows, plan.query_block, mask_ptr, make_scorer);

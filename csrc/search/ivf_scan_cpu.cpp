@@ -12,11 +12,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <tuple>
 #include <cmath>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/parallel.h"
+#include "search/codes_cpu.h"
+#include "search/planner.h"
 #include "search/topk_common.h"
 #include "search/topk_select.h"
 
@@ -39,20 +43,119 @@ inline acc_t score(const T* __restrict q, const T* __restrict x, int64_t D, Metr
   return -s;  // keys: larger is better
 }
 
+// The (query, probe) pairs grouped by list: pair p = q * nprobe + j; the pairs of list l are
+// order[start[l] .. start[l + 1]). A list probed twice by one query is scanned once.
+struct ListPairs {
+  std::vector<int64_t> start, order, busy;  // busy: the lists some pair probes
+};
+
+ListPairs group_pairs(const int64_t* probes, int64_t Q, int64_t nprobe, int64_t nlist) {
+  std::vector<char> scanned(Q * nprobe, 0);  // pair p names a list, and its query's first mention of it
+  for (int64_t q = 0; q < Q; ++q) {
+    const int64_t* row = probes + q * nprobe;
+    for (int64_t j = 0; j < nprobe; ++j) scanned[q * nprobe + j] = row[j] >= 0 && std::find(row, row + j, row[j]) == row + j;
+  }
+  ListPairs g;
+  g.start.assign(nlist + 1, 0);
+  g.order.resize(Q * nprobe);
+  for (int64_t p = 0; p < Q * nprobe; ++p) if (scanned[p]) ++g.start[probes[p] + 1];
+  for (int64_t l = 0; l < nlist; ++l) g.start[l + 1] += g.start[l];
+  std::vector<int64_t> fill(g.start.begin(), g.start.end() - 1);
+  for (int64_t p = 0; p < Q * nprobe; ++p) if (scanned[p]) g.order[fill[probes[p]]++] = p;
+  for (int64_t l = 0; l < nlist; ++l) if (g.start[l + 1] > g.start[l]) g.busy.push_back(l);
+  return g;
+}
+
+// Scans the busy lists in parallel, list-major: scan_list(l, pairs, np, buffers, capacity) feeds the np
+// pairs' candidate buffers with list l's rows. Returns k candidates per pair (unused: kSkipOrd).
+template <typename ord_t, typename ScanList>
+std::vector<Candidate<ord_t>> scan_lists(const ListPairs& g, int64_t pairs, int64_t k, const ScanList& scan_list) {
+  std::vector<Candidate<ord_t>> cand(pairs * k, Candidate<ord_t>{kSkipOrd<ord_t>, -1});
+  const int64_t capacity = std::max<int64_t>(2 * k, k + 32);
+  parallel_for(0, int64_t(g.busy.size()), 1, [&](int64_t l0, int64_t l1) {
+    std::vector<Candidate<ord_t>> slots;
+    std::vector<TopKBuffer<ord_t>> buffers;
+    for (int64_t li = l0; li < l1; ++li) {
+      const int64_t l = g.busy[li];
+      const int64_t p0 = g.start[l], np = g.start[l + 1] - p0;
+      slots.resize(np * capacity);
+      buffers.assign(np, TopKBuffer<ord_t>{nullptr, 0, kSkipOrd<ord_t>});
+      for (int64_t i = 0; i < np; ++i) buffers[i].slots = slots.data() + i * capacity;
+      scan_list(l, g.order.data() + p0, np, buffers.data(), capacity);
+      for (int64_t i = 0; i < np; ++i) {
+        auto& b = buffers[i];
+        if (b.count > k) b.compact(k);
+        std::copy(b.slots, b.slots + b.count, cand.begin() + g.order[p0 + i] * k);
+      }
+    }
+  });
+  return cand;
+}
+
+// Each query's k best of its nprobe x k candidates, best first: value(key) for found ones, else (pad, -1).
+template <typename ord_t, typename V, typename ToValue>
+void merge_pairs(std::vector<Candidate<ord_t>>& cand, int64_t Q, int64_t nprobe, int64_t k, V pad,
+                 const ToValue& value, V* vp, int64_t* ip) {
+  parallel_for(0, Q, 16, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      auto first = cand.begin() + q * nprobe * k, last = first + nprobe * k;
+      const int64_t take = std::min<int64_t>(k, nprobe * k);
+      std::partial_sort(first, first + take, last, better<ord_t>);
+      for (int64_t j = 0; j < k; ++j) {
+        const bool real = j < take && first[j].key != kSkipOrd<ord_t>;
+        vp[q * k + j] = real ? value(first[j].key) : pad;
+        ip[q * k + j] = real ? first[j].index : -1;
+      }
+    }
+  });
+}
+
+// Ranking keys of int8 codes or packed bits (see the op's schema): float keys, larger is better.
+void code_keys(const at::Tensor& vectors, const float* qrows, const uint64_t* qbits, int64_t np, int64_t D,
+               int64_t r0, int64_t nr, const float* qbias, const Int8Terms& terms, const CodesPlan& plan, float* keys) {
+  if (vectors.scalar_type() == at::kChar) {
+    int8_dots(plan.isa, qrows, np, D, vectors.data_ptr<int8_t>() + r0 * D, nr, keys);
+    terms.apply(keys, np, nr, qbias, r0);
+    return;
+  }
+  const int64_t words = D / 8;  // D: bytes per row for bits
+  const auto* xp = reinterpret_cast<const uint64_t*>(vectors.data_ptr<uint8_t>());
+  for (int64_t i = 0; i < np; ++i) hamming_keys(plan.vpopcnt, qbits + i * words, xp + r0 * words, nr, words, keys + i * nr);
+}
+
 std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const at::Tensor& vectors,
                                                const at::Tensor& list_offsets, const at::Tensor& probes, int64_t k,
-                                               const std::string& metric, const std::optional<at::Tensor>& mask) {
+                                               const std::string& metric, const std::optional<at::Tensor>& mask,
+                                               const std::optional<at::Tensor>& query_bias,
+                                               const std::optional<at::Tensor>& row_scale,
+                                               const std::optional<at::Tensor>& row_bias) {
   // No autograd kernel sits above this op, so without the guard the ATen calls below would record
   // autograd history for inputs that require grad.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_float_dtype(vectors, "vectors");
-  check_same_dtype(queries, "queries", vectors, "vectors");
+  const bool int8_codes = vectors.scalar_type() == at::kChar, bits = vectors.scalar_type() == at::kByte;
   check_dim(queries, 2, "queries", "[Q, D]");
   check_dim(vectors, 2, "vectors", "[N, D]");
+  if (int8_codes) {
+    TORCH_CHECK(queries.scalar_type() == at::kFloat, "queries must be float32 with int8 vectors, got ",
+                queries.scalar_type());
+    TORCH_CHECK(metric == "ip", "metric must be 'ip' with int8 vectors (the keys of topk_int8), got '", metric, "'");
+  } else if (bits) {
+    TORCH_CHECK(queries.scalar_type() == at::kByte, "queries must be uint8 (packed bits) with uint8 vectors, got ",
+                queries.scalar_type());
+    TORCH_CHECK(metric == "hamming", "metric must be 'hamming' with uint8 vectors (packed bits), got '", metric, "'");
+    TORCH_CHECK(vectors.size(1) % 8 == 0, "vectors must hold a multiple of 8 bytes (64 bits) per row, got ",
+                vectors.size(1));
+  } else {
+    check_float_dtype(vectors, "vectors");
+    check_same_dtype(queries, "queries", vectors, "vectors");
+  }
+  TORCH_CHECK(int8_codes || !(query_bias || row_scale || row_bias),
+              "query_bias, row_scale and row_bias apply to int8 vectors only");
   TORCH_CHECK(queries.size(1) == vectors.size(1), "queries and vectors must have the same dimension D, got ",
               queries.size(1), " and ", vectors.size(1));
   TORCH_CHECK(k > 0, "k must be positive, got ", k);
-  const Metric m = parse_metric(metric, {Metric::IP, Metric::L2, Metric::SqEuclidean}, "ivf_scan");
+  const Metric m = int8_codes || bits ? Metric::IP
+                                      : parse_metric(metric, {Metric::IP, Metric::L2, Metric::SqEuclidean}, "ivf_scan");
   TORCH_CHECK(probes.scalar_type() == at::kLong && probes.dim() == 2 && probes.size(0) == queries.size(0),
               "probes must be a 2-D int64 tensor [Q, nprobe] with Q = ", queries.size(0), ", got ",
               probes.scalar_type(), " of shape ", probes.sizes());
@@ -103,115 +206,100 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
     TORCH_CHECK(pr[i] >= -1 && pr[i] < nlist, "probes must hold list ids in [0, ", nlist, ") or -1, got ", pr[i]);
   }
 
-  // Group the (query, probe) pairs by list: pair p = q * nprobe + j, pairs of list l at
-  // pair_order[pair_start[l] .. pair_start[l + 1]). A list probed twice by one query is scanned once.
-  std::vector<char> scanned(Q * nprobe, 0);  // pair p names a list, and its query's first mention of it
-  for (int64_t q = 0; q < Q; ++q) {
-    for (int64_t j = 0; j < nprobe; ++j) {
-      const int64_t* row = pr + q * nprobe;
-      scanned[q * nprobe + j] = row[j] >= 0 && std::find(row, row + j, row[j]) == row + j;
+  const ListPairs g = group_pairs(pr, Q, nprobe, nlist);
+  at::Tensor indices = at::empty({Q, k}, vectors.options().dtype(at::kLong));
+  int64_t* ip = indices.data_ptr<int64_t>();
+  const at::Tensor qc = queries.contiguous(), xc = vectors.contiguous();
+  constexpr int64_t kRowBlock = 64;
+
+  if (int8_codes || bits) {
+    const Int8Terms terms(query_bias, row_scale, row_bias, Q, N);
+    const CodesPlan plan = plan_codes_search(device_facts(vectors.device()), 1, D, D, bits);
+    using ord_t = int32_t;
+    auto cand = scan_lists<ord_t>(g, Q * nprobe, k, [&](int64_t l, const int64_t* pairs, int64_t np,
+                                                         TopKBuffer<ord_t>* buffers, int64_t capacity) {
+      // this list's queries side by side, then blocks of rows scored against all of them
+      const int64_t qwidth = bits ? D / 8 : D;
+      std::vector<float> qrows(int8_codes ? np * D : 0), bias(np), keys(np * kRowBlock);
+      std::vector<uint64_t> qbits(bits ? np * qwidth : 0);
+      std::vector<ord_t> ords(kRowBlock);
+      for (int64_t i = 0; i < np; ++i) {
+        const int64_t q = pairs[i] / nprobe;
+        if (int8_codes) std::copy_n(qc.data_ptr<float>() + q * D, D, qrows.data() + i * D);
+        else std::memcpy(qbits.data() + i * qwidth, qc.data_ptr<uint8_t>() + q * D, D);
+        bias[i] = terms.query_bias ? terms.query_bias[q] : 0.f;
+      }
+      for (int64_t r0 = begin[l]; r0 < end[l]; r0 += kRowBlock) {
+        const int64_t nr = std::min(kRowBlock, end[l] - r0);
+        code_keys(xc, qrows.data(), qbits.data(), np, D, r0, nr, terms.query_bias ? bias.data() : nullptr, terms,
+                  plan, keys.data());
+        for (int64_t i = 0; i < np; ++i) {
+          for (int64_t r = 0; r < nr; ++r)
+            ords[r] = (keep && !keep[r0 + r]) ? kSkipOrd<ord_t> : to_ord<float>(keys[i * nr + r]);
+          buffers[i].scan(ords.data(), nr, r0, k, capacity);
+        }
+      }
+    });
+    if (int8_codes) {
+      at::Tensor values = at::empty({Q, k}, vectors.options().dtype(at::kFloat));
+      merge_pairs(cand, Q, nprobe, k, -std::numeric_limits<float>::infinity(),
+                  [](ord_t key) { return from_ord<float>(key); }, values.data_ptr<float>(), ip);
+      return {values, indices};
     }
+    at::Tensor values = at::empty({Q, k}, vectors.options().dtype(at::kInt));
+    merge_pairs(cand, Q, nprobe, k, std::numeric_limits<int32_t>::max(),
+                [](ord_t key) { return int32_t(-from_ord<float>(key)); }, values.data_ptr<int32_t>(), ip);
+    return {values, indices};
   }
-  std::vector<int64_t> pair_start(nlist + 1, 0), pair_order(Q * nprobe);
-  for (int64_t p = 0; p < Q * nprobe; ++p) if (scanned[p]) ++pair_start[pr[p] + 1];
-  for (int64_t l = 0; l < nlist; ++l) pair_start[l + 1] += pair_start[l];
-  {
-    std::vector<int64_t> fill(pair_start.begin(), pair_start.end() - 1);
-    for (int64_t p = 0; p < Q * nprobe; ++p) if (scanned[p]) pair_order[fill[pr[p]]++] = p;
-  }
-  std::vector<int64_t> busy_lists;
-  for (int64_t l = 0; l < nlist; ++l) if (pair_start[l + 1] > pair_start[l]) busy_lists.push_back(l);
 
   const bool larger = m == Metric::IP;
   const auto acc_type = vectors.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor values = at::empty({Q, k}, vectors.options().dtype(acc_type));
-  at::Tensor indices = at::empty({Q, k}, vectors.options().dtype(at::kLong));
-  const at::Tensor qc = queries.contiguous(), xc = vectors.contiguous();
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vectors.scalar_type(), "ivf_scan_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using ord_t = ord_type<acc_t>;
     const scalar_t* qp = qc.data_ptr<scalar_t>();
     const scalar_t* xp = xc.data_ptr<scalar_t>();
-    // candidates of each (query, probe) pair: k slots, unused ones marked kSkipOrd
-    std::vector<Candidate<ord_t>> cand(Q * nprobe * k, Candidate<ord_t>{kSkipOrd<ord_t>, -1});
-    const int64_t capacity = std::max<int64_t>(2 * k, k + 32);
-    constexpr int64_t kRowBlock = 64;
     // Inner products of float/double rows go through BLAS when two or more queries probe a list (measured
     // at 1M x 128: nprobe 8 went from 140 to 61 ms); 16-bit rows and distances keep the dot-product loop,
     // which accumulates 16-bit rows in fp32.
     constexpr bool kBlasType = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
-    auto use_gemm = [&](int64_t np) { return kBlasType && m == Metric::IP && np >= 2; };
-
-    parallel_for(0, int64_t(busy_lists.size()), 1, [&](int64_t l0, int64_t l1) {
-      std::vector<Candidate<ord_t>> slots;
-      std::vector<TopKBuffer<ord_t>> buffers;
+    auto cand = scan_lists<ord_t>(g, Q * nprobe, k, [&](int64_t l, const int64_t* pairs, int64_t np,
+                                                         TopKBuffer<ord_t>* buffers, int64_t capacity) {
       std::vector<ord_t> keys(kRowBlock);
-      for (int64_t li = l0; li < l1; ++li) {
-        const int64_t l = busy_lists[li];
-        const int64_t p0 = pair_start[l], np = pair_start[l + 1] - p0;
-        slots.resize(np * capacity);
-        buffers.assign(np, TopKBuffer<ord_t>{nullptr, 0, kSkipOrd<ord_t>});
-        for (int64_t i = 0; i < np; ++i) buffers[i].slots = slots.data() + i * capacity;
-        if (use_gemm(np)) {
-          // Several queries share this list: score them all with one small GEMM (BLAS, single-threaded
-          // inside this worker), then select from each query's row of scores.
-          const int64_t lo = begin[l], n_l = end[l] - lo;
-          at::Tensor group = at::empty({np, D}, qc.options());
-          for (int64_t i = 0; i < np; ++i) group[i].copy_(qc[pair_order[p0 + i] / nprobe]);
-          const at::Tensor scores = at::mm(group, xc.narrow(0, lo, n_l).t()).contiguous();
-          const scalar_t* sp = scores.data_ptr<scalar_t>();
-          keys.resize(std::max<int64_t>(kRowBlock, n_l));
-          for (int64_t i = 0; i < np; ++i) {
-            for (int64_t r = 0; r < n_l; ++r) {
-              keys[r] = (keep && !keep[lo + r]) ? kSkipOrd<ord_t> : to_ord<acc_t>(acc_t(sp[i * n_l + r]));
-            }
-            buffers[i].scan(keys.data(), n_l, lo, k, capacity);
-          }
-        } else {
-          for (int64_t r0 = begin[l]; r0 < end[l]; r0 += kRowBlock) {
-            const int64_t nr = std::min(kRowBlock, end[l] - r0);
-            for (int64_t i = 0; i < np; ++i) {
-              const scalar_t* q = qp + (pair_order[p0 + i] / nprobe) * D;
-              for (int64_t r = 0; r < nr; ++r) {
-                keys[r] = (keep && !keep[r0 + r]) ? kSkipOrd<ord_t>
-                                                  : to_ord<acc_t>(score<scalar_t, acc_t>(q, xp + (r0 + r) * D, D, m));
-              }
-              buffers[i].scan(keys.data(), nr, r0, k, capacity);
-            }
-          }
-        }
+      if (kBlasType && m == Metric::IP && np >= 2) {
+        // Several queries share this list: score them all with one small GEMM (BLAS, single-threaded
+        // inside this worker), then select from each query's row of scores.
+        const int64_t lo = begin[l], n_l = end[l] - lo;
+        at::Tensor group = at::empty({np, D}, qc.options());
+        for (int64_t i = 0; i < np; ++i) group[i].copy_(qc[pairs[i] / nprobe]);
+        const at::Tensor scores = at::mm(group, xc.narrow(0, lo, n_l).t()).contiguous();
+        const scalar_t* sp = scores.data_ptr<scalar_t>();
+        keys.resize(std::max<int64_t>(kRowBlock, n_l));
         for (int64_t i = 0; i < np; ++i) {
-          auto& b = buffers[i];
-          if (b.count > k) b.compact(k);
-          std::copy(b.slots, b.slots + b.count, cand.begin() + pair_order[p0 + i] * k);
+          for (int64_t r = 0; r < n_l; ++r)
+            keys[r] = (keep && !keep[lo + r]) ? kSkipOrd<ord_t> : to_ord<acc_t>(acc_t(sp[i * n_l + r]));
+          buffers[i].scan(keys.data(), n_l, lo, k, capacity);
+        }
+        return;
+      }
+      for (int64_t r0 = begin[l]; r0 < end[l]; r0 += kRowBlock) {
+        const int64_t nr = std::min(kRowBlock, end[l] - r0);
+        for (int64_t i = 0; i < np; ++i) {
+          const scalar_t* q = qp + (pairs[i] / nprobe) * D;
+          for (int64_t r = 0; r < nr; ++r)
+            keys[r] = (keep && !keep[r0 + r]) ? kSkipOrd<ord_t>
+                                              : to_ord<acc_t>(score<scalar_t, acc_t>(q, xp + (r0 + r) * D, D, m));
+          buffers[i].scan(keys.data(), nr, r0, k, capacity);
         }
       }
     });
-
-    acc_t* vp = values.data_ptr<acc_t>();
-    int64_t* ip = indices.data_ptr<int64_t>();
     const acc_t pad = larger ? -std::numeric_limits<acc_t>::infinity() : std::numeric_limits<acc_t>::infinity();
-    parallel_for(0, Q, 16, [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) {
-        auto first = cand.begin() + q * nprobe * k, last = first + nprobe * k;
-        const int64_t take = std::min<int64_t>(k, nprobe * k);
-        std::partial_sort(first, first + take, last, better<ord_t>);
-        for (int64_t j = 0; j < k; ++j) {
-          const bool real = j < take && first[j].key != kSkipOrd<ord_t>;
-          if (!real) {
-            vp[q * k + j] = pad;
-            ip[q * k + j] = -1;
-            continue;
-          }
-          acc_t v = from_ord<acc_t>(first[j].key);
-          if (!larger) v = -v;
-          if (m == Metric::L2) v = std::sqrt(v);
-          vp[q * k + j] = v;
-          ip[q * k + j] = first[j].index;
-        }
-      }
-    });
+    merge_pairs(cand, Q, nprobe, k, pad, [&](ord_t key) {
+      acc_t v = from_ord<acc_t>(key);
+      if (!larger) v = -v;
+      return m == Metric::L2 ? std::sqrt(v) : v;
+    }, values.data_ptr<acc_t>(), ip);
   });
   return {values.to(vectors.scalar_type()), indices};
 }

@@ -23,24 +23,24 @@ def _list_bounds(list_offsets: Tensor):
 
 
 def ivf_scan(queries: Tensor, vectors: Tensor, list_offsets: Tensor, probes: Tensor, k: int, metric: str = "ip",
-             mask: Optional[Tensor] = None):
-    """As the CPU kernel (csrc/search/ivf_scan_cpu.cpp): per list, the queries probing it score its rows in
-    one GEMM; each query's candidates are then merged. Argument checks are the CPU kernel's, run on metadata."""
-    if metric not in ("ip", "l2", "sqeuclidean"):
-        raise RuntimeError(f"metric must be one of 'ip', 'l2', 'sqeuclidean' for ivf_scan, got '{metric}'")
+             mask: Optional[Tensor] = None, *, query_bias: Optional[Tensor] = None, row_scale: Optional[Tensor] = None,
+             row_bias: Optional[Tensor] = None):
+    """As the CPU kernel (csrc/search/ivf_scan_cpu.cpp): each probed list is searched once for all the queries
+    probing it (with the flat ops' plain kernels, or a GEMM for float rows); each query's candidates are then
+    merged. Float rows return values in their dtype, int8 codes float32 keys, packed bits int32 distances."""
+    codes = vectors.dtype in (torch.int8, torch.uint8)
+    allowed = ("hamming",) if vectors.dtype == torch.uint8 else ("ip",) if codes else ("ip", "l2", "sqeuclidean")
+    if metric not in allowed:
+        raise RuntimeError(f"metric must be one of {allowed} for ivf_scan with {vectors.dtype} vectors, got '{metric}'")
     torch._check(k > 0, lambda: f"k must be positive, got {k}")
-    torch._check(queries.shape[1] == vectors.shape[1],
-                 lambda: f"queries and vectors must have the same dimension D, got {queries.shape[1]} and "
-                         f"{vectors.shape[1]}")
     begin, end = _list_bounds(list_offsets)
     nq, nprobe = probes.shape
-    device, acc = vectors.device, torch.float64 if vectors.dtype == torch.float64 else torch.float32
+    device = vectors.device
     # candidate keys (larger is better) per (query, probe) pair; -inf = none
     keys = torch.full((nq, nprobe, k), float("-inf"), dtype=torch.float64, device=device)
     slots = torch.full((nq, nprobe, k), -1, dtype=torch.int64, device=device)
     pairs = probes.to(device).reshape(-1)
-    # a list probed twice by one query is scanned once
-    first = torch.ones_like(probes, dtype=torch.bool)
+    first = torch.ones_like(probes, dtype=torch.bool)  # a list probed twice by one query is scanned once
     for j in range(1, nprobe):
         first[:, j] = (probes[:, :j] != probes[:, j:j + 1]).all(1)
     pairs = torch.where(first.reshape(-1).to(device), pairs, torch.full_like(pairs, -1))
@@ -49,57 +49,87 @@ def ivf_scan(queries: Tensor, vectors: Tensor, list_offsets: Tensor, probes: Ten
     start = 0
     for lst, count in zip(lists.tolist(), counts.tolist()):
         chosen, start = order[start: start + count], start + count
-        if lst < 0 or end[lst] <= begin[lst]:
+        lo, hi = (begin[lst], end[lst]) if lst >= 0 else (0, 0)
+        if hi <= lo:
             continue
-        rows = vectors[begin[lst]: end[lst]].to(acc)
-        allowed = None if mask is None else mask[begin[lst]: end[lst]].to(device)
-        step = max(1, _SCORE_ELEMENTS // rows.shape[0])
-        for c in range(0, count, step):
-            pair = chosen[c: c + step]
-            q = queries[pair // nprobe].to(acc)
-            s = q @ rows.T
-            if metric != "ip":  # distances, negated into keys
-                s = -((q * q).sum(1, keepdim=True) + (rows * rows).sum(1) - 2 * s).clamp_min(0)
-            s = s.double().nan_to_num(nan=-torch.finfo(torch.float64).max)  # NaN ranks below every number
-            if allowed is not None:
-                s = s.masked_fill(~allowed, float("-inf"))
-            take = min(k, rows.shape[0])
-            top_keys, top_rows = torch.topk(s, take, dim=1)
-            found = top_keys > float("-inf")
-            keys.view(-1, k)[pair, :take] = top_keys
-            slots.view(-1, k)[pair, :take] = torch.where(found, top_rows + begin[lst], torch.full_like(top_rows, -1))
+        q = queries[chosen // nprobe]
+        sub_mask = None if mask is None else mask[lo:hi].to(device)
+        take = min(k, hi - lo)
+        if vectors.dtype == torch.uint8:
+            dist, idx = topk_hamming(q, vectors[lo:hi], take, sub_mask)
+            found, top = idx >= 0, -dist.double()
+        elif vectors.dtype == torch.int8:
+            top, idx = topk_int8(q, vectors[lo:hi], take, None if query_bias is None else query_bias[chosen // nprobe],
+                                 None if row_scale is None else row_scale[lo:hi],
+                                 None if row_bias is None else row_bias[lo:hi], sub_mask)
+            found, top = idx >= 0, top.double()
+        else:
+            top, idx = _float_topk(q, vectors[lo:hi], take, metric, sub_mask)
+            found = idx >= 0
+        keys.view(-1, k)[chosen, :take] = torch.where(found, top, torch.full_like(top, float("-inf")))
+        slots.view(-1, k)[chosen, :take] = torch.where(found, idx + lo, torch.full_like(idx, -1))
     keys, slots = keys.reshape(nq, nprobe * k), slots.reshape(nq, nprobe * k)
     keys = keys.masked_fill(slots < 0, float("-inf"))
     take = min(k, nprobe * k)
-    best_keys, best = torch.topk(keys, take, dim=1)
+    best_keys, best_slots = _best(keys, slots, take)
+    found = best_keys > float("-inf")
     out_slots = torch.full((nq, k), -1, dtype=torch.int64, device=device)
-    out_slots[:, :take] = torch.where(best_keys > float("-inf"), slots.gather(1, best), -1)
-    # values from the rows themselves (so NaN scores come back as NaN), a block of queries at a time
-    values = torch.empty(nq, k, dtype=acc, device=device)
-    step = max(1, _SCORE_ELEMENTS // (k * vectors.shape[1]))
+    out_slots[:, :take] = torch.where(found, best_slots, -1)
+    if vectors.dtype == torch.uint8:
+        out = torch.full((nq, k), torch.iinfo(torch.int32).max, dtype=torch.int32, device=device)
+        out[:, :take] = (-best_keys).masked_fill(~found, 0).to(torch.int32).masked_fill(~found, out.max())
+        return out, out_slots
+    if vectors.dtype == torch.int8:
+        out = torch.full((nq, k), float("-inf"), dtype=torch.float32, device=device)
+        out[:, :take] = best_keys.float()
+        return out, out_slots
+    return _float_values(queries, vectors, out_slots, metric), out_slots
+
+
+def _float_topk(q: Tensor, rows: Tensor, k: int, metric: str, mask: Optional[Tensor]):
+    """Keys (larger is better, float64; NaN below every number) and row indices of the k best float rows."""
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    q, rows = q.to(acc), rows.to(acc)
+    s = q @ rows.T
+    if metric != "ip":  # distances, negated into keys
+        s = -((q * q).sum(1, keepdim=True) + (rows * rows).sum(1) - 2 * s).clamp_min(0)
+    s = s.double().nan_to_num(nan=-torch.finfo(torch.float64).max)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    top, idx = torch.topk(s, k, dim=1)
+    return top, torch.where(top > float("-inf"), idx, -1)
+
+
+def _float_values(queries: Tensor, vectors: Tensor, slots: Tensor, metric: str) -> Tensor:
+    """The metric between each query and its chosen rows, from the rows themselves (so NaN stays NaN), a
+    block of queries at a time; padding where a slot is -1."""
+    nq, k = slots.shape
+    acc = torch.float64 if vectors.dtype == torch.float64 else torch.float32
+    values = torch.empty(nq, k, dtype=acc, device=vectors.device)
+    step = max(1, _SCORE_ELEMENTS // max(1, k * vectors.shape[1]))
     for q0 in range(0, nq, step):
-        rows = vectors[out_slots[q0: q0 + step].clamp(min=0)].to(acc)
+        rows = vectors[slots[q0: q0 + step].clamp(min=0)].to(acc)
         q = queries[q0: q0 + step].to(acc)[:, None, :]
         values[q0: q0 + step] = (q * rows).sum(-1) if metric == "ip" else ((q - rows) ** 2).sum(-1)
     if metric == "l2":
         values = values.sqrt()
     pad = float("-inf") if metric == "ip" else float("inf")
-    values = torch.where(out_slots >= 0, values, torch.full_like(values, pad))
-    return values.to(vectors.dtype), out_slots
+    return torch.where(slots >= 0, values, torch.full_like(values, pad)).to(vectors.dtype)
 
 
-torch.library.register_kernel("xmodal::ivf_scan", None, ivf_scan)
+def _best(keys: Tensor, idx: Tensor, k: int):
+    """The k largest keys of each row with their indices (-1: none), ties to the smaller index."""
+    # sort by index first, then stably by key: equal keys keep index order
+    order = torch.argsort(idx.masked_fill(idx < 0, torch.iinfo(torch.int64).max), dim=1, stable=True)
+    keys, idx = keys.gather(1, order), idx.gather(1, order)
+    top = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :k]
+    return keys.gather(1, top), idx.gather(1, top)
 
 
 def _merge_topk(best_keys: Tensor, best_idx: Tensor, keys: Tensor, base: int, k: int):
     """The k largest of the running best and a new block of keys (rows base ..), ties to the smaller index."""
     idx = torch.arange(base, base + keys.shape[1], device=keys.device).expand(keys.shape[0], -1)
-    all_keys, all_idx = torch.cat([best_keys, keys], 1), torch.cat([best_idx, idx], 1)
-    # sort by index first, then stably by key: equal keys keep index order
-    order = torch.argsort(all_idx.masked_fill(all_idx < 0, torch.iinfo(torch.int64).max), dim=1, stable=True)
-    all_keys, all_idx = all_keys.gather(1, order), all_idx.gather(1, order)
-    top = torch.sort(all_keys, dim=1, descending=True, stable=True).indices[:, :k]
-    return all_keys.gather(1, top), all_idx.gather(1, top)
+    return _best(torch.cat([best_keys, keys], 1), torch.cat([best_idx, idx], 1), k)
 
 
 def _blocks(n: int, q: int, width: int):
@@ -159,4 +189,4 @@ def topk_hamming(queries: Tensor, codes: Tensor, k: int, mask: Optional[Tensor] 
 
 torch.library.register_kernel("xmodal::topk_int8", None, topk_int8)
 torch.library.register_kernel("xmodal::topk_hamming", None, topk_hamming)
-
+torch.library.register_kernel("xmodal::ivf_scan", None, ivf_scan)

@@ -195,9 +195,13 @@ torch.library.register_autograd(
 
 
 @torch.library.register_fake("xmodal::ivf_scan")
-def _ivf_scan_fake(queries, vectors, list_offsets, probes, k, metric="ip", mask=None):
+def _ivf_scan_fake(queries, vectors, list_offsets, probes, k, metric="ip", mask=None, *, query_bias=None,
+                   row_scale=None, row_bias=None):
     torch._check(k > 0, lambda: f"k must be positive, got {k}")
-    return queries.new_empty((queries.shape[0], k)), queries.new_empty((queries.shape[0], k), dtype=torch.int64)
+    # float rows: values in their dtype; int8 codes: float32 keys; packed bits: int32 distances
+    dtype = {torch.int8: torch.float32, torch.uint8: torch.int32}.get(vectors.dtype, vectors.dtype)
+    shape = (queries.shape[0], k)
+    return queries.new_empty(shape, dtype=dtype), queries.new_empty(shape, dtype=torch.int64)
 
 
 # --- compressed search ------------------------------------------------------------------------------------

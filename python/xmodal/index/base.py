@@ -81,14 +81,45 @@ class Index(abc.ABC):
 
     FORMAT = ""  # "xmodal.<Class>/<version>", stored in files
 
-    def __init__(self, dim: int, metric: str = "cosine", *, dtype=torch.float32, device="cpu"):
+    def __init__(self, dim: int, metric: str = "cosine", *, dtype=torch.float32, device="cpu",
+                 codec: Optional[str] = None, reduce_to: Optional[int] = None, rescore: int = 4):
+        from .encoding import Encoding  # (encoding builds on this module's helpers)
+
         check_positive(dim, "dim")
         check_metric(metric)
         self.dim = dim
         self.metric = metric
         self.dtype = check_dtype(dtype)
         self.device = torch.device(device)
+        self._encoding = Encoding(dim, metric, self.dtype, self.device, codec=codec, reduce_to=reduce_to,
+                                  rescore=rescore)
         self._next_id = 0
+
+    # -- the encoding (codec, PCA) every index kind shares
+    @property
+    def codec(self) -> Optional[str]:
+        """None (float rows), "int8" or "binary" (see :mod:`xmodal.index.codecs`)."""
+        return self._encoding.codec.name
+
+    @property
+    def reduce_to(self) -> Optional[int]:
+        """The PCA's output dimension, or None."""
+        return self._encoding.reduce_to
+
+    @property
+    def rescore(self) -> int:
+        """Binary codec: Hamming matches rescored per result (``rescore * k``), unless a search says otherwise."""
+        return self._encoding.rescore
+
+    @property
+    def pca(self):
+        """The fitted :class:`xmodal.PCA` (``reduce_to``), or None."""
+        return self._encoding.pca
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether what the index learns from data (PCA, codec; IVF: centroids) has been learnt."""
+        return self._encoding.trained
 
     # -- what subclasses provide
     @abc.abstractmethod
@@ -152,24 +183,41 @@ class Index(abc.ABC):
         return self.metric in ("cosine", "cosine_distance")
 
     def _prepare(self, rows: Tensor) -> Tensor:
-        """Rows as stored and searched: on the index's device, unit-normalised for cosine metrics (subclasses
-        may transform them first: see FlatIndex's ``reduce_to``). Checked rows only (see ``_check_rows``)."""
-        rows = rows.to(self.device)
-        if self._normalised:
-            rows = unit_rows(rows)
-        return rows.to(self.dtype)
+        """Rows as stored and searched (see :class:`.encoding.Encoding`); checked rows only (``_check_rows``)."""
+        return self._encoding.prepare(rows)
 
     def _check_rows(self, rows: Tensor, name: str) -> None:
         """Raise before anything changes if ``rows`` cannot be stored (a chunk at a time: no full-size copy)."""
+        self._encoding.check_finite(rows, name)
         if self.metric != "kl":
             return
         for start in range(0, rows.shape[0], ADD_CHUNK_ROWS):
             if bool((rows[start: start + ADD_CHUNK_ROWS] < 0).any()):
                 raise ValueError(f"{name} must be non-negative with metric 'kl', found a negative entry")
 
+    def train(self, vectors, *, max_points: int = 256 * 1024) -> None:
+        """Learn what the index learns from data (the PCA from every row; the codec from at most
+        ``max_points``); a no-op for an index that learns nothing. Must come before the first add."""
+        rows, _, _ = as_rows(vectors, self.dim, "vectors")
+        if rows.shape[0] < 2 and self._encoding.learns:
+            raise ValueError(f"training needs at least 2 vectors, got {rows.shape[0]}")
+        self._check_rows(rows, "vectors")
+        if len(self):
+            raise RuntimeError(f"{type(self).__name__}.train must come before add (stored rows would not match); "
+                               f"call reset() first to retrain")
+        self._encoding.fit_pca(rows)
+        self._encoding.fit_codec(self._prepare(self._encoding.sample(rows, max_points)))
+
     def _before_store(self, rows: Tensor) -> None:
-        """Called once per ``add`` after the checks, before the first chunk is stored (e.g. to train a codec
-        on the first rows added)."""
+        """Called once per ``add`` after the checks, before the first chunk is stored: an untrained index
+        learns from the first rows added."""
+        if not self.is_trained and rows.shape[0]:
+            self.train(rows)
+
+    def _require_trained(self, what: str) -> None:
+        if not self.is_trained:
+            raise RuntimeError(f"{type(self).__name__}.{what} needs a trained index (codec={self.codec!r}, "
+                               f"reduce_to={self.reduce_to}): call train(vectors) or add vectors first")
 
     def add(self, vectors, ids=None) -> Tensor:
         """Add rows; returns their ids. ``ids``: optional int64 per row, unique and not already present."""
@@ -217,6 +265,7 @@ class Index(abc.ABC):
         """Move the index to ``device`` (in place); returns self."""
         device = torch.device(device)
         self._move(device)
+        self._encoding.move(device)
         self.device = device
         return self
 
@@ -229,10 +278,15 @@ class Index(abc.ABC):
                              f"and shape {tuple(m.shape)}")
         return m.to(self.device)
 
-    def search(self, queries, k: int, mask=None):
+    def search(self, queries, k: int, mask=None, *, rescore: Optional[int] = None):
         """The k best rows for each query: ``(scores, ids)``, each ``[Q, k]`` (``[k]`` for a 1-D query), best
-        first, padded with id -1 and -inf/+inf; in the queries' array type."""
-        return self._search(queries, k, mask)
+        first, padded with id -1 and -inf/+inf; in the queries' array type. ``rescore`` (binary codec): how
+        many times k Hamming matches to rescore (default ``self.rescore``)."""
+        self._require_trained("search")
+        return self._search(queries, k, mask, rescore=self._rescore(rescore))
+
+    def _rescore(self, rescore: Optional[int]) -> int:
+        return check_positive(self.rescore if rescore is None else rescore, "rescore")
 
     def _search(self, queries, k: int, mask, **options):
         """search(), with the subclass's search options (IVF: nprobe) passed down as arguments, never kept as
@@ -240,6 +294,11 @@ class Index(abc.ABC):
         q, kind, squeeze = as_rows(queries, self.dim, "queries")
         k = check_positive(k, "k")
         m = self._mask(mask)
+        if self._encoding.learns:
+            bad = ~torch.isfinite(q).all(1)
+            if bool(bad.any()):
+                raise ValueError(f"queries must be finite to be reduced or quantised, found NaN or inf in row "
+                                 f"{int(torch.nonzero(bad)[0])}")
         values, positions = self._search_rows(q.to(self.device), k, m, **options)
         if len(self) == 0:
             ids = torch.full_like(positions, -1)
@@ -253,16 +312,20 @@ class Index(abc.ABC):
     # -- persistence
     def _metadata(self) -> dict:
         return {"format": self.FORMAT, "dim": self.dim, "metric": self.metric,
-                "dtype": str(self.dtype).replace("torch.", ""), "next_id": self._next_id}
+                "dtype": str(self.dtype).replace("torch.", ""), "next_id": self._next_id,
+                **self._encoding.metadata()}
 
     @classmethod
     def _from_metadata(cls, meta: dict, device) -> "Index":
-        return cls(int(meta["dim"]), meta["metric"], dtype=meta["dtype"], device=device)
+        from .encoding import Encoding
+
+        return cls(int(meta["dim"]), meta["metric"], dtype=meta["dtype"], device=device, **Encoding.options(meta))
 
     def save(self, path) -> None:
         """Write the index to ``path`` (safetensors, with a checksum of its contents), atomically; the folder
         must exist."""
-        io.save(self._tensors(), self._metadata(), path)
+        self._require_trained("save")
+        io.save({**self._tensors(), **self._encoding.tensors()}, self._metadata(), path)
 
     @classmethod
     def load(cls, path, device="cpu", *, verify: bool = True):
@@ -282,6 +345,7 @@ class Index(abc.ABC):
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{where!r} is not a valid {cls.FORMAT} file: {e}") from None
         try:
+            index._encoding.restore(tensors, meta)
             index._restore(tensors, where, meta)
         except KeyError as e:
             raise ValueError(f"{where!r} is not a valid {cls.FORMAT} file: no tensor {e}") from None

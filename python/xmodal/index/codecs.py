@@ -41,6 +41,37 @@ def check_codec(codec: Optional[str], metric: str) -> None:
         raise ValueError(f"codec {codec!r} supports metrics {list(CODECS[codec])}, got metric {metric!r}")
 
 
+class FlatScan:
+    """Searches every stored row: the flat ops."""
+
+    def float(self, q: Tensor, vectors: Tensor, k: int, metric: str, mask: Optional[Tensor]):
+        return topk_search(q, vectors, k, metric, mask=mask)
+
+    def int8(self, q: Tensor, codes: Tensor, k: int, query_bias, row_scale, row_bias, mask: Optional[Tensor]):
+        return torch.ops.xmodal.topk_int8(q, codes, k, query_bias, row_scale, row_bias, mask)
+
+    def hamming(self, q: Tensor, bits: Tensor, k: int, mask: Optional[Tensor]):
+        return torch.ops.xmodal.topk_hamming(q, bits, k, mask)
+
+
+class ListScan:
+    """Searches the inverted lists each query probes (``ranges``: the lists' rows, ``probes`` [Q, nprobe]):
+    the ``ivf_scan`` op for every row encoding. ``mask``: one per stored slot."""
+
+    def __init__(self, ranges: Tensor, probes: Tensor):
+        self.ranges, self.probes = ranges, probes
+
+    def float(self, q: Tensor, vectors: Tensor, k: int, metric: str, mask: Optional[Tensor]):
+        return torch.ops.xmodal.ivf_scan(q, vectors, self.ranges, self.probes, k, metric, mask)
+
+    def int8(self, q: Tensor, codes: Tensor, k: int, query_bias, row_scale, row_bias, mask: Optional[Tensor]):
+        return torch.ops.xmodal.ivf_scan(q, codes, self.ranges, self.probes, k, "ip", mask, query_bias=query_bias,
+                                         row_scale=row_scale, row_bias=row_bias)
+
+    def hamming(self, q: Tensor, bits: Tensor, k: int, mask: Optional[Tensor]):
+        return torch.ops.xmodal.ivf_scan(q, bits, self.ranges, self.probes, k, "hamming", mask)
+
+
 def _pad(values: Tensor, positions: Tensor, metric: str) -> Tensor:
     fill = float("-inf") if METRICS[metric] else float("inf")
     return torch.where(positions >= 0, values, torch.full_like(values, fill))
@@ -70,12 +101,13 @@ class FloatRows:
     def decode(self, cols: Dict[str, Tensor]) -> Tensor:
         return cols["vectors"]
 
-    def search(self, q: Tensor, cols: Dict[str, Tensor], k: int, mask: Optional[Tensor], **options):
-        """(values, positions) of the k best stored rows for prepared queries ``q``."""
+    def search(self, scan, q: Tensor, cols: Dict[str, Tensor], k: int, mask: Optional[Tensor], **options):
+        """(values, positions) of the k best stored rows for prepared queries ``q``, with ``scan`` (FlatScan or
+        ListScan) over the stored columns ``cols``."""
         vectors = cols["vectors"]
         if self.metric not in ("cosine", "cosine_distance"):
-            return topk_search(q.to(self.dtype), vectors, k, self.metric, mask=mask)
-        values, positions = topk_search(q.to(self.dtype), vectors, k, "ip", mask=mask)
+            return scan.float(q.to(self.dtype), vectors, k, self.metric, mask)
+        values, positions = scan.float(q.to(self.dtype), vectors, k, "ip", mask)
         if self.metric == "cosine_distance":
             values = cosine_to_distance(values, positions)
         return values, positions
@@ -139,7 +171,7 @@ class Int8Codes(FloatRows):
             keys = cosine_to_distance(keys, positions)
         return _pad(keys, positions, self.metric)
 
-    def search(self, q: Tensor, cols, k: int, mask: Optional[Tensor], **options):
+    def search(self, scan, q: Tensor, cols, k: int, mask: Optional[Tensor], **options):
         # q . decoded = (q * scale) . code + q . offset; l2 ranks by 2 q . x - |x|^2 (|q|^2 added back after)
         q = q.float()
         two = 2.0 if self.metric in ("l2", "sqeuclidean") else 1.0
@@ -148,7 +180,7 @@ class Int8Codes(FloatRows):
         terms = cols.get("row_terms")
         row_scale = terms if self.metric in ("cosine", "cosine_distance") else None
         row_bias = terms if self.metric in ("l2", "sqeuclidean") else None
-        keys, positions = torch.ops.xmodal.topk_int8(scaled, cols["codes"], k, bias, row_scale, row_bias, mask)
+        keys, positions = scan.int8(scaled, cols["codes"], k, bias, row_scale, row_bias, mask)
         return self._values(keys, positions, q), positions
 
     def state(self):
@@ -195,10 +227,10 @@ class BinaryCodes(Int8Codes):
         out["bits"] = self.bits(rows)
         return out
 
-    def search(self, q: Tensor, cols, k: int, mask: Optional[Tensor], *, rescore: int = 4, **options):
+    def search(self, scan, q: Tensor, cols, k: int, mask: Optional[Tensor], *, rescore: int = 4, **options):
         n = cols["codes"].shape[0]
         wide = min(max(rescore * k, k), max(n, 1))
-        _, candidates = torch.ops.xmodal.topk_hamming(self.bits(q), cols["bits"], wide, mask)
+        _, candidates = scan.hamming(self.bits(q), cols["bits"], wide, mask)
         # rescore the candidates against their decoded int8 rows (keys as Int8Codes.search)
         q = q.float()
         found = candidates >= 0

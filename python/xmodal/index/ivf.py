@@ -8,7 +8,8 @@ from torch import Tensor
 
 from ..ops import topk_search
 from .arrays import as_rows
-from .base import Index, check_positive, cosine_to_distance, unit_rows
+from .base import Index, check_positive
+from .codecs import ListScan
 from .inverted_lists import InvertedLists
 from .kmeans import assign, kmeans
 
@@ -18,26 +19,27 @@ class IVFIndex(Index):
     queries against the centroids, then scans only the ``nprobe`` nearest lists of each query (one
     ``torch.ops.xmodal.ivf_scan`` call for all of them).
 
-    ``train(vectors)`` runs k-means whose assignment step is :func:`topk_search` with k = 1. Rows are kept
-    grouped by list (``ids``/``vectors`` follow that order, and so does a ``mask``); adding rows costs time in
-    proportion to the rows added, not to the index.
+    ``train(vectors)`` runs k-means whose assignment step is :func:`topk_search` with k = 1 (after the PCA,
+    if ``reduce_to``), and learns the codec if any (``codec``, ``reduce_to``, ``rescore``: as for
+    :class:`FlatIndex`). Rows are kept grouped by list (``ids``/``vectors`` follow that order, and so does a
+    ``mask``); adding rows costs time in proportion to the rows added, not to the index.
     """
 
     FORMAT = "xmodal.IVFIndex/1"
 
     def __init__(self, dim: int, nlist: int, metric: str = "cosine", *, nprobe: int = 8, dtype=torch.float32,
-                 device="cpu"):
-        super().__init__(dim, metric, dtype=dtype, device=device)
+                 device="cpu", codec: Optional[str] = None, reduce_to: Optional[int] = None, rescore: int = 4):
+        super().__init__(dim, metric, dtype=dtype, device=device, codec=codec, reduce_to=reduce_to, rescore=rescore)
         if metric == "kl":
             raise ValueError("IVFIndex does not support metric 'kl' (k-means needs a vector-space metric)")
         self.nlist = check_positive(nlist, "nlist")
         self.nprobe = check_positive(nprobe, "nprobe")
         self.centroids: Optional[Tensor] = None
-        self._lists = InvertedLists(nlist, dim, self.dtype, self.device)
+        self._lists = InvertedLists(nlist, self._encoding.codec.columns(), self.device)
 
     @property
     def is_trained(self) -> bool:
-        return self.centroids is not None
+        return self.centroids is not None and super().is_trained
 
     @property
     def _coarse_metric(self) -> str:
@@ -52,33 +54,41 @@ class IVFIndex(Index):
 
     @property
     def vectors(self) -> Tensor:
-        return self._lists.vectors[self._lists.positions().to(self.device)]
+        """The stored rows in list order (reduced, unit-normalised for cosine metrics; decoded from codes)."""
+        return self._encoding.codec.decode(self._lists.rows())
 
     @property
     def nbytes(self) -> int:
-        return self._lists.nbytes + (0 if self.centroids is None else self.centroids.nbytes)
+        return self._lists.nbytes + self._encoding.nbytes() + (0 if self.centroids is None else self.centroids.nbytes)
 
     def train(self, vectors, *, iterations: int = 10, seed: int = 0, max_points: int = 256 * 1024) -> None:
-        """k-means on (a sample of at most ``max_points``) training vectors."""
+        """k-means on (a sample of at most ``max_points``) training vectors, after the PCA (fitted on all of
+        them) if any; the codec learns from the same sample."""
         rows, _, _ = as_rows(vectors, self.dim, "vectors")
         if rows.shape[0] < self.nlist:
             raise ValueError(f"training needs at least nlist = {self.nlist} vectors, got {rows.shape[0]}")
-        self.centroids = kmeans(rows, self.nlist, metric=self._coarse_metric, spherical=self._normalised,
-                                iterations=iterations, seed=seed, max_points=max_points,
-                                prepare=self._prepare)
+        self._check_rows(rows, "vectors")
+        if len(self):
+            raise RuntimeError("IVFIndex.train must come before add (stored rows would not match); call reset() "
+                               "first to retrain")
+        self._encoding.fit_pca(rows)
+        sample = self._prepare(self._encoding.sample(rows, max_points)).float()
+        self.centroids = kmeans(sample, self.nlist, metric=self._coarse_metric, spherical=self._normalised,
+                                iterations=iterations, seed=seed, max_points=max_points)
+        self._encoding.fit_codec(sample)
+
+    def _before_store(self, rows: Tensor) -> None:
+        if not self.is_trained:  # the lists need centroids: no training on the first add
+            self._require_trained("add")
 
     def _require_trained(self, what: str) -> None:
         if not self.is_trained:
             raise RuntimeError(f"IVFIndex.{what} needs a trained index: call train(vectors) first")
 
-    def add(self, vectors, ids=None) -> Tensor:
-        self._require_trained("add")
-        return super().add(vectors, ids)
-
     def _store(self, rows: Tensor, ids: Tensor) -> None:
-        lists = assign(rows, self.centroids, self._coarse_metric) if rows.shape[0] \
+        lists = assign(rows.float(), self.centroids, self._coarse_metric) if rows.shape[0] \
             else torch.empty(0, dtype=torch.int64)
-        self._lists.append(rows, ids, lists.cpu())
+        self._lists.append(self._encoding.codec.encode(rows), ids, lists.cpu())
 
     def _keep(self, keep: Tensor) -> None:
         self._lists.keep(keep)
@@ -94,29 +104,23 @@ class IVFIndex(Index):
     def _position_ids(self) -> Tensor:
         return self._lists.ids
 
-    def search(self, queries, k: int, mask=None, *, nprobe: Optional[int] = None):
+    def search(self, queries, k: int, mask=None, *, nprobe: Optional[int] = None, rescore: Optional[int] = None):
         """As :meth:`FlatIndex.search`, scanning the ``nprobe`` (default ``self.nprobe``) nearest lists."""
         self._require_trained("search")
         return self._search(queries, k, mask, nprobe=check_positive(self.nprobe if nprobe is None else nprobe,
-                                                                    "nprobe"))
+                                                                    "nprobe"), rescore=self._rescore(rescore))
 
-    def _search_rows(self, q: Tensor, k: int, mask: Optional[Tensor], nprobe: Optional[int] = None
-                     ) -> Tuple[Tensor, Tensor]:
+    def _search_rows(self, q: Tensor, k: int, mask: Optional[Tensor], nprobe: Optional[int] = None,
+                     rescore: int = 4) -> Tuple[Tensor, Tensor]:
         nprobe = min(self.nprobe if nprobe is None else nprobe, self.nlist)
-        if self._normalised:  # rows are stored normalised: cosine is an inner-product search
-            q, op_metric = unit_rows(q), "ip"
-        else:
-            op_metric = self.metric
+        q = self._prepare(q)
         probes = topk_search(q.float(), self.centroids, nprobe, self._coarse_metric)[1]  # [Q, nprobe]
         slot_mask = None
         if mask is not None:  # masks follow list order; the scan wants one per buffer slot
-            slot_mask = torch.zeros(self._lists.vectors.shape[0], dtype=torch.bool, device=self.device)
+            slot_mask = torch.zeros(self._lists.slots, dtype=torch.bool, device=self.device)
             slot_mask[self._lists.positions().to(self.device)] = mask
-        values, slots = torch.ops.xmodal.ivf_scan(q.to(self.dtype), self._lists.vectors, self._lists.ranges(),
-                                                  probes, k, op_metric, slot_mask)
-        if self.metric == "cosine_distance":
-            values = cosine_to_distance(values, slots)
-        return values, slots
+        scan = ListScan(self._lists.ranges(), probes)
+        return self._encoding.codec.search(scan, q, self._lists.data, k, slot_mask, rescore=rescore)
 
     # -- persistence
     def _metadata(self) -> dict:
@@ -126,21 +130,24 @@ class IVFIndex(Index):
 
     @classmethod
     def _from_metadata(cls, meta: dict, device) -> "IVFIndex":
-        return cls(int(meta["dim"]), int(meta["nlist"]), meta["metric"], nprobe=int(meta["nprobe"]),
-                   dtype=meta["dtype"], device=device)
+        from .encoding import Encoding
 
-    def save(self, path) -> None:
-        self._require_trained("save")
-        super().save(path)
+        return cls(int(meta["dim"]), int(meta["nlist"]), meta["metric"], nprobe=int(meta["nprobe"]),
+                   dtype=meta["dtype"], device=device, **Encoding.options(meta))
 
     def _tensors(self) -> dict:
-        return {"vectors": self.vectors, "ids": self.ids, "lists": self._lists.lists(), "centroids": self.centroids}
+        return {**self._lists.rows(), "ids": self.ids, "lists": self._lists.lists(), "centroids": self.centroids}
 
     def _restore(self, tensors: dict, path: str, meta: dict) -> None:
-        vectors, ids, lists, centroids = tensors["vectors"], tensors["ids"], tensors["lists"], tensors["centroids"]
-        n = vectors.shape[0] if vectors.dim() == 2 else -1
-        if n < 0 or vectors.shape[1] != self.dim or ids.shape != (n,) or lists.shape != (n,) \
-                or centroids.shape != (self.nlist, self.dim) or bool(((lists < 0) | (lists >= self.nlist)).any()):
+        ids, lists, centroids = tensors["ids"], tensors["lists"], tensors["centroids"]
+        n = ids.shape[0] if ids.dim() == 1 else -1
+        stored_dim = self._encoding.stored_dim
+        columns = {name: tensors[name] for name in self._lists.columns}
+        fits = n >= 0 and lists.shape == (n,) and centroids.shape == (self.nlist, stored_dim) and all(
+            tuple(columns[name].shape) == ((n, width) if width else (n,))
+            for name, (_, width) in self._lists.columns.items())
+        if not fits or bool(((lists < 0) | (lists >= self.nlist)).any()):
             raise self._invalid(path, "tensor shapes do not match")
         self.centroids = centroids.to(self.device)
-        self._lists.append(vectors.to(self.device, self.dtype), ids.to(self.device), lists.to(torch.int64))
+        rows = {name: t.to(self.device, self._lists.columns[name][0]) for name, t in columns.items()}
+        self._lists.append(rows, ids.to(self.device), lists.to(torch.int64))

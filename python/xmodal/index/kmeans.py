@@ -1,8 +1,6 @@
 """k-means whose assignment step is :func:`xmodal.topk_search` with k = 1 (the IVF coarse quantiser)."""
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,19 +14,16 @@ def assign(x: Tensor, centroids: Tensor, metric: str) -> Tensor:
 
 
 def kmeans(x: Tensor, k: int, *, metric: str, spherical: bool = False, iterations: int = 10, seed: int = 0,
-           max_points: int = 256 * 1024, prepare: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+           max_points: int = 256 * 1024) -> Tensor:
     """``k`` float32 centroids of (a random sample of at most ``max_points``) rows of ``x``.
 
     ``metric``: "ip" or "l2", the assignment metric. ``spherical``: centroids are renormalised to unit length
-    after each update (for unit rows searched by inner product). ``prepare``: applied to the sampled rows
-    first (e.g. the index's normalisation), so a huge ``x`` is never transformed whole. An empty cluster is
-    re-seeded from a random row.
+    after each update (for unit rows searched by inner product). An empty cluster is re-seeded from a random
+    row.
     """
     g = torch.Generator().manual_seed(seed)
     if x.shape[0] > max_points:
         x = x[torch.randperm(x.shape[0], generator=g)[:max_points].to(x.device)]
-    if prepare is not None:
-        x = prepare(x)
     x = x.to(torch.float32)
     centroids = x[torch.randperm(x.shape[0], generator=g)[:k].to(x.device)].clone()
     for _ in range(iterations):

@@ -1,0 +1,120 @@
+"""What an index does to rows between ``add`` and storage, and to queries before a search: an optional
+:class:`xmodal.PCA` (``reduce_to``), unit normalisation for the cosine metrics, then the codec
+(:mod:`.codecs`). Shared by every index kind, so a FlatIndex and an IVFIndex encode rows alike."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..pca import PCA
+from .base import ADD_CHUNK_ROWS, check_positive, unit_rows
+from .codecs import make_codec
+
+
+class Encoding:
+    def __init__(self, dim: int, metric: str, dtype: torch.dtype, device: torch.device, *,
+                 codec: Optional[str] = None, reduce_to: Optional[int] = None, rescore: int = 4):
+        if reduce_to is not None:
+            check_positive(reduce_to, "reduce_to")
+            if reduce_to > dim:
+                raise ValueError(f"reduce_to must be at most dim = {dim}, got {reduce_to}")
+        self.dim, self.metric, self.dtype, self.device = dim, metric, dtype, device
+        self.reduce_to = reduce_to
+        self.rescore = check_positive(rescore, "rescore")
+        self.pca: Optional[PCA] = None
+        self.codec = make_codec(codec, reduce_to or dim, metric, dtype)
+
+    @property
+    def stored_dim(self) -> int:
+        return self.reduce_to or self.dim
+
+    @property
+    def learns(self) -> bool:
+        """Whether anything here is learnt from data (a PCA or a codec)."""
+        return self.codec.name is not None or self.reduce_to is not None
+
+    @property
+    def trained(self) -> bool:
+        return self.codec.trained and (self.reduce_to is None or self.pca is not None)
+
+    def check_finite(self, rows: Tensor, name: str) -> None:
+        """NaN / inf cannot be reduced or quantised: raise naming the first such row (a chunk at a time)."""
+        if not self.learns:
+            return
+        for start in range(0, rows.shape[0], ADD_CHUNK_ROWS):
+            bad = ~torch.isfinite(rows[start: start + ADD_CHUNK_ROWS]).all(1)
+            if bool(bad.any()):
+                row = start + int(torch.nonzero(bad)[0])
+                raise ValueError(f"{name} must be finite to be reduced or quantised, found NaN or inf in row {row}")
+
+    def fit_pca(self, rows: Tensor) -> None:
+        """Learn the PCA (if any) from every row, a chunk at a time."""
+        self.pca = None
+        if self.reduce_to is not None:
+            self.pca = PCA(self.reduce_to).fit(rows[i: i + ADD_CHUNK_ROWS] for i in range(0, rows.shape[0], ADD_CHUNK_ROWS))
+
+    def fit_codec(self, prepared: Tensor) -> None:
+        self.codec.fit(prepared)
+
+    @staticmethod
+    def sample(rows: Tensor, max_points: int) -> Tensor:
+        """At most ``max_points`` rows, drawn at random (seeded) when there are more."""
+        if rows.shape[0] <= max_points:
+            return rows
+        pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:max_points]
+        return rows[pick.to(rows.device)]
+
+    def prepare(self, rows: Tensor) -> Tensor:
+        """Rows as stored and searched: reduced, unit-normalised for cosine metrics; in the index's dtype when
+        stored as floats (a codec takes them in float32)."""
+        rows = rows.to(self.device)
+        if self.pca is not None:
+            rows = self.pca.transform(rows.float())
+        if self.metric in ("cosine", "cosine_distance"):
+            rows = unit_rows(rows)
+        return rows if self.codec.name is not None else rows.to(self.dtype)
+
+    # -- state
+    def nbytes(self) -> int:
+        tensors = list(self.codec.state().values())
+        if self.pca is not None:
+            tensors += [t for t in self.pca.state_dict().values() if torch.is_tensor(t)]
+        return sum(t.nbytes for t in tensors if t is not None)
+
+    def move(self, device: torch.device) -> None:
+        self.device = device
+        if self.codec.trained:
+            self.codec.load_state({name: t.to(device) for name, t in self.codec.state().items()})
+        if self.pca is not None:
+            self.pca.to(device)
+
+    def metadata(self) -> dict:
+        meta = {"codec": self.codec.name or "", "reduce_to": self.reduce_to or 0, "rescore": self.rescore}
+        if self.pca is not None:
+            meta.update({f"pca.{k}": v for k, v in self.pca.state_dict().items() if not torch.is_tensor(v)})
+        return meta
+
+    @staticmethod
+    def options(meta: dict) -> dict:
+        """The constructor keywords stored by :meth:`metadata` (absent from older files: defaults)."""
+        return {"codec": meta.get("codec") or None, "reduce_to": int(meta.get("reduce_to", 0)) or None,
+                "rescore": int(meta.get("rescore", 4))}
+
+    def tensors(self) -> dict:
+        out = {f"codec.{k}": v for k, v in self.codec.state().items()}
+        if self.pca is not None:
+            out.update({f"pca.{k}": v for k, v in self.pca.state_dict().items() if torch.is_tensor(v)})
+        return out
+
+    def restore(self, tensors: dict, meta: dict) -> None:
+        state = {k[len("codec."):]: v.to(self.device) for k, v in tensors.items() if k.startswith("codec.")}
+        if self.codec.name is not None:
+            self.codec.load_state(state)
+        if self.reduce_to is not None:
+            pca = {k[len("pca."):]: v for k, v in tensors.items() if k.startswith("pca.")}
+            for key, value in meta.items():  # file metadata is text: "True" / "False" or an int
+                if key.startswith("pca."):
+                    pca[key[len("pca."):]] = value == "True" if value in ("True", "False") else int(value)
+            self.pca = PCA.from_state_dict(pca, device=self.device)
