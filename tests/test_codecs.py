@@ -184,3 +184,23 @@ def test_ivf_codec_storage_is_compressed():
         index.train(x)
         index.add(x)
     assert int8._lists.nbytes <= 0.3 * plain._lists.nbytes
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("codec", ["int8", "binary"])
+def test_codecs_on_cuda_match_the_cpu(codec):
+    """On a GPU the ops run their plain-PyTorch kernels: the same answers as the CPU kernels."""
+    x, queries = _near_duplicates(n=3000, d=64)
+    for kind in ("flat", "ivf"):
+        answers = []
+        for device in ("cpu", "cuda"):
+            index = FlatIndex(64, "cosine", codec=codec, device=device) if kind == "flat" else \
+                xmodal.IVFIndex(64, 8, "cosine", codec=codec, nprobe=3, device=device)
+            index.train(x)
+            index.add(x)
+            answers.append(index.search(queries.to(device), 10))
+        (cv, ci), (gv, gi) = answers
+        assert gi.device.type == "cuda"
+        assert (gi.cpu() == ci).float().mean() > 0.97
+        torch.testing.assert_close(gv.cpu(), cv, rtol=1e-4, atol=1e-3)

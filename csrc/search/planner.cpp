@@ -259,10 +259,12 @@ CodesPlan plan_codes_search(const DeviceFacts& dev, int64_t Q, int64_t D, int64_
 #endif
   // int8: up to kScanMaxQueries queries scan the codes, converting them in registers (memory-bound: the
   // codes are read once, a quarter of the float rows' bytes); more multiply tiles with a GEMM: int8 tiles
-  // of 256 KiB, or decoded fp32 tiles of 256 KiB, in L2 next to the scores.
+  // of 256 KiB, or decoded fp32 tiles, in L2 next to the scores.
   plan.gemm = !binary && Q > kScanMaxQueries;
   plan.query_block = binary ? std::max<int64_t>(Q, 1) : (plan.gemm ? 256 : kScanMaxQueries);
-  const int64_t tile_bytes = binary ? (int64_t(1) << 20) : (int64_t(256) << 10);
+  // a decoded fp32 tile meets BLAS like the float search's tiles (512 KiB)
+  const int64_t tile_bytes = binary ? (int64_t(1) << 20)
+                             : (plan.gemm && !plan.int8_gemm) ? (int64_t(512) << 10) : (int64_t(256) << 10);
   const int64_t row_bytes = binary || (plan.gemm && plan.int8_gemm) || !plan.gemm
                                 ? std::max<int64_t>(bytes_per_row, 1) : std::max<int64_t>(D, 1) * 4;
   plan.tile_rows = std::clamp<int64_t>(tile_bytes / row_bytes / 16 * 16, 64, 65536);
