@@ -180,3 +180,67 @@ def test_bench_functions_reject_non_positive_repeats():
                                                           measure_memory=False)):
         with pytest.raises(ValueError, match=r"repeats must be a positive int, got (0|-1)"):
             call()
+
+
+def test_compress_bench_quick_writes_reports_with_every_method_and_the_targets(tmp_path):
+    import importlib.util
+
+    from xmodal import cli
+    from xmodal.bench import compress
+
+    has_faiss = importlib.util.find_spec("faiss") is not None
+    paths = {ext: tmp_path / f"c.{ext}" for ext in ("json", "md", "png")}
+    # N = 20,000, 20 single queries, a 30-step model: about 20 s alone on 2 cores
+    assert cli.main(["bench", "compress", "--quick", "--repeats", "1", "--json", str(paths["json"]),
+                     "--markdown", str(paths["md"]), "--plot", str(paths["png"])]) == 0
+    data = json.loads(paths["json"].read_text())
+    assert data["environment"]["threads"] == torch.get_num_threads()
+    results = data["results"]
+    assert [r["case"]["dataset"] for r in results] == ["clustered", "model"]
+    methods = compress.method_names(512, use_faiss=has_faiss)
+    assert any(m.startswith("faiss[") for m in methods) == has_faiss
+    for r in results:
+        assert r["case"]["n"] == 20_000 and r["case"]["d"] == 512 and r["case"]["k"] == 10
+        for measure in ("recall", "seconds", "seconds_q1", "build_seconds", "nbytes"):
+            assert list(r[measure]) == methods, measure
+        assert all(0.0 <= v <= 1.0 for v in r["recall"].values())
+        assert r["recall"]["xmodal[float32]"] == 1.0
+        assert all(v > 0 for m in ("seconds", "seconds_q1", "nbytes") for v in r[m].values())
+        assert r["nbytes"]["xmodal[int8]"] < 0.3 * r["nbytes"]["xmodal[float32]"]
+        assert r["pca_fit_seconds"] > 0 and r["data"].startswith(r["case"]["dataset"] + ":")
+        targets = {t["target"]: t for t in r["targets"]}
+        assert "int8: recall@10 vs exact float32" in targets
+        assert all(t["met"] in (True, False, None) for t in targets.values())
+        # never judged below 1M rows
+        fit = [t for name, t in targets.items() if name.startswith("PCA(128).fit")]
+        assert len(fit) == 1 and fit[0]["met"] is None
+    assert any(t["target"].startswith("binary: recall@10 >= 0.95") for t in results[0]["targets"])
+    report = paths["md"].read_text()
+    assert "## Targets" in report and "| data | target | goal | measured | met |" in report
+    assert "xmodal[binary r=10]" in report and ("faiss[sq8]" in report) == has_faiss
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compress_targets_are_read_off_the_measurements():
+    from xmodal.bench import CompressCase, CompressResult, compress_targets
+
+    case = CompressCase("clustered", 1_000_000, 512, q_single=100)
+    names = ["xmodal[float32]", "xmodal[int8]", "xmodal[binary r=1]", "xmodal[binary r=2]", "xmodal[binary r=4]",
+             "xmodal[binary r=10]", "faiss[sq8]", "faiss[binary r=4]"]
+    recall = dict(zip(names, [1.0, 0.98, 0.5, 0.8, 0.96, 0.99, 0.97, 0.96]))
+    batch = dict(zip(names, [1.0, 0.5, 0.01, 0.02, 0.04, 0.1, 0.6, 0.03]))  # Q = 256 seconds
+    single = dict(zip(names, [1e-2, 2e-3, 5e-4, 6e-4, 8e-4, 2e-3, 3e-3, 9e-4]))
+    nbytes = dict(zip(names, [2048, 520, 580, 580, 580, 580, 512, 600]))
+    result = CompressResult(case, batch, single, {n: 1.0 for n in names}, nbytes, recall, 12.0, "clustered: test")
+    rows = {t["target"]: t for t in compress_targets(result)}
+    assert rows["int8: index bytes / float32 FlatIndex bytes"]["met"] is True  # 0.254
+    assert rows["int8: recall@10 vs exact float32"]["met"] is True
+    assert rows["int8: QPS / float32 FlatIndex QPS, Q=1"]["value"] == pytest.approx(5.0)
+    assert rows["int8: QPS / float32 FlatIndex QPS, Q=256"]["met"] is True  # 2.0x
+    assert rows["int8: QPS / faiss SQ8 QPS at equal or better recall, Q=1"]["met"] is True  # 1.5x, 0.98 >= 0.97
+    binary = rows["binary: recall@10 >= 0.95 at some rescore <= 10 (clustered)"]
+    assert binary["met"] is True and binary["measured"].endswith("at rescore 4")  # the smallest reaching 0.95
+    assert rows["binary: QPS / float32 FlatIndex QPS, Q=1, at rescore 4"]["value"] == pytest.approx(12.5)
+    assert rows["binary: QPS / faiss IndexBinaryFlat + same rescoring QPS, Q=1, at rescore 4"]["met"] is True
+    assert rows["binary: QPS / faiss IndexBinaryFlat + same rescoring QPS, Q=256, at rescore 4"]["met"] is False
+    assert rows["PCA(128).fit of 1M x 512 (this run: 1,000,000 x 512)"]["met"] is False  # 12 s

@@ -119,17 +119,23 @@ def main(argv=None) -> int:
     p_info.add_argument("--json", action="store_true", help="print JSON")
     p_info.set_defaults(func=_info)
     p_bench = sub.add_parser("bench", help="benchmark the fused ops against naive PyTorch (and faiss)")
-    p_bench.add_argument("op", choices=["search", "bilinear"], help="which op to benchmark")
+    p_bench.add_argument("op", choices=["search", "bilinear", "compress"],
+                         help="which op to benchmark (compress: compressed FlatIndex search vs exact and faiss, CPU)")
     p_bench.add_argument("--device", type=_bench_device, default="cpu", help="cpu or cuda (default: cpu)")
-    p_bench.add_argument("--quick", action="store_true", help="a small grid (search: seconds; bilinear: under a minute, its peak memory measured in one fresh process per figure)")
+    p_bench.add_argument("--quick", action="store_true", help="a small grid (search: seconds; bilinear: under a minute, its peak memory measured in one fresh process per figure; compress: N = 20,000, 20 single queries, a briefly trained model)")
     p_bench.add_argument("--repeats", type=_positive_int, default=3,
                          help="timed runs per case, at least 1 (median reported; default: 3)")
     p_bench.add_argument("--json", metavar="PATH", type=_output_file, help="write the results as JSON")
     p_bench.add_argument("--markdown", metavar="PATH", type=_output_file, help="write the results as a markdown report")
-    p_bench.add_argument("--plot", metavar="PATH", type=_output_file, help="write a PNG bar chart of the speed-ups")
+    p_bench.add_argument("--plot", metavar="PATH", type=_output_file, help="write a PNG chart: search, bilinear: the speed-ups; compress: recall@10 against QPS")
     p_bench.add_argument("--no-faiss", action="store_true", help="skip faiss even when installed")
     p_bench.add_argument("--variants", metavar="NAMES",
                          help="search: also time forced strategies beside auto, comma-separated: a strategy name (tiled, aten, filtered, tensor_core, fused_scan) or tiled:<gemm> with a CPU tile GEMM from xmodal.settings.TILE_GEMMS")
+    p_bench.add_argument("--n", type=_positive_int, metavar="N",
+                         help="compress: database rows per data set (default: 1,000,000; --quick: 20,000)")
+    p_bench.add_argument("--dim", type=_positive_int, metavar="D", help="compress: dimension (default: 512)")
+    p_bench.add_argument("--datasets", metavar="NAMES",
+                         help="compress: comma-separated data sets, clustered and/or model (default: clustered,model)")
     p_bench.set_defaults(func=_bench)
     p_demo = sub.add_parser("demo", help="train and evaluate cross-modal retrieval on the built-in Shapes data")
     p_demo.add_argument("--steps", type=_positive_int, default=800, help="training steps (default: 800)")
