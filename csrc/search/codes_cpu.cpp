@@ -78,13 +78,7 @@ std::tuple<at::Tensor, at::Tensor> tiled_topk(int64_t Q, int64_t N, int64_t k, i
     parallel_for(s0, s1, 16, [&](int64_t qb, int64_t qe) {
       std::vector<Candidate<ord_t>> merged;
       for (int64_t i = qb; i < qe; ++i) {
-        merged.clear();
-        for (int64_t p = 0; p < parts; ++p) {
-          const auto& b = buffers[p * super_block + (i - s0)];
-          merged.insert(merged.end(), b.slots, b.slots + b.count);
-        }
-        const int64_t found = std::min<int64_t>(k, int64_t(merged.size()));
-        std::partial_sort(merged.begin(), merged.begin() + found, merged.end(), better<ord_t>);
+        const int64_t found = merge_buffers(buffers.data() + (i - s0), parts, super_block, k, merged);
         for (int64_t r = 0; r < k; ++r) {
           out_v[i * k + r] = r < found ? from_ord<float>(merged[r].key) : -std::numeric_limits<float>::infinity();
           out_i[i * k + r] = r < found ? merged[r].index : -1;

@@ -280,13 +280,7 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args, const Plan
     parallel_for(s0, s1, 16, [&](int64_t qb, int64_t qe) {
       std::vector<Candidate<ord_t>> merged;
       for (int64_t i = qb; i < qe; ++i) {
-        merged.clear();
-        for (int64_t p = 0; p < parts; ++p) {
-          const auto& b = buffers[p * super_block + (i - s0)];
-          merged.insert(merged.end(), b.slots, b.slots + b.count);
-        }
-        const int64_t found = std::min<int64_t>(k, int64_t(merged.size()));
-        std::partial_sort(merged.begin(), merged.begin() + found, merged.end(), better<ord_t>);
+        const int64_t found = merge_buffers(buffers.data() + (i - s0), parts, super_block, k, merged);
         for (int64_t r = 0; r < k; ++r) {
           if (r < found) {
             out_v[i * k + r] = key_to_value<acc_t>(metric, from_ord<acc_t>(merged[r].key), qside.term, i);

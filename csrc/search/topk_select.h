@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace xmodal {
 
@@ -85,5 +86,20 @@ struct TopKBuffer {
     if (count == capacity && capacity > k) compact(k);
   }
 };
+
+// The best (at most k) candidates of one query over `parts` buffers (its buffer of part p is
+// buffers[p * stride]), best first, into `merged`; returns how many there are.
+template <typename ord_t>
+int64_t merge_buffers(const TopKBuffer<ord_t>* buffers, int64_t parts, int64_t stride, int64_t k,
+                      std::vector<Candidate<ord_t>>& merged) {
+  merged.clear();
+  for (int64_t p = 0; p < parts; ++p) {
+    const TopKBuffer<ord_t>& b = buffers[p * stride];
+    merged.insert(merged.end(), b.slots, b.slots + b.count);
+  }
+  const int64_t found = std::min<int64_t>(k, int64_t(merged.size()));
+  std::partial_sort(merged.begin(), merged.begin() + found, merged.end(), better<ord_t>);
+  return found;
+}
 
 }  // namespace xmodal
