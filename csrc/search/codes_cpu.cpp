@@ -8,6 +8,7 @@
 #include "search/codes_cpu.h"
 #include "search/cpu_scan.h"
 #include "search/planner.h"
+#include "search/tiled_topk.h"
 #include "search/topk_select.h"
 
 #include <ATen/ATen.h>
@@ -27,65 +28,35 @@ namespace {
 
 using ord_t = int32_t;
 
-// The k largest keys of each query over N rows. score_tile(n0, nt, q0, qn, keys) writes the float keys of
-// queries q0 .. q0 + qn against rows n0 .. n0 + nt to keys[i * nt + j]; it is called from worker threads, a
-// tile at a time, with a scorer of its own (make_scorer() per thread). Returns float32 keys [Q, k] (best
-// first, padded with -inf) and int64 row indices (-1 padding); ties go to the smaller index.
+// The k largest float keys of each query over N rows, from scorers that write a tile's keys [qn, nt] as
+// floats (score_tile(n0, nt, q0, qn, keys)): float32 keys [Q, k] best first (padded with -inf) and int64 row
+// indices (-1 padding); ties go to the smaller index.
 template <typename MakeScorer>
-std::tuple<at::Tensor, at::Tensor> tiled_topk(int64_t Q, int64_t N, int64_t k, int64_t tile_rows, int64_t query_block,
-                                              const bool* mask, const MakeScorer& make_scorer) {
-  const int64_t threads = at::get_num_threads();
-  tile_rows = std::max<int64_t>(1, std::min(tile_rows, (N + threads - 1) / threads));
-  const int64_t num_tiles = (N + tile_rows - 1) / tile_rows;
-  const int64_t parts = std::max<int64_t>(1, std::min(threads, num_tiles));
-  const int64_t max_rows_per_part = ((num_tiles + parts - 1) / parts) * tile_rows;
-  const int64_t capacity = std::max<int64_t>(1, std::min(k + std::max<int64_t>(k, 32), max_rows_per_part));
-  // queries go in super-blocks so the candidate buffers stay under ~256 MiB for any Q and k
-  const int64_t per_query = parts * capacity * int64_t(sizeof(Candidate<ord_t>));
-  const int64_t super_block = std::min(std::max<int64_t>(Q, 1),
-                                       std::max((int64_t(256) << 20) / per_query, query_block));
-  std::vector<Candidate<ord_t>> slots(size_t(parts * super_block * capacity));
-  std::vector<TopKBuffer<ord_t>> buffers(size_t(parts * super_block));
+std::tuple<at::Tensor, at::Tensor> float_key_topk(int64_t Q, int64_t N, int64_t k, int64_t tile_rows,
+                                                  int64_t query_block, const bool* mask, const MakeScorer& make_scorer) {
   at::Tensor values = at::empty({Q, k}, at::kFloat), indices = at::empty({Q, k}, at::kLong);
   float* out_v = values.data_ptr<float>();
   int64_t* out_i = indices.data_ptr<int64_t>();
-
-  for (int64_t s0 = 0; s0 < Q; s0 += super_block) {
-    const int64_t s1 = std::min(Q, s0 + super_block);
-    for (int64_t p = 0; p < parts; ++p)
-      for (int64_t i = 0; i < s1 - s0; ++i)
-        buffers[p * super_block + i] = {&slots[(p * super_block + i) * capacity], 0, kSkipOrd<ord_t>};
-    parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
-      auto score_tile = make_scorer();
-      std::vector<float> keys(static_cast<size_t>(std::min(query_block, s1 - s0) * tile_rows));
-      std::vector<ord_t> ords(static_cast<size_t>(tile_rows));
-      for (int64_t p = pb; p < pe; ++p) {
-        for (int64_t t = p * num_tiles / parts; t < (p + 1) * num_tiles / parts; ++t) {
-          const int64_t n0 = t * tile_rows, nt = std::min(N, n0 + tile_rows) - n0;
-          for (int64_t q0 = s0; q0 < s1; q0 += query_block) {
-            const int64_t qn = std::min(s1, q0 + query_block) - q0;
-            score_tile(n0, nt, q0, qn, keys.data());
-            for (int64_t i = 0; i < qn; ++i) {
-              const float* row = keys.data() + i * nt;
-              for (int64_t j = 0; j < nt; ++j)
-                ords[j] = (mask && !mask[n0 + j]) ? kSkipOrd<ord_t> : to_ord<float>(row[j]);
-              buffers[p * super_block + (q0 - s0 + i)].scan(ords.data(), nt, n0, k, capacity);
-            }
-          }
-        }
+  auto make_ranker = [&] {
+    return [score_tile = make_scorer(), keys = std::vector<float>(), ords = std::vector<ord_t>(), mask](
+               int64_t n0, int64_t nt, int64_t q0, int64_t qn, const auto& emit) mutable {
+      keys.resize(size_t(qn * nt));
+      ords.resize(size_t(nt));
+      score_tile(n0, nt, q0, qn, keys.data());
+      for (int64_t i = 0; i < qn; ++i) {
+        const float* row = keys.data() + i * nt;
+        for (int64_t j = 0; j < nt; ++j) ords[j] = (mask && !mask[n0 + j]) ? kSkipOrd<ord_t> : to_ord<float>(row[j]);
+        emit(i, ords.data());
       }
-    });
-    parallel_for(s0, s1, 16, [&](int64_t qb, int64_t qe) {
-      std::vector<Candidate<ord_t>> merged;
-      for (int64_t i = qb; i < qe; ++i) {
-        const int64_t found = merge_buffers(buffers.data() + (i - s0), parts, super_block, k, merged);
-        for (int64_t r = 0; r < k; ++r) {
-          out_v[i * k + r] = r < found ? from_ord<float>(merged[r].key) : -std::numeric_limits<float>::infinity();
-          out_i[i * k + r] = r < found ? merged[r].index : -1;
-        }
-      }
-    });
-  }
+    };
+  };
+  tiled_topk<ord_t>(Q, N, k, tile_rows, query_block, make_ranker,
+                    [&](int64_t q, int64_t found, const std::vector<Candidate<ord_t>>& merged) {
+                      for (int64_t r = 0; r < k; ++r) {
+                        out_v[q * k + r] = r < found ? from_ord<float>(merged[r].key) : -std::numeric_limits<float>::infinity();
+                        out_i[q * k + r] = r < found ? merged[r].index : -1;
+                      }
+                    });
   return {values, indices};
 }
 
@@ -334,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor> topk_int8_cpu(const at::Tensor& queries, cons
       terms.apply(keys, qn, nt, terms.query_bias ? terms.query_bias + q0 : nullptr, n0);
     };
   };
-  return tiled_topk(Q, N, k, plan.tile_rows, plan.query_block, mask_ptr, make_scorer);
+  return float_key_topk(Q, N, k, plan.tile_rows, plan.query_block, mask_ptr, make_scorer);
 }
 
 }  // namespace
@@ -408,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor> topk_hamming_cpu(const at::Tensor& queries, c
       for (int64_t i = 0; i < qn; ++i) hamming_keys(vpopcnt, qp + (q0 + i) * words, xp + n0 * words, nt, words, keys + i * nt);
     };
   };
-  auto [neg, indices] = tiled_topk(Q, N, k, plan.tile_rows, plan.query_block, mask_ptr, make_scorer);
+  auto [neg, indices] = float_key_topk(Q, N, k, plan.tile_rows, plan.query_block, mask_ptr, make_scorer);
   // keys are minus the distances; padding (-inf) becomes INT32_MAX
   at::Tensor dist = neg.neg().masked_fill_(indices < 0, 0).to(at::kInt).masked_fill_(
       indices < 0, std::numeric_limits<int32_t>::max());

@@ -1,14 +1,14 @@
 // Fused top-k similarity search on the CPU.
 //
-// The database is cut into tiles of rows that fit in L2; each thread owns a contiguous range of tiles.
-// For every tile it computes a [query block x tile] score block with a GEMM (MKL/oneDNN through ATen, or
-// MKL's bf16/fp16 GEMM with fp32 output), turns the scores into ranking keys while they are in cache, and
-// feeds them to per-query candidate buffers (topk_select.h). The Q x N score matrix never exists: extra
-// memory is O(threads * Q * k + tile). Per-thread buffers are merged at the end.
+// The database is cut into tiles of rows that fit in L2 (the driver: tiled_topk.h). For every tile a
+// thread computes a [query block x tile] score block with a GEMM (MKL/oneDNN through ATen, or MKL's
+// bf16/fp16 GEMM with fp32 output), turns the scores into ranking keys while they are in cache, and feeds
+// them to per-query candidate buffers (topk_select.h). The Q x N score matrix never exists.
 #include "common/parallel.h"
 #include "search/cpu_scan.h"
 #include "search/planner.h"
 #include "search/topk_common.h"
+#include "search/tiled_topk.h"
 #include "search/topk_select.h"
 
 #include <ATen/Dispatch.h>
@@ -212,31 +212,13 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args, const Plan
   const Metric metric = args.metric;
   const at::Tensor& database = args.database;
   const int64_t Q = args.queries.size(0), N = database.size(0), D = database.size(1), k = args.k;
-  const int64_t threads = at::get_num_threads();
   const int64_t gemm_elem = metric == Metric::KL ? int64_t(sizeof(acc_t)) : database.element_size();
-
   // Tile sizes come from the plan (search/planner.cpp says why).
-  const int64_t row_bytes = std::max<int64_t>(D * gemm_elem, 1);
-  int64_t tile_rows = plan.tile_bytes / row_bytes;
-  tile_rows = std::clamp<int64_t>(tile_rows / 16 * 16, 64, 65536);
-  tile_rows = std::min(tile_rows, std::max<int64_t>(16, (N + threads - 1) / threads));
-  const int64_t num_tiles = (N + tile_rows - 1) / tile_rows;
-  const int64_t parts = std::min(threads, num_tiles);
+  const int64_t tile_rows = std::clamp<int64_t>(plan.tile_bytes / std::max<int64_t>(D * gemm_elem, 1) / 16 * 16, 64, 65536);
   const int64_t query_block = std::min<int64_t>(Q, plan.query_block);
-  const int64_t max_rows_per_part = ((num_tiles + parts - 1) / parts) * tile_rows;
-  const int64_t capacity = std::min(k + std::max<int64_t>(k, 32), max_rows_per_part);
-
-  // Queries are processed in super-blocks so the candidate buffers stay under ~256 MiB for any Q and k.
-  const int64_t state_bytes_per_query = parts * capacity * int64_t(sizeof(Candidate<ord_t>));
-  int64_t super_block = std::max<int64_t>(1, (int64_t(256) << 20) / state_bytes_per_query);
-  super_block = std::min(Q, std::max(super_block, query_block));
 
   QuerySide<acc_t> qside = prepare_queries<acc_t>(args.queries, metric, plan.gemm);
   const bool* mask = args.mask ? args.mask->data_ptr<bool>() : nullptr;
-
-  std::vector<Candidate<ord_t>> slots(size_t(parts * super_block * capacity));
-  std::vector<TopKBuffer<ord_t>> buffers(size_t(parts * super_block));
-
   at::Tensor values = at::empty({Q, k}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
   auto indices = at::empty({Q, k}, at::TensorOptions().dtype(at::kLong));
   acc_t* out_v = values.template data_ptr<acc_t>();
@@ -244,55 +226,35 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args, const Plan
   const acc_t pad = larger_is_better(metric) ? -std::numeric_limits<acc_t>::infinity()
                                              : std::numeric_limits<acc_t>::infinity();
 
-  for (int64_t s0 = 0; s0 < Q; s0 += super_block) {
-    const int64_t s1 = std::min(Q, s0 + super_block);
-    for (int64_t p = 0; p < parts; ++p)
-      for (int64_t i = 0; i < s1 - s0; ++i)
-        buffers[p * super_block + i] = {&slots[(p * super_block + i) * capacity], 0, kSkipOrd<ord_t>};
-
-    parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
-      std::vector<acc_t> scores(static_cast<size_t>(query_block * tile_rows));
-      std::vector<acc_t> zero_hits(metric == Metric::KL ? static_cast<size_t>(query_block * tile_rows) : 0);
-      std::vector<ord_t> keys(static_cast<size_t>(tile_rows));
-      TileSide<acc_t> tside;
-      at::Tensor half_scores;
-      for (int64_t p = pb; p < pe; ++p) {
-        const int64_t t_begin = p * num_tiles / parts, t_end = (p + 1) * num_tiles / parts;
-        for (int64_t t = t_begin; t < t_end; ++t) {
-          const int64_t n0 = t * tile_rows, nt = std::min(N, n0 + tile_rows) - n0;
-          prepare_tile<acc_t>(database.narrow(0, n0, nt), metric, plan, n0, tside);
-          for (int64_t q0 = s0; q0 < s1; q0 += query_block) {
-            const int64_t qn = std::min(s1, q0 + query_block) - q0;
-            score_tile<acc_t>(plan, qside.gemm_operand.narrow(0, q0, qn), tside.gemm_operand, scores.data(), half_scores);
-            if (tside.has_zeros)
-              score_tile<acc_t>(plan, qside.positive.narrow(0, q0, qn), tside.zeros, zero_hits.data(), half_scores);
-            for (int64_t i = 0; i < qn; ++i) {
-              row_keys<acc_t, ord_t>(metric, scores.data() + i * nt, tside.has_zeros ? zero_hits.data() + i * nt : nullptr,
-                                     tside.term.data(), mask ? mask + n0 : nullptr, nt, keys.data());
-              buffers[p * super_block + (q0 - s0 + i)].scan(keys.data(), nt, n0, k, capacity);
-            }
-          }
-        }
+  // Each thread scores a tile per query block with the plan's GEMM and turns the scores into ranking keys
+  // while they are in cache; the tile's per-row terms are prepared once for all its query blocks.
+  auto make_scorer = [&] {
+    return [&, scores = std::vector<acc_t>(size_t(query_block * tile_rows)),
+            zero_hits = std::vector<acc_t>(metric == Metric::KL ? size_t(query_block * tile_rows) : 0),
+            keys = std::vector<ord_t>(size_t(tile_rows)), tside = TileSide<acc_t>(), half_scores = at::Tensor(),
+            prepared = int64_t(-1)](int64_t n0, int64_t nt, int64_t q0, int64_t qn, const auto& emit) mutable {
+      if (prepared != n0) {
+        prepare_tile<acc_t>(database.narrow(0, n0, nt), metric, plan, n0, tside);
+        prepared = n0;
       }
-    });
-
-    // Merge the parts' candidates per query, best first; pad when fewer than k exist.
-    parallel_for(s0, s1, 16, [&](int64_t qb, int64_t qe) {
-      std::vector<Candidate<ord_t>> merged;
-      for (int64_t i = qb; i < qe; ++i) {
-        const int64_t found = merge_buffers(buffers.data() + (i - s0), parts, super_block, k, merged);
-        for (int64_t r = 0; r < k; ++r) {
-          if (r < found) {
-            out_v[i * k + r] = key_to_value<acc_t>(metric, from_ord<acc_t>(merged[r].key), qside.term, i);
-            out_i[i * k + r] = merged[r].index;
-          } else {
-            out_v[i * k + r] = pad;
-            out_i[i * k + r] = -1;
-          }
-        }
+      score_tile<acc_t>(plan, qside.gemm_operand.narrow(0, q0, qn), tside.gemm_operand, scores.data(), half_scores);
+      if (tside.has_zeros)
+        score_tile<acc_t>(plan, qside.positive.narrow(0, q0, qn), tside.zeros, zero_hits.data(), half_scores);
+      for (int64_t i = 0; i < qn; ++i) {
+        row_keys<acc_t, ord_t>(metric, scores.data() + i * nt, tside.has_zeros ? zero_hits.data() + i * nt : nullptr,
+                               tside.term.data(), mask ? mask + n0 : nullptr, nt, keys.data());
+        emit(i, keys.data());
       }
-    });
-  }
+    };
+  };
+  tiled_topk<ord_t>(Q, N, k, tile_rows, query_block, make_scorer,
+                    [&](int64_t i, int64_t found, const std::vector<Candidate<ord_t>>& merged) {
+                      for (int64_t r = 0; r < k; ++r) {
+                        out_v[i * k + r] = r < found ? key_to_value<acc_t>(metric, from_ord<acc_t>(merged[r].key), qside.term, i)
+                                                     : pad;
+                        out_i[i * k + r] = r < found ? merged[r].index : -1;
+                      }
+                    });
   return finish_results(args, values.to(args.queries.scalar_type()), indices);
 }
 

@@ -1,0 +1,64 @@
+// The CPU tiled top-k driver, shared by the float search (topk_search_cpu.cpp) and compressed search
+// (codes_cpu.cpp): the rows are cut into tiles, each thread owns a contiguous range of tiles and feeds
+// per-query candidate buffers (topk_select.h) from each tile while it is in cache; the buffers are merged
+// at the end. The Q x N score matrix never exists: extra memory is O(threads * Q * k + tile).
+#pragma once
+#include "common/parallel.h"
+#include "search/topk_select.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace xmodal {
+
+// make_scorer() gives each worker thread a scorer; scorer(n0, nt, q0, qn, emit) ranks rows n0 .. n0 + nt for
+// queries q0 .. q0 + qn and calls emit(i, keys) with the nt ranking keys of query q0 + i (masked rows:
+// kSkipOrd). For each tile it is called for consecutive query blocks, so a scorer may prepare a tile once.
+// write(q, found, merged) then receives query q's best `found` (<= k) candidates, best first.
+template <typename ord_t, typename MakeScorer, typename Write>
+void tiled_topk(int64_t Q, int64_t N, int64_t k, int64_t tile_rows, int64_t query_block, const MakeScorer& make_scorer,
+                const Write& write) {
+  const int64_t threads = at::get_num_threads();
+  tile_rows = std::max<int64_t>(1, std::min(tile_rows, std::max<int64_t>(16, (N + threads - 1) / threads)));
+  const int64_t num_tiles = (N + tile_rows - 1) / tile_rows;
+  const int64_t parts = std::max<int64_t>(1, std::min(threads, num_tiles));
+  query_block = std::max<int64_t>(1, std::min(Q, query_block));
+  const int64_t max_rows_per_part = ((num_tiles + parts - 1) / parts) * tile_rows;
+  const int64_t capacity = std::max<int64_t>(1, std::min(k + std::max<int64_t>(k, 32), max_rows_per_part));
+  // Queries are processed in super-blocks so the candidate buffers stay under ~256 MiB for any Q and k.
+  const int64_t per_query = parts * capacity * int64_t(sizeof(Candidate<ord_t>));
+  const int64_t super_block =
+      std::min(std::max<int64_t>(Q, 1), std::max(std::max<int64_t>(1, (int64_t(256) << 20) / per_query), query_block));
+  std::vector<Candidate<ord_t>> slots(size_t(parts * super_block * capacity));
+  std::vector<TopKBuffer<ord_t>> buffers(size_t(parts * super_block));
+
+  for (int64_t s0 = 0; s0 < Q; s0 += super_block) {
+    const int64_t s1 = std::min(Q, s0 + super_block);
+    for (int64_t p = 0; p < parts; ++p)
+      for (int64_t i = 0; i < s1 - s0; ++i)
+        buffers[p * super_block + i] = {&slots[(p * super_block + i) * capacity], 0, kSkipOrd<ord_t>};
+    parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+      auto score = make_scorer();
+      for (int64_t p = pb; p < pe; ++p) {
+        for (int64_t t = p * num_tiles / parts; t < (p + 1) * num_tiles / parts; ++t) {
+          const int64_t n0 = t * tile_rows, nt = std::min(N, n0 + tile_rows) - n0;
+          for (int64_t q0 = s0; q0 < s1; q0 += query_block) {
+            const int64_t qn = std::min(s1, q0 + query_block) - q0;
+            score(n0, nt, q0, qn, [&](int64_t i, const ord_t* keys) {
+              buffers[p * super_block + (q0 - s0 + i)].scan(keys, nt, n0, k, capacity);
+            });
+          }
+        }
+      }
+    });
+    // Merge the parts' candidates per query, best first.
+    parallel_for(s0, s1, 16, [&](int64_t qb, int64_t qe) {
+      std::vector<Candidate<ord_t>> merged;
+      for (int64_t q = qb; q < qe; ++q) write(q, merge_buffers(buffers.data() + (q - s0), parts, super_block, k, merged), merged);
+    });
+  }
+}
+
+}  // namespace xmodal
