@@ -29,7 +29,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q "$TORCH_SPEC" numpy tqdm safetensors pillow "cmake>=3.26" ninja "scikit-build-core>=0.10" \
-  pytest hypothesis pytest-benchmark faiss-cpu
+  pytest hypothesis pytest-benchmark faiss-cpu torch_geometric
 if [ "$cuda" = auto ]; then
   if .venv/bin/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     cuda=on
