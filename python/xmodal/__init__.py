@@ -9,7 +9,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C  # noqa: F401
 from . import _registrations  # noqa: F401
 from . import _fallback_kernels  # noqa: F401
-from . import metrics, nn
+from . import graph, metrics, nn, rerank
 from .index import FlatIndex, IVFIndex, ShardedIndex
 from . import settings
 from .ops import METRICS, bilinear, factorized_bilinear, search_plan, topk_search
@@ -25,6 +25,8 @@ __all__ = [
     "bilinear",
     "factorized_bilinear",
     "nn",
+    "graph",
+    "rerank",
     "FlatIndex",
     "IVFIndex",
     "ShardedIndex",
