@@ -321,14 +321,15 @@ class Index(abc.ABC):
 
         return cls(int(meta["dim"]), meta["metric"], dtype=meta["dtype"], device=device, **Encoding.options(meta))
 
-    def save(self, path) -> None:
+    def save(self, path, *, encryption_key: Optional[bytes] = None) -> None:
         """Write the index to ``path`` (safetensors, with a checksum of its contents), atomically; the folder
-        must exist."""
+        must exist. ``encryption_key`` (32 bytes, see :mod:`xmodal.encryption`): seal the file with
+        AES-256-GCM."""
         self._require_trained("save")
-        io.save({**self._tensors(), **self._encoding.tensors()}, self._metadata(), path)
+        io.save({**self._tensors(), **self._encoding.tensors()}, self._metadata(), path, encryption_key)
 
     @classmethod
-    def load(cls, path, device="cpu", *, verify: bool = True):
+    def load(cls, path, device="cpu", *, verify: bool = True, encryption_key: Optional[bytes] = None):
         """Read an index written by :meth:`save`; a truncated, corrupt or foreign file raises ValueError, a
         missing one FileNotFoundError.
 
@@ -336,8 +337,9 @@ class Index(abc.ABC):
         (the file is corrupt). It is one more pass over the data in memory, under a tenth of the time to load a
         file from the page cache and less next to a read from disk; ``verify=False`` skips it (e.g. for huge
         files on a trusted disk). Files written before xmodal stored checksums have none and load unchecked.
+        An encrypted file needs the ``encryption_key`` it was saved with (a wrong one raises ValueError).
         """
-        tensors, meta = io.read(path, cls.FORMAT, verify)
+        tensors, meta = io.read(path, cls.FORMAT, verify, encryption_key)
         where = os.fspath(path)
         try:
             index = cls._from_metadata(meta, device)

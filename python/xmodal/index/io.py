@@ -2,17 +2,22 @@
 
 ``save`` writes to a temporary file in the same folder, fsyncs it and renames it over the target, so an
 interrupted save leaves the old file intact. The metadata holds a checksum of the contents, which ``read``
-verifies.
+verifies. With an encryption key the whole file is sealed with AES-256-GCM (:mod:`xmodal.encryption`).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 from typing import Tuple
 
 import torch
 
+from .. import encryption
 from .._atomic import write_atomic
+
+_SEAL_CONTEXT = b"xmodal index file"
 
 # The checksum: for each tensor, the wrapping sums of its 64-bit words over 64 KiB blocks, hashed (BLAKE2b)
 # together with its name, dtype and shape and with the metadata. Summing runs at memory speed (a 200k x 256
@@ -44,9 +49,10 @@ def _path_error(e: OSError, message: str) -> OSError:
     return OSError(e.errno, f"{message}: {e.strerror}") if e.errno and e.strerror else OSError(f"{message}: {e}")
 
 
-def save(tensors: dict, metadata: dict, path) -> None:
-    """Write ``tensors`` and ``metadata`` (values become strings) to ``path``, atomically, with a checksum."""
-    from safetensors.torch import save_file
+def save(tensors: dict, metadata: dict, path, encryption_key=None) -> None:
+    """Write ``tensors`` and ``metadata`` (values become strings) to ``path``, atomically, with a checksum;
+    sealed under ``encryption_key`` when one is given."""
+    from safetensors.torch import save as to_bytes, save_file
 
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -61,8 +67,15 @@ def save(tensors: dict, metadata: dict, path) -> None:
     metadata = {key: str(value) for key, value in metadata.items()}
     metadata["checksum"] = checksum(tensors, metadata)
 
+    if encryption_key is not None:
+        encryption.check_key(encryption_key)
+
     def write(tmp: str) -> None:
-        save_file(tensors, tmp, metadata=metadata)
+        if encryption_key is None:
+            save_file(tensors, tmp, metadata=metadata)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(encryption.seal(encryption_key, to_bytes(tensors, metadata=metadata), _SEAL_CONTEXT))
         with open(tmp, "rb") as f:  # on disk before the rename makes it the index
             os.fsync(f.fileno())
 
@@ -72,9 +85,19 @@ def save(tensors: dict, metadata: dict, path) -> None:
         raise _path_error(e, problem) from e
 
 
-def read(path, expected_format: str, verify: bool = True) -> Tuple[dict, dict]:
+def _from_bytes(data: bytes) -> Tuple[dict, dict]:
+    """Tensors and metadata of safetensors bytes (the format: 8-byte little-endian header size, JSON header)."""
+    from safetensors.torch import load
+
+    (size,) = struct.unpack("<Q", data[:8])
+    metadata = dict(json.loads(data[8: 8 + size]).get("__metadata__") or {})
+    return load(data), metadata
+
+
+def read(path, expected_format: str, verify: bool = True, encryption_key=None) -> Tuple[dict, dict]:
     """The tensors and metadata of an index file of ``expected_format``; with ``verify``, checked against the
-    checksum stored at save time (files written before xmodal stored one load unchecked)."""
+    checksum stored at save time (files written before xmodal stored one load unchecked). An encrypted file
+    needs its ``encryption_key``."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -83,12 +106,31 @@ def read(path, expected_format: str, verify: bool = True) -> Tuple[dict, dict]:
         raise IsADirectoryError(f"{problem}: it is a folder, not an index file")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{problem}: no such file")
+    if encryption_key is not None:
+        encryption.check_key(encryption_key)
     try:
-        tensors = {}
-        with safe_open(path, framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+        with open(path, "rb") as f:
+            sealed = encryption.is_sealed(f.read(len(encryption.MAGIC)))
+        if sealed and encryption_key is None:
+            raise ValueError(f"{path!r} is encrypted: pass its encryption_key to load it")
+        if not sealed and encryption_key is not None:
+            raise ValueError(f"{path!r} is not encrypted, but an encryption_key was given")
+        if sealed:
+            with open(path, "rb") as f:
+                blob = f.read()
+            tensors, metadata = _from_bytes(encryption.open_sealed(encryption_key, blob, _SEAL_CONTEXT,
+                                                                   f"index file {path!r}"))
+        else:
+            tensors = {}
+            with safe_open(path, framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name)
+    except ValueError as e:
+        if "encrypt" in str(e):
+            raise
+        raise ValueError(f"{path!r} is not a readable xmodal index file: truncated, corrupt or not a safetensors "
+                         f"file ({e})") from None
     except OSError as e:
         raise _path_error(e, problem) from e
     except Exception as e:  # safetensors raises its own error type for truncated / corrupt files
