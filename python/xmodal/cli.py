@@ -72,6 +72,33 @@ def _demo(args) -> int:
 
 # argparse `type=` functions: a bad value ends in the usage line and one error line naming the option (exit 2)
 
+def _serve(args) -> int:
+    from .serve import Limits, run
+
+    for flag, value in (("--batch-wait-ms", args.batch_wait_ms), ("--snapshot-mb", args.snapshot_mb)):
+        if not value >= 0:
+            raise SystemExit(f"xmodal serve: {flag} must be >= 0, got {value}")
+    limits = Limits(max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000)
+    try:
+        run(args.dir, host=args.host, port=args.port, api_key_file=args.api_key_file,
+            encryption_key_file=args.encryption_key_file, model=args.model, limits=limits,
+            snapshot_bytes=int(args.snapshot_mb * (1 << 20)))
+    except (ValueError, OSError) as e:
+        print(f"xmodal serve: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -145,6 +172,24 @@ def main(argv=None) -> int:
     p_demo.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p_demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_demo.set_defaults(func=_demo)
+    p_serve = sub.add_parser("serve", help="serve the collections in a folder over HTTP (FastAPI; /docs has the API)")
+    p_serve.add_argument("dir", help="folder of collections (created if missing)")
+    p_serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p_serve.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
+    p_serve.add_argument("--api-key-file", metavar="PATH",
+                         help="require 'Authorization: Bearer <key>' on every request, the key read from PATH")
+    p_serve.add_argument("--encryption-key-file", metavar="PATH",
+                         help="encrypt snapshots and the write-ahead log (AES-256-GCM) with the 32-byte key in PATH")
+    p_serve.add_argument("--model", metavar="CHECKPOINT",
+                         help="a CrossModalModel folder (xmodal demo writes one to <out>/model): enables search by "
+                              "text, image and image + text")
+    p_serve.add_argument("--max-batch", type=_positive_int, default=256,
+                         help="most queries answered by one index search (1 turns micro-batching off; default: 256)")
+    p_serve.add_argument("--batch-wait-ms", type=float, default=2.0,
+                         help="how long a batch keeps gathering while requests arrive together (default: 2)")
+    p_serve.add_argument("--snapshot-mb", type=float, default=256.0,
+                         help="snapshot a collection once its write-ahead log holds this many MiB (default: 256)")
+    p_serve.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     return args.func(args)
 

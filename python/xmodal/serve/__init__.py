@@ -1,0 +1,46 @@
+"""``xmodal serve``: a retrieval service over xmodal indexes (FastAPI + uvicorn).
+
+- :func:`create_app` -- the ASGI app (see :mod:`.app` for the paths and fields);
+- :func:`run` -- serve a folder of collections (what ``xmodal serve DIR`` calls);
+- :func:`write_collection` -- put an index built in Python into a folder the service will serve.
+
+Writes are durable when acknowledged (:mod:`.collection`, :mod:`.storage`); concurrent searches are
+micro-batched (:mod:`.batcher`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .app import Limits, create_app
+from .collection import Catalog, Collection, write_collection
+from .storage import CorruptLogError
+
+__all__ = ["Limits", "create_app", "run", "write_collection", "Catalog", "Collection", "CorruptLogError"]
+
+
+def read_api_key(path: str) -> str:
+    """The API key in a file (surrounding whitespace ignored); it must be 16 or more printable characters."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the API key file {path!r}: {e}") from None
+    if len(key) < 16 or not key.isprintable() or " " in key:
+        raise ValueError(f"the API key in {path!r} must be 16 or more printable characters without spaces, "
+                         f"got {len(key)} characters")
+    return key
+
+
+def run(folder: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_file: Optional[str] = None,
+        encryption_key_file: Optional[str] = None, model: Optional[str] = None,
+        limits: Optional[Limits] = None, snapshot_bytes: Optional[int] = None, log_level: str = "warning") -> None:
+    """Serve the collections in ``folder`` until interrupted."""
+    import uvicorn
+
+    from ..encryption import read_key
+
+    api_key = read_api_key(api_key_file) if api_key_file else None
+    key = read_key(encryption_key_file) if encryption_key_file else None
+    app = create_app(folder, api_key=api_key, encryption_key=key, model_path=model, limits=limits,
+                     snapshot_bytes=snapshot_bytes)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
