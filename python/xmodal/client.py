@@ -77,8 +77,23 @@ class Client:
         return self._call("GET", "/health").get("status") == "ok"
 
     def ready(self) -> bool:
-        response = self._http.get("/ready")
-        return response.status_code == 200
+        """Whether the service is up and has loaded its collections (False while it starts or loads)."""
+        import httpx
+
+        try:
+            return self._http.get("/ready").status_code == 200
+        except httpx.TransportError:  # not listening yet
+            return False
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until :meth:`ready`; TimeoutError after ``timeout`` seconds."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the service was not ready within {timeout} s")
+            time.sleep(0.1)
 
     # -- collections
     def create_collection(self, name: str, dim: int, metric: str = "cosine", *, index: str = "flat",
