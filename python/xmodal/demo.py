@@ -142,8 +142,11 @@ def run(args) -> int:
         print(f"{name:<16}" + "".join(f"{results[f'{key}_R@{r}']:>8.3f}" for r in (1, 5, 10)))
     grid = os.path.join(args.out, "examples.png")
     write_grid(grid, example_rows(model, gallery, composed))
+    model_folder = os.path.join(args.out, "model")
+    model.save(model_folder)  # what `xmodal serve DIR --model <out>/model` searches with
     total = time.perf_counter() - started
-    print(f"\nexample queries and their top 5: {grid}\ntrained in {train_seconds:.0f} s, {total:.0f} s in all")
+    print(f"\nexample queries and their top 5: {grid}\nthe trained model: {model_folder} (for xmodal serve --model)"
+          f"\ntrained in {train_seconds:.0f} s, {total:.0f} s in all")
     if args.json:
         report = {"metrics": results, "config": asdict(config), "train_seconds": train_seconds, "total_seconds": total,
                   "torch": torch.__version__, "threads": torch.get_num_threads()}
