@@ -2,8 +2,9 @@
 
 A search over N rows costs about one pass over the rows whether it carries 1 query or 64 (the GEMM reads the
 database once), so under load the service gathers the queries that arrive while the previous search runs --
-and, when requests are arriving together, up to ``max_wait`` seconds more -- and searches them at once. A lone
-request is searched at once: batching adds no latency when there is nothing to batch with.
+and, while requests keep arriving less than ``max_wait`` apart, those too (for at most ``max_gather``) -- and
+searches them at once. A lone request is searched at once: batching adds no latency when there is nothing to
+batch with.
 
 The queue is bounded (``max_queue`` queries); past it a request is refused with :class:`Overloaded` (the
 service answers 503 with Retry-After) instead of growing an unbounded backlog. Searches with an allow-list or
@@ -38,15 +39,16 @@ class MicroBatcher:
     """Runs ``search(queries [Q, D] float32, k) -> (scores [Q, k], ids [Q, k])`` for one collection, one call at
     a time on its own thread, batching unmasked requests.
 
-    ``max_batch``: most queries in one call (1 turns batching off); ``max_wait``: seconds to keep gathering
-    once a batch has started while requests arrive together; ``on_batch(queries)``: called with each call's
-    query count (metrics)."""
+    ``max_batch``: most queries in one call (1 turns batching off); ``max_wait``: the longest gap between
+    arrivals that still counts as requests arriving together; ``max_gather``: the longest a batch gathers;
+    ``on_batch(queries)``: called with each call's query count (metrics)."""
 
-    def __init__(self, search: Callable, *, max_batch: int = 256, max_wait: float = 0.002, max_queue: int = 4096,
-                 on_batch: Optional[Callable[[int], None]] = None):
+    def __init__(self, search: Callable, *, max_batch: int = 256, max_wait: float = 0.002,
+                 max_gather: float = 0.02, max_queue: int = 4096, on_batch: Optional[Callable[[int], None]] = None):
         self.search = search
         self.max_batch = max_batch
         self.max_wait = max_wait
+        self.max_gather = max_gather
         self.max_queue = max_queue
         self.on_batch = on_batch
         self._queue: Deque[_Request] = collections.deque()
@@ -77,21 +79,23 @@ class MicroBatcher:
         return request
 
     async def _gather(self) -> list:
-        """The next call's requests: a masked request alone, else unmasked ones up to ``max_batch`` queries."""
+        """The next call's requests: a masked request alone, else unmasked ones up to ``max_batch`` queries.
+        While requests keep arriving less than ``max_wait`` apart (a burst: e.g. the clients the last batch just
+        answered, sending their next queries) the batch keeps gathering, for at most ``max_gather`` seconds."""
         first = self._take()
         if first.masked or self.max_batch <= 1:
             return [first]
         batch, rows = [first], first.queries.shape[0]
         busy = self._last_batch > 1 or bool(self._queue)
-        deadline = time.monotonic() + (self.max_wait if busy else 0.0)
+        stop_at = time.monotonic() + self.max_gather
         while rows < self.max_batch:
             if self._queue and not self._queue[0].masked:
                 request = self._take()
                 batch.append(request)
                 rows += request.queries.shape[0]
                 continue
-            remaining = deadline - time.monotonic()
-            if self._queue or remaining <= 0:
+            remaining = min(self.max_wait, stop_at - time.monotonic())
+            if self._queue or not busy or remaining <= 0:
                 break
             self._wakeup.clear()
             try:
