@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import xmodal
 from xmodal import reference
 from xmodal.metrics import mean_average_precision
-from xmodal.rerank import Diffusion, conjugate_gradient, database_augmentation, gnn_rerank, query_expansion
+from xmodal.rerank import Diffusion, GNNRerank, conjugate_gradient, database_augmentation, gnn_rerank, query_expansion
 
 from search_helpers import make_inputs
 
@@ -335,3 +335,79 @@ def test_gnn_rerank_bad_arguments():
         kwargs = {"k": 2, **kwargs}
         with pytest.raises(error, match=message):
             gnn_rerank(queries, database, kwargs.pop("k"), **kwargs)
+
+
+# -- message passing with the database's graph built once ----------------------------------------------
+
+def dense_database_gnn_scores(queries, database, graph_k, layers, metric="cosine"):
+    """GNNRerank's semantics without truncation: the database's own graph; queries attach to it."""
+    norm = (lambda t: F.normalize(t, dim=1)) if metric == "cosine" else (lambda t: t)
+    q, d = norm(queries.double()), norm(database.double())
+
+    def affinity(x):
+        s = x @ d.T
+        _, nbrs = reference.topk_from_scores(s, graph_k, "ip")
+        a = torch.zeros_like(s)
+        a[torch.arange(len(x))[:, None], nbrs] = s.gather(1, nbrs).clamp(min=0)
+        return a
+
+    a_d, a_q = affinity(d), affinity(q)
+    x_d, x_q = F.normalize(a_d, dim=1), F.normalize(a_q, dim=1)
+    for _ in range(layers):
+        x_q = F.normalize(x_q + a_q @ x_d, dim=1)  # (the database's features of the previous round)
+        x_d = F.normalize(x_d + a_d @ x_d, dim=1)
+    return x_q @ x_d.T
+
+
+@pytest.mark.parametrize("layers, metric", [(0, "cosine"), (1, "cosine"), (2, "cosine"), (2, "ip")])
+def test_gnn_reranker_matches_dense_reference_without_truncation(layers, metric):
+    queries, database = make_inputs(5, 40, 6, metric, torch.float64, "cpu", seed=21)
+    if metric == "ip":
+        database = database.abs()  # non-negative affinities everywhere: no ties at 0 between rows
+        queries = queries.abs()
+    reranker = GNNRerank(database, graph_k=5, layers=layers, feature_k=40, metric=metric)
+    scores, indices = reranker.search(queries, 10)
+    full = dense_database_gnn_scores(queries, database, 5, layers, metric)
+    ref_v, _ = reference.topk_from_scores(full, 10, "ip")
+    torch.testing.assert_close(scores, ref_v, rtol=0, atol=1e-5)  # (raw similarity breaks ties at 1e-6)
+    torch.testing.assert_close(full.gather(1, indices), scores, rtol=0, atol=1e-5)
+
+
+def test_gnn_reranker_improves_map_with_truncated_features(manifold):
+    queries, database, relevant, raw_map = manifold
+    reranker = GNNRerank(database, graph_k=20, layers=3, feature_k=100)
+    _, indices = reranker.search(queries, database.shape[0])
+    gnn_map = mean_average_precision(indices, relevant)
+    assert gnn_map > raw_map + 0.1, (raw_map, gnn_map)
+    assert sorted(indices[0].tolist()) == list(range(database.shape[0]))  # every row ranked once
+
+
+def test_gnn_reranker_with_an_index_answers_its_ids():
+    queries, database = make_inputs(6, 50, 8, "cosine", torch.float32, "cpu", seed=22)
+    expected = GNNRerank(database, graph_k=4).search(queries, 7)
+    index = xmodal.FlatIndex(8, "cosine")
+    ids = torch.arange(50) * 5 + 1
+    index.add(database, ids=ids)
+    scores, got = GNNRerank(index, graph_k=4).search(queries, 7)
+    torch.testing.assert_close(scores, expected[0])
+    assert torch.equal(got, ids[expected[1]])
+
+
+def test_gnn_reranker_bad_arguments():
+    queries, database = make_inputs(3, 20, 4, "cosine", torch.float32, "cpu")
+    for kwargs, error, message in [
+        (dict(graph_k=0), ValueError, "graph_k must be >= 1, got 0"),
+        (dict(graph_k=21), ValueError, "graph_k must be <= the 20 rows of database, got 21"),
+        (dict(layers=-1), ValueError, "layers must be >= 0, got -1"),
+        (dict(graph_k=8, feature_k=4), ValueError, "feature_k must be >= graph_k = 8, got 4"),
+        (dict(metric="l2"), ValueError, "got 'l2'"),
+    ]:
+        with pytest.raises(error, match=message):
+            GNNRerank(database, **kwargs)
+    reranker = GNNRerank(database, graph_k=3)
+    with pytest.raises(ValueError, match="k = 21 is larger than the 20 rows of database"):
+        reranker.search(queries, 21)
+    with pytest.raises(ValueError, match="queries must have the database's 4 columns"):
+        reranker.search(torch.randn(2, 5), 3)
+    with pytest.raises(ValueError, match="NaN"):
+        reranker.search(torch.full((1, 4), float("nan")), 3)
