@@ -82,7 +82,7 @@ def _serve(args) -> int:
     try:
         run(args.dir, host=args.host, port=args.port, api_key_file=args.api_key_file,
             encryption_key_file=args.encryption_key_file, model=args.model, limits=limits,
-            snapshot_bytes=int(args.snapshot_mb * (1 << 20)))
+            snapshot_bytes=int(args.snapshot_mb * (1 << 20)), search_threads=args.search_threads)
     except (ValueError, OSError) as e:
         print(f"xmodal serve: {e}", file=sys.stderr)
         return 2
@@ -189,6 +189,9 @@ def main(argv=None) -> int:
                          help="how long a batch keeps gathering while requests arrive together (default: 2)")
     p_serve.add_argument("--snapshot-mb", type=float, default=256.0,
                          help="snapshot a collection once its write-ahead log holds this many MiB (default: 256)")
+    p_serve.add_argument("--search-threads", type=_positive_int,
+                         help="torch threads for searches (default: one fewer than the cores, leaving one to the "
+                              "HTTP event loop)")
     p_serve.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     return args.func(args)

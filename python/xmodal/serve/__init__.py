@@ -9,6 +9,7 @@ micro-batched (:mod:`.batcher`).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from .app import Limits, create_app
@@ -31,16 +32,28 @@ def read_api_key(path: str) -> str:
     return key
 
 
+def default_search_threads() -> int:
+    return max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) - 1)
+
+
 def run(folder: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_file: Optional[str] = None,
         encryption_key_file: Optional[str] = None, model: Optional[str] = None,
-        limits: Optional[Limits] = None, snapshot_bytes: Optional[int] = None, log_level: str = "warning") -> None:
-    """Serve the collections in ``folder`` until interrupted."""
+        limits: Optional[Limits] = None, snapshot_bytes: Optional[int] = None, search_threads: Optional[int] = None,
+        log_level: str = "warning") -> None:
+    """Serve the collections in ``folder`` until interrupted.
+
+    ``search_threads``: torch's threads for searches and writes (default: one fewer than the cores, at least
+    one). The event loop that parses requests and writes answers needs a core of its own: when torch's
+    worker threads fill every core they spin-wait on each other while it runs, and a 2-core machine then
+    searches several times slower than with one worker thread."""
     import uvicorn
+    import torch
 
     from ..encryption import read_key
 
     api_key = read_api_key(api_key_file) if api_key_file else None
     key = read_key(encryption_key_file) if encryption_key_file else None
+    torch.set_num_threads(search_threads if search_threads else default_search_threads())
     app = create_app(folder, api_key=api_key, encryption_key=key, model_path=model, limits=limits,
                      snapshot_bytes=snapshot_bytes)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
