@@ -13,14 +13,13 @@ mAP@100 over 100 queries (rows of the data set, searched against all rows).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 import xmodal
 from xmodal import metrics
-from xmodal.bench import environment
+from xmodal.bench import environment, publish
 from xmodal.graph import knn_graph
 from xmodal.rerank import Diffusion, GNNRerank, gnn_rerank, query_expansion
 
@@ -130,15 +129,7 @@ def main() -> None:
         if "gnn_map" in entry:
             lines.append(f"| {n} | gnn_rerank (joint graph per call; graph_k = 20, 2 layers) | {entry['gnn_map']:.4f} | "
                          f"{entry['gnn_s']:.3f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "graph": rows, "rerank": results}, f, indent=2)
-
+    publish("\n".join(lines) + "\n", {"environment": env, "graph": rows, "rerank": results}, args.markdown, args.json)
 
 if __name__ == "__main__":
     main()

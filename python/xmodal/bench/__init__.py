@@ -8,8 +8,8 @@ from .bilinear import (BilinearCase, BilinearResult, activation_bytes, bilinear_
                        run_bilinear_case, step)
 from .compress import CompressCase, CompressResult, compress_targets, run_compress_case
 from .compress_data import clustered_data, model_data
-from .harness import (Result, check_repeats, cuda_missing, environment, format_markdown, format_text, time_call,
-                      time_interleaved, write_ratio_chart)
+from .harness import (Result, check_repeats, cuda_missing, environment, format_markdown, format_text, publish,
+                      time_call, time_interleaved, write_ratio_chart)
 from .search import (STRATEGIES, SearchCase, SearchResult, cpu_targets, cuda_targets, faiss_index, make_data,
                      naive_search, run_search_case, search_grid, variant_call)
 
@@ -18,7 +18,7 @@ __all__ = [
     "BilinearCase", "BilinearResult", "activation_bytes", "bilinear_grid", "make_problem", "peak_extra_bytes",
     "run_bilinear_case", "step",
     "CompressCase", "CompressResult", "clustered_data", "compress_targets", "model_data", "run_compress_case",
-    "Result", "check_repeats", "cuda_missing", "environment", "format_markdown", "format_text", "time_call",
+    "Result", "check_repeats", "cuda_missing", "environment", "format_markdown", "format_text", "publish", "time_call",
     "time_interleaved", "write_ratio_chart",
     "STRATEGIES", "SearchCase", "SearchResult", "cpu_targets", "cuda_targets", "faiss_index", "make_data",
     "naive_search", "run_search_case", "search_grid", "variant_call",

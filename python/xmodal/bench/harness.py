@@ -230,6 +230,16 @@ def _write_text(path: str, text: str) -> None:
     write_atomic(path, write)
 
 
+def publish(text: str, data: dict, markdown: Optional[str] = None, json_path: Optional[str] = None) -> None:
+    """A standalone benchmark's ending: print the markdown report, write it to ``markdown`` and ``data`` to
+    ``json_path`` (each only when given)."""
+    print(text)
+    if markdown:
+        _write_text(markdown, text)
+    if json_path:
+        _write_text(json_path, json.dumps(data, indent=2))
+
+
 def write_reports(args, env: dict, results: List[Result], markdown: Callable[[List[Result]], str]) -> None:
     """The JSON (``--json``: environment and every result's fields) and markdown (``--markdown``) reports."""
     if args.json:
