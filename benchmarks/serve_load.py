@@ -1,0 +1,264 @@
+"""Load test of ``xmodal serve`` on this machine, loopback only, bounded in time and count.
+
+    python benchmarks/serve_load.py [--n 1000000] [--dim 256] [--clients 64] [--seconds 15]
+                                    [--markdown out.md] [--json out.json]
+
+1. Throughput: a collection of N random unit rows (float32, then the int8 codec), ``--clients`` concurrent
+   clients (asyncio + httpx, one process) each sending single-vector searches with k = 10 back to back for
+   ``--seconds``, against the service with micro-batching on, then off (``--max-batch 1``). Reported: queries
+   per second, p50 / p99 latency, and the on/off throughput ratio.
+2. Overhead: N = 10,000, one client, sequential single-vector searches: p50 HTTP round trip minus the p50 of
+   the same search in-process (``Collection.search``, the function the service calls).
+3. Restart: N rows in a snapshot plus ``--log-rows`` added over HTTP (in the write-ahead log), SIGKILL, restart:
+   seconds from process start to ``/ready``.
+
+The server runs in a subprocess with torch's default threads; the load generator shares the machine with it
+(the figures include that cost, as they would for clients on the same host).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import xmodal
+from xmodal.bench import environment, publish
+from xmodal.serve import write_collection
+from xmodal.serve.collection import Collection
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder: str, *args, timeout: float = 600):
+    import httpx
+
+    port = free_port()
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "xmodal", "serve", folder, "--port", str(port), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    while time.perf_counter() - started < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode(errors='replace')}")
+        try:
+            if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                return proc, url, time.perf_counter() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"server not ready after {timeout} s")
+
+
+def stop(proc, sig=signal.SIGTERM) -> None:
+    proc.send_signal(sig)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def unit_rows(n: int, dim: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(n, dim)
+    for start in range(0, n, 100_000):
+        block = torch.randn(min(100_000, n - start), dim, generator=g)
+        out[start: start + block.shape[0]] = torch.nn.functional.normalize(block, dim=1)
+    return out
+
+
+def build(folder: str, name: str, n: int, dim: int, codec) -> None:
+    index = xmodal.FlatIndex(dim, "cosine", codec=codec)
+    x = unit_rows(n, dim, seed=0)
+    if codec is not None:
+        index.train(x[:100_000])
+    index.add(x)
+    del x
+    write_collection(folder, name, index)
+
+
+async def load(url: str, name: str, dim: int, clients: int, seconds: float, k: int = 10):
+    """Closed loop: each client sends its next search when the last is answered."""
+    import httpx
+
+    rng = np.random.default_rng(1)
+    bodies = [json.dumps({"vectors": [rng.standard_normal(dim).astype(np.float32).tolist()], "k": k}).encode()
+              for _ in range(256)]
+    latencies, errors = [], 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
+        deadline = time.perf_counter() + seconds
+        warm_until = time.perf_counter() + min(2.0, seconds / 5)
+
+        async def client(i: int):
+            nonlocal errors
+            j = i
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                r = await http.post(f"/collections/{name}/search", content=bodies[j % len(bodies)],
+                                    headers={"content-type": "application/json"})
+                end = time.perf_counter()
+                j += clients
+                if r.status_code != 200:
+                    errors += 1
+                elif start >= warm_until:
+                    latencies.append((end, end - start))
+
+        began = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        elapsed = time.perf_counter() - max(began, warm_until)
+    counted = [lat for end, lat in latencies if end <= deadline]
+    lat = np.array(counted) * 1000
+    return {"qps": len(counted) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "requests": len(counted), "errors": errors}
+
+
+def throughput(folder: str, n: int, dim: int, clients: int, seconds: float, codec):
+    name = "bench"
+    build(folder, name, n, dim, codec)
+    out = {}
+    for label, args in (("batching on", ()), ("batching off", ("--max-batch", "1"))):
+        proc, url, _ = start_server(folder, *args)
+        try:
+            out[label] = asyncio.run(load(url, name, dim, clients, seconds))
+        finally:
+            stop(proc)
+        print(f"  {codec or 'float32'} {label}: {out[label]}", flush=True)
+    shutil.rmtree(os.path.join(folder, name))
+    out["speedup"] = out["batching on"]["qps"] / out["batching off"]["qps"]
+    out["p99_over_p50"] = out["batching on"]["p99_ms"] / out["batching on"]["p50_ms"]
+    return out
+
+
+def overhead(folder: str, dim: int, requests: int = 600):
+    import httpx
+
+    name = "small"
+    build(folder, name, 10_000, dim, None)
+    rng = np.random.default_rng(2)
+    queries = rng.standard_normal((requests, dim)).astype(np.float32)
+    col = Collection.open(os.path.join(folder, name))
+    inproc = []
+    for q in queries:
+        start = time.perf_counter()
+        col.search(q[None], 10)
+        inproc.append(time.perf_counter() - start)
+    col.close()
+    proc, url, _ = start_server(folder)
+    http_times = []
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for q in queries[:50]:  # warm-up
+                http.post(f"/collections/{name}/search", json={"vectors": [q.tolist()], "k": 10})
+            for q in queries:
+                body = json.dumps({"vectors": [q.tolist()], "k": 10}).encode()
+                start = time.perf_counter()
+                r = http.post(f"/collections/{name}/search", content=body, headers={"content-type": "application/json"})
+                http_times.append(time.perf_counter() - start)
+                assert r.status_code == 200
+    finally:
+        stop(proc)
+    shutil.rmtree(os.path.join(folder, name))
+    p50_http, p50_inproc = np.percentile(http_times, 50) * 1000, np.percentile(inproc, 50) * 1000
+    return {"p50_http_ms": float(p50_http), "p50_in_process_ms": float(p50_inproc),
+            "overhead_ms": float(p50_http - p50_inproc), "p99_http_ms": float(np.percentile(http_times, 99) * 1000)}
+
+
+def restart(folder: str, n: int, dim: int, log_rows: int, batch: int = 1000):
+    import httpx
+
+    name = "restart"
+    build(folder, name, n, dim, None)
+    proc, url, first_start = start_server(folder)
+    rng = np.random.default_rng(3)
+    with httpx.Client(base_url=url, timeout=300) as http:
+        for start in range(0, log_rows, batch):
+            rows = rng.standard_normal((min(batch, log_rows - start), dim)).astype(np.float32)
+            ids = list(range(n + start, n + start + rows.shape[0]))
+            r = http.post(f"/collections/{name}/vectors", json={"ids": ids, "vectors": rows.tolist()})
+            assert r.status_code == 200, r.text
+    log_bytes = sum(os.path.getsize(os.path.join(folder, name, f)) for f in os.listdir(os.path.join(folder, name))
+                    if f.startswith("wal-"))
+    stop(proc, signal.SIGKILL)
+    proc, url, ready = start_server(folder)
+    try:
+        size = httpx.get(f"{url}/collections/{name}").json()["size"]
+    finally:
+        stop(proc)
+    shutil.rmtree(os.path.join(folder, name))
+    assert size == n + log_rows, size
+    return {"snapshot_rows": n, "log_rows": log_rows, "log_mib": log_bytes / 2 ** 20, "ready_seconds": ready,
+            "first_start_seconds": first_start}
+
+
+def markdown(report: dict) -> str:
+    env, a = report["environment"], report["args"]
+    lines = [f"# xmodal serve: load test ({env.get('date', '')})", "",
+             f"Machine: {env.get('cpu')} ({env.get('threads')} threads); flags: {env.get('cpu_flags')}",
+             f"torch {env.get('torch')}, xmodal {env.get('xmodal')}, Python {sys.version.split()[0]}; "
+             f"server and load generator on the same 2 cores, loopback.", "",
+             f"## Throughput: N = {a['n']:,}, D = {a['dim']}, {a['clients']} concurrent clients, single-vector "
+             f"searches, k = 10, {a['seconds']} s each", "",
+             "| rows | batching | QPS | p50 ms | p99 ms | p99 / p50 | requests |", "|---|---|---|---|---|---|---|"]
+    for codec, t in report["throughput"].items():
+        for label in ("batching on", "batching off"):
+            r = t[label]
+            lines.append(f"| {codec} | {label.split()[1]} | {r['qps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                         f"{r['p99_ms'] / r['p50_ms']:.2f} | {r['requests']} |")
+        lines.append(f"| {codec} | **on / off** | **{t['speedup']:.1f}x** | | | | |")
+    o = report["overhead"]
+    lines += ["", "## Service overhead: N = 10,000, one client, sequential", "",
+              f"p50 HTTP round trip {o['p50_http_ms']:.2f} ms (p99 {o['p99_http_ms']:.2f} ms); p50 of the same "
+              f"search in-process {o['p50_in_process_ms']:.2f} ms; **overhead {o['overhead_ms']:.2f} ms**."]
+    r = report["restart"]
+    lines += ["", "## Restart after SIGKILL", "",
+              f"{r['snapshot_rows']:,} rows in the snapshot + {r['log_rows']:,} in the write-ahead log "
+              f"({r['log_mib']:.0f} MiB): **ready {r['ready_seconds']:.1f} s** after the process started "
+              f"(first start, snapshot only: {r['first_start_seconds']:.1f} s)."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--log-rows", type=int, default=100_000)
+    parser.add_argument("--codecs", default="float32,int8")
+    parser.add_argument("--markdown")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    folder = tempfile.mkdtemp(prefix="xmodal-serve-bench-")
+    try:
+        report = {"environment": environment("cpu", faiss=False), "args": vars(args), "throughput": {}}
+        for codec in args.codecs.split(","):
+            report["throughput"][codec] = throughput(folder, args.n, args.dim, args.clients, args.seconds,
+                                                     None if codec == "float32" else codec)
+        report["overhead"] = overhead(folder, args.dim)
+        print(f"  overhead: {report['overhead']}", flush=True)
+        report["restart"] = restart(folder, args.n, args.dim, args.log_rows)
+        print(f"  restart: {report['restart']}", flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    publish(markdown(report), report, args.markdown, args.json)
+
+
+if __name__ == "__main__":
+    main()
