@@ -34,7 +34,7 @@ import torch
 
 import xmodal
 from xmodal.bench import environment, publish
-from xmodal.serve import write_collection
+from xmodal.serve import default_search_threads, write_collection
 from xmodal.serve.collection import Collection
 
 
@@ -93,40 +93,75 @@ def build(folder: str, name: str, n: int, dim: int, codec) -> None:
     write_collection(folder, name, index)
 
 
-async def load(url: str, name: str, dim: int, clients: int, seconds: float, k: int = 10):
-    """Closed loop: each client sends its next search when the last is answered."""
-    import httpx
+class Connection:
+    """One keep-alive HTTP/1.1 connection speaking just enough of the protocol for the load test: a load
+    generator in Python must spend far less per request than the server, or it measures itself (httpx's
+    async client costs a few milliseconds of CPU per request, on the same two cores)."""
 
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+
+    async def open(self):
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    async def post(self, path: str, body: bytes) -> int:
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), len(body), body))
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await self.reader.readexactly(length)
+        return status
+
+    def close(self):
+        self.writer.close()
+
+
+async def load(url: str, name: str, dim: int, clients: int, seconds: float, k: int = 10):
+    """Closed loop: each client sends its next search when the last is answered; latency from the request
+    being written to the whole answer read."""
+    host, port = url.split("//")[1].split(":")
     rng = np.random.default_rng(1)
     bodies = [json.dumps({"vectors": [rng.standard_normal(dim).astype(np.float32).tolist()], "k": k}).encode()
               for _ in range(256)]
+    path = f"/collections/{name}/search"
     latencies, errors = [], 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
-        deadline = time.perf_counter() + seconds
-        warm_until = time.perf_counter() + min(2.0, seconds / 5)
+    connections = [Connection(host, int(port)) for _ in range(clients)]
+    await asyncio.gather(*(c.open() for c in connections))
+    deadline = time.perf_counter() + seconds
+    warm_until = time.perf_counter() + min(2.0, seconds / 5)
 
-        async def client(i: int):
-            nonlocal errors
-            j = i
-            while time.perf_counter() < deadline:
-                start = time.perf_counter()
-                r = await http.post(f"/collections/{name}/search", content=bodies[j % len(bodies)],
-                                    headers={"content-type": "application/json"})
-                end = time.perf_counter()
-                j += clients
-                if r.status_code != 200:
-                    errors += 1
-                elif start >= warm_until:
-                    latencies.append((end, end - start))
+    async def client(i: int):
+        nonlocal errors
+        j = i
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            status = await connections[i].post(path, bodies[j % len(bodies)])
+            end = time.perf_counter()
+            j += clients
+            if status != 200:
+                errors += 1
+            elif start >= warm_until:
+                latencies.append((end, end - start))
 
-        began = time.perf_counter()
-        await asyncio.gather(*(client(i) for i in range(clients)))
-        elapsed = time.perf_counter() - max(began, warm_until)
+    began = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    for c in connections:
+        c.close()
+    elapsed = deadline - max(began, warm_until)
     counted = [lat for end, lat in latencies if end <= deadline]
     lat = np.array(counted) * 1000
     return {"qps": len(counted) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
             "p99_ms": float(np.percentile(lat, 99)), "requests": len(counted), "errors": errors}
+
+
+def run_load(*args):
+    try:
+        import uvloop
+
+        return uvloop.run(load(*args))
+    except ImportError:
+        return asyncio.run(load(*args))
 
 
 def throughput(folder: str, n: int, dim: int, clients: int, seconds: float, codec):
@@ -136,7 +171,7 @@ def throughput(folder: str, n: int, dim: int, clients: int, seconds: float, code
     for label, args in (("batching on", ()), ("batching off", ("--max-batch", "1"))):
         proc, url, _ = start_server(folder, *args)
         try:
-            out[label] = asyncio.run(load(url, name, dim, clients, seconds))
+            out[label] = run_load(url, name, dim, clients, seconds)
         finally:
             stop(proc)
         print(f"  {codec or 'float32'} {label}: {out[label]}", flush=True)
@@ -154,11 +189,14 @@ def overhead(folder: str, dim: int, requests: int = 600):
     rng = np.random.default_rng(2)
     queries = rng.standard_normal((requests, dim)).astype(np.float32)
     col = Collection.open(os.path.join(folder, name))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(default_search_threads())  # as the service runs it
     inproc = []
     for q in queries:
         start = time.perf_counter()
         col.search(q[None], 10)
         inproc.append(time.perf_counter() - start)
+    torch.set_num_threads(threads)
     col.close()
     proc, url, _ = start_server(folder)
     http_times = []
@@ -214,7 +252,8 @@ def markdown(report: dict) -> str:
              f"torch {env.get('torch')}, xmodal {env.get('xmodal')}, Python {sys.version.split()[0]}; "
              f"server and load generator on the same 2 cores, loopback.", "",
              f"## Throughput: N = {a['n']:,}, D = {a['dim']}, {a['clients']} concurrent clients, single-vector "
-             f"searches, k = 10, {a['seconds']} s each", "",
+             f"searches, k = 10, {a['seconds']} s each; the service's default {report['search_threads']} search "
+             f"thread(s); the clients: one asyncio process, one keep-alive connection each", "",
              "| rows | batching | QPS | p50 ms | p99 ms | p99 / p50 | requests |", "|---|---|---|---|---|---|---|"]
     for codec, t in report["throughput"].items():
         for label in ("batching on", "batching off"):
@@ -247,7 +286,8 @@ def main():
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="xmodal-serve-bench-")
     try:
-        report = {"environment": environment("cpu", faiss=False), "args": vars(args), "throughput": {}}
+        report = {"environment": environment("cpu", faiss=False), "args": vars(args), "throughput": {},
+                  "search_threads": default_search_threads()}
         for codec in args.codecs.split(","):
             report["throughput"][codec] = throughput(folder, args.n, args.dim, args.clients, args.seconds,
                                                      None if codec == "float32" else codec)

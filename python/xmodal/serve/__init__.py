@@ -16,7 +16,7 @@ from .app import Limits, create_app
 from .collection import Catalog, Collection, write_collection
 from .storage import CorruptLogError
 
-__all__ = ["Limits", "create_app", "run", "write_collection", "Catalog", "Collection", "CorruptLogError"]
+__all__ = ["Limits", "create_app", "default_search_threads", "run", "write_collection", "Catalog", "Collection", "CorruptLogError"]
 
 
 def read_api_key(path: str) -> str:
