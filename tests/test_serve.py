@@ -510,18 +510,35 @@ def test_search_errors_reach_the_caller_and_the_batcher_goes_on():
     assert asyncio.run(main())[1].shape == (1, 2)
 
 
-def test_a_full_queue_is_503_with_retry_after(tmp_path):
-    app = create_app(str(tmp_path), load_in_background=False, limits=Limits(max_queue=1))
+def test_a_full_queue_is_503_with_retry_after(tmp_path, monkeypatch):
+    release = threading.Event()
+    original = Collection.search
+
+    def slow_search(self, queries, k, allow_ids=None, filter_=None):
+        release.wait(10)  # holds the first search while the others arrive
+        return original(self, queries, k, allow_ids, filter_)
+
+    monkeypatch.setattr(Collection, "search", slow_search)
+    app = create_app(str(tmp_path), load_in_background=False, limits=Limits(max_queue=2))
     with TestClient(app) as c:
         c.put("/collections/v", json={"dim": 2})
         add(c, "v", [1], [[1, 0]])
-        r = c.post("/collections/v/search", json={"vectors": [[1, 0]] * 3})  # more than the whole queue: alone
-        assert r.status_code == 200
-    # the queue itself is covered by the batcher test; here: the answer the service gives
-    from xmodal.serve.app import _error
+        answers = []
 
-    response = _error(503, "search queue full", {"Retry-After": "1"})
-    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        def search():
+            answers.append(c.post("/collections/v/search", json={"vectors": [[1, 0]], "k": 1}))
+
+        threads = [threading.Thread(target=search) for _ in range(5)]
+        for t in threads:  # one runs, two queue, two are refused
+            t.start()
+            time.sleep(0.2)
+        release.set()
+        for t in threads:
+            t.join(30)
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [200, 200, 200, 503, 503], codes
+    refused = [r for r in answers if r.status_code == 503]
+    assert all(r.headers["retry-after"] == "1" and "queue full" in r.json()["detail"] for r in refused)
 
 
 # -- searching by text and image with the demo model
