@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--n-graph", type=int, default=200_000)
     parser.add_argument("--n-rerank", type=int, default=100_000)
     parser.add_argument("--n-gnn", type=int, default=20_000, help="rows for gnn_rerank (it rebuilds the joint graph per call)")
+    parser.add_argument("--n-large", type=int, default=0,
+                        help="also time knn_graph alone on this many rows (e.g. 1000000), with peak memory")
+    parser.add_argument("--large-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--markdown")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -86,6 +89,19 @@ def main() -> None:
     rows.append({"what": f"knn_graph {args.n_graph:,} x 128, k = 10", "xmodal_s": t_ours, "faiss_s": t_faiss,
                  "ratio": t_faiss / t_ours, "same_edges": same})
     del x, ours, theirs
+    if args.n_large:
+        import resource
+
+        dtype = getattr(torch, args.large_dtype)
+        x = torch.nn.functional.normalize(torch.randn(args.n_large, 128, generator=torch.Generator().manual_seed(2)),
+                                          dim=1).to(dtype)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        (edges, _), t_large = timed(lambda: knn_graph(x, 10))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        rows.append({"what": f"knn_graph {args.n_large:,} x 128 {args.large_dtype}, k = 10 (alone)", "xmodal_s": t_large,
+                     "faiss_s": None, "ratio": None, "same_edges": None, "edges": int(edges.shape[1]),
+                     "peak_rss_gib": peak, "rss_before_gib": before})
+        del x, edges
 
     results = {}
     for name, n in (("rerank", args.n_rerank), ("gnn", args.n_gnn)):
@@ -114,6 +130,10 @@ def main() -> None:
     lines += ["", __doc__.split("\n\n", 2)[2].strip(), "",
               "| graph | xmodal s | faiss s | faiss / xmodal | same sources |", "|---|---|---|---|---|"]
     for r in rows:
+        if r["faiss_s"] is None:
+            lines.append(f"| {r['what']} | {r['xmodal_s']:.1f} | | | {r['edges']:,} edges; process peak "
+                         f"{r['peak_rss_gib']:.1f} GiB (before the call: {r['rss_before_gib']:.1f} GiB) |")
+            continue
         lines.append(f"| {r['what']} | {r['xmodal_s']:.2f} | {r['faiss_s']:.2f} | {r['ratio']:.2f}x | {r['same_edges']:.4f} |")
     lines += ["", "| rows | method | mAP@100 | seconds (100 queries; build separately) |", "|---|---|---|---|"]
     for entry in results.values():
