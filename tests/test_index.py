@@ -447,3 +447,24 @@ def test_nbytes_counts_rows_and_ids(cls):
     index.add(x)
     least = 5000 * (32 * 2 + 8)
     assert least <= index.nbytes <= 2.1 * least + (0 if cls == "flat" else 8 * 32 * 4)
+
+
+@pytest.mark.parametrize("kind, codec", [("flat", None), ("flat", "int8"), ("flat", "binary"), ("ivf", None),
+                                         ("ivf", "int8")])
+def test_reconstruct_returns_the_stored_rows_of_given_ids(kind, codec):
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(3))
+    ids = torch.arange(300) * 7 + 2
+    index = xmodal.FlatIndex(16, "cosine", codec=codec) if kind == "flat" else \
+        xmodal.IVFIndex(16, 4, "cosine", codec=codec)
+    index.train(x)
+    index.add(x, ids)
+    index.remove(ids[10:20])
+    pick = torch.tensor([ids[250], ids[3], ids[299], ids[3]])
+    by_id = dict(zip(index.ids.tolist(), index.vectors))
+    got = index.reconstruct(pick)
+    torch.testing.assert_close(got, torch.stack([by_id[int(i)] for i in pick]))
+    if codec is None:
+        torch.testing.assert_close(got, torch.nn.functional.normalize(x[[250, 3, 299, 3]], dim=1))
+    with pytest.raises(KeyError, match=r"ids not in the index: \[72, 5\]"):
+        index.reconstruct([int(ids[250]), int(ids[10]), 5])
+    assert index.reconstruct([]).shape == (0, 16)

@@ -142,6 +142,10 @@ class Index(abc.ABC):
         have for it)."""
 
     @abc.abstractmethod
+    def _columns_at(self, positions: Tensor) -> dict:
+        """The stored columns (float rows or codes) of these storage positions (aligned with ``ids``)."""
+
+    @abc.abstractmethod
     def _store(self, rows: Tensor, ids: Tensor) -> None:
         """Append prepared rows and their ids."""
 
@@ -255,6 +259,19 @@ class Index(abc.ABC):
         before = len(self)
         self._keep(~torch.isin(stored, gone))
         return before - len(self)
+
+    def reconstruct(self, ids) -> Tensor:
+        """The stored rows of these ids, in the order given, as :attr:`vectors` holds them (reduced,
+        unit-normalised for cosine metrics, decoded from a codec's codes): ``[n, dim or reduce_to]``. Decodes
+        only those rows. KeyError naming the ids that are not in the index."""
+        wanted = as_ids(ids, -1)
+        stored = self.ids.cpu()
+        order = torch.argsort(stored)
+        at = torch.searchsorted(stored[order], wanted).clamp(max=max(len(stored) - 1, 0))
+        found = stored[order][at] == wanted if len(stored) else torch.zeros_like(wanted, dtype=torch.bool)
+        if not bool(found.all()):
+            raise KeyError(f"ids not in the index: {wanted[~found][:10].tolist()}")
+        return self._encoding.codec.decode(self._columns_at(order[at].to(self.device)))
 
     def reset(self) -> None:
         """Remove everything (the id counter starts again at 0)."""

@@ -57,6 +57,9 @@ class FlatIndex(Index):
         """The stored rows (reduced, unit-normalised for cosine metrics; decoded from a codec's codes)."""
         return self._encoding.codec.decode(self._cols())
 
+    def _columns_at(self, positions: Tensor) -> Dict[str, Tensor]:
+        return {name: col[positions] for name, col in self._cols().items()}
+
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self._columns.values()) + self._ids.nbytes + self._encoding.nbytes()

@@ -1,7 +1,7 @@
 """IVFIndex: k-means lists, each query scans only the lists nearest to it."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -56,6 +56,10 @@ class IVFIndex(Index):
     def vectors(self) -> Tensor:
         """The stored rows in list order (reduced, unit-normalised for cosine metrics; decoded from codes)."""
         return self._encoding.codec.decode(self._lists.rows())
+
+    def _columns_at(self, positions: Tensor) -> Dict[str, Tensor]:
+        slots = self._lists.positions().to(self.device)[positions]
+        return {name: t[slots] for name, t in self._lists.data.items()}
 
     @property
     def nbytes(self) -> int:
