@@ -623,3 +623,29 @@ def test_the_client_speaks_the_api(tmp_path, monkeypatch):
         assert e.value.status == 422 and e.value.detail[0]["field"] == "vectors[0]"
         c.delete_collection("v")
         assert c.collections() == []
+
+
+def test_closing_the_batcher_answers_every_waiting_search():
+    from xmodal.serve.batcher import Closed
+
+    release = threading.Event()
+
+    def search(q, k):
+        release.wait(5)
+        return np.zeros((q.shape[0], k), np.float32), np.zeros((q.shape[0], k), np.int64)
+
+    async def main():
+        b = MicroBatcher(search)
+        running = asyncio.ensure_future(b.submit(np.zeros((1, 2), np.float32), 1))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(b.submit(np.zeros((1, 2), np.float32), 1))
+        await asyncio.sleep(0.01)
+        b.close()
+        release.set()
+        outcomes = await asyncio.gather(running, waiting, return_exceptions=True)
+        with pytest.raises(Closed):
+            await b.submit(np.zeros((1, 2), np.float32), 1)
+        return outcomes
+
+    outcomes = asyncio.run(asyncio.wait_for(main(), 30))
+    assert all(isinstance(o, Closed) for o in outcomes), outcomes

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..ops import METRICS
-from .batcher import MicroBatcher, Overloaded
+from .batcher import Closed, MicroBatcher, Overloaded
 from .collection import Catalog, Collection
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -404,6 +404,8 @@ def create_app(folder: str, *, api_key: Optional[str] = None, encryption_key: Op
             scores, ids = await batcher(col).submit(queries, k, run_alone)
         except Overloaded as e:
             return _error(503, str(e), {"Retry-After": "1"})
+        except Closed:
+            return _error(404, f"collection {col.name!r} was deleted while the search waited")
         payloads = col.payloads.by_id if options.with_payload else None
         results = []
         for row_scores, row_ids in zip(scores.tolist(), ids.tolist()):

@@ -26,6 +26,10 @@ class Overloaded(RuntimeError):
     """The search queue is full."""
 
 
+class Closed(RuntimeError):
+    """The batcher was closed (its collection deleted, or the service stopping) before the search ran."""
+
+
 @dataclass
 class _Request:
     queries: np.ndarray
@@ -57,9 +61,13 @@ class MicroBatcher:
         self._worker: Optional[asyncio.Task] = None
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
         self._last_batch = 0
+        self._closed = False
+        self._running: list = []  # the batch being searched
 
     async def submit(self, queries: np.ndarray, k: int, run_alone: Optional[Callable] = None):
         """Queue a search; ``run_alone`` (a no-argument callable) replaces the batched search for a masked one."""
+        if self._closed:
+            raise Closed("the search was cancelled: its collection is closing")
         n = queries.shape[0]
         if self._queued_rows + n > self.max_queue and self._queued_rows:
             raise Overloaded(f"search queue full ({self._queued_rows} queries waiting)")
@@ -105,6 +113,15 @@ class MicroBatcher:
         return batch
 
     async def _run(self) -> None:
+        try:
+            await self._serve()
+        finally:  # cancelled by close(): nobody waits forever for an answer that will not come
+            for request in [*self._running, *self._queue]:
+                if not request.future.done():
+                    request.future.set_exception(Closed("the search was cancelled: its collection is closing"))
+            self._queue.clear()
+
+    async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
@@ -113,6 +130,7 @@ class MicroBatcher:
                 continue
             batch = await self._gather()
             self._last_batch = len(batch)
+            self._running = batch
             try:
                 if batch[0].masked:
                     results = [await loop.run_in_executor(self._thread, batch[0].run_alone)]
@@ -126,6 +144,7 @@ class MicroBatcher:
             for request, result in zip(batch, results):
                 if not request.future.done():  # (a caller that went away cancelled its future)
                     request.future.set_result(result)
+            self._running = []
 
     def _search_batch(self, batch: list) -> list:
         queries = batch[0].queries if len(batch) == 1 else np.concatenate([r.queries for r in batch])
@@ -141,6 +160,7 @@ class MicroBatcher:
         return results
 
     def close(self) -> None:
+        self._closed = True
         if self._worker is not None:
             self._worker.cancel()
         self._thread.shutdown(wait=False, cancel_futures=True)

@@ -315,10 +315,11 @@ class Collection:
         """(stored vector, payload) of one id, or None. The vector is as stored: unit-normalised for cosine
         metrics, decoded for codecs."""
         with self.lock.read():
-            where = torch.nonzero(self.index.ids == id_).flatten()
-            if where.numel() == 0:
+            try:
+                vector = self.index.reconstruct([id_])[0]
+            except KeyError:
                 return None
-            return self.index.vectors[int(where[0])].float().numpy().copy(), self.payloads.by_id.get(id_)
+            return vector.float().numpy().copy(), self.payloads.by_id.get(id_)
 
     def allow_mask(self, allow_ids: Optional[List[int]], filter_: Optional[dict]) -> Optional[torch.Tensor]:
         """A bool mask over the index rows (call under the read lock) from an id allow-list and a payload
