@@ -1,4 +1,5 @@
-"""Retrieval metrics for multi-positive ground truth (e.g. five captions per image).
+"""Retrieval metrics for multi-positive ground truth (e.g. five captions per image), and the top-k metrics of
+recommender evaluations (RecBole's Recall, MRR, NDCG, Hit, Precision: :func:`recommendation_report`).
 
 ``ranked`` is a ``[Q, K]`` array of retrieved ids, best first (``-1`` = no result, as topk_search pads).
 ``relevant`` says which ids are right for each query, as either
@@ -100,6 +101,70 @@ def ndcg_at_k(ranked, relevant: Relevant, k: int) -> float:
     return torch.where(idcg > 0, dcg / idcg.clamp(min=1e-300), torch.zeros_like(dcg)).mean().item()
 
 
+def _topk_hits(ranked, relevant: Relevant, k: int) -> tuple[Tensor, Tensor]:
+    """The checked inputs of the recommendation metrics: ``hits[q, j]`` (float64, first k ranks) and the
+    number of relevant ids of each query (int64)."""
+    ranked = _as_ranked(ranked)
+    _check_k(k, ranked)
+    hits, counts = _relevance(ranked, relevant)
+    return hits[:, :k].double(), counts
+
+
+def hit_rate_at_k(ranked, relevant: Relevant, k: int) -> float:
+    """Hit@k: fraction of queries with a relevant id among their first k results (RecBole's ``Hit``; the same
+    number as :func:`recall_at_k`)."""
+    hits, _ = _topk_hits(ranked, relevant, k)
+    return float("nan") if hits.shape[0] == 0 else hits.any(1).double().mean().item()
+
+
+def mrr_at_k(ranked, relevant: Relevant, k: int) -> float:
+    """MRR@k: the mean over queries of 1 / (rank of the first relevant id), 0 when none is among the first k
+    (RecBole's ``MRR``)."""
+    hits, _ = _topk_hits(ranked, relevant, k)
+    if hits.shape[0] == 0:
+        return float("nan")
+    first = hits.argmax(1)  # the first hit's position (0 where there is none, masked below)
+    return torch.where(hits.any(1), 1.0 / (first + 1).double(), torch.zeros(hits.shape[0], dtype=torch.float64)).mean().item()
+
+
+def precision_at_k(ranked, relevant: Relevant, k: int) -> float:
+    """Precision@k: relevant ids among the first k results divided by k, averaged over queries (RecBole's
+    ``Precision``: padding (-1) and missing results count as misses, the divisor stays k)."""
+    hits, _ = _topk_hits(ranked, relevant, k)
+    return float("nan") if hits.shape[0] == 0 else (hits.sum(1) / k).mean().item()
+
+
+def fractional_recall_at_k(ranked, relevant: Relevant, k: int) -> float:
+    """Recall@k as recommender evaluations (RecBole's ``Recall``) define it: for each query, the fraction of its
+    relevant ids found among its first k results, averaged over queries; queries with no relevant id score 0.
+
+    Not :func:`recall_at_k`, which is the cross-modal retrieval R@K (did *any* relevant id come back) and
+    equals :func:`hit_rate_at_k`. With one relevant id per query the two agree."""
+    hits, counts = _topk_hits(ranked, relevant, k)
+    if hits.shape[0] == 0:
+        return float("nan")
+    return torch.where(counts > 0, hits.sum(1) / counts.clamp(min=1).double(), torch.zeros_like(hits[:, 0])).mean().item()
+
+
+#: the five metrics of :func:`recommendation_report`, in RecBole's default order (its ``metrics`` setting)
+RECOMMENDATION_METRICS = ("recall", "mrr", "ndcg", "hit", "precision")
+
+
+def recommendation_report(ranked, relevant: Relevant, k: int = 10) -> Dict[str, float]:
+    """The top-k metrics RecBole reports by default, as it computes them: ``{"recall@k", "mrr@k", "ndcg@k",
+    "hit@k", "precision@k"}`` (:func:`fractional_recall_at_k`, :func:`mrr_at_k`, :func:`ndcg_at_k` with binary
+    relevance and the ideal DCG over ``min(#relevant, k)`` ranks, :func:`hit_rate_at_k`,
+    :func:`precision_at_k`), each the mean over queries. ``ranked`` is ``[Q, >= k]`` ids best first (``-1`` =
+    no result); RecBole evaluates only users with at least one relevant item, so pass those."""
+    return {
+        f"recall@{k}": fractional_recall_at_k(ranked, relevant, k),
+        f"mrr@{k}": mrr_at_k(ranked, relevant, k),
+        f"ndcg@{k}": ndcg_at_k(ranked, relevant, k),
+        f"hit@{k}": hit_rate_at_k(ranked, relevant, k),
+        f"precision@{k}": precision_at_k(ranked, relevant, k),
+    }
+
+
 def _image_of_caption(text_to_image, captions: int, images: int) -> Tensor:
     """text_to_image as int64 image indices, checked: one per caption, each in [0, images)."""
     t2i = torch.as_tensor(text_to_image).cpu()
@@ -155,4 +220,5 @@ def retrieval_report(image_embeddings, text_embeddings, text_to_image, ks=(1, 5,
     return report
 
 
-__all__ = ["recall_at_k", "mean_average_precision", "ndcg_at_k", "retrieval_report"]
+__all__ = ["recall_at_k", "mean_average_precision", "ndcg_at_k", "retrieval_report", "hit_rate_at_k", "mrr_at_k",
+           "precision_at_k", "fractional_recall_at_k", "recommendation_report", "RECOMMENDATION_METRICS"]
