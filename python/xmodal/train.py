@@ -15,18 +15,130 @@ import math
 import os
 import random
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ._atomic import write_atomic
-from .data import ShapesDataset, composed_triples, row_attribute, vocabulary_words
+from .data import COLOURS, KINDS, POSITIONS, SIZES, ShapesDataset, composed_triples, row_attribute, vocabulary_words
 from .encoders import CrossModalModel, Tokenizer
 from .evaluation import evaluate, evaluate_pairs  # noqa: F401 (re-exported)
 
-__all__ = ["TrainConfig", "contrastive_loss", "train", "train_pairs", "evaluate", "evaluate_pairs", "build_model"]
+__all__ = ["TrainConfig", "contrastive_loss", "train", "train_pairs", "evaluate", "evaluate_pairs", "build_model",
+           "MultiTaskLoss", "AttributeHeads", "train_multitask", "attribute_accuracy", "linear_probe"]
+
+
+class MultiTaskLoss(torch.nn.Module):
+    """A weighted sum of named losses, with weights that are learned or fixed.
+
+    ``weighting="uncertainty"`` (Kendall, Gal & Cipolla, CVPR 2018): each task ``t`` has a learned log-variance
+    ``s_t = log sigma_t^2`` (``log_vars[t]``, initially 0, i.e. weight 1) and contributes
+    ``exp(-s_t) * L_t + s_t / 2`` for a classification-like loss (a likelihood with a temperature: the paper's
+    ``1/sigma^2 L + log sigma``) or ``exp(-s_t) * L_t / 2 + s_t / 2`` for a regression loss (Gaussian likelihood:
+    ``1/(2 sigma^2) L + log sigma``). Tasks whose loss is large or noisy learn a large ``sigma_t`` and so a small
+    weight; the ``log sigma`` term keeps ``sigma`` from growing without bound. Put the module's parameters in the
+    optimiser (without weight decay) beside the model's.
+
+    A task whose loss can be driven to 0 (e.g. an auxiliary head that memorises its labels) makes the optimum
+    ``exp(-s_t) = 1 / (2 L_t)`` grow without bound; ``max_weight`` caps ``exp(-s_t)`` there (``s_t`` is clamped at
+    ``-log(max_weight)``; None: Kendall et al.'s unbounded form).
+
+    ``weighting="fixed"``: ``sum_t weights[t] * L_t`` (every weight 1 unless given); no parameters.
+
+    Args:
+        tasks: the task names, in the order reported.
+        weighting: ``"uncertainty"`` or ``"fixed"``.
+        weights: fixed weights by name (``weighting="fixed"`` only).
+        kinds: ``"classification"`` (default) or ``"regression"`` by name (``weighting="uncertainty"`` only).
+        max_weight: cap on each learned ``exp(-s_t)`` (``weighting="uncertainty"`` only), or None.
+
+    ``forward(losses)`` takes ``{name: scalar loss}`` with exactly the task names and returns the total;
+    :meth:`weights` gives each task's current effective weight (for reports).
+    """
+
+    KINDS = ("classification", "regression")
+
+    def __init__(self, tasks, weighting: str = "uncertainty", weights: Optional[Dict[str, float]] = None,
+                 kinds: Optional[Dict[str, str]] = None, max_weight: Optional[float] = None) -> None:
+        super().__init__()
+        if isinstance(tasks, str):
+            raise TypeError(f"tasks must be a sequence of task names, got the str {tasks!r}")
+        self.tasks = list(tasks)
+        if not self.tasks or any(not isinstance(t, str) or not t for t in self.tasks):
+            raise ValueError(f"tasks must be a non-empty sequence of non-empty names, got {tasks!r}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be distinct, got {self.tasks!r}")
+        if weighting not in ("uncertainty", "fixed"):
+            raise ValueError(f"weighting must be 'uncertainty' or 'fixed', got {weighting!r}")
+        self.weighting = weighting
+        for name, table in (("weights", weights), ("kinds", kinds)):
+            unknown = sorted(set(table or {}) - set(self.tasks))
+            if unknown:
+                raise ValueError(f"{name} names tasks that are not in tasks {self.tasks}: {unknown}")
+        if max_weight is not None:
+            if weighting != "uncertainty":
+                raise ValueError("max_weight caps learned weights: it needs weighting='uncertainty'")
+            if isinstance(max_weight, bool) or not isinstance(max_weight, (int, float)) or not max_weight > 0 \
+                    or not math.isfinite(max_weight):
+                raise ValueError(f"max_weight must be a finite number > 0, got {max_weight!r}")
+        self.max_weight = None if max_weight is None else float(max_weight)
+        if weighting == "fixed":
+            if kinds:
+                raise ValueError("kinds only matter for weighting='uncertainty'")
+            fixed = {t: 1.0 for t in self.tasks}
+            for t, w in (weights or {}).items():
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                    raise ValueError(f"weights[{t!r}] must be a finite number >= 0, got {w!r}")
+                fixed[t] = float(w)
+            self.fixed = fixed
+            self.log_vars = None
+        else:
+            if weights:
+                raise ValueError("weights are for weighting='fixed'; with 'uncertainty' they are learned")
+            self.kinds = {t: "classification" for t in self.tasks}
+            for t, kind in (kinds or {}).items():
+                if kind not in self.KINDS:
+                    raise ValueError(f"kinds[{t!r}] must be one of {self.KINDS}, got {kind!r}")
+                self.kinds[t] = kind
+            self.log_vars = torch.nn.Parameter(torch.zeros(len(self.tasks)))
+
+    def forward(self, losses: Dict[str, Tensor]) -> Tensor:
+        if not isinstance(losses, dict):
+            raise TypeError(f"losses must be a dict of task name -> scalar loss, got {type(losses).__name__}")
+        missing, extra = sorted(set(self.tasks) - set(losses)), sorted(set(losses) - set(self.tasks))
+        if missing or extra:
+            raise ValueError(f"losses must have exactly the tasks {self.tasks}; missing {missing}, unexpected {extra}")
+        total = None
+        for j, t in enumerate(self.tasks):
+            loss = losses[t]
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                raise ValueError(f"losses[{t!r}] must be a scalar tensor, got "
+                                 f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
+            if self.log_vars is None:
+                term = self.fixed[t] * loss
+            else:
+                s = self._log_var(j)
+                scale = 1.0 if self.kinds[t] == "classification" else 0.5
+                term = scale * torch.exp(-s) * loss + 0.5 * s
+            total = term if total is None else total + term
+        return total
+
+    def _log_var(self, j: int) -> Tensor:
+        s = self.log_vars[j]
+        return s if self.max_weight is None else s.clamp(min=-math.log(self.max_weight))
+
+    def weights(self) -> Dict[str, float]:
+        """Each task's current weight on its loss: fixed, or ``exp(-s_t)`` (halved for regression tasks)."""
+        if self.log_vars is None:
+            return dict(self.fixed)
+        with torch.no_grad():
+            return {t: float(torch.exp(-self._log_var(j)).item() * (1.0 if self.kinds[t] == "classification" else 0.5))
+                    for j, t in enumerate(self.tasks)}
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.tasks}, weighting={self.weighting!r}"
 
 
 def contrastive_loss(a: Tensor, b: Tensor, logit_scale: Tensor, labels: Optional[Tensor] = None) -> Tensor:
@@ -190,26 +302,173 @@ def train(
     device = model.logit_scale.device  # batches come from the (CPU) pool and go to the model's device
 
     def step_loss(step: int) -> Tuple[Tensor, Dict[str, float]]:
-        idx = [rng.randrange(len(pool)) for _ in range(config.batch_size)]
-        texts = [pool.captions[i][rng.randrange(pool.captions_per_image)] for i in idx]
-        labels = pool.labels[idx].to(device)
-        images = pool.images[idx].to(device)
-        loss_match = contrastive_loss(model.encode_image(images), model.encode_text(texts), model.logit_scale, labels)
-        values = {"match_loss": loss_match.item()}
-        loss = loss_match
-        if config.composed_weight > 0 and config.composed_batch_size > 0:
-            refs, mods, targets, target_labels = composed_triples(pool, config.composed_batch_size, rng)
-            loss_composed = contrastive_loss(
-                model.encode_composed(refs.to(device), mods), model.encode_image(targets.to(device)), model.logit_scale,
-                target_labels.to(device),
-            )
-            loss = loss + config.composed_weight * loss_composed
-            values["composed_loss"] = loss_composed.item()
+        loss, values, _, _ = _shapes_step(model, pool, config, rng, device)
         return loss, values
 
     return _optimise(model, opt, sched, step_loss, config.steps, checkpoint=checkpoint, resume=resume,
                      checkpoint_every=config.checkpoint_every, config=asdict(config), progress=progress,
                      on_step=on_step, rng=rng)
+
+
+def _shapes_step(model: CrossModalModel, pool: ShapesDataset, config: TrainConfig, rng: random.Random,
+                 device) -> Tuple[Tensor, Dict[str, float], List[int], Tensor]:
+    """One step's retrieval loss on the built-in data (``train``'s): InfoNCE between a batch of images and one
+    caption of each, plus composed queries. Returns the loss, the values to report, the batch's rows of
+    ``pool`` and their image embeddings (for the attribute heads of ``train_multitask``)."""
+    idx = [rng.randrange(len(pool)) for _ in range(config.batch_size)]
+    texts = [pool.captions[i][rng.randrange(pool.captions_per_image)] for i in idx]
+    labels = pool.labels[idx].to(device)
+    images = pool.images[idx].to(device)
+    image_emb = model.encode_image(images)
+    loss_match = contrastive_loss(image_emb, model.encode_text(texts), model.logit_scale, labels)
+    values = {"match_loss": loss_match.item()}
+    loss = loss_match
+    if config.composed_weight > 0 and config.composed_batch_size > 0:
+        refs, mods, targets, target_labels = composed_triples(pool, config.composed_batch_size, rng)
+        loss_composed = contrastive_loss(
+            model.encode_composed(refs.to(device), mods), model.encode_image(targets.to(device)), model.logit_scale,
+            target_labels.to(device),
+        )
+        loss = loss + config.composed_weight * loss_composed
+        values["composed_loss"] = loss_composed.item()
+    return loss, values, idx, image_emb
+
+
+#: the attributes of the built-in data that ``train_multitask`` can predict, and their values
+ATTRIBUTE_VALUES = {"kind": KINDS, "colour": list(COLOURS), "size": SIZES, "position": POSITIONS}
+
+
+class AttributeHeads(torch.nn.Module):
+    """One linear classifier per attribute of the built-in data (``kind``, ``colour``, ``size``, ``position``)
+    over image embeddings: ``forward(embeddings) -> {attribute: logits [B, values]}``."""
+
+    def __init__(self, embed_dim: int, attributes: Sequence[str] = ("kind", "colour", "size")) -> None:
+        super().__init__()
+        attributes = list(attributes)
+        unknown = [a for a in attributes if a not in ATTRIBUTE_VALUES]
+        if not attributes or unknown:
+            raise ValueError(f"attributes must be a non-empty list of {list(ATTRIBUTE_VALUES)}, got {attributes!r}")
+        self.attributes = attributes
+        self.heads = torch.nn.ModuleDict({a: torch.nn.Linear(embed_dim, len(ATTRIBUTE_VALUES[a])) for a in attributes})
+
+    def forward(self, embeddings: Tensor) -> Dict[str, Tensor]:
+        return {a: head(embeddings) for a, head in self.heads.items()}
+
+    @staticmethod
+    def targets(pool: ShapesDataset, rows: Sequence[int], attributes: Sequence[str], device=None) -> Dict[str, Tensor]:
+        """The class index of each attribute for the given rows of ``pool``."""
+        return {a: torch.tensor([ATTRIBUTE_VALUES[a].index(getattr(pool.attributes[r], a)) for r in rows],
+                                device=device) for a in attributes}
+
+
+class _MultiTaskModel(torch.nn.Module):
+    """What ``train_multitask`` optimises and checkpoints: the model, the heads and the task weights."""
+
+    def __init__(self, model: CrossModalModel, heads: AttributeHeads, loss: MultiTaskLoss) -> None:
+        super().__init__()
+        self.model, self.heads, self.loss = model, heads, loss
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+
+def train_multitask(
+    model: CrossModalModel,
+    config: TrainConfig = TrainConfig(),
+    *,
+    attributes: Sequence[str] = ("kind", "colour", "size"),
+    weighting: str = "uncertainty",
+    weights: Optional[Dict[str, float]] = None,
+    checkpoint: Optional[str] = None,
+    resume: bool = False,
+    progress: bool = True,
+    pool: Optional[ShapesDataset] = None,
+    on_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
+) -> Tuple[Dict[str, float], AttributeHeads, MultiTaskLoss]:
+    """``train`` plus auxiliary tasks: classify each image's ``attributes`` (shape kind, colour, size) from its
+    embedding with a linear head, the retrieval loss (``train``'s: matching plus composed queries) and one
+    cross-entropy per attribute combined by :class:`MultiTaskLoss` (``weighting``: learned uncertainty weights or
+    fixed ``weights`` by task name: ``"retrieval"`` and the attribute names).
+
+    The batches are those ``train`` draws for the same config (same seed, same random calls), so the two runs
+    differ only by the auxiliary tasks. Returns the last reported values (each task's loss and weight), the
+    trained heads and the loss module (its ``weights()``).
+    """
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    pool = pool if pool is not None else ShapesDataset(config.train_images, seed=config.seed + 1000)
+    heads = AttributeHeads(model.embed_dim, attributes)
+    losses = MultiTaskLoss(["retrieval", *heads.attributes], weighting, weights)
+    wrapper = _MultiTaskModel(model, heads, losses)
+    task_params = {id(p) for p in losses.parameters()}
+    opt = torch.optim.AdamW([{"params": [p for p in wrapper.parameters() if id(p) not in task_params]},
+                             {"params": list(losses.parameters()), "weight_decay": 0.0}],
+                            lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
+    device = model.logit_scale.device
+    heads.to(device)
+    losses.to(device)
+
+    def step_loss(step: int) -> Tuple[Tensor, Dict[str, float]]:
+        retrieval, values, rows, image_emb = _shapes_step(model, pool, config, rng, device)
+        logits = heads(image_emb)
+        targets = AttributeHeads.targets(pool, rows, heads.attributes, device)
+        task = {"retrieval": retrieval}
+        for a in heads.attributes:
+            task[a] = F.cross_entropy(logits[a], targets[a])
+            values[f"{a}_loss"] = task[a].item()
+        total = losses(task)
+        values.update({f"{t}_weight": w for t, w in losses.weights().items()})
+        return total, values
+
+    cfg = {**asdict(config), "attributes": list(heads.attributes), "weighting": weighting, "weights": weights}
+    last = _optimise(wrapper, opt, sched, step_loss, config.steps, checkpoint=checkpoint, resume=resume,
+                     checkpoint_every=config.checkpoint_every, config=cfg, progress=progress, on_step=on_step, rng=rng)
+    wrapper.eval()
+    return last, heads, losses
+
+
+@torch.no_grad()
+def _image_embeddings(model: CrossModalModel, images: Tensor, batch: int = 512) -> Tensor:
+    model.eval()
+    device = model.logit_scale.device
+    return torch.cat([model.encode_image(images[i:i + batch].to(device)).cpu() for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def attribute_accuracy(model: CrossModalModel, heads: AttributeHeads, data: ShapesDataset) -> Dict[str, float]:
+    """Accuracy of each head on the images of ``data`` (``{attribute: fraction right}``)."""
+    heads.eval()
+    emb = _image_embeddings(model, data.images)
+    logits = heads.cpu()(emb)
+    targets = AttributeHeads.targets(data, range(len(data)), heads.attributes)
+    return {a: (logits[a].argmax(1) == targets[a]).double().mean().item() for a in heads.attributes}
+
+
+def linear_probe(model: CrossModalModel, train_data: ShapesDataset, test_data: ShapesDataset,
+                 attributes: Sequence[str] = ("kind", "colour", "size"), steps: int = 300, lr: float = 0.05,
+                 seed: int = 0) -> Dict[str, float]:
+    """How well each attribute can be read off the (frozen) image embeddings: a linear classifier per attribute
+    trained on ``train_data``'s embeddings (full-batch Adam, ``steps``), its accuracy on ``test_data``'s. The
+    fair way to compare models trained with and without attribute heads."""
+    torch.manual_seed(seed)
+    x_train, x_test = _image_embeddings(model, train_data.images), _image_embeddings(model, test_data.images)
+    heads = AttributeHeads(x_train.shape[1], attributes)
+    targets = AttributeHeads.targets(train_data, range(len(train_data)), heads.attributes)
+    opt = torch.optim.Adam(heads.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            logits = heads(x_train)
+            loss = sum(F.cross_entropy(logits[a], targets[a]) for a in heads.attributes)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    heads.eval()
+    with torch.no_grad():
+        logits = heads(x_test)
+    expected = AttributeHeads.targets(test_data, range(len(test_data)), heads.attributes)
+    return {a: (logits[a].argmax(1) == expected[a]).double().mean().item() for a in heads.attributes}
 
 
 def _row_classes(pairs) -> Optional[Tensor]:
