@@ -14,6 +14,7 @@ from .index import FlatIndex, IVFIndex, ShardedIndex
 from . import settings
 from .ops import METRICS, bilinear, factorized_bilinear, search_plan, topk_search
 from .pca import PCA
+from . import recommend  # (after the indexes: recommenders search item vectors with them)
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "nn",
     "graph",
     "rerank",
+    "recommend",
     "FlatIndex",
     "IVFIndex",
     "ShardedIndex",

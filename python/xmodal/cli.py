@@ -65,6 +65,10 @@ def _bench(args) -> int:
 
 
 def _demo(args) -> int:
+    if args.demo_task == "recommend":
+        from .recommend import demo as recommend_demo
+
+        return recommend_demo.run(args)
     from . import demo
 
     return demo.run(args)
@@ -171,7 +175,13 @@ def main(argv=None) -> int:
     p_demo.add_argument("--json", metavar="PATH", help="write the metrics as JSON")
     p_demo.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p_demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p_demo.set_defaults(func=_demo)
+    p_demo.set_defaults(func=_demo, demo_task=None)
+    demo_tasks = p_demo.add_subparsers(dest="demo_task", metavar="{recommend}",
+                                       help="recommend: MovieLens-100k recommendation on RecBole's protocol "
+                                            "(without it: cross-modal retrieval on the Shapes data)")
+    from .recommend.demo import add_arguments as recommend_arguments
+
+    recommend_arguments(demo_tasks.add_parser("recommend", help="train and evaluate recommenders on MovieLens-100k"))
     p_serve = sub.add_parser("serve", help="serve the collections in a folder over HTTP (FastAPI; /docs has the API)")
     p_serve.add_argument("dir", help="folder of collections (created if missing)")
     p_serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
