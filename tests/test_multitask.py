@@ -129,3 +129,15 @@ def test_multitask_training_learns_the_attributes(tmp_path):
 def test_attribute_heads_errors():
     with pytest.raises(ValueError, match=r"attributes must be a non-empty list of .*got \['shade'\]"):
         AttributeHeads(8, ["shade"])
+
+
+def test_the_demo_takes_multitask_training_from_the_command_line(monkeypatch):
+    from xmodal import cli, demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "run", lambda args: seen.setdefault("args", args) and 0)
+    assert cli.main(["demo", "--multitask", "--steps", "3"]) == 0
+    assert seen["args"].multitask is True and seen["args"].steps == 3 and seen["args"].demo_task is None
+    seen.clear()
+    cli.main(["demo"])
+    assert seen["args"].multitask is False

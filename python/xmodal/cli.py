@@ -175,6 +175,9 @@ def main(argv=None) -> int:
     p_demo.add_argument("--json", metavar="PATH", help="write the metrics as JSON")
     p_demo.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p_demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_demo.add_argument("--multitask", action="store_true",
+                        help="train the contrastive loss together with shape, colour and size classification "
+                             "(xmodal.train.MultiTaskLoss, learned uncertainty weights)")
     p_demo.set_defaults(func=_demo, demo_task=None)
     demo_tasks = p_demo.add_subparsers(dest="demo_task", metavar="{recommend}",
                                        help="recommend: MovieLens-100k recommendation on RecBole's protocol "

@@ -19,7 +19,7 @@ from . import data as D
 from ._atomic import write_atomic
 from .index import FlatIndex
 from .evaluation import evaluate, rerank_report
-from .train import TrainConfig, build_model, train
+from .train import TrainConfig, build_model, train, train_multitask
 
 
 def _upscale(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -133,7 +133,12 @@ def run(args) -> int:
     print(f"training {sum(p.numel() for p in model.parameters()):,} parameters for {config.steps} steps "
           f"(checkpoint: {checkpoint}) ...", flush=True)
     t0 = time.perf_counter()
-    train(model, config, checkpoint=checkpoint, resume=args.resume, progress=not args.no_progress, pool=pool)
+    if getattr(args, "multitask", False):  # contrastive loss + shape, colour and size classification, MultiTaskLoss-weighted
+        _, _, losses = train_multitask(model, config, checkpoint=checkpoint, resume=args.resume,
+                                       progress=not args.no_progress, pool=pool)
+        print("learned task weights: " + ", ".join(f"{t} {w:.3g}" for t, w in losses.weights().items()))
+    else:
+        train(model, config, checkpoint=checkpoint, resume=args.resume, progress=not args.no_progress, pool=pool)
     train_seconds = time.perf_counter() - t0
     results = evaluate(model, gallery, composed)
     print()
@@ -153,7 +158,8 @@ def run(args) -> int:
     print(f"\nexample queries and their top 5: {grid}\nthe trained model: {model_folder} (for xmodal serve --model)"
           f"\ntrained in {train_seconds:.0f} s, {total:.0f} s in all")
     if args.json:
-        report = {"metrics": results, "rerank_same_shape_mAP@100": reranked, "config": asdict(config), "train_seconds": train_seconds, "total_seconds": total,
+        report = {"metrics": results, "rerank_same_shape_mAP@100": reranked, "multitask": getattr(args, "multitask", False),
+                  "config": asdict(config), "train_seconds": train_seconds, "total_seconds": total,
                   "torch": torch.__version__, "threads": torch.get_num_threads()}
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)
