@@ -23,6 +23,9 @@ DECISIONS = [
     # (facts, what the plan must say)
     (dict(cpu="amx", dtype=BF16, Q=256), "MKL's 16-bit GEMM"),
     (dict(cpu="amx", dtype=BF16, Q=1), "one-pass scan, AVX512-BF16"),
+    (dict(cpu="amx", dtype=BF16, Q=8), "one-pass scan, AVX512-BF16"),
+    (dict(cpu="amx", dtype=BF16, Q=16), "MKL's 16-bit GEMM"),  # AMX overtakes the scan
+    (dict(cpu="amx", dtype=F16, Q=16), "one-pass scan, AVX-512"),  # (no AMX fp16 GEMM in MKL there)
     (dict(cpu="amx", dtype=BF16, Q=256, mkl=False), "widened to fp32"),  # a torch build without MKL's GEMM
     (dict(cpu="avx512_bf16", dtype=BF16, Q=256), "ATen's 16-bit GEMM"),
     (dict(cpu="avx512_bf16", dtype=BF16, Q=16), "one-pass scan, AVX512-BF16"),
