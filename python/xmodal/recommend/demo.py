@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .._atomic import write_atomic
+from ..cli import _output_file, _positive_int  # (the same argument checks as every xmodal command)
 from . import build
 from .base import evaluate
 from .data import MovieLens100K
@@ -29,25 +30,6 @@ def _existing_folder(text: str) -> str:
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"no such folder: {text!r}")
     return text
-
-
-def _output_file(text: str) -> str:
-    folder = os.path.dirname(os.path.abspath(text))
-    if not os.path.isdir(folder):
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: folder {folder!r} does not exist")
-    if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: it is a folder")
-    return text
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
