@@ -423,8 +423,6 @@ def create_app(folder: str, *, api_key: Optional[str] = None, encryption_key: Op
     @app.post("/collections/{name}/search")
     async def search(name: str, body: Search):
         col = collection(name)
-        if len(body.vectors) > limits.max_queries:
-            raise Unprocessable("vectors", f"at most {limits.max_queries} query vectors per request", len(body.vectors))
         queries = _check_vectors(body.vectors, col.config["dim"], "vectors", limits.max_queries)
         return await answer(col, queries, body)
 

@@ -40,6 +40,36 @@ CODECS = (None, "int8", "binary")
 DEFAULT_SNAPSHOT_BYTES = 256 << 20
 
 
+SNAPSHOT_FILES = (".index", ".payloads.json")
+
+
+def _save_snapshot(folder: str, seq: int, index, payloads: "Payloads", key: Optional[bytes]) -> str:
+    """Write the index and payloads as snapshot ``seq`` in ``folder``; returns its base name."""
+    base = f"snapshot-{seq:020d}"
+    index.save(os.path.join(folder, base + ".index"), encryption_key=key)
+    write_file(os.path.join(folder, base + ".payloads.json"), payloads.to_json(), key, b"payloads")
+    return base
+
+
+def _write_manifest(folder: str, base: str, seq: int) -> None:
+    """Make snapshot ``base`` (holding the log up to ``seq``) the current one: the atomic step."""
+    write_file(os.path.join(folder, "manifest.json"), json.dumps({"snapshot": base, "seq": seq}).encode())
+
+
+def _new_collection_folder(parent: str, name: str, config: dict, fill=None) -> str:
+    """Create ``parent/name`` whole or not at all: its config (and whatever ``fill(folder)`` writes) go into a
+    staging folder that is renamed into place; an interrupted one is removed on the next start."""
+    staging = os.path.join(parent, f".new-{name}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(staging)
+    write_file(os.path.join(staging, "config.json"), json.dumps(config).encode())
+    if fill is not None:
+        fill(staging)
+    final = os.path.join(parent, name)
+    os.rename(staging, final)
+    fsync_folder(parent)
+    return final
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME.match(name):
         raise ValueError(f"collection name must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or "
@@ -336,7 +366,7 @@ class Collection:
 
     def search(self, queries: np.ndarray, k: int, allow_ids=None, filter_=None) -> Tuple[np.ndarray, np.ndarray]:
         with self.lock.read():
-            if len(self.index) == 0 or not self.index.is_trained:
+            if not self.index.is_trained:  # (nothing written yet to learn the codec from)
                 n = queries.shape[0]
                 pad = -np.inf if self.index.metric in ("ip", "cosine") else np.inf
                 return np.full((n, k), pad, np.float32), np.full((n, k), -1, np.int64)
@@ -361,15 +391,11 @@ class Collection:
                 if not self.index.is_trained:
                     return None
                 seq = self.log.rotate()
-                base = f"snapshot-{seq:020d}"
-                self.index.save(os.path.join(self.folder, base + ".index"), encryption_key=self.key)
-                write_file(os.path.join(self.folder, base + ".payloads.json"), self.payloads.to_json(), self.key,
-                           b"payloads")
+                base = _save_snapshot(self.folder, seq, self.index, self.payloads, self.key)
             old = self._manifest_snapshot()
-            write_file(os.path.join(self.folder, "manifest.json"),
-                       json.dumps({"snapshot": base, "seq": seq}).encode())
+            _write_manifest(self.folder, base, seq)
             if old and old != base:
-                for suffix in (".index", ".payloads.json"):
+                for suffix in SNAPSHOT_FILES:
                     path = os.path.join(self.folder, old + suffix)
                     if os.path.exists(path):
                         os.remove(path)
@@ -419,12 +445,7 @@ class Catalog:
         with self.lock:
             if name in self.collections:
                 raise FileExistsError(f"collection {name!r} exists")
-            staging = os.path.join(self.folder, f".new-{name}-{uuid.uuid4().hex[:8]}")
-            os.makedirs(staging)
-            write_file(os.path.join(staging, "config.json"), json.dumps(config).encode())
-            final = os.path.join(self.folder, name)
-            os.rename(staging, final)  # the collection appears whole or not at all
-            fsync_folder(self.folder)
+            final = _new_collection_folder(self.folder, name, config)
             col = Collection(final, config, self.key, self.snapshot_bytes)
             self.collections[name] = col
             return col
@@ -462,15 +483,11 @@ def write_collection(folder: str, name: str, index, payloads: Optional[Dict[int,
     final = os.path.join(folder, name)
     if os.path.exists(final):
         raise FileExistsError(f"collection {name!r} already exists in {folder!r}")
-    staging = os.path.join(folder, f".new-{name}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(staging)
-    write_file(os.path.join(staging, "config.json"), json.dumps(Collection.check_config(config)).encode())
-    base = f"snapshot-{0:020d}"
-    index.save(os.path.join(staging, base + ".index"), encryption_key=encryption_key)
     store = Payloads()
     for i, p in (payloads or {}).items():
         store.set(int(i), p)
-    write_file(os.path.join(staging, base + ".payloads.json"), store.to_json(), encryption_key, b"payloads")
-    write_file(os.path.join(staging, "manifest.json"), json.dumps({"snapshot": base, "seq": 0}).encode())
-    os.rename(staging, final)
-    fsync_folder(folder)
+
+    def fill(staging: str) -> None:
+        _write_manifest(staging, _save_snapshot(staging, 0, index, store, encryption_key), 0)
+
+    _new_collection_folder(folder, name, Collection.check_config(config), fill)
