@@ -216,12 +216,15 @@ def dense_diffusion(database, graph_k, gamma, alpha):
 
 
 def test_diffusion_matches_dense_solve():
-    queries, database = make_inputs(6, 80, 5, "cosine", torch.float64, "cpu", seed=11)
+    # 600 rows: enough for the graph to be stored in a (k-means) locality order other than the rows' own
+    queries, database = make_inputs(6, 600, 5, "cosine", torch.float64, "cpu", seed=11)
     diffusion = Diffusion(database, graph_k=6, gamma=3.0, alpha=0.9, max_iter=300, tol=1e-12)
+    assert torch.equal(diffusion.order.sort().values, torch.arange(600))
+    assert not torch.equal(diffusion.order, torch.arange(600))
     scores, indices = diffusion.search(queries, 10, seeds=4)
     a, x = dense_diffusion(database, 6, 3.0, 0.9)
     s_v, s_i = reference.topk_from_scores(F.normalize(queries, dim=1) @ x.T, 4, "cosine")
-    y = torch.zeros(6, 80, dtype=torch.float64)
+    y = torch.zeros(6, 600, dtype=torch.float64)
     y[torch.arange(6)[:, None], s_i] = s_v.clamp(min=0) ** 3
     f = torch.linalg.solve(a, y.T).T
     ref_v, _ = reference.topk_from_scores(f, 10, "ip")

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .graph import check_rows, knn_graph
 from .index.base import Index
+from .index.kmeans import assign, kmeans
 from .ops import topk_search
 
 #: metrics whose scores are similarities, usable as affinities
@@ -209,24 +210,34 @@ def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, *, max_ite
     """Solve ``A x = b`` for a symmetric positive-definite ``A`` given as ``matvec(v) = A v``, for every
     column of ``b`` ``[N, B]`` at once (each column has its own step sizes). Starts from 0; stops after
     ``max_iter`` steps or when every column's residual norm is at most ``tol`` times its ``b``'s norm.
+    ``matvec`` may return the same buffer on every call (its result is read before the next call).
     Memory: four ``[N, B]`` tensors besides what ``matvec`` needs."""
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
-    rs = (r * r).sum(0)
+    # every step works in place on these buffers: a fresh [N, B] tensor per operation costs more in page
+    # faults than the arithmetic (10 ms against 1.5 ms for 100,000 x 100 float32)
+    product = torch.empty_like(b)
+    ones = torch.ones(b.shape[0], dtype=b.dtype, device=b.device)
+
+    def column_dots(u: Tensor, v: Tensor) -> Tensor:
+        # a matrix-vector product sums the columns about 3x faster than .sum(0)
+        return torch.mv(torch.mul(u, v, out=product).T, ones)
+
+    rs = column_dots(r, r)
     stop = (tol * b.norm(dim=0)) ** 2
     for _ in range(max_iter):
         if bool((rs <= stop).all()):
             break
         ap = matvec(p)
-        pap = (p * ap).sum(0)
+        pap = column_dots(p, ap)
         # a converged column (r = 0, hence p = 0) has pAp = 0: it takes no step instead of dividing by 0
         step = torch.where(pap > 0, rs / torch.where(pap > 0, pap, torch.ones_like(pap)), torch.zeros_like(pap))
         x.addcmul_(p, step)
         r.addcmul_(ap, step, value=-1)
-        rs_new = (r * r).sum(0)
+        rs_new = column_dots(r, r)
         beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)), torch.zeros_like(rs))
-        p = r + p * beta
+        p.mul_(beta).add_(r)
         rs = rs_new
     return x
 
@@ -238,7 +249,8 @@ class Diffusion:
     rows, with affinities ``W_ij = max(s_ij, 0) ** gamma`` (``s`` the cosine or inner-product similarity;
     symmetrised as the mean of ``s_ij`` and ``s_ji``, which differ only by rounding), and its symmetric
     normalisation ``S = D^-1/2 W D^-1/2`` (``D`` the row sums; a row with no reciprocal neighbour keeps a
-    zero row), stored as a sparse CSR matrix.
+    zero row), stored as a sparse CSR matrix ``S`` over the rows taken in the order ``order`` (``S[i, j]``
+    relates rows ``order[i]`` and ``order[j]``; rows are grouped by k-means cluster, for cache locality).
 
     :meth:`search` then diffuses each query's seeds through the graph: ``y`` holds ``s ** gamma`` for the
     query's ``seeds`` best database rows (0 elsewhere), ``f`` solves ``(I - alpha S) f = y`` by
@@ -273,10 +285,23 @@ class Diffusion:
         self.max_iter = _int_at_least(max_iter, "max_iter", 1)
         self.tol = _real(tol, "tol")
         self.metric = self._rows.metric
+        self.order = self._locality_order()
+        self._position = torch.empty_like(self.order)
+        self._position[self.order] = torch.arange(n, device=self.order.device)
         self.S = self._normalised_affinity()
 
-    def _normalised_affinity(self) -> Tensor:
+    def _locality_order(self) -> Tensor:
+        """Rows grouped by k-means cluster: graph neighbours then sit near each other in the matrix, so the
+        sparse product's gathers of neighbour rows hit the cache (about 1.5x faster at 100,000 rows)."""
         x = self._rows.rows
+        clusters = max(1, min(1024, x.shape[0] // 256))
+        if clusters == 1:
+            return torch.arange(x.shape[0], device=x.device)
+        centroids = kmeans(x, clusters, metric="l2", iterations=5)
+        return torch.argsort(assign(x, centroids, "l2"), stable=True)
+
+    def _normalised_affinity(self) -> Tensor:
+        x = self._rows.rows[self.order]
         n = x.shape[0]
         edge_index, s = knn_graph(x, self.graph_k, self.metric, mutual=True)
         # both directions of every reciprocal pair are edges: adding W and W^T and halving makes the
@@ -298,6 +323,11 @@ class Diffusion:
     def __len__(self) -> int:
         return len(self._rows)
 
+    def _system(self, like: Tensor) -> Callable[[Tensor], Tensor]:
+        """``v -> (I - alpha S) v`` into one reused buffer shaped like ``like`` (one sparse addmm)."""
+        out = torch.empty_like(like)
+        return lambda v: torch.addmm(v, self.S, v, beta=1, alpha=-self.alpha, out=out)
+
     def search(self, queries: Tensor, k: int, *, seeds: int = 10) -> Tuple[Tensor, Tensor]:
         """The k database rows with the largest diffusion score ``f`` for each query ``[Q, D]``:
         ``(scores, indices)`` ``[Q, k]``, best first; scores are ``f`` (unitless, larger is better; 0 for rows
@@ -318,13 +348,12 @@ class Diffusion:
             s, seed_rows = topk_search(qb, self._rows.rows, seeds, self.metric)
             y = torch.zeros(n, qb.shape[0], dtype=q.dtype, device=q.device)
             cols = torch.arange(qb.shape[0], device=q.device)[:, None].expand_as(seed_rows)
-            y[seed_rows, cols] = s.clamp(min=0).pow(self.gamma)
-            f = conjugate_gradient(lambda v: v - self.alpha * (self.S @ v), y, max_iter=self.max_iter,
-                                   tol=self.tol)
+            y[self._position[seed_rows], cols] = s.clamp(min=0).pow(self.gamma)
+            f = conjugate_gradient(self._system(y), y, max_iter=self.max_iter, tol=self.tol)
             v, i = torch.topk(f.T, k, dim=1)
             out_v.append(v)
             out_i.append(i)
-        return torch.cat(out_v).to(self._rows.dtype), self._rows.ids(torch.cat(out_i))
+        return torch.cat(out_v).to(self._rows.dtype), self._rows.ids(self.order[torch.cat(out_i)])
 
 
 # -- graph message passing ------------------------------------------------------------------------------
