@@ -46,6 +46,20 @@ def test_k_relative_to_n(device, k):
         assert torch.equal(indices[:, :1000].sort(dim=1).values.cpu(), torch.arange(1000).expand(5, -1))
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_k_a_large_share_of_n_many_queries(device, metric):
+    # k = 30% of N: every row is kept as a candidate (no compaction) and queries go in many small blocks;
+    # with duplicated rows, a NaN row and a mask
+    queries, base = make_inputs(300, 1000, 16, metric, torch.float32, device, seed=5)
+    database = torch.cat([base, base[:500]])
+    database[7] = float("nan")
+    mask = torch.rand(1500, generator=torch.Generator().manual_seed(1)).to(device) < 0.8
+    for m in (None, mask):
+        values, indices = xmodal.topk_search(queries, database, 450, metric, mask=m)
+        assert_topk_close(values, indices, queries, database, 450, metric, mask=m)
+        assert not (indices == 7).any()  # the NaN row ranks below 450 numbers
+
+
 @pytest.mark.parametrize("metric", ALL_METRICS)
 def test_ties_any_tied_index(device, metric):
     base = make_inputs(1, 40, 8, metric, torch.float64, "cpu", seed=3)[1]

@@ -100,7 +100,7 @@ void merge_pairs(std::vector<Candidate<ord_t>>& cand, int64_t Q, int64_t nprobe,
     for (int64_t q = q0; q < q1; ++q) {
       auto first = cand.begin() + q * nprobe * k, last = first + nprobe * k;
       const int64_t take = std::min<int64_t>(k, nprobe * k);
-      std::partial_sort(first, first + take, last, better<ord_t>);
+      std::partial_sort(first, first + take, last, Better{});
       for (int64_t j = 0; j < k; ++j) {
         const bool real = j < take && first[j].key != kSkipOrd<ord_t>;
         vp[q * k + j] = real ? value(first[j].key) : pad;

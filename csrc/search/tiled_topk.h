@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 namespace xmodal {
@@ -26,12 +27,22 @@ void tiled_topk(int64_t Q, int64_t N, int64_t k, int64_t tile_rows, int64_t quer
   const int64_t parts = std::max<int64_t>(1, std::min(threads, num_tiles));
   query_block = std::max<int64_t>(1, std::min(Q, query_block));
   const int64_t max_rows_per_part = ((num_tiles + parts - 1) / parts) * tile_rows;
-  const int64_t capacity = std::max<int64_t>(1, std::min(k + std::max<int64_t>(k, 32), max_rows_per_part));
-  // Queries are processed in super-blocks so the candidate buffers stay under ~256 MiB for any Q and k.
+  // A buffer of 2k keeps the best k of every 2k candidates; when a part has at most 4k rows, compactions would
+  // discard little, so the buffer holds all of them and one selection at the merge does the work.
+  const int64_t capacity = max_rows_per_part <= 4 * k
+                               ? max_rows_per_part
+                               : std::max<int64_t>(1, std::min(k + std::max<int64_t>(k, 32), max_rows_per_part));
+  // Queries are processed in super-blocks so the candidate buffers stay under ~256 MiB for any Q and k. When
+  // the buffers hold every row, a super-block's buffers are kept near L2 (2 MiB) instead: they are written
+  // whole and read back by the merge, and the (few) rows cost little to score again per super-block.
   const int64_t per_query = parts * capacity * int64_t(sizeof(Candidate<ord_t>));
-  const int64_t super_block =
-      std::min(std::max<int64_t>(Q, 1), std::max(std::max<int64_t>(1, (int64_t(256) << 20) / per_query), query_block));
-  std::vector<Candidate<ord_t>> slots(size_t(parts * super_block * capacity));
+  const bool all_rows = capacity == max_rows_per_part;
+  const int64_t buffer_bytes = all_rows ? (int64_t(2) << 20) : (int64_t(256) << 20);
+  const int64_t super_block = std::min(std::max<int64_t>(Q, 1),
+                                       std::max(std::max<int64_t>(1, buffer_bytes / per_query), all_rows ? 1 : query_block));
+  if (all_rows) query_block = std::min(query_block, super_block);
+  // not value-initialised: every slot is written before it is read
+  std::unique_ptr<Candidate<ord_t>[]> slots(new Candidate<ord_t>[size_t(parts * super_block * capacity)]);
   std::vector<TopKBuffer<ord_t>> buffers(size_t(parts * super_block));
 
   for (int64_t s0 = 0; s0 < Q; s0 += super_block) {

@@ -214,7 +214,10 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args, const Plan
   const int64_t Q = args.queries.size(0), N = database.size(0), D = database.size(1), k = args.k;
   const int64_t gemm_elem = metric == Metric::KL ? int64_t(sizeof(acc_t)) : database.element_size();
   // Tile sizes come from the plan (search/planner.cpp says why).
-  const int64_t tile_rows = std::clamp<int64_t>(plan.tile_bytes / std::max<int64_t>(D * gemm_elem, 1) / 16 * 16, 64, 65536);
+  // (never more rows than the database has: the scorers' buffers are sized by it, and a small search must
+  // not pay for clearing a large one)
+  const int64_t tile_rows = std::min(std::clamp<int64_t>(plan.tile_bytes / std::max<int64_t>(D * gemm_elem, 1) / 16 * 16, 64, 65536),
+                                     std::max<int64_t>((N + 15) / 16 * 16, 16));
   const int64_t query_block = std::min<int64_t>(Q, plan.query_block);
 
   QuerySide<acc_t> qside = prepare_queries<acc_t>(args.queries, metric, plan.gemm);
