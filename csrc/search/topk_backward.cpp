@@ -3,10 +3,11 @@
 // The indices are constants, so each returned value is a function of one query and one database row: the
 // backward gathers the k selected rows per query, differentiates the metric there and scatters the row
 // gradients back (index_add). Memory is O(Q k D) in chunks, never O(Q N). Written with ATen ops only, so
-// one kernel (CompositeExplicitAutograd) serves every device.
+// one kernel (CompositeExplicitAutograd) serves every device. The autograd formula that calls it is at the end.
 #include "common/checks.h"
 #include "search/topk_common.h"
 
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -104,10 +105,72 @@ std::tuple<at::Tensor, at::Tensor> topk_search_backward(const at::Tensor& grad_v
   return {grad_q, grad_x};
 }
 
+// -- autograd ------------------------------------------------------------------------------------------
+// topk_search's values are differentiable for queries and database (the indices are constants). Written in
+// C++ rather than with torch.library.register_autograd: the Python formula cost every call ~5 us, as much as
+// a whole small naive search, whether or not anything needed a gradient.
+
+using SearchFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, c10::string_view,
+                                                    const std::optional<at::Tensor>&, bool, c10::string_view);
+using BackwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                      const at::Tensor&, const at::Tensor&, c10::string_view,
+                                                      std::array<bool, 2>);
+
+std::tuple<at::Tensor, at::Tensor> search_below_autograd(const at::Tensor& queries, const at::Tensor& database, int64_t k,
+                                                         c10::string_view metric, const std::optional<at::Tensor>& mask,
+                                                         bool tf32, c10::string_view strategy) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("xmodal::topk_search", "").typed<SearchFn>();
+  const at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(queries, database, k, metric, mask, tf32, strategy);
+}
+
+struct TopkSearchFunction : public torch::autograd::Function<TopkSearchFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& queries,
+                                                const at::Tensor& database, int64_t k, c10::string_view metric,
+                                                const std::optional<at::Tensor>& mask, bool tf32,
+                                                c10::string_view strategy) {
+    auto [values, indices] = search_below_autograd(queries, database, k, metric, mask, tf32, strategy);
+    ctx->save_for_backward({queries, database, values, indices});
+    ctx->saved_data["metric"] = std::string(metric);
+    ctx->mark_non_differentiable({indices});
+    return {values, indices};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const std::array<bool, 2> need = {ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+    torch::autograd::variable_list out(7);  // one per forward argument; only the first two have gradients
+    if (!need[0] && !need[1]) return out;
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("xmodal::topk_search_backward", "").typed<BackwardFn>();
+    const auto saved = ctx->get_saved_variables();
+    const std::string metric = ctx->saved_data["metric"].toStringRef();
+    auto [grad_q, grad_x] = op.call(grads[0], saved[2], saved[3], saved[0], saved[1], metric, need);
+    if (need[0]) out[0] = grad_q;
+    if (need[1]) out[1] = grad_x;
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> topk_search_autograd(const at::Tensor& queries, const at::Tensor& database, int64_t k,
+                                                        c10::string_view metric, const std::optional<at::Tensor>& mask,
+                                                        bool tf32, c10::string_view strategy) {
+  // nothing to differentiate: no graph node, no saved tensors
+  if (!at::GradMode::is_enabled() || !(queries.requires_grad() || database.requires_grad()))
+    return search_below_autograd(queries, database, k, metric, mask, tf32, strategy);
+  auto out = TopkSearchFunction::apply(queries, database, k, metric, mask, tf32, strategy);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(xmodal, CompositeExplicitAutograd, m) {
   m.impl("topk_search_backward", &topk_search_backward);
+}
+
+TORCH_LIBRARY_IMPL(xmodal, Autograd, m) {
+  m.impl("topk_search", &topk_search_autograd);
 }
 
 }  // namespace xmodal
