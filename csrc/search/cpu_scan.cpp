@@ -3,6 +3,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -135,6 +136,39 @@ XMODAL_AVX512BF16 void block_avx512bf16(const T* q, int64_t D, const T* const* r
       for (int r = 0; r < kR; ++r) out[i * ldo + r] += float(q[i * D + d]) * float(rows[r][d]);
 }
 
+// Squared norms of bf16 rows with the same instruction (exact products, fp32 sums): converting the rows to
+// fp32 for FMAs cost as much as the whole dot-product scan of one query.
+XMODAL_AVX512BF16 void squared_norms_avx512bf16(const c10::BFloat16* x, int64_t ld, int64_t n, int64_t D, float* out) {
+  const int64_t full = D / 32 * 32;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {  // four rows at a time share one horizontal reduction
+    __m512 a[4];
+    for (int r = 0; r < 4; ++r) a[r] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < full; d += 32)
+      for (int r = 0; r < 4; ++r) {
+        // the next rows' bytes requested ahead, as the dot-product blocks do: this pass is the one that
+        // brings the rows in from memory
+        _mm_prefetch(reinterpret_cast<const char*>(x + (j + r + 8) * ld + d), _MM_HINT_T0);
+        const __m512bh v = (__m512bh)_mm512_loadu_si512(x + (j + r) * ld + d);
+        a[r] = _mm512_dpbf16_ps(a[r], v, v);
+      }
+    _mm_storeu_ps(out + j, reduce4_avx512(a[0], a[1], a[2], a[3]));
+    for (int r = 0; r < 4; ++r)
+      for (int64_t d = full; d < D; ++d) out[j + r] += float(x[(j + r) * ld + d]) * float(x[(j + r) * ld + d]);
+  }
+  for (; j < n; ++j) {
+    const c10::BFloat16* row = x + j * ld;
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t d = 0; d < full; d += 32) {
+      const __m512bh v = (__m512bh)_mm512_loadu_si512(row + d);
+      a = _mm512_dpbf16_ps(a, v, v);
+    }
+    float s = _mm512_reduce_add_ps(a);
+    for (int64_t d = full; d < D; ++d) s += float(row[d]) * float(row[d]);
+    out[j] = s;
+  }
+}
+
 // ---- AVX2: 8 lanes (F16C converts fp16), a scalar tail of D ----
 XMODAL_AVX2 inline __m256 load_avx2(const float* p) { return _mm256_loadu_ps(p); }
 XMODAL_AVX2 inline __m256 load_avx2(const c10::BFloat16* p) {
@@ -203,17 +237,17 @@ XMODAL_AVX2 void block_avx2_one_query(const float* q, int64_t D, const T* const*
 
 // Rows in blocks of kR (then one at a time), queries in groups of up to kQ.
 template <int kQ, int kR, typename T, typename QT, typename Block, typename Block1>
-void scan_blocks(const QT* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out, Block block,
-                 Block1 block1) {
+void scan_blocks(const QT* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out, int64_t ldo,
+                 Block block, Block1 block1) {
   int64_t j = 0;
   const T* rows[kR];
   for (; j + kR <= n; j += kR) {
     for (int r = 0; r < kR; ++r) rows[r] = x + (j + r) * ld;
-    for (int64_t i = 0; i < Q; i += kQ) block(q + i * D, std::min<int64_t>(kQ, Q - i), D, rows, out + i * n + j, n);
+    for (int64_t i = 0; i < Q; i += kQ) block(q + i * D, std::min<int64_t>(kQ, Q - i), D, rows, out + i * ldo + j, ldo);
   }
   for (; j < n; ++j) {
     rows[0] = x + j * ld;
-    for (int64_t i = 0; i < Q; i += kQ) block1(q + i * D, std::min<int64_t>(kQ, Q - i), D, rows, out + i * n + j, n);
+    for (int64_t i = 0; i < Q; i += kQ) block1(q + i * D, std::min<int64_t>(kQ, Q - i), D, rows, out + i * ldo + j, ldo);
   }
 }
 
@@ -230,36 +264,50 @@ void scan_blocks(const QT* q, int64_t Q, const T* x, int64_t ld, int64_t n, int6
   }
 
 template <typename T>
-void scan_avx512(const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out) {
-  scan_blocks<4, 4, T, float>(q, Q, x, ld, n, D, out, XMODAL_GROUP_DISPATCH(block_avx512, 4, float),
+void scan_avx512(const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out, int64_t ldo) {
+  scan_blocks<4, 4, T, float>(q, Q, x, ld, n, D, out, ldo, XMODAL_GROUP_DISPATCH(block_avx512, 4, float),
                               XMODAL_GROUP_DISPATCH(block_avx512, 1, float));
 }
 
 void scan_avx512bf16(const c10::BFloat16* q, int64_t Q, const c10::BFloat16* x, int64_t ld, int64_t n, int64_t D,
-                     float* out) {
+                     float* out, int64_t ldo) {
   using T = c10::BFloat16;
-  scan_blocks<4, 4, T, T>(q, Q, x, ld, n, D, out, XMODAL_GROUP_DISPATCH(block_avx512bf16, 4, T),
+  scan_blocks<4, 4, T, T>(q, Q, x, ld, n, D, out, ldo, XMODAL_GROUP_DISPATCH(block_avx512bf16, 4, T),
                           XMODAL_GROUP_DISPATCH(block_avx512bf16, 1, T));
 }
 
 template <typename T>
-void scan_avx2(const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out) {
+void scan_avx2(const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out, int64_t ldo) {
   // 16 registers: one query takes four rows at a time (four independent FMA chains), more take two
   if (Q == 1) {
-    scan_blocks<1, 4, T, float>(q, Q, x, ld, n, D, out,
+    scan_blocks<1, 4, T, float>(q, Q, x, ld, n, D, out, ldo,
                                 [](const float* q, int64_t, int64_t D, const T* const* rows, float* out, int64_t ldo) {
                                   block_avx2_one_query<T>(q, D, rows, out, ldo);
                                 },
                                 XMODAL_GROUP_DISPATCH(block_avx2, 1, float));
     return;
   }
-  scan_blocks<4, 2, T, float>(q, Q, x, ld, n, D, out, XMODAL_GROUP_DISPATCH(block_avx2, 2, float),
+  scan_blocks<4, 2, T, float>(q, Q, x, ld, n, D, out, ldo, XMODAL_GROUP_DISPATCH(block_avx2, 2, float),
                               XMODAL_GROUP_DISPATCH(block_avx2, 1, float));
 }
 template <typename T>
 XMODAL_AVX512 void squared_norms_avx512(const T* x, int64_t ld, int64_t n, int64_t D, float* out) {
   const int64_t full = D / 16 * 16;
-  for (int64_t j = 0; j < n; ++j) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {  // four rows at a time share one horizontal reduction
+    __m512 a[4];
+    for (int r = 0; r < 4; ++r) a[r] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < full; d += 16)
+      for (int r = 0; r < 4; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(x + (j + r + 8) * ld + d), _MM_HINT_T0);  // (as above)
+        const __m512 v = load_avx512(x + (j + r) * ld + d);
+        a[r] = _mm512_fmadd_ps(v, v, a[r]);
+      }
+    _mm_storeu_ps(out + j, reduce4_avx512(a[0], a[1], a[2], a[3]));
+    for (int r = 0; r < 4; ++r)
+      for (int64_t d = full; d < D; ++d) out[j + r] += to_float(x[(j + r) * ld + d]) * to_float(x[(j + r) * ld + d]);
+  }
+  for (; j < n; ++j) {
     const T* row = x + j * ld;
     __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
     int64_t d = 0;
@@ -298,12 +346,13 @@ XMODAL_AVX2 void squared_norms_avx2(const T* x, int64_t ld, int64_t n, int64_t D
 #endif
 
 template <typename T>
-void scan_rows(ScanIsa isa, const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out) {
+void scan_rows(ScanIsa isa, const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out,
+               int64_t ldo) {
 #ifdef XMODAL_X86
-  if (isa == ScanIsa::Avx512) return scan_avx512(q, Q, x, ld, n, D, out);
-  if (isa == ScanIsa::Avx2) return scan_avx2(q, Q, x, ld, n, D, out);
+  if (isa == ScanIsa::Avx512) return scan_avx512(q, Q, x, ld, n, D, out, ldo);
+  if (isa == ScanIsa::Avx2) return scan_avx2(q, Q, x, ld, n, D, out, ldo);
 #endif
-  scan_portable(q, Q, x, ld, n, D, out, n);
+  scan_portable(q, Q, x, ld, n, D, out, ldo);
 }
 
 template <typename T>
@@ -319,23 +368,46 @@ void squared_norms_rows(ScanIsa isa, const T* x, int64_t ld, int64_t n, int64_t 
   }
 }
 
-}  // namespace
-
-void scan_dots(ScanIsa isa, const float* queries, int64_t Q, const at::Tensor& rows, float* out) {
-  const int64_t n = rows.size(0), D = rows.size(1), ld = rows.stride(0);
-  TORCH_INTERNAL_ASSERT(D == 0 || rows.stride(1) == 1, "scan_dots needs unit stride within a row");
+// Dot products of rows [j0, j0 + c) with the queries, written at out[i * ldo + j0 + j]; then, when `norms` is
+// given, the squared norms of the same rows at norms[j0 + j].
+template <typename T>
+void scan_chunk(ScanIsa isa, const float* q, const c10::BFloat16* q16, int64_t Q, const T* x, int64_t ld, int64_t j0,
+                int64_t c, int64_t D, float* out, int64_t ldo, float* norms) {
 #ifdef XMODAL_X86
-  if (isa == ScanIsa::Avx512Bf16 && rows.scalar_type() == at::kBFloat16) {
-    // the queries back in bf16 (they came from bf16 inputs, so this is exact)
-    std::vector<c10::BFloat16> q16(queries, queries + Q * D);
-    return scan_avx512bf16(q16.data(), Q, rows.data_ptr<c10::BFloat16>(), ld, n, D, out);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (q16) {  // the CPU multiplies bf16 natively
+      if (norms) squared_norms_avx512bf16(x + j0 * ld, ld, c, D, norms + j0);
+      return scan_avx512bf16(q16, Q, x + j0 * ld, ld, c, D, out + j0, ldo);
+    }
   }
 #endif
-  if (isa == ScanIsa::Avx512Bf16) isa = ScanIsa::Avx512;
+  if (norms) squared_norms_rows(isa, x + j0 * ld, ld, c, D, norms + j0);
+  (void)q16;
+  scan_rows(isa == ScanIsa::Avx512Bf16 ? ScanIsa::Avx512 : isa, q, Q, x + j0 * ld, ld, c, D, out + j0, ldo);
+}
+
+template <typename T>
+void scan_all(ScanIsa isa, const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out,
+              float* norms) {
+  // with norms: chunks of rows that stay in L1 (32 KiB) from the norms to the dot products, so the rows come
+  // from memory once (a whole tile's norms first would read it twice, or keep tiles small)
+  const int64_t chunk = norms ? std::max<int64_t>(16, (int64_t(32) << 10) / std::max<int64_t>(D * int64_t(sizeof(T)), 1) / 4 * 4) : n;
+  std::vector<c10::BFloat16> q16;  // with Avx512Bf16 and bf16 rows: the queries back in bf16 (exact: they came
+                                   // from bf16 inputs)
+  if (std::is_same_v<T, c10::BFloat16> && isa == ScanIsa::Avx512Bf16) q16.assign(q, q + Q * D);
+  for (int64_t j0 = 0; j0 < n; j0 += chunk)
+    scan_chunk(isa, q, q16.empty() ? nullptr : q16.data(), Q, x, ld, j0, std::min(chunk, n - j0), D, out, n, norms);
+}
+
+}  // namespace
+
+void scan_dots(ScanIsa isa, const float* queries, int64_t Q, const at::Tensor& rows, float* out, float* norms) {
+  const int64_t n = rows.size(0), D = rows.size(1), ld = rows.stride(0);
+  TORCH_INTERNAL_ASSERT(D == 0 || rows.stride(1) == 1, "scan_dots needs unit stride within a row");
   switch (rows.scalar_type()) {
-    case at::kFloat: return scan_rows(isa, queries, Q, rows.data_ptr<float>(), ld, n, D, out);
-    case at::kBFloat16: return scan_rows(isa, queries, Q, rows.data_ptr<c10::BFloat16>(), ld, n, D, out);
-    case at::kHalf: return scan_rows(isa, queries, Q, rows.data_ptr<c10::Half>(), ld, n, D, out);
+    case at::kFloat: return scan_all(isa, queries, Q, rows.data_ptr<float>(), ld, n, D, out, norms);
+    case at::kBFloat16: return scan_all(isa, queries, Q, rows.data_ptr<c10::BFloat16>(), ld, n, D, out, norms);
+    case at::kHalf: return scan_all(isa, queries, Q, rows.data_ptr<c10::Half>(), ld, n, D, out, norms);
     default: TORCH_INTERNAL_ASSERT(false, "scan_dots: unsupported dtype ", rows.scalar_type());
   }
 }

@@ -14,8 +14,10 @@ enum class ScanIsa { Avx512Bf16, Avx512, Avx2, Portable };
 
 // out[i * rows + j] = queries[i, :] · rows[j, :] for i < Q, j < rows.size(0), in fp32. queries: fp32 [Q, D]
 // contiguous (with Avx512Bf16 and bf16 rows, values that bf16 represents exactly: the caller's bf16 queries);
-// rows: fp32, bf16 or fp16, unit stride within a row.
-void scan_dots(ScanIsa isa, const float* queries, int64_t Q, const at::Tensor& rows, float* out);
+// rows: fp32, bf16 or fp16, unit stride within a row. `norms` given: also norms[j] = rows[j, :] · rows[j, :],
+// in the same pass over the rows (l2 and cosine need them; a separate pass would read the rows twice).
+void scan_dots(ScanIsa isa, const float* queries, int64_t Q, const at::Tensor& rows, float* out,
+               float* norms = nullptr);
 
 // out[j] = rows[j, :] · rows[j, :] in fp32, for fp32 or 16-bit rows (unit stride within a row). ATen's norm
 // of a 16-bit tile in fp32 first copies the tile to fp32 (fresh pages for every tile).

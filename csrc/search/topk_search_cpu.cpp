@@ -30,15 +30,18 @@ constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
 
 // out[m, n] = a[m, :] · b[n, :] (row-major, leading dimension n), the way the plan says (planner.h, TileGemm).
 // `half_scores`: this thread's buffer for Aten16's 16-bit scores.
+// `norms` (fp32 only): also write the tile rows' squared norms there, in the scan's pass over the rows.
 template <typename acc_t>
-void score_tile(const Plan& plan, const at::Tensor& a, const at::Tensor& b, acc_t* out, at::Tensor& half_scores) {
+void score_tile(const Plan& plan, const at::Tensor& a, const at::Tensor& b, acc_t* out, at::Tensor& half_scores,
+                float* norms = nullptr) {
   const int64_t m = a.size(0), n = b.size(0), d = a.size(1);
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   if constexpr (std::is_same_v<acc_t, float>) {
     if (plan.gemm == TileGemm::Scan && a.scalar_type() == at::kFloat && a.is_contiguous() && b.stride(1) == 1) {
-      scan_dots(plan.scan_isa, a.data_ptr<float>(), m, b, out);
+      scan_dots(plan.scan_isa, a.data_ptr<float>(), m, b, out, norms);
       return;
     }
+    if (norms) squared_norms(plan.scan_isa, b, norms);
   }
   if (a.scalar_type() == acc_dtype) {
     if (m == 1) {  // one query: a row-major matrix-vector product streams the tile slightly faster
@@ -83,6 +86,7 @@ struct TileSide {  // per-database-row terms for one tile
   at::Tensor zeros;         // kl: 1 where d_i = 0 (undefined when !has_zeros)
   at::Tensor widened;       // TileGemm::Widen: this thread's fp32 copy of the tile, reused from tile to tile
   bool has_zeros = false;
+  bool norms_pending = false;  // term holds room for squared norms that the next scan of the tile writes
   std::vector<acc_t> term;  // cosine: 1/||x||; l2: ||x||²
 };
 
@@ -109,22 +113,33 @@ QuerySide<acc_t> prepare_queries(const at::Tensor& queries, Metric metric, TileG
   return qs;
 }
 
+// Squared norms into the metric's per-row term: cosine keeps 1 / max(norm, eps), l2 the squared norm.
+inline void finish_norm_term(Metric metric, std::vector<float>& term) {
+  if (metric == Metric::Cosine || metric == Metric::CosineDistance)
+    for (float& v : term) v = 1.0f / std::max(std::sqrt(v), float(kNormEps));
+}
+
 template <typename acc_t>
 void prepare_tile(const at::Tensor& tile, Metric metric, const Plan& plan, int64_t first_row, TileSide<acc_t>& ts) {
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const TileGemm gemm = plan.gemm;
   ts.term.clear();
   ts.has_zeros = false;
+  ts.norms_pending = false;
   at::Tensor term;
   const bool needs_norms = metric == Metric::Cosine || metric == Metric::CosineDistance || metric == Metric::L2 ||
                            metric == Metric::SqEuclidean;
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (needs_norms && tile.element_size() == 2 && tile.stride(1) == 1) {
-      // 16-bit rows: squared norms converted in registers (ATen would copy the tile to fp32 first)
+    if (needs_norms && (tile.element_size() == 2 || tile.scalar_type() == at::kFloat) && tile.stride(1) == 1) {
+      // squared norms in registers (ATen would copy a 16-bit tile to fp32 first): during the scan of the tile
+      // when the plan scans (the rows are then read once), else here
       ts.term.resize(size_t(tile.size(0)));
-      squared_norms(plan.scan_isa, tile, ts.term.data());
-      if (metric == Metric::Cosine || metric == Metric::CosineDistance)
-        for (float& v : ts.term) v = 1.0f / std::max(std::sqrt(v), float(kNormEps));
+      if (gemm == TileGemm::Scan) {
+        ts.norms_pending = true;
+      } else {
+        squared_norms(plan.scan_isa, tile, ts.term.data());
+        finish_norm_term(metric, ts.term);
+      }
     }
   }
   if (ts.term.empty()) term = row_norm_term(tile, metric, acc_dtype);
@@ -240,7 +255,16 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args, const Plan
         prepare_tile<acc_t>(database.narrow(0, n0, nt), metric, plan, n0, tside);
         prepared = n0;
       }
-      score_tile<acc_t>(plan, qside.gemm_operand.narrow(0, q0, qn), tside.gemm_operand, scores.data(), half_scores);
+      float* norms = nullptr;
+      if constexpr (std::is_same_v<acc_t, float>) norms = tside.norms_pending ? tside.term.data() : nullptr;
+      score_tile<acc_t>(plan, qside.gemm_operand.narrow(0, q0, qn), tside.gemm_operand, scores.data(), half_scores,
+                        norms);
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (tside.norms_pending) {
+          finish_norm_term(metric, tside.term);
+          tside.norms_pending = false;
+        }
+      }
       if (tside.has_zeros)
         score_tile<acc_t>(plan, qside.positive.narrow(0, q0, qn), tside.zeros, zero_hits.data(), half_scores);
       for (int64_t i = 0; i < qn; ++i) {
