@@ -334,6 +334,7 @@ XMODAL_AVX2 void squared_norms_avx2(const T* x, int64_t ld, int64_t n, int64_t D
     __m256 a = _mm256_setzero_ps();
     int64_t d = 0;
     for (; d < full; d += 8) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + 4 * ld + d), _MM_HINT_T0);  // (see squared_norms_avx512)
       const __m256 u = load_avx2(row + d);
       a = _mm256_fmadd_ps(u, u, a);
     }
