@@ -71,6 +71,18 @@ def test_only_the_inputs_that_need_it_get_gradients(device):
     assert not indices.requires_grad
 
 
+def test_no_graph_without_a_gradient_to_compute(device):
+    queries, database = make_inputs(4, 100, 8, "ip", torch.float32, device)
+    values, _ = xmodal.topk_search(queries, database, 3, "ip")
+    assert values.grad_fn is None and not values.requires_grad
+    queries.requires_grad_()
+    with torch.no_grad():
+        values, _ = xmodal.topk_search(queries, database, 3, "ip")
+    assert values.grad_fn is None and not values.requires_grad
+    values, indices = xmodal.topk_search(queries, database, 3, "ip")
+    assert values.requires_grad and values.grad_fn is not None and not indices.requires_grad
+
+
 def test_non_finite_values_pass_no_gradient(device):
     # a NaN row that is selected (k = N) and KL's +inf (d_i = 0 < q_i) leave every gradient finite
     queries, database = _leaves(2, 20, 4, "l2", torch.float32, device, seed=5)
