@@ -35,7 +35,10 @@ DECISIONS = [
     (dict(cpu="avx2", dtype=BF16, Q=1), "one-pass scan, AVX2"),
     (dict(cpu="avx2", dtype=BF16, Q=17), "widened to fp32"),
     (dict(cpu="avx2", dtype=F16, Q=1024), "widened to fp32"),
-    (dict(cpu="avx2", dtype=F32, Q=16), "one-pass scan, AVX2"),
+    (dict(cpu="avx2", dtype=F32, Q=16, D=128), "one-pass scan, AVX2"),
+    (dict(cpu="avx2", dtype=F32, Q=8), "one-pass scan, AVX2"),
+    (dict(cpu="avx2", dtype=F32, Q=9), "BLAS GEMM"),  # wide fp32 rows: BLAS from 9 queries on
+    (dict(cpu="avx2", dtype=BF16, Q=16), "one-pass scan, AVX2"),
     (dict(cpu="avx2", dtype=F32, Q=256), "BLAS GEMM"),
     (dict(cpu="arm", dtype=F16, Q=2), "one-pass scan, portable"),
     (dict(cpu="arm", dtype=BF16, Q=64), "widened to fp32"),
