@@ -274,12 +274,46 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args, const Plan
       }
     };
   };
+  // Distances of the winners, summed from their differences: ||q||² + ||x||² - 2 q·x loses the digits of a
+  // small distance (a row searched for itself came back 3e-4 away instead of 0), and the sums of its terms
+  // round differently in each kernel. Then re-ordered by these values (ties to the smaller index).
+  const bool exact_distances = metric == Metric::L2 || metric == Metric::SqEuclidean;
+  const scalar_t* q_data = args.queries.data_ptr<scalar_t>();
+  const scalar_t* x_data = database.data_ptr<scalar_t>();
+  const int64_t qs0 = args.queries.stride(0), qs1 = args.queries.stride(1), xs0 = database.stride(0),
+                xs1 = database.stride(1);
+  auto squared_distance = [&](int64_t i, int64_t row) {
+    acc_t sum = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const acc_t t = acc_t(q_data[i * qs0 + d * qs1]) - acc_t(x_data[row * xs0 + d * xs1]);
+      sum += t * t;
+    }
+    return metric == Metric::L2 ? std::sqrt(sum) : sum;
+  };
   tiled_topk<ord_t>(Q, N, k, tile_rows, query_block, make_scorer,
                     [&](int64_t i, int64_t found, const std::vector<Candidate<ord_t>>& merged) {
                       for (int64_t r = 0; r < k; ++r) {
                         out_v[i * k + r] = r < found ? key_to_value<acc_t>(metric, from_ord<acc_t>(merged[r].key), qside.term, i)
                                                      : pad;
                         out_i[i * k + r] = r < found ? merged[r].index : -1;
+                      }
+                      if (exact_distances && found > 0) {
+                        std::vector<std::pair<acc_t, int64_t>> exact(static_cast<size_t>(found));
+                        for (int64_t r = 0; r < found; ++r) {
+                          const acc_t v = out_v[i * k + r];
+                          exact[r] = {v != v ? v : squared_distance(i, out_i[i * k + r]), out_i[i * k + r]};
+                        }
+                        // smaller first, NaN last, ties to the smaller index
+                        std::sort(exact.begin(), exact.end(), [](const auto& a, const auto& b) {
+                          const bool an = a.first != a.first, bn = b.first != b.first;
+                          if (an != bn) return bn;
+                          if (!an && a.first != b.first) return a.first < b.first;
+                          return a.second < b.second;
+                        });
+                        for (int64_t r = 0; r < found; ++r) {
+                          out_v[i * k + r] = exact[r].first;
+                          out_i[i * k + r] = exact[r].second;
+                        }
                       }
                     });
   return finish_results(args, values.to(args.queries.scalar_type()), indices);
