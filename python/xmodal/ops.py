@@ -51,7 +51,9 @@ def topk_search(
     Returns:
         ``(values, indices)``, each ``[Q, k]`` (or ``[k]`` for a 1-D query), best first; ``values`` in the
         input dtype, ``indices`` int64. Where fewer than k candidates exist the rest is padded with index -1
-        and value -inf (similarities) or +inf (distances). A NaN score ranks below every number.
+        and value -inf (similarities) or +inf (distances). A NaN score ranks below every number. On the CPU,
+        l2 and sqeuclidean values are summed from the differences of the returned rows (a row searched for
+        itself is at distance 0), not taken from the expanded form the ranking uses.
 
     ``queries``, ``database`` and ``mask`` may also be NumPy (or CuPy) arrays, as the indexes accept them; the
     result is then in the queries' array type (bfloat16 comes back as float32, which NumPy and CuPy lack).
