@@ -376,6 +376,9 @@ void scan_rows(ScanIsa isa, const float* q, int64_t Q, const T* x, int64_t ld, i
 template <typename T>
 void squared_norms_rows(ScanIsa isa, const T* x, int64_t ld, int64_t n, int64_t D, float* out) {
 #ifdef XMODAL_X86
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (isa == ScanIsa::Avx512Bf16) return squared_norms_avx512bf16(x, ld, n, D, out);  // native bf16 products
+  }
   if (isa == ScanIsa::Avx512 || isa == ScanIsa::Avx512Bf16) return squared_norms_avx512(x, ld, n, D, out);
   if (isa == ScanIsa::Avx2) return squared_norms_avx2(x, ld, n, D, out);
 #endif
@@ -386,20 +389,17 @@ void squared_norms_rows(ScanIsa isa, const T* x, int64_t ld, int64_t n, int64_t 
   }
 }
 
-// Dot products of rows [j0, j0 + c) with the queries, written at out[i * ldo + j0 + j]; then, when `norms` is
-// given, the squared norms of the same rows at norms[j0 + j].
+// When `norms` is given, the squared norms of rows [j0, j0 + c) at norms[j0 + j]; then the dot products of the
+// same rows with the queries, written at out[i * ldo + j0 + j].
 template <typename T>
 void scan_chunk(ScanIsa isa, const float* q, const c10::BFloat16* q16, int64_t Q, const T* x, int64_t ld, int64_t j0,
                 int64_t c, int64_t D, float* out, int64_t ldo, float* norms) {
+  if (norms) squared_norms_rows(isa, x + j0 * ld, ld, c, D, norms + j0);
 #ifdef XMODAL_X86
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (q16) {  // the CPU multiplies bf16 natively
-      if (norms) squared_norms_avx512bf16(x + j0 * ld, ld, c, D, norms + j0);
-      return scan_avx512bf16(q16, Q, x + j0 * ld, ld, c, D, out + j0, ldo);
-    }
+    if (q16) return scan_avx512bf16(q16, Q, x + j0 * ld, ld, c, D, out + j0, ldo);  // the CPU multiplies bf16 natively
   }
 #endif
-  if (norms) squared_norms_rows(isa, x + j0 * ld, ld, c, D, norms + j0);
   (void)q16;
   scan_rows(isa == ScanIsa::Avx512Bf16 ? ScanIsa::Avx512 : isa, q, Q, x + j0 * ld, ld, c, D, out + j0, ldo);
 }
