@@ -148,6 +148,18 @@ def _read_atomic(path: str, needed: Sequence[str]) -> Tuple[List[str], Iterator[
     return header, rows()
 
 
+def _read_pairs(path: str, kind: str, first: str, second: str) -> Iterator[Tuple[int, str, str]]:
+    """``(line number, first, second)``: two columns of each row of an atomic file of ``FILES[kind]``, stripped;
+    an empty one is an error naming the file, the line and the column."""
+    header, rows = _read_atomic(path, FILES[kind])
+    a, b = header.index(first), header.index(second)
+    for line, f in rows:
+        x, y = f[a].strip(), f[b].strip()
+        if not x or not y:
+            raise ValueError(f"{path}, line {line}: empty {first if not x else second}")
+        yield line, x, y
+
+
 def _token_order(tokens) -> List[str]:
     tokens = set(tokens)
     if all(re.fullmatch(r"-?\d+", t) for t in tokens):
@@ -231,17 +243,10 @@ class MovieLens100K:
                 self.genres[i, genre_id[g]] = True
 
     def _read_interactions(self, path: str) -> None:
-        header, rows = _read_atomic(path, FILES["inter"])
-        cu, ci = header.index("user_id"), header.index("item_id")
         users_raw, items, lines = [], [], []
-        for line, f in rows:
-            user, item = f[cu].strip(), f[ci].strip()
-            if not user or not item:
-                raise ValueError(f"{path}, line {line}: empty {'user_id' if not user else 'item_id'}")
-            if item not in self._item_id:
-                raise ValueError(f"{path}, line {line}: item_id {item!r} is not in ml-100k.item")
+        for line, user, item in _read_pairs(path, "inter", "user_id", "item_id"):
             users_raw.append(user)
-            items.append(self._item_id[item])
+            items.append(self._known_item(path, line, item))
             lines.append(line)
         if not users_raw:
             raise ValueError(f"{path}: no interactions")
@@ -260,26 +265,20 @@ class MovieLens100K:
                              f"feedback needs one row per pair)")
         self.interactions = Interactions(users, items_t)
 
+    def _known_item(self, path: str, line: int, token: str) -> int:
+        """The id of an item token that ml-100k.item listed (else an error naming the file and line)."""
+        if token not in self._item_id:
+            raise ValueError(f"{path}, line {line}: item_id {token!r} is not in ml-100k.item")
+        return self._item_id[token]
+
     def _read_kg(self, link_path: str, kg_path: str) -> None:
-        header, rows = _read_atomic(link_path, FILES["link"])
-        ci, ce = header.index("item_id"), header.index("entity_id")
         entity_of: Dict[str, List[int]] = {}  # entity -> the item ids linked to it
-        for line, f in rows:
-            item, entity = f[ci].strip(), f[ce].strip()
-            if not item or not entity:
-                raise ValueError(f"{link_path}, line {line}: empty {'item_id' if not item else 'entity_id'}")
-            if item not in self._item_id:
-                raise ValueError(f"{link_path}, line {line}: item_id {item!r} is not in ml-100k.item")
-            entity_of.setdefault(entity, []).append(self._item_id[item])
-        header, rows = _read_atomic(kg_path, FILES["kg"])
-        ch, ct = header.index("head_id"), header.index("tail_id")
+        for line, item, entity in _read_pairs(link_path, "link", "item_id", "entity_id"):
+            entity_of.setdefault(entity, []).append(self._known_item(link_path, line, item))
         neighbours: List[set] = [set() for _ in range(len(self.item_tokens))]
         entity_id: Dict[str, int] = {}
         triples = 0
-        for line, f in rows:
-            head, tail = f[ch].strip(), f[ct].strip()
-            if not head or not tail:
-                raise ValueError(f"{kg_path}, line {line}: empty {'head_id' if not head else 'tail_id'}")
+        for _, head, tail in _read_pairs(kg_path, "kg", "head_id", "tail_id"):
             triples += 1
             for a, b in ((head, tail), (tail, head)):
                 for item in entity_of.get(a, ()):
