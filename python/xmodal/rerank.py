@@ -211,7 +211,7 @@ def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, *, max_ite
     column of ``b`` ``[N, B]`` at once (each column has its own step sizes). Starts from 0; stops after
     ``max_iter`` steps or when every column's residual norm is at most ``tol`` times its ``b``'s norm.
     ``matvec`` may return the same buffer on every call (its result is read before the next call).
-    Memory: four ``[N, B]`` tensors besides what ``matvec`` needs."""
+    Memory: five ``[N, B]`` tensors (b and the solution among them) besides what ``matvec`` needs."""
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
