@@ -25,18 +25,21 @@ TORCH_LIBRARY(xmodal, m) {
   // list_offsets [nlist, 2] at rows [list_offsets[l][0], list_offsets[l][1]) (gaps allowed). probes
   // [Q, nprobe] list ids (-1: none). Returns values and row positions in `vectors`. Float rows: metric ip,
   // l2 or sqeuclidean. Compressed rows rank as the flat ops do: int8 codes with float32 queries and metric
-  // "ip" give topk_int8's keys (query_bias, row_scale, row_bias as there); packed bits (uint8) with uint8
-  // queries and metric "hamming" give Hamming distances (int32, smallest first). A C++ kernel on the CPU,
-  // a plain-PyTorch one on every other device (_fallback_kernels.py).
+  // "ip" give topk_int8's keys (query_bias, row_scale, row_bias, row_group as there); packed bits (uint8)
+  // with uint8 queries and metric "hamming" give Hamming distances (int32, smallest first). A C++ kernel on
+  // the CPU, a plain-PyTorch one on every other device (_fallback_kernels.py).
   m.def("ivf_scan(Tensor queries, Tensor vectors, Tensor list_offsets, Tensor probes, int k, str metric=\"ip\","
-        " Tensor? mask=None, *, Tensor? query_bias=None, Tensor? row_scale=None, Tensor? row_bias=None)"
+        " Tensor? mask=None, *, Tensor? query_bias=None, Tensor? row_scale=None, Tensor? row_bias=None,"
+        " Tensor? row_group=None)"
         " -> (Tensor values, Tensor indices)");
   // Top-k over int8 codes (scalar quantisation): key[q, n] = (queries[q] · codes[n] + query_bias[q]) *
   // row_scale[n] + row_bias[n] (absent terms: 0 / 1 / 0), k largest keys first (float32, padded with -inf
-  // and index -1; ties to the smaller index). queries float32 [Q, D] (the codec's scale folded in), codes
-  // int8 [N, D]. The index turns keys into metric values (index/codecs.py).
+  // and index -1; ties to the smaller index). With row_group (uint8 [N], values < G), query_bias is [Q, G]
+  // and row n adds query_bias[q, row_group[n]] (codes that are residuals from G centres). queries float32
+  // [Q, D] (the codec's scale folded in), codes int8 [N, D]. The index turns keys into metric values
+  // (index/codecs.py).
   m.def("topk_int8(Tensor queries, Tensor codes, int k, Tensor? query_bias=None, Tensor? row_scale=None,"
-        " Tensor? row_bias=None, Tensor? mask=None) -> (Tensor keys, Tensor indices)");
+        " Tensor? row_bias=None, Tensor? mask=None, *, Tensor? row_group=None) -> (Tensor keys, Tensor indices)");
   // Top-k by Hamming distance over packed bits: queries uint8 [Q, B], codes uint8 [N, B] (B a multiple of 8),
   // the k smallest distances first (int32, padded with INT32_MAX and index -1; ties to the smaller index).
   m.def("topk_hamming(Tensor queries, Tensor codes, int k, Tensor? mask=None) -> (Tensor distances, Tensor indices)");

@@ -35,7 +35,39 @@ def test_int8_recall_values_and_size(metric):
     assert (v - want_v).abs().max().item() < 0.05 * spread
     assert torch.equal(v, v.sort(dim=1, descending=xmodal.METRICS[metric]).values)
     assert index.vectors.shape == (6000, 64) and index.codec == "int8"
-    assert index.nbytes <= 0.3 * exact.nbytes  # 64 + 4 + 8 bytes a row against 256 + 8
+    assert index.nbytes <= 0.3 * exact.nbytes  # 64 + 1 + 4 + 8 bytes a row against 256 + 8
+
+
+def test_int8_codes_are_residuals_from_learnt_centres():
+    """Rows around 40 directions: codes relative to k-means centres step by a fraction of the rows' own range,
+    and every decoded row is within half a step of the row in each dimension."""
+    x, _ = _near_duplicates(n=20000)
+    index = FlatIndex(64, "l2", codec="int8")
+    index.add(x)
+    codec = index._encoding.codec
+    assert codec.centres.shape == (20000 // 256, 64)
+    assert bool((codec.scale < 0.5 * (x.amax(0) - x.amin(0)) / 255).all())
+    assert bool(((index.vectors - x).abs() <= codec.scale / 2 + 1e-6).all())
+    few = FlatIndex(64, "l2", codec="int8")
+    few.add(x[:300])  # fewer than 512 training rows: one centre
+    assert few._encoding.codec.centres.shape == (1, 64)
+
+
+def test_kmeans_plus_plus_gives_every_separated_group_a_centre():
+    from xmodal.index.kmeans import assign, kmeans
+
+    g = torch.Generator().manual_seed(1)
+    centres = 10 * torch.randn(40, 16, generator=g)
+    label = torch.cat([torch.zeros(3025, dtype=torch.long), torch.arange(975) % 39 + 1])  # one large group
+    x = centres[label] + 0.1 * torch.randn(4000, 16, generator=g)
+    # one centroid per group (random seeding puts many in the large group and shares some between small ones)
+    pairs = {}
+    for init in ("kmeans++", "random"):
+        found = assign(x, kmeans(x, 40, metric="l2", init=init), "l2")
+        pairs[init] = len(set(zip(found.tolist(), label.tolist())))  # (centroid, group) pairs that occur
+    assert pairs["kmeans++"] == 40 and pairs["random"] > 40, pairs
+    with pytest.raises(ValueError, match="init must be 'random' or 'kmeans\\+\\+', got 'best'"):
+        kmeans(x, 4, metric="l2", init="best")
 
 
 def test_int8_index_is_a_quarter_of_float32_at_512_dimensions():

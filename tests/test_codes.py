@@ -22,8 +22,8 @@ def _int8_case(q, n, d, seed=0, terms=True):
     return queries, codes, qb, rs, rb
 
 
-def _check_int8(keys, idx, queries, codes, qb, rs, rb, k, mask=None, rtol=1e-5):
-    ref = reference.int8_keys(queries, codes, qb, rs, rb)
+def _check_int8(keys, idx, queries, codes, qb, rs, rb, k, mask=None, rtol=1e-5, groups=None):
+    ref = reference.int8_keys(queries, codes, qb, rs, rb, groups)
     want_v, want_i = reference.topk_from_scores(ref, k, "ip", mask=mask)
     assert keys.dtype == torch.float32 and idx.dtype == torch.int64 and keys.shape == (queries.shape[0], k)
     assert torch.equal(idx == -1, want_i == -1)
@@ -46,6 +46,30 @@ def test_int8_matches_reference(q, d):
     # the ranking agrees with the exact one (the many-query GEMM quantises queries to ~2e-5 of their range)
     ref_i = reference.topk_from_scores(reference.int8_keys(queries, codes, qb, rs, rb), 10, "ip")[1]
     assert (idx == ref_i).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("q", [1, 3, 17, 300])
+@pytest.mark.parametrize("count", [1, 5, 256])
+def test_int8_row_groups_match_reference(q, count):
+    """query_bias [Q, G] picked per row by row_group (residual codes: each query's score against each centre)."""
+    queries, codes, _, rs, rb = _int8_case(q, 1500, 48, seed=count)
+    g = torch.Generator().manual_seed(q)
+    groups = torch.randint(0, count, (1500,), generator=g).to(torch.uint8)
+    qb = torch.randn(q, count, generator=g) * 20
+    mask = torch.rand(1500, generator=g) < 0.7
+    for m in (None, mask):
+        keys, idx = torch.ops.xmodal.topk_int8(queries, codes, 10, qb, rs, rb, m, row_group=groups)
+        _check_int8(keys, idx, queries, codes, qb, rs, rb, 10, mask=m, rtol=1e-5 if q <= 16 else 1e-4, groups=groups)
+        ref_i = reference.topk_from_scores(reference.int8_keys(queries, codes, qb, rs, rb, groups), 10, "ip", mask=m)[1]
+        assert (idx == ref_i).float().mean() > 0.98
+        plain = plain_int8(queries, codes, 10, qb, rs, rb, m, row_group=groups)
+        torch.testing.assert_close(plain[0], keys, rtol=0, atol=1e-4 * keys.abs().max().item())
+    # one group's rows, lifted by a large bias, come first
+    lifted = qb.clone()
+    lifted[:, 0] += 1e6
+    _, idx = torch.ops.xmodal.topk_int8(queries, codes, 10, lifted, None, None, None, row_group=groups)
+    first = min(10, int((groups == 0).sum()))
+    assert bool((groups[idx[:, :first]] == 0).all()) and bool((groups[idx[:, first:]] != 0).all())
 
 
 @pytest.mark.parametrize("k", [1, 7, 2000])
@@ -86,6 +110,15 @@ def test_int8_errors():
         torch.ops.xmodal.topk_int8(q, codes, 1, row_scale=torch.ones(4))
     with pytest.raises(RuntimeError, match=r"mask must be a 1-D bool tensor \[N\] = \[5\]"):
         torch.ops.xmodal.topk_int8(q, codes, 1, mask=torch.ones(5))
+    groups = torch.tensor([0, 1, 2, 1, 0], dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=r"row_group needs query_bias of shape \[Q, G\]"):
+        torch.ops.xmodal.topk_int8(q, codes, 1, torch.zeros(2), row_group=groups)
+    with pytest.raises(RuntimeError, match="row_group values must be below G = 2 \\(query_bias's columns\\), got 2"):
+        torch.ops.xmodal.topk_int8(q, codes, 1, torch.zeros(2, 2), row_group=groups)
+    with pytest.raises(RuntimeError, match=r"row_group must be a 1-D uint8 tensor of 5 values, got Long"):
+        torch.ops.xmodal.topk_int8(q, codes, 1, torch.zeros(2, 3), row_group=groups.long())
+    with pytest.raises(RuntimeError, match=r"query_bias must be a float32 tensor of shape \[Q, G\] with Q = 2"):
+        torch.ops.xmodal.topk_int8(q, codes, 1, torch.zeros(3, 3), row_group=groups)
 
 
 def _bits(n, b, seed):
@@ -137,6 +170,9 @@ def test_plain_pytorch_kernels_match_the_cpu_kernels():
 def test_opcheck():
     queries, codes, qb, rs, rb = _int8_case(3, 100, 16)
     torch.library.opcheck(torch.ops.xmodal.topk_int8.default, (queries, codes, 5, qb, rs, rb, None))
+    groups = torch.arange(100).remainder(3).to(torch.uint8)
+    torch.library.opcheck(torch.ops.xmodal.topk_int8.default, (queries, codes, 5, torch.randn(3, 3), rs, rb, None),
+                          {"row_group": groups})
     torch.library.opcheck(torch.ops.xmodal.topk_hamming.default, (_bits(3, 8, 0), _bits(100, 8, 1), 5, None))
 
 

@@ -189,7 +189,7 @@ def test_ranges_opcheck():
     torch.library.opcheck(torch.ops.xmodal.ivf_scan.default, (queries, buffer, ranges, probes, 4, "ip", None))
 
 
-@pytest.mark.parametrize("kind", ["int8", "bits"])
+@pytest.mark.parametrize("kind", ["int8", "int8_groups", "bits"])
 def test_compressed_rows_match_the_flat_ops_over_the_probed_lists(kind):
     """ivf_scan over int8 codes / packed bits gives, per query, the flat op's answer over its probed lists;
     the plain-PyTorch kernel (other devices) agrees."""
@@ -201,14 +201,17 @@ def test_compressed_rows_match_the_flat_ops_over_the_probed_lists(kind):
     n = int(offsets[-1])
     probes = torch.randint(-1, 9, (6, 3), generator=g)
     mask = torch.rand(n, generator=g) < 0.8
-    if kind == "int8":
+    if kind.startswith("int8"):
         rows = torch.randint(-128, 128, (n, 20), generator=g, dtype=torch.int8)
         queries = torch.randn(6, 20, generator=g)
-        qb, rs, rb = torch.randn(6, generator=g), torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)
-        values, idx = torch.ops.xmodal.ivf_scan(queries, rows, offsets, probes, 5, "ip", mask, query_bias=qb,
-                                                row_scale=rs, row_bias=rb)
-        full = reference.int8_keys(queries, rows, qb, rs, rb)
-        metric, kwargs = "ip", dict(query_bias=qb, row_scale=rs, row_bias=rb)
+        rs, rb = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)
+        # a bias per query, or per query and row group (codes relative to 7 centres)
+        groups = torch.randint(0, 7, (n,), generator=g).to(torch.uint8) if kind == "int8_groups" else None
+        qb = torch.randn(6, 7, generator=g) * 5 if groups is not None else torch.randn(6, generator=g)
+        kwargs = dict(query_bias=qb, row_scale=rs, row_bias=rb, row_group=groups)
+        values, idx = torch.ops.xmodal.ivf_scan(queries, rows, offsets, probes, 5, "ip", mask, **kwargs)
+        full = reference.int8_keys(queries, rows, qb, rs, rb, groups)
+        metric = "ip"
         assert values.dtype == torch.float32
     else:
         rows = torch.randint(0, 256, (n, 16), generator=g, dtype=torch.uint8)
@@ -226,7 +229,7 @@ def test_compressed_rows_match_the_flat_ops_over_the_probed_lists(kind):
         assert torch.equal(idx[q], want_i[0])
         found = want_i[0] >= 0
         torch.testing.assert_close(values[q][found].double(), want_v[0][found], rtol=1e-5, atol=1e-4)
-    plain = plain_ivf_scan(queries, rows, offsets, probes, 5, "ip" if kind == "int8" else "hamming", mask, **kwargs)
+    plain = plain_ivf_scan(queries, rows, offsets, probes, 5, "hamming" if kind == "bits" else "ip", mask, **kwargs)
     assert torch.equal(plain[1], idx) and plain[0].dtype == values.dtype
     torch.testing.assert_close(plain[0].double(), values.double(), rtol=1e-5, atol=1e-3)
 
@@ -238,6 +241,6 @@ def test_compressed_rows_errors():
         torch.ops.xmodal.ivf_scan(torch.zeros(1, 8, dtype=torch.uint8), bits, offsets, probes, 3, "ip")
     with pytest.raises(RuntimeError, match="queries must be float32 with int8 vectors"):
         torch.ops.xmodal.ivf_scan(torch.zeros(1, 8, dtype=torch.float64), bits.to(torch.int8), offsets, probes, 3)
-    with pytest.raises(RuntimeError, match="query_bias, row_scale and row_bias apply to int8 vectors only"):
+    with pytest.raises(RuntimeError, match="query_bias, row_scale, row_bias and row_group apply to int8 vectors only"):
         torch.ops.xmodal.ivf_scan(torch.zeros(1, 8), torch.zeros(10, 8), offsets, probes, 3, "ip",
                                   row_scale=torch.ones(10))

@@ -13,15 +13,23 @@ namespace xmodal {
 // codes converted to fp32 in registers.
 void int8_dots(ScanIsa isa, const float* queries, int64_t Q, int64_t D, const int8_t* rows, int64_t n, float* out);
 
-// The optional terms of int8 keys, key = (dot + query_bias[q]) * row_scale[n] + row_bias[n], checked (float32,
-// [Q] / [N] / [N], on the CPU) and held contiguous.
+// The optional terms of int8 keys, key = (dot + bias) * row_scale[n] + row_bias[n], where bias is
+// query_bias[q] ([Q]), or query_bias[q, row_group[n]] ([Q, G] with row_group uint8 [N], values < G: a bias per
+// query and group of rows, e.g. the query's score against the centre a row's residual code is relative to).
+// Checked (float32, on the CPU) and held contiguous.
 struct Int8Terms {
   Int8Terms(const std::optional<at::Tensor>& query_bias, const std::optional<at::Tensor>& row_scale,
-            const std::optional<at::Tensor>& row_bias, int64_t Q, int64_t N);
-  // keys [qn, nt] of rows n0 .. n0 + nt in place; `query_bias`: the qn queries' biases (nullptr: none)
-  void apply(float* keys, int64_t qn, int64_t nt, const float* query_bias, int64_t n0) const;
-  at::Tensor qb, rs, rb;
+            const std::optional<at::Tensor>& row_bias, const std::optional<at::Tensor>& row_group, int64_t Q,
+            int64_t N);
+  // query_bias values per query: 1, or G with row groups
+  int64_t bias_width() const { return row_group ? groups : 1; }
+  // keys [qn, nt] of rows n0 .. n0 + nt in place; `query_bias`: the qn queries' biases, bias_width() each
+  // (nullptr: none)
+  void apply(ScanIsa isa, float* keys, int64_t qn, int64_t nt, const float* query_bias, int64_t n0) const;
+  at::Tensor qb, rs, rb, rg;
   const float *query_bias = nullptr, *row_scale = nullptr, *row_bias = nullptr;
+  const uint8_t* row_group = nullptr;
+  int64_t groups = 0;
 };
 
 // out[j] = minus the Hamming distance between the query's and row j's `words` 64-bit words (`vpopcnt`: the

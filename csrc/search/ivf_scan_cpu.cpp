@@ -115,7 +115,7 @@ void code_keys(const at::Tensor& vectors, const float* qrows, const uint64_t* qb
                int64_t r0, int64_t nr, const float* qbias, const Int8Terms& terms, const CodesPlan& plan, float* keys) {
   if (vectors.scalar_type() == at::kChar) {
     int8_dots(plan.isa, qrows, np, D, vectors.data_ptr<int8_t>() + r0 * D, nr, keys);
-    terms.apply(keys, np, nr, qbias, r0);
+    terms.apply(plan.isa, keys, np, nr, qbias, r0);
     return;
   }
   const int64_t words = D / 8;  // D: bytes per row for bits
@@ -128,7 +128,8 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
                                                const std::string& metric, const std::optional<at::Tensor>& mask,
                                                const std::optional<at::Tensor>& query_bias,
                                                const std::optional<at::Tensor>& row_scale,
-                                               const std::optional<at::Tensor>& row_bias) {
+                                               const std::optional<at::Tensor>& row_bias,
+                                               const std::optional<at::Tensor>& row_group) {
   // No autograd kernel sits above this op, so without the guard the ATen calls below would record
   // autograd history for inputs that require grad.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -149,8 +150,8 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
     check_float_dtype(vectors, "vectors");
     check_same_dtype(queries, "queries", vectors, "vectors");
   }
-  TORCH_CHECK(int8_codes || !(query_bias || row_scale || row_bias),
-              "query_bias, row_scale and row_bias apply to int8 vectors only");
+  TORCH_CHECK(int8_codes || !(query_bias || row_scale || row_bias || row_group),
+              "query_bias, row_scale, row_bias and row_group apply to int8 vectors only");
   TORCH_CHECK(queries.size(1) == vectors.size(1), "queries and vectors must have the same dimension D, got ",
               queries.size(1), " and ", vectors.size(1));
   TORCH_CHECK(k > 0, "k must be positive, got ", k);
@@ -213,21 +214,22 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
   constexpr int64_t kRowBlock = 64;
 
   if (int8_codes || bits) {
-    const Int8Terms terms(query_bias, row_scale, row_bias, Q, N);
+    const Int8Terms terms(query_bias, row_scale, row_bias, row_group, Q, N);
     const CodesPlan plan = plan_codes_search(device_facts(vectors.device()), 1, D, D, bits);
     using ord_t = int32_t;
     auto cand = scan_lists<ord_t>(g, Q * nprobe, k, [&](int64_t l, const int64_t* pairs, int64_t np,
                                                          TopKBuffer<ord_t>* buffers, int64_t capacity) {
       // this list's queries side by side, then blocks of rows scored against all of them
       const int64_t qwidth = bits ? D / 8 : D;
-      std::vector<float> qrows(int8_codes ? np * D : 0), bias(np), keys(np * kRowBlock);
+      const int64_t width = terms.bias_width();
+      std::vector<float> qrows(int8_codes ? np * D : 0), bias(terms.query_bias ? np * width : 0), keys(np * kRowBlock);
       std::vector<uint64_t> qbits(bits ? np * qwidth : 0);
       std::vector<ord_t> ords(kRowBlock);
       for (int64_t i = 0; i < np; ++i) {
         const int64_t q = pairs[i] / nprobe;
         if (int8_codes) std::copy_n(qc.data_ptr<float>() + q * D, D, qrows.data() + i * D);
         else std::memcpy(qbits.data() + i * qwidth, qc.data_ptr<uint8_t>() + q * D, D);
-        bias[i] = terms.query_bias ? terms.query_bias[q] : 0.f;
+        if (terms.query_bias) std::copy_n(terms.query_bias + q * width, width, bias.data() + i * width);
       }
       for (int64_t r0 = begin[l]; r0 < end[l]; r0 += kRowBlock) {
         const int64_t nr = std::min(kRowBlock, end[l] - r0);

@@ -24,7 +24,7 @@ def _list_bounds(list_offsets: Tensor):
 
 def ivf_scan(queries: Tensor, vectors: Tensor, list_offsets: Tensor, probes: Tensor, k: int, metric: str = "ip",
              mask: Optional[Tensor] = None, *, query_bias: Optional[Tensor] = None, row_scale: Optional[Tensor] = None,
-             row_bias: Optional[Tensor] = None):
+             row_bias: Optional[Tensor] = None, row_group: Optional[Tensor] = None):
     """As the CPU kernel (csrc/search/ivf_scan_cpu.cpp): each probed list is searched once for all the queries
     probing it (with the flat ops' plain kernels, or a GEMM for float rows); each query's candidates are then
     merged. Float rows return values in their dtype, int8 codes float32 keys, packed bits int32 distances."""
@@ -61,7 +61,8 @@ def ivf_scan(queries: Tensor, vectors: Tensor, list_offsets: Tensor, probes: Ten
         elif vectors.dtype == torch.int8:
             top, idx = topk_int8(q, vectors[lo:hi], take, None if query_bias is None else query_bias[chosen // nprobe],
                                  None if row_scale is None else row_scale[lo:hi],
-                                 None if row_bias is None else row_bias[lo:hi], sub_mask)
+                                 None if row_bias is None else row_bias[lo:hi], sub_mask,
+                                 row_group=None if row_group is None else row_group[lo:hi])
             found, top = idx >= 0, top.double()
         else:
             top, idx = _float_topk(q, vectors[lo:hi], take, metric, sub_mask)
@@ -138,10 +139,17 @@ def _blocks(n: int, q: int, width: int):
 
 
 def topk_int8(queries: Tensor, codes: Tensor, k: int, query_bias: Optional[Tensor] = None,
-              row_scale: Optional[Tensor] = None, row_bias: Optional[Tensor] = None, mask: Optional[Tensor] = None):
-    """As the CPU kernel (csrc/search/codes_cpu.cpp): keys = (queries . codes + query_bias) * row_scale +
-    row_bias, k largest first; blocks of rows are decoded to float32 and multiplied."""
+              row_scale: Optional[Tensor] = None, row_bias: Optional[Tensor] = None, mask: Optional[Tensor] = None, *,
+              row_group: Optional[Tensor] = None):
+    """As the CPU kernel (csrc/search/codes_cpu.cpp): keys = (queries . codes + bias) * row_scale + row_bias
+    (bias: query_bias[q], or query_bias[q, row_group[n]] with row_group), k largest first; blocks of rows are
+    decoded to float32 and multiplied."""
     torch._check(k > 0, lambda: f"k must be positive, got {k}")
+    if row_group is not None:
+        torch._check(query_bias is not None and query_bias.dim() == 2,
+                     lambda: "row_group needs query_bias of shape [Q, G] (a bias per query and group)")
+        torch._check(row_group.numel() == 0 or int(row_group.max()) < query_bias.shape[1],
+                     lambda: f"row_group values must be below G = {query_bias.shape[1]} (query_bias's columns)")
     nq, device = queries.shape[0], queries.device
     best_keys = torch.full((nq, k), float("-inf"), device=device)
     best_idx = torch.full((nq, k), -1, dtype=torch.int64, device=device)
@@ -150,7 +158,7 @@ def topk_int8(queries: Tensor, codes: Tensor, k: int, query_bias: Optional[Tenso
         block = slice(n0, n0 + step)
         keys = queries.float() @ codes[block].float().T
         if query_bias is not None:
-            keys = keys + query_bias[:, None]
+            keys = keys + (query_bias[:, row_group[block].long()] if row_group is not None else query_bias[:, None])
         if row_scale is not None:
             keys = keys * row_scale[block]
         if row_bias is not None:

@@ -180,7 +180,7 @@ torch.library.register_autograd(
 
 @torch.library.register_fake("xmodal::ivf_scan")
 def _ivf_scan_fake(queries, vectors, list_offsets, probes, k, metric="ip", mask=None, *, query_bias=None,
-                   row_scale=None, row_bias=None):
+                   row_scale=None, row_bias=None, row_group=None):
     torch._check(k > 0, lambda: f"k must be positive, got {k}")
     # float rows: values in their dtype; int8 codes: float32 keys; packed bits: int32 distances
     dtype = {torch.int8: torch.float32, torch.uint8: torch.int32}.get(vectors.dtype, vectors.dtype)
@@ -192,7 +192,7 @@ def _ivf_scan_fake(queries, vectors, list_offsets, probes, k, metric="ip", mask=
 
 
 @torch.library.register_fake("xmodal::topk_int8")
-def _topk_int8_fake(queries, codes, k, query_bias=None, row_scale=None, row_bias=None, mask=None):
+def _topk_int8_fake(queries, codes, k, query_bias=None, row_scale=None, row_bias=None, mask=None, *, row_group=None):
     torch._check(queries.dim() == 2 and codes.dim() == 2, lambda: "queries and codes must be 2-D")
     torch._check(k > 0, lambda: f"k must be positive, got {k}")
     return queries.new_empty((queries.shape[0], k)), queries.new_empty((queries.shape[0], k), dtype=torch.int64)

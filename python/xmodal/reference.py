@@ -105,12 +105,13 @@ def scores_by_matmul(queries: Tensor, database: Tensor, metric: str) -> Tensor:
 
 
 def int8_keys(queries: Tensor, codes: Tensor, query_bias: Optional[Tensor] = None, row_scale: Optional[Tensor] = None,
-              row_bias: Optional[Tensor] = None) -> Tensor:
+              row_bias: Optional[Tensor] = None, row_group: Optional[Tensor] = None) -> Tensor:
     """The ``[Q, N]`` float64 keys :func:`torch.ops.xmodal.topk_int8` ranks (largest first):
-    ``(queries . codes + query_bias) * row_scale + row_bias``."""
+    ``(queries . codes + bias) * row_scale + row_bias``, bias ``query_bias[q]``, or ``query_bias[q, row_group[n]]``
+    with ``row_group``."""
     keys = queries.double() @ codes.double().T
     if query_bias is not None:
-        keys = keys + query_bias.double()[:, None]
+        keys = keys + (query_bias.double()[:, row_group.long()] if row_group is not None else query_bias.double()[:, None])
     if row_scale is not None:
         keys = keys * row_scale.double()
     if row_bias is not None:
