@@ -228,10 +228,11 @@ def test_compressed_rows_match_the_flat_ops_over_the_probed_lists(kind):
         want_v, want_i = reference.topk_from_scores(full[q: q + 1], 5, metric, mask=allowed & mask)
         assert torch.equal(idx[q], want_i[0])
         found = want_i[0] >= 0
-        torch.testing.assert_close(values[q][found].double(), want_v[0][found], rtol=1e-5, atol=1e-4)
+        # (int8 keys: exact up to the query's rounding to int16 in AVX2 scans, ~2e-5 of the key range)
+        torch.testing.assert_close(values[q][found].double(), want_v[0][found], rtol=1e-4, atol=1e-4)
     plain = plain_ivf_scan(queries, rows, offsets, probes, 5, "hamming" if kind == "bits" else "ip", mask, **kwargs)
     assert torch.equal(plain[1], idx) and plain[0].dtype == values.dtype
-    torch.testing.assert_close(plain[0].double(), values.double(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(plain[0].double(), values.double(), rtol=1e-4, atol=1e-3)
 
 
 def test_compressed_rows_errors():

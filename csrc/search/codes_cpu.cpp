@@ -1,8 +1,10 @@
 // Top-k search over compressed rows on the CPU: int8 codes (scalar quantisation) and binary codes
 // (Hamming distance). Like the float search (topk_search_cpu.cpp), each thread owns a range of row tiles,
 // scores a tile while it is in cache and feeds per-query candidate buffers (topk_select.h); the Q x N
-// score matrix never exists. An int8 tile is decoded to fp32 in cache, then scanned (few queries: the
-// codes are read from memory once, a quarter of the fp32 bytes) or multiplied with a BLAS GEMM (many).
+// score matrix never exists. Few queries scan the codes, read from memory once (a quarter of the fp32
+// bytes) and widened in registers: to fp32 with AVX-512, to int16 against int16-rounded queries with AVX2.
+// Many queries multiply tiles with oneDNN's int8 GEMM where it is exact (VNNI, AMX), else with a BLAS GEMM
+// of tiles decoded to fp32 in cache.
 #include "common/checks.h"
 #include "common/parallel.h"
 #include "search/codes_cpu.h"
@@ -15,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -158,6 +161,45 @@ __attribute__((target("avx2,fma"))) void dots_avx2(const float* q, int64_t D, co
     if (r0 < n) dots_avx2<kQ, 1>(q, D, x + r0 * D, n - r0, out + r0, ldo);
   }
 }
+
+// AVX2 without integer dot products of bytes: queries rounded to int16 and the codes widened to int16 in
+// registers, so one vpmaddwd does 16 multiply-adds (the fp32 route needs a convert and an FMA per 8). The
+// sums are exact integers, so equal rows score exactly equal. out[i * ldo + r] = q16_i · rows[r].
+template <int kQ, int kR>
+__attribute__((target("avx2,fma"))) void dots_avx2_i16(const int16_t* q, int64_t D, const int8_t* x, int64_t n,
+                                                       int32_t* out, int64_t ldo) {
+  int64_t r0 = 0;
+  const int64_t full = D / 16 * 16;
+  for (; r0 + kR <= n; r0 += kR) {
+    __m256i acc[kQ][kR];
+    for (int i = 0; i < kQ; ++i)
+      for (int r = 0; r < kR; ++r) acc[i][r] = _mm256_setzero_si256();
+    for (int64_t d = 0; d < full; d += 16) {
+      __m256i row[kR];
+      for (int r = 0; r < kR; ++r) {
+        if constexpr (kR > 1)
+          if (d % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(x + (r0 + r + 4 * kR) * D + d), _MM_HINT_T0);
+        row[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + (r0 + r) * D + d)));
+      }
+      for (int i = 0; i < kQ; ++i) {
+        const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * D + d));
+        for (int r = 0; r < kR; ++r) acc[i][r] = _mm256_add_epi32(acc[i][r], _mm256_madd_epi16(qv, row[r]));
+      }
+    }
+    for (int i = 0; i < kQ; ++i)
+      for (int r = 0; r < kR; ++r) {
+        const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc[i][r]), _mm256_extracti128_si256(acc[i][r], 1));
+        const __m128i t = _mm_add_epi32(h, _mm_unpackhi_epi64(h, h));
+        int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 1)));
+        for (int64_t d = full; d < D; ++d) sum += int32_t(q[i * D + d]) * x[(r0 + r) * D + d];
+        out[i * ldo + r0 + r] = sum;
+      }
+  }
+  if constexpr (kR > 1) {
+    if (r0 < n) dots_avx2_i16<kQ, 1>(q, D, x + r0 * D, n - r0, out + r0, ldo);
+  }
+}
+
 // row[j] += bias[group[j]] for the first multiple of 16 of n keys; returns how many were done
 __attribute__((target("avx512f"))) int64_t add_group_bias_avx512(float* row, const float* bias,
                                                                   const uint8_t* group, int64_t n) {
@@ -267,6 +309,44 @@ void int8_dots(ScanIsa isa, const float* q, int64_t Q, int64_t D, const int8_t* 
   for (; i < Q; ++i) dots_block<1>(isa, q + i * D, D, x, n, out + i * n, n);
 }
 
+Int16Queries::Int16Queries(const float* q, int64_t Q, int64_t D) : D(D), values(size_t(Q * D)), unit(size_t(Q)) {
+  // |q16| <= limit keeps every sum of D products with codes in [-128, 127] inside int32
+  const float limit = float(std::min<int64_t>(32767, (int64_t(1) << 31) / (128 * std::max<int64_t>(D, 1)) - 1));
+  for (int64_t i = 0; i < Q && ok; ++i) {
+    float top = 0.f;
+    for (int64_t d = 0; d < D; ++d) top = std::max(top, std::abs(q[i * D + d]));
+    ok = std::isfinite(top);
+    unit[i] = top / limit;
+    const float inv = top > 0.f ? limit / top : 0.f;
+    for (int64_t d = 0; d < D && ok; ++d) values[i * D + d] = int16_t(std::lrint(q[i * D + d] * inv));
+  }
+}
+
+void int8_dots_i16(const Int16Queries& q, int64_t q0, int64_t Q, const int8_t* x, int64_t n, float* out) {
+  const int64_t D = q.D;
+  const int16_t* qp = q.values.data() + q0 * D;
+  thread_local std::vector<int32_t> buffer;
+  buffer.resize(size_t(Q * n));
+  int32_t* sums = buffer.data();
+#ifdef XMODAL_X86
+  int64_t i = 0;
+  for (; i + 4 <= Q; i += 4) dots_avx2_i16<4, 2>(qp + i * D, D, x, n, sums + i * n, n);
+  for (; i + 2 <= Q; i += 2) dots_avx2_i16<2, 4>(qp + i * D, D, x, n, sums + i * n, n);
+  for (; i < Q; ++i) dots_avx2_i16<1, 4>(qp + i * D, D, x, n, sums + i * n, n);
+#else
+  for (int64_t i = 0; i < Q; ++i)
+    for (int64_t r = 0; r < n; ++r) {
+      int32_t s = 0;
+      for (int64_t d = 0; d < D; ++d) s += int32_t(qp[i * D + d]) * x[r * D + d];
+      sums[i * n + r] = s;
+    }
+#endif
+  for (int64_t i = 0; i < Q; ++i) {
+    const float unit = q.unit[q0 + i];
+    for (int64_t r = 0; r < n; ++r) out[i * n + r] = float(sums[i * n + r]) * unit;
+  }
+}
+
 namespace {
 
 void decode(ScanIsa isa, const int8_t* codes, int64_t n, float* out) {
@@ -337,6 +417,8 @@ std::tuple<at::Tensor, at::Tensor> topk_int8_cpu(const at::Tensor& queries, cons
     q_lo = ((scaled - hi) * 254.0).round_().clamp_(-127, 127).to(at::kChar);
   }
   const float* qsp = int8_gemm ? qscale.data_ptr<float>() : nullptr;
+  // AVX2 scans: queries rounded to int16 once (the codes widen to int16 in registers; see Int16Queries)
+  const Int16Queries q16 = !plan.gemm && plan.isa == ScanIsa::Avx2 ? Int16Queries(qp, Q, D) : Int16Queries();
   auto make_scorer = [&] {
     // this thread's decoded tile / int32 scores, reused from tile to tile
     at::Tensor scratch = int8_gemm ? at::empty({2, plan.query_block * plan.tile_rows}, at::kInt)
@@ -362,7 +444,8 @@ std::tuple<at::Tensor, at::Tensor> topk_int8_cpu(const at::Tensor& queries, cons
         at::Tensor out = at::from_blob(keys, {qn, nt}, at::kFloat);
         at::mm_out(out, q.narrow(0, q0, qn), scratch.narrow(0, 0, nt).t());
       } else {
-        int8_dots(plan.isa, qp + q0 * D, qn, D, xp + n0 * D, nt, keys);
+        if (q16.usable()) int8_dots_i16(q16, q0, qn, xp + n0 * D, nt, keys);
+        else int8_dots(plan.isa, qp + q0 * D, qn, D, xp + n0 * D, nt, keys);
       }
       terms.apply(plan.isa, keys, qn, nt, terms.query_bias ? terms.query_bias + q0 * terms.bias_width() : nullptr, n0);
     };

@@ -6,12 +6,31 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace xmodal {
 
 // out[i * n + j] = queries[i] · rows[j] for Q float queries [Q, D] and n int8 rows [n, D] (contiguous), the
 // codes converted to fp32 in registers.
 void int8_dots(ScanIsa isa, const float* queries, int64_t Q, int64_t D, const int8_t* rows, int64_t n, float* out);
+
+// Queries rounded to int16 for AVX2 CPUs, which have no dot product of bytes: each query's largest |value|
+// maps to the largest step that keeps a sum of D products with int8 codes inside int32 (32767 up to
+// D = 512), so keys differ from fp32 ones by ~2e-5 of the query's range. ok is false when a query is not
+// finite (the caller keeps the fp32 kernel).
+struct Int16Queries {
+  Int16Queries() = default;
+  Int16Queries(const float* queries, int64_t Q, int64_t D);
+  bool usable() const { return ok && !unit.empty(); }
+  int64_t D = 0;
+  std::vector<int16_t> values;  // [Q, D]
+  std::vector<float> unit;      // each query's value of one int16 step
+  bool ok = true;
+};
+
+// out[i * n + j] = query (q0 + i) · rows[j] for Q of the rounded queries, the codes widened to int16 in
+// registers: one vpmaddwd per 16 products, where the fp32 route needs a convert and an FMA per 8.
+void int8_dots_i16(const Int16Queries& queries, int64_t q0, int64_t Q, const int8_t* rows, int64_t n, float* out);
 
 // The optional terms of int8 keys, key = (dot + bias) * row_scale[n] + row_bias[n], where bias is
 // query_bias[q] ([Q]), or query_bias[q, row_group[n]] ([Q, G] with row_group uint8 [N], values < G: a bias per

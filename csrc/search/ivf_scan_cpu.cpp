@@ -111,10 +111,12 @@ void merge_pairs(std::vector<Candidate<ord_t>>& cand, int64_t Q, int64_t nprobe,
 }
 
 // Ranking keys of int8 codes or packed bits (see the op's schema): float keys, larger is better.
-void code_keys(const at::Tensor& vectors, const float* qrows, const uint64_t* qbits, int64_t np, int64_t D,
-               int64_t r0, int64_t nr, const float* qbias, const Int8Terms& terms, const CodesPlan& plan, float* keys) {
+void code_keys(const at::Tensor& vectors, const float* qrows, const Int16Queries& q16, const uint64_t* qbits,
+               int64_t np, int64_t D, int64_t r0, int64_t nr, const float* qbias, const Int8Terms& terms,
+               const CodesPlan& plan, float* keys) {
   if (vectors.scalar_type() == at::kChar) {
-    int8_dots(plan.isa, qrows, np, D, vectors.data_ptr<int8_t>() + r0 * D, nr, keys);
+    if (q16.usable()) int8_dots_i16(q16, 0, np, vectors.data_ptr<int8_t>() + r0 * D, nr, keys);
+    else int8_dots(plan.isa, qrows, np, D, vectors.data_ptr<int8_t>() + r0 * D, nr, keys);
     terms.apply(plan.isa, keys, np, nr, qbias, r0);
     return;
   }
@@ -231,9 +233,12 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
         else std::memcpy(qbits.data() + i * qwidth, qc.data_ptr<uint8_t>() + q * D, D);
         if (terms.query_bias) std::copy_n(terms.query_bias + q * width, width, bias.data() + i * width);
       }
+      // AVX2: this list's queries rounded to int16 once for all its blocks
+      const Int16Queries q16 = int8_codes && plan.isa == ScanIsa::Avx2 ? Int16Queries(qrows.data(), np, D)
+                                                                         : Int16Queries();
       for (int64_t r0 = begin[l]; r0 < end[l]; r0 += kRowBlock) {
         const int64_t nr = std::min(kRowBlock, end[l] - r0);
-        code_keys(xc, qrows.data(), qbits.data(), np, D, r0, nr, terms.query_bias ? bias.data() : nullptr, terms,
+        code_keys(xc, qrows.data(), q16, qbits.data(), np, D, r0, nr, terms.query_bias ? bias.data() : nullptr, terms,
                   plan, keys.data());
         for (int64_t i = 0; i < np; ++i) {
           for (int64_t r = 0; r < nr; ++r)
