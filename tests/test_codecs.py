@@ -109,6 +109,34 @@ def test_pca_reduction_with_int8():
     assert index.pca.explained_variance_ratio_.sum() > 0.99
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+@pytest.mark.parametrize("codec", ["int8", "binary"])
+def test_files_from_before_residual_codes_still_load(tmp_path, kind, codec):
+    """An int8 file of the earlier layout (no centres: rows decoded as offset + scale * code) loads and
+    answers as it did. Written here from a one-centre index, whose centre folds into the offset."""
+    from xmodal.index import io
+
+    x, queries = _near_duplicates(n=400, d=16)
+    cls = FlatIndex if kind == "flat" else xmodal.IVFIndex
+    index = cls(16, "cosine", codec=codec) if kind == "flat" else cls(16, nlist=4, metric="cosine", codec=codec)
+    if kind == "ivf":
+        index.train(x)
+    index.add(x)  # fewer than 512 rows: one centre
+    index.save(tmp_path / "new.xm")
+    tensors, meta = io.read(tmp_path / "new.xm", cls.FORMAT)
+    assert tensors["codec.centres"].shape == (1, 16)
+    tensors["codec.offset"] = tensors.pop("codec.centres")[0] + tensors["codec.offset"]
+    del tensors["groups"], meta["checksum"]
+    io.save(tensors, meta, tmp_path / "old.xm")
+    old = cls.load(tmp_path / "old.xm")
+    torch.testing.assert_close(old.vectors, index.vectors, rtol=0, atol=1e-6)
+    want, got = index.search(queries, 5), old.search(queries, 5)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-5)
+    old.add(x[:3])  # and keeps working: new rows get the one centre
+    assert len(old) == 403
+
+
 @pytest.mark.parametrize("codec,reduce_to", [("int8", None), ("binary", None), ("int8", 12), (None, 12)])
 def test_save_load_remove_ids_and_mask(tmp_path, codec, reduce_to):
     x, queries = _near_duplicates(n=2000, d=32)

@@ -245,3 +245,21 @@ def test_compressed_rows_errors():
     with pytest.raises(RuntimeError, match="query_bias, row_scale, row_bias and row_group apply to int8 vectors only"):
         torch.ops.xmodal.ivf_scan(torch.zeros(1, 8), torch.zeros(10, 8), offsets, probes, 3, "ip",
                                   row_scale=torch.ones(10))
+
+
+def test_row_groups_are_checked_on_the_lists_rows_only():
+    """Slots between lists (the appendable [nlist, 2] layout) hold anything; a bad group inside a list raises."""
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randint(-128, 128, (12, 8), generator=g, dtype=torch.int8)
+    queries, bias = torch.randn(2, 8, generator=g), torch.randn(2, 3, generator=g)
+    ranges, probes = torch.tensor([[0, 4], [6, 10]]), torch.tensor([[0, 1], [1, -1]])
+    groups = torch.tensor([0, 1, 2, 0, 255, 200, 1, 2, 0, 1, 255, 255], dtype=torch.uint8)  # 4, 5, 10, 11: gaps
+    values, idx = torch.ops.xmodal.ivf_scan(queries, rows, ranges, probes, 3, "ip", query_bias=bias, row_group=groups)
+    full = reference.int8_keys(queries, rows, bias, row_group=groups.clamp(max=2))
+    for q, allowed in enumerate(([0, 1, 2, 3, 6, 7, 8, 9], [6, 7, 8, 9])):
+        keep = torch.zeros(12, dtype=torch.bool)
+        keep[allowed] = True
+        assert torch.equal(idx[q], reference.topk_from_scores(full[q: q + 1], 3, "ip", mask=keep)[1][0])
+    groups[7] = 3
+    with pytest.raises(RuntimeError, match=r"row_group values must be below G = 3 \(query_bias's columns\), got 3"):
+        torch.ops.xmodal.ivf_scan(queries, rows, ranges, probes, 3, "ip", query_bias=bias, row_group=groups)

@@ -225,7 +225,7 @@ void dots_block(ScanIsa isa, const float* q, int64_t D, const int8_t* x, int64_t
 
 Int8Terms::Int8Terms(const std::optional<at::Tensor>& query_bias, const std::optional<at::Tensor>& row_scale,
                      const std::optional<at::Tensor>& row_bias, const std::optional<at::Tensor>& row_group, int64_t Q,
-                     int64_t N) {
+                     int64_t N, bool check_groups) {
   for (const auto& [t, name, n, held, ptr] :
        {std::tuple{&row_scale, "row_scale", N, &rs, &this->row_scale},
         std::tuple{&row_bias, "row_bias", N, &rb, &this->row_bias}}) {
@@ -248,8 +248,7 @@ Int8Terms::Int8Terms(const std::optional<at::Tensor>& query_bias, const std::opt
     groups = query_bias->size(1);
     rg = g.contiguous();
     this->row_group = rg.data_ptr<uint8_t>();
-    const int64_t top = N ? int64_t(rg.max().item<uint8_t>()) : -1;
-    TORCH_CHECK(top < groups, "row_group values must be below G = ", groups, " (query_bias's columns), got ", top);
+    if (check_groups) check_group_range(0, N);
   }
   if (query_bias.has_value()) {
     const at::Tensor& v = *query_bias;
@@ -277,6 +276,13 @@ void add_group_bias(ScanIsa isa, float* row, const float* bias, const uint8_t* g
 }
 
 }  // namespace
+
+void Int8Terms::check_group_range(int64_t begin, int64_t end) const {
+  if (!row_group || begin >= end) return;
+  const uint8_t top = *std::max_element(row_group + begin, row_group + end);
+  TORCH_CHECK(int64_t(top) < groups, "row_group values must be below G = ", groups, " (query_bias's columns), got ",
+              int(top));
+}
 
 void Int8Terms::apply(ScanIsa isa, float* keys, int64_t qn, int64_t nt, const float* qbias, int64_t n0) const {
   if (!qbias && !row_scale && !row_bias) return;

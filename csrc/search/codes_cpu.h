@@ -37,9 +37,13 @@ void int8_dots_i16(const Int16Queries& queries, int64_t q0, int64_t Q, const int
 // query and group of rows, e.g. the query's score against the centre a row's residual code is relative to).
 // Checked (float32, on the CPU) and held contiguous.
 struct Int8Terms {
+  // `check_groups`: check every row_group value (off: the caller checks the rows it reads, as ivf_scan, whose
+  // unused slots hold anything, does with check_group_range)
   Int8Terms(const std::optional<at::Tensor>& query_bias, const std::optional<at::Tensor>& row_scale,
             const std::optional<at::Tensor>& row_bias, const std::optional<at::Tensor>& row_group, int64_t Q,
-            int64_t N);
+            int64_t N, bool check_groups = true);
+  // raise unless rows begin .. end have row_group values below G
+  void check_group_range(int64_t begin, int64_t end) const;
   // query_bias values per query: 1, or G with row groups
   int64_t bias_width() const { return row_group ? groups : 1; }
   // keys [qn, nt] of rows n0 .. n0 + nt in place; `query_bias`: the qn queries' biases, bias_width() each

@@ -216,7 +216,9 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
   constexpr int64_t kRowBlock = 64;
 
   if (int8_codes || bits) {
-    const Int8Terms terms(query_bias, row_scale, row_bias, row_group, Q, N);
+    // row groups are checked on the lists' rows only: slots between lists hold anything
+    const Int8Terms terms(query_bias, row_scale, row_bias, row_group, Q, N, /*check_groups=*/false);
+    for (int64_t l = 0; l < nlist; ++l) terms.check_group_range(begin[l], end[l]);
     const CodesPlan plan = plan_codes_search(device_facts(vectors.device()), 1, D, D, bits);
     using ord_t = int32_t;
     auto cand = scan_lists<ord_t>(g, Q * nprobe, k, [&](int64_t l, const int64_t* pairs, int64_t np,

@@ -109,6 +109,8 @@ class Encoding:
         return out
 
     def restore(self, tensors: dict, meta: dict) -> None:
+        ids = tensors.get("ids")
+        self.codec.upgrade_file(tensors, ids.shape[0] if ids is not None and ids.dim() == 1 else 0)
         state = {k[len("codec."):]: v.to(self.device) for k, v in tensors.items() if k.startswith("codec.")}
         if self.codec.name is not None:
             self.codec.load_state(state)
