@@ -1,5 +1,7 @@
 """FlatIndex with codecs (int8, binary) and PCA reduction: recall against the exact float index, sizes,
 files and bad input."""
+import re
+
 import pytest
 import torch
 
@@ -127,6 +129,7 @@ def test_files_from_before_residual_codes_still_load(tmp_path, kind, codec):
     assert tensors["codec.centres"].shape == (1, 16)
     tensors["codec.offset"] = tensors.pop("codec.centres")[0] + tensors["codec.offset"]
     del tensors["groups"], meta["checksum"]
+    meta["format"] = cls.OLDER_FORMATS[0]
     io.save(tensors, meta, tmp_path / "old.xm")
     old = cls.load(tmp_path / "old.xm")
     torch.testing.assert_close(old.vectors, index.vectors, rtol=0, atol=1e-6)
@@ -135,6 +138,12 @@ def test_files_from_before_residual_codes_still_load(tmp_path, kind, codec):
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-5)
     old.add(x[:3])  # and keeps working: new rows get the one centre
     assert len(old) == 403
+    # a file from a newer xmodal is refused, not misread
+    meta["format"] = cls.FORMAT.split("/")[0] + "/99"
+    io.save(tensors, meta, tmp_path / "newer.xm")
+    newer = f"holds an {meta['format']}, written by a newer xmodal: this one reads {cls.OLDER_FORMATS[0]}, {cls.FORMAT}"
+    with pytest.raises(ValueError, match=re.escape(newer)):
+        cls.load(tmp_path / "newer.xm")
 
 
 @pytest.mark.parametrize("codec,reduce_to", [("int8", None), ("binary", None), ("int8", 12), (None, 12)])

@@ -122,6 +122,13 @@ def test_int8_errors():
         torch.ops.xmodal.topk_int8(q, codes, 1, torch.zeros(2, 3), row_group=groups.long())
     with pytest.raises(RuntimeError, match=r"query_bias must be a float32 tensor of shape \[Q, G\] with Q = 2"):
         torch.ops.xmodal.topk_int8(q, codes, 1, torch.zeros(3, 3), row_group=groups)
+    with pytest.raises(RuntimeError, match=r"query_bias must be a float32 tensor of shape \[Q\] = 2, got Float of shape \[\]"):
+        torch.ops.xmodal.topk_int8(q, codes, 1, torch.tensor(0.5))
+    # the plain-PyTorch kernel (other devices) refuses the same
+    for bad in (dict(query_bias=torch.zeros(2), row_group=groups), dict(query_bias=torch.zeros(2, 3), row_group=groups.long()),
+                dict(query_bias=torch.zeros(2, 3))):
+        with pytest.raises(RuntimeError, match="row_group|query_bias"):
+            plain_int8(q, codes, 1, **bad)
 
 
 def _bits(n, b, seed):
@@ -205,6 +212,10 @@ queries[1, 4] = float("inf")
 keys, idx = torch.ops.xmodal.topk_int8(queries, codes, 6)
 ref = reference.int8_keys(queries[[0, 2]], codes)
 assert torch.equal(idx[[0, 2]], reference.topk_from_scores(ref, 6, "ip")[1])
+# queries too small to scale to int16 (the step would overflow) are searched in fp32
+tiny = torch.randn(2, 45, generator=g) * 1e-36
+keys, idx = torch.ops.xmodal.topk_int8(tiny, codes, 6)
+assert torch.equal(idx, reference.topk_from_scores(reference.int8_keys(tiny, codes), 6, "ip")[1])
 print("ok")
 """
 

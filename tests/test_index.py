@@ -179,7 +179,7 @@ def test_load_rejects_truncated_corrupt_and_foreign_files(tmp_path):
     with pytest.raises(ValueError, match=r"model.safetensors' is not an xmodal index file \(no xmodal format in its "
                                          r"metadata\)"):
         FlatIndex.load(tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match=r"index.xmodal' holds an xmodal.FlatIndex/1, not an xmodal.IVFIndex/1: "
+    with pytest.raises(ValueError, match=r"index.xmodal' holds an xmodal.FlatIndex/2, not an xmodal.IVFIndex/2: "
                                          r"load it with FlatIndex.load"):
         IVFIndex.load(path)
     with pytest.raises(FileNotFoundError, match=r"cannot load index from '.*missing': no such file"):

@@ -263,3 +263,7 @@ def test_row_groups_are_checked_on_the_lists_rows_only():
     groups[7] = 3
     with pytest.raises(RuntimeError, match=r"row_group values must be below G = 3 \(query_bias's columns\), got 3"):
         torch.ops.xmodal.ivf_scan(queries, rows, ranges, probes, 3, "ip", query_bias=bias, row_group=groups)
+    from xmodal._fallback_kernels import ivf_scan as plain_ivf_scan
+
+    with pytest.raises(RuntimeError, match="query_bias, row_scale, row_bias and row_group apply to int8 vectors only"):
+        plain_ivf_scan(queries, rows.float(), ranges, probes, 3, "ip", query_bias=bias, row_group=groups)

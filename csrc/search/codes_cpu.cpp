@@ -253,7 +253,7 @@ Int8Terms::Int8Terms(const std::optional<at::Tensor>& query_bias, const std::opt
   if (query_bias.has_value()) {
     const at::Tensor& v = *query_bias;
     const bool grouped = this->row_group != nullptr;
-    const bool shape_ok = v.size(0) == Q && v.dim() == (grouped ? 2 : 1);
+    const bool shape_ok = v.dim() == (grouped ? 2 : 1) && v.size(0) == Q;
     TORCH_CHECK(v.scalar_type() == at::kFloat && shape_ok, "query_bias must be a float32 tensor of shape ",
                 grouped ? "[Q, G] with Q = " : "[Q] = ", Q, grouped ? " (with row_group)" : "", ", got ",
                 v.scalar_type(), " of shape ", v.sizes());
@@ -321,11 +321,24 @@ Int16Queries::Int16Queries(const float* q, int64_t Q, int64_t D) : D(D), values(
   for (int64_t i = 0; i < Q && ok; ++i) {
     float top = 0.f;
     for (int64_t d = 0; d < D; ++d) top = std::max(top, std::abs(q[i * D + d]));
-    ok = std::isfinite(top);
+    const double inv = top > 0.f ? double(limit) / top : 0.0;
+    ok = limit >= 1.f && std::isfinite(top) && std::isfinite(float(inv));  // else the fp32 kernel (huge D, tiny q)
     unit[i] = top / limit;
-    const float inv = top > 0.f ? limit / top : 0.f;
-    for (int64_t d = 0; d < D && ok; ++d) values[i * D + d] = int16_t(std::lrint(q[i * D + d] * inv));
+    for (int64_t d = 0; d < D && ok; ++d) values[i * D + d] = int16_t(std::lrint(double(q[i * D + d]) * inv));
   }
+}
+
+Int16Queries Int16Queries::rows(const int64_t* which, int64_t n) const {
+  Int16Queries out;
+  out.D = D;
+  out.ok = ok;
+  out.values.resize(size_t(n * D));
+  out.unit.resize(size_t(n));
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy_n(values.data() + which[i] * D, D, out.values.data() + i * D);
+    out.unit[i] = unit[which[i]];
+  }
+  return out;
 }
 
 void int8_dots_i16(const Int16Queries& q, int64_t q0, int64_t Q, const int8_t* x, int64_t n, float* out) {

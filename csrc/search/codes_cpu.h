@@ -15,13 +15,16 @@ namespace xmodal {
 void int8_dots(ScanIsa isa, const float* queries, int64_t Q, int64_t D, const int8_t* rows, int64_t n, float* out);
 
 // Queries rounded to int16 for AVX2 CPUs, which have no dot product of bytes: each query's largest |value|
-// maps to the largest step that keeps a sum of D products with int8 codes inside int32 (32767 up to
-// D = 512), so keys differ from fp32 ones by ~2e-5 of the query's range. ok is false when a query is not
-// finite (the caller keeps the fp32 kernel).
+// maps to the largest integer that keeps a sum of D products with int8 codes inside int32 (32767 up to
+// D = 512, 2^31 / (128 D) beyond), so keys differ from fp32 ones by ~2e-5 of the key range at D <= 512,
+// more beyond (~2e-4 at D = 4096). ok is false when a query is not finite or cannot be scaled (the caller
+// keeps the fp32 kernel for the whole call, so no two queries are scored differently).
 struct Int16Queries {
   Int16Queries() = default;
   Int16Queries(const float* queries, int64_t Q, int64_t D);
   bool usable() const { return ok && !unit.empty(); }
+  // these n queries (indices into this set), in that order
+  Int16Queries rows(const int64_t* which, int64_t n) const;
   int64_t D = 0;
   std::vector<int16_t> values;  // [Q, D]
   std::vector<float> unit;      // each query's value of one int16 step

@@ -220,6 +220,8 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
     const Int8Terms terms(query_bias, row_scale, row_bias, row_group, Q, N, /*check_groups=*/false);
     for (int64_t l = 0; l < nlist; ++l) terms.check_group_range(begin[l], end[l]);
     const CodesPlan plan = plan_codes_search(device_facts(vectors.device()), 1, D, D, bits);
+    const Int16Queries q16_all = int8_codes && plan.isa == ScanIsa::Avx2 ? Int16Queries(qc.data_ptr<float>(), Q, D)
+                                                                         : Int16Queries();
     using ord_t = int32_t;
     auto cand = scan_lists<ord_t>(g, Q * nprobe, k, [&](int64_t l, const int64_t* pairs, int64_t np,
                                                          TopKBuffer<ord_t>* buffers, int64_t capacity) {
@@ -235,9 +237,10 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
         else std::memcpy(qbits.data() + i * qwidth, qc.data_ptr<uint8_t>() + q * D, D);
         if (terms.query_bias) std::copy_n(terms.query_bias + q * width, width, bias.data() + i * width);
       }
-      // AVX2: this list's queries rounded to int16 once for all its blocks
-      const Int16Queries q16 = int8_codes && plan.isa == ScanIsa::Avx2 ? Int16Queries(qrows.data(), np, D)
-                                                                         : Int16Queries();
+      // AVX2: this list's queries, rounded to int16 once for the whole call
+      std::vector<int64_t> which(q16_all.usable() ? np : 0);
+      for (size_t i = 0; i < which.size(); ++i) which[i] = pairs[i] / nprobe;
+      const Int16Queries q16 = q16_all.usable() ? q16_all.rows(which.data(), np) : Int16Queries();
       for (int64_t r0 = begin[l]; r0 < end[l]; r0 += kRowBlock) {
         const int64_t nr = std::min(kRowBlock, end[l] - r0);
         code_keys(xc, qrows.data(), q16, qbits.data(), np, D, r0, nr, terms.query_bias ? bias.data() : nullptr, terms,

@@ -32,6 +32,8 @@ def ivf_scan(queries: Tensor, vectors: Tensor, list_offsets: Tensor, probes: Ten
     allowed = ("hamming",) if vectors.dtype == torch.uint8 else ("ip",) if codes else ("ip", "l2", "sqeuclidean")
     if metric not in allowed:
         raise RuntimeError(f"metric must be one of {allowed} for ivf_scan with {vectors.dtype} vectors, got '{metric}'")
+    if vectors.dtype != torch.int8 and any(t is not None for t in (query_bias, row_scale, row_bias, row_group)):
+        raise RuntimeError("query_bias, row_scale, row_bias and row_group apply to int8 vectors only")
     torch._check(k > 0, lambda: f"k must be positive, got {k}")
     begin, end = _list_bounds(list_offsets)
     nq, nprobe = probes.shape
@@ -146,10 +148,16 @@ def topk_int8(queries: Tensor, codes: Tensor, k: int, query_bias: Optional[Tenso
     decoded to float32 and multiplied."""
     torch._check(k > 0, lambda: f"k must be positive, got {k}")
     if row_group is not None:
+        torch._check(row_group.dtype == torch.uint8 and row_group.dim() == 1 and row_group.shape[0] == codes.shape[0],
+                     lambda: f"row_group must be a 1-D uint8 tensor of {codes.shape[0]} values, got {row_group.dtype} "
+                             f"of shape {list(row_group.shape)}")
         torch._check(query_bias is not None and query_bias.dim() == 2,
                      lambda: "row_group needs query_bias of shape [Q, G] (a bias per query and group)")
         torch._check(row_group.numel() == 0 or int(row_group.max()) < query_bias.shape[1],
                      lambda: f"row_group values must be below G = {query_bias.shape[1]} (query_bias's columns)")
+    torch._check(query_bias is None or query_bias.dim() == (2 if row_group is not None else 1),
+                 lambda: f"query_bias must be a float32 tensor of shape {'[Q, G]' if row_group is not None else '[Q]'}, "
+                         f"got shape {list(query_bias.shape)}")
     nq, device = queries.shape[0], queries.device
     best_keys = torch.full((nq, k), float("-inf"), device=device)
     best_idx = torch.full((nq, k), -1, dtype=torch.int64, device=device)

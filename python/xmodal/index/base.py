@@ -80,6 +80,7 @@ class Index(abc.ABC):
     """
 
     FORMAT = ""  # "xmodal.<Class>/<version>", stored in files
+    OLDER_FORMATS: Tuple[str, ...] = ()  # earlier versions load() still reads (upgraded on the way in)
 
     def __init__(self, dim: int, metric: str = "cosine", *, dtype=torch.float32, device="cpu",
                  codec: Optional[str] = None, reduce_to: Optional[int] = None, rescore: int = 4):
@@ -356,7 +357,7 @@ class Index(abc.ABC):
         files on a trusted disk). Files written before xmodal stored checksums have none and load unchecked.
         An encrypted file needs the ``encryption_key`` it was saved with (a wrong one raises ValueError).
         """
-        tensors, meta = io.read(path, cls.FORMAT, verify, encryption_key)
+        tensors, meta = io.read(path, cls.FORMAT, verify, encryption_key, cls.OLDER_FORMATS)
         where = os.fspath(path)
         try:
             index = cls._from_metadata(meta, device)

@@ -29,7 +29,8 @@ class FlatIndex(Index):
     clamped to it.
     """
 
-    FORMAT = "xmodal.FlatIndex/1"
+    FORMAT = "xmodal.FlatIndex/2"  # /2: int8 codes relative to centres (codecs.Int8Codes.upgrade_file reads /1)
+    OLDER_FORMATS = ("xmodal.FlatIndex/1",)
 
     def __init__(self, dim: int, metric: str = "cosine", *, dtype=torch.float32, device="cpu",
                  codec: Optional[str] = None, reduce_to: Optional[int] = None, rescore: int = 4):

@@ -94,10 +94,11 @@ def _from_bytes(data: bytes) -> Tuple[dict, dict]:
     return load(data), metadata
 
 
-def read(path, expected_format: str, verify: bool = True, encryption_key=None) -> Tuple[dict, dict]:
-    """The tensors and metadata of an index file of ``expected_format``; with ``verify``, checked against the
-    checksum stored at save time (files written before xmodal stored one load unchecked). An encrypted file
-    needs its ``encryption_key``."""
+def read(path, expected_format: str, verify: bool = True, encryption_key=None,
+         older_formats: Tuple[str, ...] = ()) -> Tuple[dict, dict]:
+    """The tensors and metadata of an index file of ``expected_format`` (or one of ``older_formats``, which
+    the caller upgrades); with ``verify``, checked against the checksum stored at save time (files written
+    before xmodal stored one load unchecked). An encrypted file needs its ``encryption_key``."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -137,9 +138,12 @@ def read(path, expected_format: str, verify: bool = True, encryption_key=None) -
         raise ValueError(f"{path!r} is not a readable xmodal index file: truncated, corrupt or not a safetensors "
                          f"file ({type(e).__name__}: {e})") from None
     found = metadata.get("format")
-    if found != expected_format:
+    if found != expected_format and found not in older_formats:
         if not (found or "").startswith("xmodal."):
             raise ValueError(f"{path!r} is not an xmodal index file (no xmodal format in its metadata)")
+        if found.split("/")[0] == expected_format.split("/")[0]:
+            raise ValueError(f"{path!r} holds an {found}, written by a newer xmodal: this one reads "
+                             f"{', '.join((*older_formats, expected_format))}")
         raise ValueError(f"{path!r} holds an {found}, not an {expected_format}: load it with "
                          f"{found[len('xmodal.'):].split('/')[0]}.load")
     stored = metadata.get("checksum")

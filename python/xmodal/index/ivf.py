@@ -25,7 +25,8 @@ class IVFIndex(Index):
     ``mask``); adding rows costs time in proportion to the rows added, not to the index.
     """
 
-    FORMAT = "xmodal.IVFIndex/1"
+    FORMAT = "xmodal.IVFIndex/2"  # /2: int8 codes relative to centres (codecs.Int8Codes.upgrade_file reads /1)
+    OLDER_FORMATS = ("xmodal.IVFIndex/1",)
 
     def __init__(self, dim: int, nlist: int, metric: str = "cosine", *, nprobe: int = 8, dtype=torch.float32,
                  device="cpu", codec: Optional[str] = None, reduce_to: Optional[int] = None, rescore: int = 4):
