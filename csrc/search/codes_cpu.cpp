@@ -289,13 +289,11 @@ void Int8Terms::apply(ScanIsa isa, float* keys, int64_t qn, int64_t nt, const fl
   const float* scale = row_scale ? row_scale + n0 : nullptr;
   const float* shift = row_bias ? row_bias + n0 : nullptr;
   const uint8_t* group = row_group ? row_group + n0 : nullptr;
+  const bool grouped = qbias && group;
   for (int64_t i = 0; i < qn; ++i) {
     float* row = keys + i * nt;
-    float add = qbias ? qbias[i] : 0.f;
-    if (qbias && group) {
-      add_group_bias(isa, row, qbias + i * groups, group, nt);
-      add = 0.f;
-    }
+    if (grouped) add_group_bias(isa, row, qbias + i * groups, group, nt);
+    const float add = qbias && !grouped ? qbias[i] : 0.f;  // one bias for the whole row
     // one loop per combination of terms, so each vectorises
     if (scale && shift)
       for (int64_t j = 0; j < nt; ++j) row[j] = (row[j] + add) * scale[j] + shift[j];
