@@ -22,8 +22,8 @@ def _int8_case(q, n, d, seed=0, terms=True):
     return queries, codes, qb, rs, rb
 
 
-# keys are exact up to how the kernels round the queries: to int16 in AVX2 scans, to two int8 parts in the
-# many-query int8 GEMM (~2e-5 of the key range either way)
+# keys are exact up to how the kernels round the queries: to int16 in AVX2 scans and rescoring, to two int8
+# parts in the many-query int8 GEMM (~2e-5 of the key range either way)
 KEY_RTOL = 1e-4
 
 
@@ -206,6 +206,30 @@ for d in (512, 3000):
     queries = torch.full((2, d), -1.0)
     keys, idx = torch.ops.xmodal.topk_int8(queries, codes, 2)
     assert idx[:, 0].tolist() == [0, 0] and torch.allclose(keys[:, 0], torch.full((2,), 128.0 * d)), (d, keys)
+# many queries (AVX2: a 7-bit first pass, its candidates rescored) give the keys and ranking of the exact
+# int8 keys, with every term, groups, a mask and D not a multiple of 4 whose very last row wins
+for d in (512, 45):
+    queries, codes = torch.randn(300, d, generator=g) + 1, torch.randint(-128, 128, (1501, d), generator=g, dtype=torch.int8)
+    codes[-1] = 127
+    groups = torch.randint(0, 7, (1501,), generator=g).to(torch.uint8)
+    qb, rs, rb = torch.randn(300, 7, generator=g), torch.rand(1501, generator=g) + 0.5, torch.randn(1501, generator=g)
+    mask = torch.rand(1501, generator=g) < 0.9
+    mask[-1] = True
+    keys, idx = torch.ops.xmodal.topk_int8(queries, codes, 10, qb, rs, rb, mask, row_group=groups)
+    ref = reference.int8_keys(queries, codes, qb, rs, rb, groups)
+    want_v, want_i = reference.topk_from_scores(ref, 10, "ip", mask=mask)
+    assert (idx == want_i).float().mean() > 0.99, d
+    assert bool(mask[idx].all()) and bool((idx[:, 0] == 1500).all()), d
+    assert torch.allclose(keys.double(), want_v, rtol=0, atol=1e-4 * ref.abs().max().item()), d
+    assert torch.allclose(ref.gather(1, idx), keys.double(), rtol=0, atol=1e-4 * ref.abs().max().item()), d
+# ... with the extreme codes and queries (the 7-bit pass's pair sums come closest to saturating there)
+codes = torch.full((50, 512), -128, dtype=torch.int8)
+codes[7] = 127
+queries = torch.full((40, 512), -1.0)
+queries[::2] = 1.0
+keys, idx = torch.ops.xmodal.topk_int8(queries, codes, 2)
+assert idx[1::2, 0].tolist() == [0] * 20 and idx[::2, 0].tolist() == [7] * 20, idx
+assert torch.allclose(keys[1::2, 0], torch.full((20,), 128.0 * 512)) and torch.allclose(keys[::2, 0], torch.full((20,), 127.0 * 512))
 # a query that is not finite leaves the others' answers alone
 queries, codes = torch.randn(3, 45, generator=g), torch.randint(-128, 128, (700, 45), generator=g, dtype=torch.int8)
 queries[1, 4] = float("inf")

@@ -3,8 +3,9 @@
 // scores a tile while it is in cache and feeds per-query candidate buffers (topk_select.h); the Q x N
 // score matrix never exists. Few queries scan the codes, read from memory once (a quarter of the fp32
 // bytes) and widened in registers: to fp32 with AVX-512, to int16 against int16-rounded queries with AVX2.
-// Many queries multiply tiles with oneDNN's int8 GEMM where it is exact (VNNI, AMX), else with a BLAS GEMM
-// of tiles decoded to fp32 in cache.
+// Many queries multiply tiles with oneDNN's int8 GEMM where it is exact (VNNI, AMX); on AVX2 a first pass
+// with queries rounded to 7 bits (vpmaddubsw: twice an fp32 GEMM's products per cycle) keeps a few
+// candidates per query, rescored with int16 queries; elsewhere a BLAS GEMM of tiles decoded to fp32 in cache.
 #include "common/checks.h"
 #include "common/parallel.h"
 #include "search/codes_cpu.h"
@@ -18,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -200,6 +202,73 @@ __attribute__((target("avx2,fma"))) void dots_avx2_i16(const int16_t* q, int64_t
   }
 }
 
+// Many queries on AVX2, first pass: codes (signed bytes) times queries rounded to 7 bits and shifted to
+// unsigned (u = q7 + 64 in [1, 127], 0 past D), so one vpmaddubsw multiplies 32 byte pairs without
+// saturating (|u c + u' c'| <= 2 * 127 * 128 < 2^15) and a vpmaddwd by ones widens the pair sums to int32:
+// two multiply instructions per 32 products, where fp32 needs four FMAs. `qp`: kB blocks of 8 queries,
+// each [D4][8][4] bytes; out[(b * 8 + l) * ldo + r] = sum over d < 4 * D4 of u_l[d] * rows[r][d]. Rows are
+// read a dword at a time, up to 3 bytes past D: the caller makes sure that memory is there.
+template <int kR, int kB>
+__attribute__((target("avx2"))) void coarse_dots_avx2(const uint8_t* qp, int64_t D4, const int8_t* x, int64_t D,
+                                                      int64_t n, int32_t* out, int64_t ldo) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  int64_t r0 = 0;
+  for (; r0 + kR <= n; r0 += kR) {
+    __m256i acc[kR][kB];
+    for (int r = 0; r < kR; ++r)
+      for (int b = 0; b < kB; ++b) acc[r][b] = _mm256_setzero_si256();
+    for (int64_t d4 = 0; d4 < D4; ++d4) {
+      __m256i qv[kB];
+      for (int b = 0; b < kB; ++b) qv[b] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qp + (b * D4 + d4) * 32));
+      for (int r = 0; r < kR; ++r) {
+        int32_t word;
+        std::memcpy(&word, x + (r0 + r) * D + d4 * 4, 4);
+        const __m256i c = _mm256_set1_epi32(word);
+        for (int b = 0; b < kB; ++b)
+          acc[r][b] = _mm256_add_epi32(acc[r][b], _mm256_madd_epi16(_mm256_maddubs_epi16(qv[b], c), ones));
+      }
+    }
+    for (int r = 0; r < kR; ++r)
+      for (int b = 0; b < kB; ++b) {
+        alignas(32) int32_t lanes[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[r][b]);
+        for (int l = 0; l < 8; ++l) out[(b * 8 + l) * ldo + r0 + r] = lanes[l];
+      }
+  }
+  if constexpr (kR > 1) {
+    if (r0 < n) coarse_dots_avx2<1, kB>(qp, D4, x + r0 * D, D, n - r0, out + r0, ldo);
+  }
+}
+
+// out[j] = the sum of row j's D codes
+__attribute__((target("avx2"))) void code_sums_avx2(const int8_t* x, int64_t D, int64_t n, int32_t* out) {
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  const int64_t full = D / 32 * 32;
+  for (int64_t r = 0; r < n; ++r) {
+    const int8_t* row = x + r * D;
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t d = 0; d < full; d += 32)
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(
+          _mm256_maddubs_epi16(ones8, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d))), ones16));
+    const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    const __m128i t = _mm_add_epi32(h, _mm_unpackhi_epi64(h, h));
+    int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 1)));
+    for (int64_t d = full; d < D; ++d) sum += row[d];
+    out[r] = sum;
+  }
+}
+
+// row[j] += bias[group[j]] for the first multiple of 8 of n keys; returns how many were done
+__attribute__((target("avx2"))) int64_t add_group_bias_avx2(float* row, const float* bias, const uint8_t* group,
+                                                            int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i at = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(group + j)));
+    _mm256_storeu_ps(row + j, _mm256_add_ps(_mm256_loadu_ps(row + j), _mm256_i32gather_ps(bias, at, 4)));
+  }
+  return j;
+}
+
 // row[j] += bias[group[j]] for the first multiple of 16 of n keys; returns how many were done
 __attribute__((target("avx512f"))) int64_t add_group_bias_avx512(float* row, const float* bias,
                                                                   const uint8_t* group, int64_t n) {
@@ -271,6 +340,7 @@ void add_group_bias(ScanIsa isa, float* row, const float* bias, const uint8_t* g
   int64_t j = 0;
 #ifdef XMODAL_X86
   if (isa == ScanIsa::Avx512 || isa == ScanIsa::Avx512Bf16) j = add_group_bias_avx512(row, bias, group, n);
+  if (isa == ScanIsa::Avx2) j = add_group_bias_avx2(row, bias, group, n);
 #endif
   for (; j < n; ++j) row[j] += bias[group[j]];
 }
@@ -382,6 +452,64 @@ bool int8_gemm_exact() {
   return exact;
 }
 
+// Queries of the AVX2 many-query first pass (coarse_dots_avx2): each rounded to 7 bits (its largest |value|
+// maps to 63), shifted to unsigned and packed in blocks of 8 queries, [blocks][D4][8][4] bytes, 0 past D.
+struct CoarseQueries {
+  CoarseQueries(const float* q, int64_t Q, int64_t D)
+      : D4((D + 3) / 4), packed(size_t((Q + 7) / 8 * D4 * 32), 0), unit(size_t(Q)) {
+    for (int64_t i = 0; i < Q; ++i) {
+      float top = 0.f;
+      for (int64_t d = 0; d < D; ++d) top = std::max(top, std::abs(q[i * D + d]));
+      const float inv = top > 0.f ? 63.f / top : 0.f;
+      unit[i] = top / 63.f;
+      uint8_t* lane = packed.data() + (i / 8) * D4 * 32 + (i % 8) * 4;
+      for (int64_t d = 0; d < D; ++d)
+        lane[(d / 4) * 32 + d % 4] = uint8_t(std::clamp<long>(std::lrint(q[i * D + d] * inv), -63, 63) + kOffset);
+    }
+  }
+  static constexpr int32_t kOffset = 64;
+  int64_t D4;
+  std::vector<uint8_t> packed;
+  std::vector<float> unit;  // each query's value of one step
+};
+
+// The first pass keeps this many more candidates than k per query for rescoring: its keys are off by up to
+// a few thousandths of the key range, so a true top-k row ranks well inside them.
+int64_t coarse_candidates(int64_t k, int64_t N) { return std::min(N, k + std::max<int64_t>(k, 64)); }
+
+// Each query's k best of its candidate rows ([Q, kc], -1 past the found ones) by the keys the AVX2 scans
+// compute (int16 queries, then the terms), ties to the smaller index: float32 keys and int64 indices [Q, k].
+std::tuple<at::Tensor, at::Tensor> rescore_int8(const Int16Queries& q16, const Int8Terms& terms, ScanIsa isa,
+                                                const int8_t* x, int64_t D, const at::Tensor& candidates, int64_t k) {
+  const int64_t Q = candidates.size(0), kc = candidates.size(1);
+  at::Tensor values = at::empty({Q, k}, at::kFloat), indices = at::empty({Q, k}, at::kLong);
+  float* out_v = values.data_ptr<float>();
+  int64_t* out_i = indices.data_ptr<int64_t>();
+  const int64_t* cand = candidates.data_ptr<int64_t>();
+  parallel_for(0, Q, 16, [&](int64_t qb, int64_t qe) {
+    std::vector<std::pair<ord_t, int64_t>> ranked;
+    for (int64_t q = qb; q < qe; ++q) {
+      ranked.clear();
+      for (int64_t j = 0; j < kc && cand[q * kc + j] >= 0; ++j) {
+        const int64_t row = cand[q * kc + j];
+        float key;
+        int8_dots_i16(q16, q, 1, x + row * D, 1, &key);
+        terms.apply(isa, &key, 1, 1, terms.query_bias ? terms.query_bias + q * terms.bias_width() : nullptr, row);
+        ranked.emplace_back(to_ord<float>(key), row);
+      }
+      const int64_t found = std::min<int64_t>(k, int64_t(ranked.size()));
+      std::partial_sort(ranked.begin(), ranked.begin() + found, ranked.end(), [](const auto& a, const auto& b) {
+        return a.first != b.first ? a.first > b.first : a.second < b.second;
+      });
+      for (int64_t r = 0; r < k; ++r) {
+        out_v[q * k + r] = r < found ? from_ord<float>(ranked[r].first) : -std::numeric_limits<float>::infinity();
+        out_i[q * k + r] = r < found ? ranked[r].second : -1;
+      }
+    }
+  });
+  return {values, indices};
+}
+
 const bool* mask_data(const std::optional<at::Tensor>& mask, int64_t n, at::Tensor& keep) {
   if (!mask.has_value()) return nullptr;
   TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 1 && mask->size(0) == n,
@@ -435,7 +563,50 @@ std::tuple<at::Tensor, at::Tensor> topk_int8_cpu(const at::Tensor& queries, cons
   }
   const float* qsp = int8_gemm ? qscale.data_ptr<float>() : nullptr;
   // AVX2 scans: queries rounded to int16 once (the codes widen to int16 in registers; see Int16Queries)
-  const Int16Queries q16 = !plan.gemm && plan.isa == ScanIsa::Avx2 ? Int16Queries(qp, Q, D) : Int16Queries();
+  const Int16Queries q16 = plan.isa == ScanIsa::Avx2 && (!plan.gemm || !int8_gemm) ? Int16Queries(qp, Q, D)
+                                                                                  : Int16Queries();
+  // Many queries on AVX2 (no exact int8 GEMM): a first pass with 7-bit queries at twice an fp32 GEMM's
+  // products per cycle keeps a few candidates per query, rescored with the int16 queries. The pass's int32
+  // sums hold up to 127 * 128 * D; queries the int16 rounding refuses take the fp32 route whole.
+  if (plan.gemm && !int8_gemm && plan.isa == ScanIsa::Avx2 && q16.usable() && D <= 65536) {
+#ifdef XMODAL_X86
+    const CoarseQueries cq(qp, Q, D);
+    auto make_coarse = [&] {
+      return [&, sums = std::vector<int32_t>(), row_sums = std::vector<int32_t>(),
+              last = std::vector<int8_t>()](int64_t n0, int64_t nt, int64_t q0, int64_t qn, float* keys) mutable {
+        const int64_t b0 = q0 / 8, b1 = (q0 + qn + 7) / 8, D4 = cq.D4;
+        sums.resize(size_t((b1 - b0) * 8 * nt));
+        row_sums.resize(size_t(nt));
+        const int8_t* rows = xp + n0 * D;
+        code_sums_avx2(rows, D, nt, row_sums.data());
+        // rows are read a dword at a time: the codes' very last row, when D is not a multiple of 4, from a copy
+        const int64_t body = D % 4 != 0 && n0 + nt == N ? nt - 1 : nt;
+        if (body < nt) {
+          last.assign(size_t(D4 * 4), 0);
+          std::copy_n(rows + body * D, D, last.data());
+        }
+        auto run = [&](auto kernel, int64_t b) {
+          int32_t* out = sums.data() + (b - b0) * 8 * nt;
+          kernel(cq.packed.data() + b * D4 * 32, D4, rows, D, body, out, nt);
+          if (body < nt) kernel(cq.packed.data() + b * D4 * 32, D4, last.data(), D, 1, out + body, nt);
+        };
+        int64_t b = b0;
+        for (; b + 2 <= b1; b += 2) run(coarse_dots_avx2<4, 2>, b);
+        if (b < b1) run(coarse_dots_avx2<4, 1>, b);
+        for (int64_t i = 0; i < qn; ++i) {
+          const int32_t* sum = sums.data() + (q0 + i - b0 * 8) * nt;
+          const float unit = cq.unit[q0 + i];
+          for (int64_t j = 0; j < nt; ++j)
+            keys[i * nt + j] = float(sum[j] - CoarseQueries::kOffset * row_sums[j]) * unit;
+        }
+        terms.apply(plan.isa, keys, qn, nt, terms.query_bias ? terms.query_bias + q0 * terms.bias_width() : nullptr, n0);
+      };
+    };
+    const at::Tensor candidates =
+        std::get<1>(float_key_topk(Q, N, coarse_candidates(k, N), plan.tile_rows, plan.query_block, mask_ptr, make_coarse));
+    return rescore_int8(q16, terms, plan.isa, xp, D, candidates, k);
+#endif
+  }
   auto make_scorer = [&] {
     // this thread's decoded tile / int32 scores, reused from tile to tile
     at::Tensor scratch = int8_gemm ? at::empty({2, plan.query_block * plan.tile_rows}, at::kInt)
