@@ -22,9 +22,13 @@ def plan(cpu="avx2", dtype=F32, metric="ip", Q=1, N=200_000, D=512, k=10, cuda=F
 DECISIONS = [
     # (facts, what the plan must say)
     (dict(cpu="amx", dtype=BF16, Q=256), "MKL's 16-bit GEMM"),
-    (dict(cpu="amx", dtype=BF16, Q=1), "one-pass scan, AVX512-BF16"),
-    (dict(cpu="amx", dtype=BF16, Q=8), "one-pass scan, AVX512-BF16"),
-    (dict(cpu="amx", dtype=BF16, Q=16), "MKL's 16-bit GEMM"),  # AMX overtakes the scan
+    (dict(cpu="amx", dtype=BF16, Q=1), "one-pass scan, AVX512-BF16"),  # a few queries: native bf16 products
+    (dict(cpu="amx", dtype=BF16, Q=3, D=128), "one-pass scan, AVX512-BF16"),
+    (dict(cpu="amx", dtype=BF16, Q=4, D=128), "one-pass scan, AMX"),  # the tile unit at memory speed
+    (dict(cpu="amx", dtype=BF16, Q=16), "one-pass scan, AMX"),
+    (dict(cpu="amx", dtype=BF16, Q=16, D=100), "MKL's 16-bit GEMM"),  # the AMX scan needs D % 32 == 0
+    (dict(cpu="amx", dtype=BF16, Q=8, D=100), "one-pass scan, AVX512-BF16"),
+    (dict(cpu="amx", dtype=BF16, Q=17), "MKL's 16-bit GEMM"),
     (dict(cpu="amx", dtype=F16, Q=16), "one-pass scan, AVX-512"),  # (no AMX fp16 GEMM in MKL there)
     (dict(cpu="amx", dtype=BF16, Q=256, mkl=False), "widened to fp32"),  # a torch build without MKL's GEMM
     (dict(cpu="avx512_bf16", dtype=BF16, Q=256), "ATen's 16-bit GEMM"),
@@ -129,7 +133,9 @@ def cpu_path(request):
 
 @pytest.mark.parametrize("metric", list(METRICS))
 @pytest.mark.parametrize("dtype", [F32, F64, F16, BF16], ids=str)
-@pytest.mark.parametrize("shape", [(1, 700, 33, 5), (5, 700, 16, 7), (40, 300, 20, 12), (3, 10, 4, 20)])
+# D = 64 and 96 (multiples of 32) with 4 to 16 queries take the AMX scan on CPUs with AMX
+@pytest.mark.parametrize("shape", [(1, 700, 33, 5), (5, 700, 16, 7), (40, 300, 20, 12), (3, 10, 4, 20), (5, 700, 64, 7),
+                                   (16, 1000, 96, 10)])
 def test_every_cpu_path_matches_the_reference(cpu_path, metric, dtype, shape):
     q, n, d, k = shape
     queries, database = make_inputs(q, n, d, metric, dtype, "cpu", seed=q + n)
@@ -138,8 +144,9 @@ def test_every_cpu_path_matches_the_reference(cpu_path, metric, dtype, shape):
 
 
 @pytest.mark.parametrize("metric", list(METRICS))
-def test_every_cpu_path_edge_cases(cpu_path, metric):
-    queries, database = make_inputs(6, 400, 12, metric, F32, "cpu", seed=9)
+@pytest.mark.parametrize("dtype, d", [(F32, 12), (BF16, 64)], ids=["f32", "bf16"])  # bf16, D = 64: the AMX scan
+def test_every_cpu_path_edge_cases(cpu_path, metric, dtype, d):
+    queries, database = make_inputs(6, 400, d, metric, dtype, "cpu", seed=9)
     database = database.clone()
     database[[3, 77]] = float("nan")
     mask = torch.arange(400) % 3 != 1

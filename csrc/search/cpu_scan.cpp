@@ -3,12 +3,17 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define XMODAL_X86 1
+#endif
+#if defined(XMODAL_X86) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace xmodal {
@@ -167,6 +172,86 @@ XMODAL_AVX512BF16 void squared_norms_avx512bf16(const c10::BFloat16* x, int64_t 
     for (int64_t d = full; d < D; ++d) s += float(row[d]) * float(row[d]);
     out[j] = s;
   }
+}
+
+// ---- AMX: one tdpbf16ps multiplies 16 rows x 32 bf16 values by up to 16 queries (16 x 16 fp32 sums) ----
+// The AVX512-BF16 scan spends one instruction per 32 values per query, so from a few queries on it is bound
+// by arithmetic, not memory (Q = 16, D = 512: 13 GB/s); the tile unit's rate does not depend on Q.
+#define XMODAL_AMX __attribute__((target("amx-tile,amx-bf16,avx512f")))
+
+// Linux gives a process the AMX tile state only after it asks (arch_prctl ARCH_REQ_XCOMP_PERM).
+bool amx_ready() {
+#if defined(XMODAL_X86) && defined(__linux__)
+  static const bool ready = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ready;
+#else
+  return false;
+#endif
+}
+
+// The queries as the tiles' second operand, one [16 pairs of dimensions][16 queries] dword tile per 32
+// dimensions: tile c, row r, column i holds query i's values 32c + 2r and 32c + 2r + 1 (0 past Q).
+std::vector<uint32_t> amx_query_tiles(const c10::BFloat16* q, int64_t Q, int64_t D) {
+  std::vector<uint32_t> tiles(size_t(D / 32 * 256), 0);
+  for (int64_t i = 0; i < Q; ++i)
+    for (int64_t c = 0; c < D / 32; ++c)
+      for (int r = 0; r < 16; ++r) std::memcpy(&tiles[c * 256 + r * 16 + i], q + i * D + c * 32 + 2 * r, 4);
+  return tiles;
+}
+
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Rows in groups of 64 (four sums tiles, so four independent chains hide the instruction's latency; the
+// last rows fewer than 64 are left to the caller): D % 32 == 0, Q <= 16. Returns the rows done.
+XMODAL_AMX int64_t scan_amx_bf16(const uint32_t* qtiles, int64_t Q, const c10::BFloat16* x, int64_t ld, int64_t n,
+                                 int64_t D, float* out, int64_t ldo) {
+  AmxTileConfig cfg;  // tiles 0-3: sums; 4, 5: rows; 6: queries; each 16 rows of 64 bytes
+  for (int t = 0; t < 7; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  const int64_t chunks = D / 32, stride = ld * int64_t(sizeof(c10::BFloat16));
+  alignas(64) float sums[4][16][16];
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const c10::BFloat16* base = x + j * ld;
+    for (int64_t c = 0; c < chunks; ++c) {
+      _tile_loadd(6, qtiles + c * 256, 64);
+      _tile_loadd(4, base + c * 32, stride);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_loadd(5, base + 16 * ld + c * 32, stride);
+      _tile_dpbf16ps(1, 5, 6);
+      _tile_loadd(4, base + 32 * ld + c * 32, stride);
+      _tile_dpbf16ps(2, 4, 6);
+      _tile_loadd(5, base + 48 * ld + c * 32, stride);
+      _tile_dpbf16ps(3, 5, 6);
+    }
+    _tile_stored(0, sums[0], 64);
+    _tile_stored(1, sums[1], 64);
+    _tile_stored(2, sums[2], 64);
+    _tile_stored(3, sums[3], 64);
+    // sums[b][r][i] is query i's sum for row j + 16 b + r: each query's 16 sums of a block are a column,
+    // gathered and written as one line (single-float writes to 16 rows of `out`, ldo apart, thrashed L1 sets)
+    const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(16));
+    for (int b = 0; b < 4; ++b)
+      for (int64_t i = 0; i < Q; ++i)
+        _mm512_storeu_ps(out + i * ldo + j + b * 16, _mm512_i32gather_ps(column, &sums[b][0][i], 4));
+  }
+  _tile_release();
+  return j;
 }
 
 // ---- AVX2: 8 lanes (F16C converts fp16), a scalar tail of D ----
@@ -377,9 +462,9 @@ template <typename T>
 void squared_norms_rows(ScanIsa isa, const T* x, int64_t ld, int64_t n, int64_t D, float* out) {
 #ifdef XMODAL_X86
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (isa == ScanIsa::Avx512Bf16) return squared_norms_avx512bf16(x, ld, n, D, out);  // native bf16 products
+    if (isa == ScanIsa::Avx512Bf16 || isa == ScanIsa::Amx) return squared_norms_avx512bf16(x, ld, n, D, out);  // native bf16 products
   }
-  if (isa == ScanIsa::Avx512 || isa == ScanIsa::Avx512Bf16) return squared_norms_avx512(x, ld, n, D, out);
+  if (isa == ScanIsa::Avx512 || isa == ScanIsa::Avx512Bf16 || isa == ScanIsa::Amx) return squared_norms_avx512(x, ld, n, D, out);
   if (isa == ScanIsa::Avx2) return squared_norms_avx2(x, ld, n, D, out);
 #endif
   for (int64_t j = 0; j < n; ++j) {
@@ -392,16 +477,20 @@ void squared_norms_rows(ScanIsa isa, const T* x, int64_t ld, int64_t n, int64_t 
 // When `norms` is given, the squared norms of rows [j0, j0 + c) at norms[j0 + j]; then the dot products of the
 // same rows with the queries, written at out[i * ldo + j0 + j].
 template <typename T>
-void scan_chunk(ScanIsa isa, const float* q, const c10::BFloat16* q16, int64_t Q, const T* x, int64_t ld, int64_t j0,
-                int64_t c, int64_t D, float* out, int64_t ldo, float* norms) {
+void scan_chunk(ScanIsa isa, const float* q, const c10::BFloat16* q16, const uint32_t* qtiles, int64_t Q, const T* x,
+                int64_t ld, int64_t j0, int64_t c, int64_t D, float* out, int64_t ldo, float* norms) {
   if (norms) squared_norms_rows(isa, x + j0 * ld, ld, c, D, norms + j0);
 #ifdef XMODAL_X86
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (q16) return scan_avx512bf16(q16, Q, x + j0 * ld, ld, c, D, out + j0, ldo);  // the CPU multiplies bf16 natively
+    const int64_t done = qtiles ? scan_amx_bf16(qtiles, Q, x + j0 * ld, ld, c, D, out + j0, ldo) : 0;
+    if (q16)  // the CPU multiplies bf16 natively
+      return scan_avx512bf16(q16, Q, x + (j0 + done) * ld, ld, c - done, D, out + j0 + done, ldo);
   }
 #endif
   (void)q16;
-  scan_rows(isa == ScanIsa::Avx512Bf16 ? ScanIsa::Avx512 : isa, q, Q, x + j0 * ld, ld, c, D, out + j0, ldo);
+  (void)qtiles;
+  scan_rows(isa == ScanIsa::Avx512Bf16 || isa == ScanIsa::Amx ? ScanIsa::Avx512 : isa, q, Q, x + j0 * ld, ld, c, D,
+            out + j0, ldo);
 }
 
 template <typename T>
@@ -409,12 +498,25 @@ void scan_all(ScanIsa isa, const float* q, int64_t Q, const T* x, int64_t ld, in
               float* norms) {
   // with norms: chunks of rows that stay in L1 (32 KiB) from the norms to the dot products, so the rows come
   // from memory once (a whole tile's norms first would read it twice, or keep tiles small)
-  const int64_t chunk = norms ? std::max<int64_t>(16, (int64_t(32) << 10) / std::max<int64_t>(D * int64_t(sizeof(T)), 1) / 4 * 4) : n;
-  std::vector<c10::BFloat16> q16;  // with Avx512Bf16 and bf16 rows: the queries back in bf16 (exact: they came
-                                   // from bf16 inputs)
-  if (std::is_same_v<T, c10::BFloat16> && isa == ScanIsa::Avx512Bf16) q16.assign(q, q + Q * D);
+  const bool bf16 = std::is_same_v<T, c10::BFloat16> && (isa == ScanIsa::Avx512Bf16 || isa == ScanIsa::Amx);
+  // AMX: whole groups of 64 rows (the planner asks for it with D % 32 == 0 and at most 16 queries)
+#ifdef XMODAL_X86
+  const bool amx = bf16 && isa == ScanIsa::Amx && D % 32 == 0 && Q <= 16 && amx_ready();
+#else
+  const bool amx = false;
+#endif
+  int64_t chunk = norms ? std::max<int64_t>(16, (int64_t(32) << 10) / std::max<int64_t>(D * int64_t(sizeof(T)), 1) / 4 * 4) : n;
+  if (norms && amx) chunk = (chunk + 63) / 64 * 64;
+  std::vector<c10::BFloat16> q16;  // with native bf16 products and bf16 rows: the queries back in bf16 (exact:
+                                   // they came from bf16 inputs)
+  if (bf16) q16.assign(q, q + Q * D);
+  std::vector<uint32_t> qtiles;
+#ifdef XMODAL_X86
+  if (amx) qtiles = amx_query_tiles(q16.data(), Q, D);
+#endif
   for (int64_t j0 = 0; j0 < n; j0 += chunk)
-    scan_chunk(isa, q, q16.empty() ? nullptr : q16.data(), Q, x, ld, j0, std::min(chunk, n - j0), D, out, n, norms);
+    scan_chunk(isa, q, q16.empty() ? nullptr : q16.data(), qtiles.empty() ? nullptr : qtiles.data(), Q, x, ld, j0,
+               std::min(chunk, n - j0), D, out, n, norms);
 }
 
 }  // namespace

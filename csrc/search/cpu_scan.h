@@ -9,11 +9,12 @@
 
 namespace xmodal {
 
-// Which instructions the scan uses (chosen by the planner from the CPU's kind).
-enum class ScanIsa { Avx512Bf16, Avx512, Avx2, Portable };
+// Which instructions the scan uses (chosen by the planner from the CPU's kind). Amx: bf16 rows multiplied by
+// the AMX tile unit (D a multiple of 32, at most 16 queries), the rest as Avx512Bf16.
+enum class ScanIsa { Amx, Avx512Bf16, Avx512, Avx2, Portable };
 
 // out[i * rows + j] = queries[i, :] · rows[j, :] for i < Q, j < rows.size(0), in fp32. queries: fp32 [Q, D]
-// contiguous (with Avx512Bf16 and bf16 rows, values that bf16 represents exactly: the caller's bf16 queries);
+// contiguous (with Amx / Avx512Bf16 and bf16 rows, values that bf16 represents exactly: the caller's bf16 queries);
 // rows: fp32, bf16 or fp16, unit stride within a row. `norms` given: also norms[j] = rows[j, :] · rows[j, :],
 // in the same pass over the rows (l2 and cosine need them; a separate pass would read the rows twice).
 void scan_dots(ScanIsa isa, const float* queries, int64_t Q, const at::Tensor& rows, float* out,

@@ -167,7 +167,8 @@ std::string Plan::describe() const {
       case TileGemm::Aten16: out << "ATen's 16-bit GEMM (native bf16 dot products)"; break;
       case TileGemm::Scan:
         out << "one-pass scan, "
-            << (scan_isa == ScanIsa::Avx512Bf16 ? "AVX512-BF16"
+            << (scan_isa == ScanIsa::Amx          ? "AMX"
+                : scan_isa == ScanIsa::Avx512Bf16 ? "AVX512-BF16"
                 : scan_isa == ScanIsa::Avx512   ? "AVX-512"
                 : scan_isa == ScanIsa::Avx2     ? "AVX2"
                                                 : "portable");
@@ -209,7 +210,13 @@ Plan plan_search(const DeviceFacts& dev, const SearchShape& s, Strategy requeste
   // AMX multiplies bf16 tiles fast enough that MKL's GEMM overtakes the scan from 16 queries on (measured on
   // a Sapphire Rapids kind: 17 vs 23 ms at D = 512, 3.3 vs 6.0 ms at D = 128, N = 200,000); fp16 has no AMX
   // path in MKL there, and other kinds keep the scan
-  const bool amx_gemm = dev.cpu == CpuKind::Amx && dev.mkl_gemm16 && s.dtype == at::kBFloat16 && s.Q >= 16;
+  // ... except where the AMX scan runs: bf16 rows, D a multiple of 32, from 4 queries on. Its tile unit's
+  // rate does not depend on Q, so it reads at memory speed up to 16 queries; fewer queries scan faster with
+  // AVX512-BF16 (interleaved timings, N = 200,000, ms AMX / AVX512-BF16 or MKL: Q = 1 7.6 / 6.7 at D = 512,
+  // Q = 4 7.5 / 9.1 at D = 512 and 2.0 / 2.0 at D = 128, Q = 16 9.3 / 16.2 and 2.3 / 3.7)
+  const bool amx_scan = dev.cpu == CpuKind::Amx && s.dtype == at::kBFloat16 && s.D % 32 == 0 && s.Q >= 4;
+  const bool amx_gemm = dev.cpu == CpuKind::Amx && dev.mkl_gemm16 && s.dtype == at::kBFloat16 && s.Q >= 16 &&
+                        !(amx_scan && s.Q <= kScanMaxQueries);
   // With only AVX2, BLAS's fp32 GEMM overtakes the scan from 9 queries on wide rows (emulated on a Sapphire
   // Rapids kind, N = 200,000, D = 512: Q = 12 1.03x vs 0.98x naive, Q = 16 1.04x vs 0.95x); at D = 128 the
   // two are level there and the scan wins below
@@ -233,6 +240,7 @@ Plan plan_search(const DeviceFacts& dev, const SearchShape& s, Strategy requeste
   }
   // the scan multiplies bf16 natively only when the rows are bf16
   if (plan.scan_isa == ScanIsa::Avx512Bf16 && s.dtype != at::kBFloat16) plan.scan_isa = ScanIsa::Avx512;
+  if (plan.gemm == TileGemm::Scan && amx_scan) plan.scan_isa = ScanIsa::Amx;
   // a scan of more than 8 queries keeps its scores (queries x tile rows) nearer L2
   if (plan.gemm == TileGemm::Scan && s.Q > 8) plan.tile_bytes = int64_t(2) << 20;
   // a widened tile is twice its 16-bit size and must stay in L2 next to the scores
