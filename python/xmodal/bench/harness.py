@@ -122,10 +122,21 @@ def faiss_version() -> Optional[str]:
     return faiss.__version__
 
 
+def faiss_simd_level() -> Optional[str]:
+    """The instruction level faiss dispatches to (its FAISS_SIMD_LEVEL environment variable caps it, as
+    an emulated AVX2-only run needs), or None where faiss or its dispatch is not there."""
+    try:
+        import faiss
+        return str(faiss.SIMDConfig.get_level_name())
+    except (ImportError, AttributeError):
+        return None
+
+
 def environment(device: str, faiss: bool = True) -> dict:
     """Date, versions and the machine: CPU model, instruction sets, threads, and the bandwidth the targets are
     measured against (CPU: read bandwidth; CUDA: GPU, driver and copy bandwidth); with ``faiss``, last, the
-    version of faiss (None when it is not installed), for the reports that compare against it."""
+    version of faiss (None when it is not installed) and the instructions it uses, for the reports that
+    compare against it."""
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "xmodal": xmodal.__version__,
@@ -147,6 +158,9 @@ def environment(device: str, faiss: bool = True) -> dict:
         env["read_bandwidth_GBps"] = round(read_bandwidth(), 1)
     if faiss:
         env["faiss"] = faiss_version()
+        simd = faiss_simd_level()
+        if simd:
+            env["faiss_simd"] = simd
     return env
 
 
