@@ -206,7 +206,7 @@ for d in (512, 3000):
     queries = torch.full((2, d), -1.0)
     keys, idx = torch.ops.xmodal.topk_int8(queries, codes, 2)
     assert idx[:, 0].tolist() == [0, 0] and torch.allclose(keys[:, 0], torch.full((2,), 128.0 * d)), (d, keys)
-# many queries (AVX2: a 7-bit first pass, its candidates rescored) give the keys and ranking of the exact
+# many queries (AVX2: a 6-bit first pass, its candidates rescored) give the keys and ranking of the exact
 # int8 keys, with every term, groups, a mask and D not a multiple of 4 whose very last row wins
 for d in (512, 45):
     queries, codes = torch.randn(300, d, generator=g) + 1, torch.randint(-128, 128, (1501, d), generator=g, dtype=torch.int8)
@@ -222,7 +222,7 @@ for d in (512, 45):
     assert bool(mask[idx].all()) and bool((idx[:, 0] == 1500).all()), d
     assert torch.allclose(keys.double(), want_v, rtol=0, atol=1e-4 * ref.abs().max().item()), d
     assert torch.allclose(ref.gather(1, idx), keys.double(), rtol=0, atol=1e-4 * ref.abs().max().item()), d
-# ... with the extreme codes and queries (the 7-bit pass's pair sums come closest to saturating there)
+# ... with the extreme codes and queries (the 6-bit pass's int16 sums come closest to saturating there)
 codes = torch.full((50, 512), -128, dtype=torch.int8)
 codes[7] = 127
 queries = torch.full((40, 512), -1.0)
