@@ -595,18 +595,21 @@ std::tuple<at::Tensor, at::Tensor> topk_int8_cpu(const at::Tensor& queries, cons
 #ifdef XMODAL_X86
     const CoarseQueries cq(qp, Q, D);
     auto make_coarse = [&] {
-      return [&, sums = std::vector<int32_t>(), row_sums = std::vector<int32_t>(),
-              last = std::vector<int8_t>()](int64_t n0, int64_t nt, int64_t q0, int64_t qn, float* keys) mutable {
+      return [&, sums = std::vector<int32_t>(), row_sums = std::vector<int32_t>(), last = std::vector<int8_t>(),
+              tile = int64_t(-1)](int64_t n0, int64_t nt, int64_t q0, int64_t qn, float* keys) mutable {
         const int64_t b0 = q0 / 8, b1 = (q0 + qn + 7) / 8, D4 = cq.D4;
         sums.resize(size_t((b1 - b0) * 8 * nt));
-        row_sums.resize(size_t(nt));
         const int8_t* rows = xp + n0 * D;
-        code_sums_avx2(rows, D, nt, row_sums.data());
         // rows are read a dword at a time: the codes' very last row, when D is not a multiple of 4, from a copy
         const int64_t body = D % 4 != 0 && n0 + nt == N ? nt - 1 : nt;
-        if (body < nt) {
-          last.assign(size_t(D4 * 4), 0);
-          std::copy_n(rows + body * D, D, last.data());
+        if (tile != n0) {  // once per tile: its query blocks come one after another
+          tile = n0;
+          row_sums.resize(size_t(nt));
+          code_sums_avx2(rows, D, nt, row_sums.data());
+          if (body < nt) {
+            last.assign(size_t(D4 * 4), 0);
+            std::copy_n(rows + body * D, D, last.data());
+          }
         }
         auto run = [&](auto kernel, int64_t b) {
           int32_t* out = sums.data() + (b - b0) * 8 * nt;
