@@ -164,6 +164,13 @@ __attribute__((target("avx2,fma"))) void dots_avx2(const float* q, int64_t D, co
   }
 }
 
+// the sum of v's eight int32 lanes
+__attribute__((target("avx2"))) inline int32_t hsum_epi32_avx2(__m256i v) {
+  const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i t = _mm_add_epi32(h, _mm_unpackhi_epi64(h, h));
+  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 1)));
+}
+
 // AVX2 without integer dot products of bytes: queries rounded to int16 and the codes widened to int16 in
 // registers, so one vpmaddwd does 16 multiply-adds (the fp32 route needs a convert and an FMA per 8). The
 // sums are exact integers, so equal rows score exactly equal. out[i * ldo + r] = q16_i · rows[r].
@@ -190,9 +197,7 @@ __attribute__((target("avx2,fma"))) void dots_avx2_i16(const int16_t* q, int64_t
     }
     for (int i = 0; i < kQ; ++i)
       for (int r = 0; r < kR; ++r) {
-        const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc[i][r]), _mm256_extracti128_si256(acc[i][r], 1));
-        const __m128i t = _mm_add_epi32(h, _mm_unpackhi_epi64(h, h));
-        int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 1)));
+        int32_t sum = hsum_epi32_avx2(acc[i][r]);
         for (int64_t d = full; d < D; ++d) sum += int32_t(q[i * D + d]) * x[(r0 + r) * D + d];
         out[i * ldo + r0 + r] = sum;
       }
@@ -269,9 +274,7 @@ __attribute__((target("avx2"))) void code_sums_avx2(const int8_t* x, int64_t D, 
     for (int64_t d = 0; d < full; d += 32)
       acc = _mm256_add_epi32(acc, _mm256_madd_epi16(
           _mm256_maddubs_epi16(ones8, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d))), ones16));
-    const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    const __m128i t = _mm_add_epi32(h, _mm_unpackhi_epi64(h, h));
-    int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 1)));
+    int32_t sum = hsum_epi32_avx2(acc);
     for (int64_t d = full; d < D; ++d) sum += row[d];
     out[r] = sum;
   }
