@@ -301,23 +301,37 @@ XMODAL_AVX2 void block_avx2(const float* q, int64_t D, const T* const* rows, flo
 }
 
 // One query, one row after another: a single sequential stream with four FMA chains. On an AVX2-only AMD
-// EPYC (Zen 2) this read 19-20 GB/s where four rows read side by side (four streams) read 14-15.
+// EPYC (Zen 2) this read 19-20 GB/s where four rows read side by side (four streams) read 14-15. With
+// `norm`, the row's squared norm too, in the same pass (l2 and cosine on one query: a separate norms pass,
+// even from L1, cost ~1.7x the time of the dot products alone).
 template <typename T>
-XMODAL_AVX2 float dot_avx2_one_row(const float* q, const T* row, int64_t D) {
+XMODAL_AVX2 float dot_avx2_one_row(const float* q, const T* row, int64_t D, float* norm = nullptr) {
   constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  __m256 a[4], b[4];
+  for (int u = 0; u < 4; ++u) a[u] = b[u] = _mm256_setzero_ps();
   int64_t d = 0;
   for (; d + 32 <= D; d += 32) {
     for (int64_t e = 0; e < 32; e += kLine)
       _mm_prefetch(reinterpret_cast<const char*>(row + d + e) + kPrefetchAhead, _MM_HINT_T0);
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load_avx2(row + d), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load_avx2(row + d + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 16), load_avx2(row + d + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 24), load_avx2(row + d + 24), a3);
+    for (int u = 0; u < 4; ++u) {
+      const __m256 v = load_avx2(row + d + 8 * u);
+      a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8 * u), v, a[u]);
+      if (norm) b[u] = _mm256_fmadd_ps(v, v, b[u]);
+    }
   }
-  for (; d + 8 <= D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load_avx2(row + d), a0);
-  float s = hsum_avx2(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  for (; d < D; ++d) s += q[d] * to_float(row[d]);
+  for (; d + 8 <= D; d += 8) {
+    const __m256 v = load_avx2(row + d);
+    a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), v, a[0]);
+    if (norm) b[0] = _mm256_fmadd_ps(v, v, b[0]);
+  }
+  float s = hsum_avx2(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+  float t = norm ? hsum_avx2(_mm256_add_ps(_mm256_add_ps(b[0], b[1]), _mm256_add_ps(b[2], b[3]))) : 0.f;
+  for (; d < D; ++d) {
+    const float v = to_float(row[d]);
+    s += q[d] * v;
+    t += v * v;
+  }
+  if (norm) *norm = t;
   return s;
 }
 
@@ -408,36 +422,29 @@ XMODAL_AVX512 void squared_norms_avx512(const T* x, int64_t ld, int64_t n, int64
   }
 }
 
+// One row after another, as dot_avx2_one_row (four rows side by side read 8-9 GB/s of ~20 there).
 template <typename T>
 XMODAL_AVX2 void squared_norms_avx2(const T* x, int64_t ld, int64_t n, int64_t D, float* out) {
-  const int64_t full = D / 8 * 8;
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {  // four rows at a time: independent FMA chains, one 4-way horizontal sum
-    __m256 a[4];
-    for (int r = 0; r < 4; ++r) a[r] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < full; d += 8)
-      for (int r = 0; r < 4; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(x + (j + r + 8) * ld + d), _MM_HINT_T0);  // (see above)
-        const __m256 u = load_avx2(x + (j + r) * ld + d);
-        a[r] = _mm256_fmadd_ps(u, u, a[r]);
-      }
-    // [a0 a1 a2 a3] -> lane r of the 128-bit result holds the sum of a[r]
-    const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
-    const __m256 h = _mm256_hadd_ps(h01, h23);
-    _mm_storeu_ps(out + j, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-    for (int r = 0; r < 4; ++r)
-      for (int64_t d = full; d < D; ++d) out[j + r] += to_float(x[(j + r) * ld + d]) * to_float(x[(j + r) * ld + d]);
-  }
-  for (; j < n; ++j) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
+  for (int64_t j = 0; j < n; ++j) {
     const T* row = x + j * ld;
-    __m256 a = _mm256_setzero_ps();
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t d = 0;
-    for (; d < full; d += 8) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + 4 * ld + d), _MM_HINT_T0);  // (see squared_norms_avx512)
-      const __m256 u = load_avx2(row + d);
-      a = _mm256_fmadd_ps(u, u, a);
+    for (; d + 32 <= D; d += 32) {
+      for (int64_t e = 0; e < 32; e += kLine)
+        _mm_prefetch(reinterpret_cast<const char*>(row + d + e) + kPrefetchAhead, _MM_HINT_T0);
+      const __m256 u0 = load_avx2(row + d), u1 = load_avx2(row + d + 8), u2 = load_avx2(row + d + 16),
+                   u3 = load_avx2(row + d + 24);
+      a0 = _mm256_fmadd_ps(u0, u0, a0);
+      a1 = _mm256_fmadd_ps(u1, u1, a1);
+      a2 = _mm256_fmadd_ps(u2, u2, a2);
+      a3 = _mm256_fmadd_ps(u3, u3, a3);
     }
-    float s = hsum_avx2(a);
+    for (; d + 8 <= D; d += 8) {
+      const __m256 u = load_avx2(row + d);
+      a0 = _mm256_fmadd_ps(u, u, a0);
+    }
+    float s = hsum_avx2(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     for (; d < D; ++d) s += to_float(row[d]) * to_float(row[d]);
     out[j] = s;
   }
@@ -501,6 +508,12 @@ void scan_all(ScanIsa isa, const float* q, int64_t Q, const T* x, int64_t ld, in
   const bool amx = bf16 && isa == ScanIsa::Amx && D % 32 == 0 && Q <= 16 && amx_ready();
 #else
   const bool amx = false;
+#endif
+#ifdef XMODAL_X86
+  if (isa == ScanIsa::Avx2 && Q == 1 && norms) {
+    for (int64_t j = 0; j < n; ++j) out[j] = dot_avx2_one_row(q, x + j * ld, D, norms + j);
+    return;
+  }
 #endif
   int64_t chunk = norms ? std::max<int64_t>(16, (int64_t(32) << 10) / std::max<int64_t>(D * int64_t(sizeof(T)), 1) / 4 * 4) : n;
   if (norms && amx) chunk = (chunk + 63) / 64 * 64;
