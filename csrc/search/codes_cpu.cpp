@@ -186,8 +186,10 @@ __attribute__((target("avx2,fma"))) void dots_avx2_i16(const int16_t* q, int64_t
     for (int64_t d = 0; d < full; d += 16) {
       __m256i row[kR];
       for (int r = 0; r < kR; ++r) {
-        if constexpr (kR > 1)
-          if (d % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(x + (r0 + r + 4 * kR) * D + d), _MM_HINT_T0);
+        if (d % 64 == 0) {
+          if constexpr (kR > 1) _mm_prefetch(reinterpret_cast<const char*>(x + (r0 + r + 4 * kR) * D + d), _MM_HINT_T0);
+          else _mm_prefetch(reinterpret_cast<const char*>(x + r0 * D + d) + 1024, _MM_HINT_T0);
+        }
         row[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + (r0 + r) * D + d)));
       }
       for (int i = 0; i < kQ; ++i) {
@@ -441,7 +443,7 @@ void int8_dots_i16(const Int16Queries& q, int64_t q0, int64_t Q, const int8_t* x
   int64_t i = 0;
   for (; i + 4 <= Q; i += 4) dots_avx2_i16<4, 2>(qp + i * D, D, x, n, sums + i * n, n);
   for (; i + 2 <= Q; i += 2) dots_avx2_i16<2, 4>(qp + i * D, D, x, n, sums + i * n, n);
-  for (; i < Q; ++i) dots_avx2_i16<1, 4>(qp + i * D, D, x, n, sums + i * n, n);
+  for (; i < Q; ++i) dots_avx2_i16<1, 1>(qp + i * D, D, x, n, sums + i * n, n);
 #else
   for (int64_t i = 0; i < Q; ++i)
     for (int64_t r = 0; r < n; ++r) {
