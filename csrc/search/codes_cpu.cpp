@@ -188,7 +188,7 @@ __attribute__((target("avx2,fma"))) void dots_avx2_i16(const int16_t* q, int64_t
       for (int r = 0; r < kR; ++r) {
         if (d % 64 == 0) {
           if constexpr (kR > 1) _mm_prefetch(reinterpret_cast<const char*>(x + (r0 + r + 4 * kR) * D + d), _MM_HINT_T0);
-          else _mm_prefetch(reinterpret_cast<const char*>(x + r0 * D + d) + 1024, _MM_HINT_T0);
+          else _mm_prefetch(reinterpret_cast<const char*>(x + r0 * D + d) + kPrefetchAhead, _MM_HINT_T0);
         }
         row[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + (r0 + r) * D + d)));
       }

@@ -263,11 +263,6 @@ XMODAL_AVX2 inline __m256 load_avx2(const c10::BFloat16* p) {
 XMODAL_AVX2 inline __m256 load_avx2(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-// The AVX2 scans prefetch each cache line of a row this many bytes before they load it: on an AVX2-only AMD
-// EPYC (Zen 2) the hardware prefetcher alone read 4 queries' rows at 6 GB/s (16-bit) where this reads 12-16,
-// and 1 KiB did better than 512 bytes or 2 KiB.
-constexpr int64_t kPrefetchAhead = 1024;
-
 XMODAL_AVX2 inline float hsum_avx2(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -300,12 +295,12 @@ XMODAL_AVX2 void block_avx2(const float* q, int64_t D, const T* const* rows, flo
     }
 }
 
-// One query, one row after another: a single sequential stream with four FMA chains. On an AVX2-only AMD
-// EPYC (Zen 2) this read 19-20 GB/s where four rows read side by side (four streams) read 14-15. With
-// `norm`, the row's squared norm too, in the same pass (l2 and cosine on one query: a separate norms pass,
-// even from L1, cost ~1.7x the time of the dot products alone).
-template <typename T>
-XMODAL_AVX2 float dot_avx2_one_row(const float* q, const T* row, int64_t D, float* norm = nullptr) {
+// One row in a single sequential pass with four FMA chains: with kDot, *dot = q · row; with kNorm,
+// *norm = row · row. One query over rows read this way reached 19-20 GB/s on an AVX2-only AMD EPYC (Zen 2)
+// where four rows read side by side reached 14-15; and l2 / cosine on one query take the norm in the same
+// pass (a separate norms pass, even from L1, cost ~1.7x the time of the dot products alone).
+template <bool kDot, bool kNorm, typename T>
+XMODAL_AVX2 void row_sums_avx2(const float* q, const T* row, int64_t D, float* dot, float* norm) {
   constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
   __m256 a[4], b[4];
   for (int u = 0; u < 4; ++u) a[u] = b[u] = _mm256_setzero_ps();
@@ -315,24 +310,34 @@ XMODAL_AVX2 float dot_avx2_one_row(const float* q, const T* row, int64_t D, floa
       _mm_prefetch(reinterpret_cast<const char*>(row + d + e) + kPrefetchAhead, _MM_HINT_T0);
     for (int u = 0; u < 4; ++u) {
       const __m256 v = load_avx2(row + d + 8 * u);
-      a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8 * u), v, a[u]);
-      if (norm) b[u] = _mm256_fmadd_ps(v, v, b[u]);
+      if constexpr (kDot) a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8 * u), v, a[u]);
+      if constexpr (kNorm) b[u] = _mm256_fmadd_ps(v, v, b[u]);
     }
   }
   for (; d + 8 <= D; d += 8) {
     const __m256 v = load_avx2(row + d);
-    a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), v, a[0]);
-    if (norm) b[0] = _mm256_fmadd_ps(v, v, b[0]);
+    if constexpr (kDot) a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), v, a[0]);
+    if constexpr (kNorm) b[0] = _mm256_fmadd_ps(v, v, b[0]);
   }
   float s = hsum_avx2(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
-  float t = norm ? hsum_avx2(_mm256_add_ps(_mm256_add_ps(b[0], b[1]), _mm256_add_ps(b[2], b[3]))) : 0.f;
+  float t = hsum_avx2(_mm256_add_ps(_mm256_add_ps(b[0], b[1]), _mm256_add_ps(b[2], b[3])));
   for (; d < D; ++d) {
     const float v = to_float(row[d]);
-    s += q[d] * v;
-    t += v * v;
+    if constexpr (kDot) s += q[d] * v;
+    if constexpr (kNorm) t += v * v;
   }
-  if (norm) *norm = t;
-  return s;
+  if constexpr (kDot) *dot = s;
+  if constexpr (kNorm) *norm = t;
+}
+
+// One query: out[j] = q · rows[j], and norms[j] = rows[j] · rows[j] when `norms` is given.
+template <typename T>
+void scan_one_query_avx2(const float* q, const T* x, int64_t ld, int64_t n, int64_t D, float* out, float* norms) {
+  if (norms) {
+    for (int64_t j = 0; j < n; ++j) row_sums_avx2<true, true>(q, x + j * ld, D, out + j, norms + j);
+  } else {
+    for (int64_t j = 0; j < n; ++j) row_sums_avx2<true, false>(q, x + j * ld, D, out + j, nullptr);
+  }
 }
 
 // Rows in blocks of kR (then one at a time), queries in groups of up to kQ.
@@ -378,10 +383,7 @@ void scan_avx512bf16(const c10::BFloat16* q, int64_t Q, const c10::BFloat16* x, 
 
 template <typename T>
 void scan_avx2(const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out, int64_t ldo) {
-  if (Q == 1) {
-    for (int64_t j = 0; j < n; ++j) out[j] = dot_avx2_one_row(q, x + j * ld, D);
-    return;
-  }
+  if (Q == 1) return scan_one_query_avx2(q, x, ld, n, D, out, nullptr);
   // 16 registers: more queries take two rows at a time
   scan_blocks<4, 2, T, float>(q, Q, x, ld, n, D, out, ldo, XMODAL_GROUP_DISPATCH(block_avx2, 2, float),
                               XMODAL_GROUP_DISPATCH(block_avx2, 1, float));
@@ -422,32 +424,9 @@ XMODAL_AVX512 void squared_norms_avx512(const T* x, int64_t ld, int64_t n, int64
   }
 }
 
-// One row after another, as dot_avx2_one_row (four rows side by side read 8-9 GB/s of ~20 there).
 template <typename T>
 XMODAL_AVX2 void squared_norms_avx2(const T* x, int64_t ld, int64_t n, int64_t D, float* out) {
-  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
-  for (int64_t j = 0; j < n; ++j) {
-    const T* row = x + j * ld;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t d = 0;
-    for (; d + 32 <= D; d += 32) {
-      for (int64_t e = 0; e < 32; e += kLine)
-        _mm_prefetch(reinterpret_cast<const char*>(row + d + e) + kPrefetchAhead, _MM_HINT_T0);
-      const __m256 u0 = load_avx2(row + d), u1 = load_avx2(row + d + 8), u2 = load_avx2(row + d + 16),
-                   u3 = load_avx2(row + d + 24);
-      a0 = _mm256_fmadd_ps(u0, u0, a0);
-      a1 = _mm256_fmadd_ps(u1, u1, a1);
-      a2 = _mm256_fmadd_ps(u2, u2, a2);
-      a3 = _mm256_fmadd_ps(u3, u3, a3);
-    }
-    for (; d + 8 <= D; d += 8) {
-      const __m256 u = load_avx2(row + d);
-      a0 = _mm256_fmadd_ps(u, u, a0);
-    }
-    float s = hsum_avx2(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; d < D; ++d) s += to_float(row[d]) * to_float(row[d]);
-    out[j] = s;
-  }
+  for (int64_t j = 0; j < n; ++j) row_sums_avx2<false, true>(nullptr, x + j * ld, D, nullptr, out + j);
 }
 #undef XMODAL_GROUP_DISPATCH
 #endif
@@ -510,10 +489,7 @@ void scan_all(ScanIsa isa, const float* q, int64_t Q, const T* x, int64_t ld, in
   const bool amx = false;
 #endif
 #ifdef XMODAL_X86
-  if (isa == ScanIsa::Avx2 && Q == 1 && norms) {
-    for (int64_t j = 0; j < n; ++j) out[j] = dot_avx2_one_row(q, x + j * ld, D, norms + j);
-    return;
-  }
+  if (isa == ScanIsa::Avx2 && Q == 1 && norms) return scan_one_query_avx2(q, x, ld, n, D, out, norms);
 #endif
   int64_t chunk = norms ? std::max<int64_t>(16, (int64_t(32) << 10) / std::max<int64_t>(D * int64_t(sizeof(T)), 1) / 4 * 4) : n;
   if (norms && amx) chunk = (chunk + 63) / 64 * 64;
