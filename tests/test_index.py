@@ -468,3 +468,25 @@ def test_reconstruct_returns_the_stored_rows_of_given_ids(kind, codec):
     with pytest.raises(KeyError, match=r"ids not in the index: \[72, 5\]"):
         index.reconstruct([int(ids[250]), int(ids[10]), 5])
     assert index.reconstruct([]).shape == (0, 16)
+
+
+@pytest.mark.parametrize("make", [lambda: xmodal.FlatIndex(4, "ip"), lambda: xmodal.IVFIndex(4, 2, "ip", nprobe=2),
+                                  lambda: xmodal.FlatIndex(4, "ip", codec="int8")])
+def test_ids_must_be_non_negative_and_rows_finite(make):
+    """-1 is the padding id of every answer, so a stored row may not have it (or any negative id); NaN / inf rows
+    are refused by every index kind alike. A refused add changes nothing."""
+    index = make()
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    index.train(x)
+    with pytest.raises(ValueError, match=r"ids must be non-negative \(-1 marks a missing result\), got -2 at position 1"):
+        index.add(x[:3], ids=[10, -2, 30])
+    with pytest.raises(ValueError, match=r"got -1 at position 0"):
+        index.add(x[:1], ids=torch.tensor([-1]))
+    bad = x.clone()
+    bad[5, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"vectors must be finite, found NaN or inf in row 5"):
+        index.add(bad)
+    assert len(index) == 0
+    index.add(x, ids=list(range(100, 108)))
+    scores, ids = index.search(x[:1], 10)  # k > N: the answer holds every row, then the padding
+    assert sorted(ids[0, :8].tolist()) == list(range(100, 108)) and ids[0, 8:].tolist() == [-1, -1]

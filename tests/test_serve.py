@@ -110,6 +110,8 @@ def test_add_replace_get_and_delete_vectors(tmp_path):
     ({"ids": [1, 2], "vectors": [[0.0] * 8]}, "ids"),
     ({"ids": [1, 1], "vectors": [[0.0] * 8] * 2}, "ids"),
     ({"ids": [2 ** 63], "vectors": [[0.0] * 8]}, "ids[0]"),
+    ({"ids": [10, -2, 30], "vectors": [[1.0] * 8] * 3}, "ids[1]"),
+    ({"ids": [-1], "vectors": [[1.0] * 8]}, "ids[0]"),
     ({"ids": [1], "vectors": [[0.0] * 7]}, "vectors[0]"),
     ({"ids": [1], "vectors": [[0.0] * 7 + ["x"]]}, "vectors[0][7]"),
     ({"ids": [1], "vectors": [[1.0] * 8], "payloads": [{}, {}]}, "payloads"),
@@ -203,6 +205,7 @@ def test_search_options_allow_list_filter_payload_and_padding(tmp_path):
     ({"vectors": [[1.0, 0.0]] * 1025}, "vectors"),
     ({"vectors": [[1.0, 0.0]], "filter": {"colour": {"$in": ["red"]}}}, "filter.colour"),
     ({"vectors": [[1.0, 0.0]], "ids": [1, 1]}, "ids"),
+    ({"vectors": [[1.0, 0.0]], "ids": [1, -5]}, "ids[1]"),
     ({"vectors": [[1.0, 0.0]], "limit": 3}, "limit"),
 ])
 def test_bad_searches_are_422_naming_the_field(tmp_path, body, field):

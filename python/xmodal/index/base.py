@@ -40,6 +40,14 @@ def check_positive(value, name: str) -> int:
     return value
 
 
+def check_non_negative_ids(ids: Tensor, name: str = "ids") -> None:
+    """Stored ids are >= 0: a search answers -1 where it has fewer than k results."""
+    negative = torch.nonzero(ids < 0)
+    if negative.numel():
+        at = int(negative[0])
+        raise ValueError(f"{name} must be non-negative (-1 marks a missing result), got {int(ids[at])} at position {at}")
+
+
 def duplicates(ids: Tensor, limit: int = 10) -> list:
     values, counts = torch.unique(ids, return_counts=True)
     return values[counts > 1][:limit].tolist()
@@ -225,13 +233,15 @@ class Index(abc.ABC):
                                f"reduce_to={self.reduce_to}): call train(vectors) or add vectors first")
 
     def add(self, vectors, ids=None) -> Tensor:
-        """Add rows; returns their ids. ``ids``: optional int64 per row, unique and not already present."""
+        """Add rows (finite values); returns their ids. ``ids``: optional int64 per row, non-negative (search
+        answers pad with -1), unique and not already present."""
         rows, _, _ = as_rows(vectors, self.dim, "vectors")
         n = rows.shape[0]
         if ids is None:
             new_ids = torch.arange(self._next_id, self._next_id + n, dtype=torch.int64)
         else:
             new_ids = as_ids(ids, n)
+            check_non_negative_ids(new_ids)
             dup = duplicates(new_ids)
             if dup:
                 raise ValueError(f"ids must be unique, got duplicates {dup}")

@@ -39,15 +39,15 @@ class Encoding:
     def trained(self) -> bool:
         return self.codec.trained and (self.reduce_to is None or self.pca is not None)
 
-    def check_finite(self, rows: Tensor, name: str) -> None:
-        """NaN / inf cannot be reduced or quantised: raise naming the first such row (a chunk at a time)."""
-        if not self.learns:
-            return
+    @staticmethod
+    def check_finite(rows: Tensor, name: str) -> None:
+        """Raise naming the first row holding NaN or inf (a chunk at a time). Every index kind refuses them: a
+        codec or PCA cannot encode them, and a stored NaN row would rank unpredictably in every search."""
         for start in range(0, rows.shape[0], ADD_CHUNK_ROWS):
             bad = ~torch.isfinite(rows[start: start + ADD_CHUNK_ROWS]).all(1)
             if bool(bad.any()):
                 row = start + int(torch.nonzero(bad)[0])
-                raise ValueError(f"{name} must be finite to be reduced or quantised, found NaN or inf in row {row}")
+                raise ValueError(f"{name} must be finite, found NaN or inf in row {row}")
 
     def fit_pca(self, rows: Tensor) -> None:
         """Learn the PCA (if any) from every row, a chunk at a time."""

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from ..ops import METRICS
 from .arrays import as_ids, as_rows, from_torch
-from .base import Index, check_positive, duplicates, merge_best
+from .base import Index, check_non_negative_ids, check_positive, duplicates, merge_best
 from .flat import FlatIndex
 
 
@@ -107,8 +107,12 @@ class ShardedIndex:
             gathered = self._all_gather(padded, "add")
             all_ids = torch.cat([g.cpu()[:c] for g, c in zip(gathered, counts)])
         # global checks, so that either every rank adds or none does
+        check_non_negative_ids(all_ids)
+        non_finite = self._sum(int((~torch.isfinite(local_rows).all(1)).sum()), "add")
         dup = duplicates(all_ids)
         problem = f"ids must be unique, got duplicates {dup}" if dup else ""
+        if non_finite:
+            problem = f"vectors must be finite, found NaN or inf in {non_finite} rows"
         if not problem:
             clash = self._sum(int(torch.isin(all_ids, self.local.ids.cpu()).sum()), "add")
             if clash:

@@ -119,8 +119,9 @@ class TextSearch(_SearchOptions):
 # -- checks that name the field and the value
 def _check_ids(ids: List[int], field: str = "ids") -> np.ndarray:
     for i, v in enumerate(ids):
-        if not INT64_MIN <= v <= INT64_MAX:
-            raise Unprocessable(f"{field}[{i}]", "ids must fit in int64", v)
+        if not 0 <= v <= INT64_MAX:
+            raise Unprocessable(f"{field}[{i}]", "ids must be non-negative int64 values (-1 marks a missing result)",
+                                v)
     arr = np.asarray(ids, dtype=np.int64).reshape(-1)
     if arr.size != np.unique(arr).size:
         values, counts = np.unique(arr, return_counts=True)
@@ -411,8 +412,8 @@ def create_app(folder: str, *, api_key: Optional[str] = None, encryption_key: Op
         for row_scores, row_ids in zip(scores.tolist(), ids.tolist()):
             hits = []
             for s, i in zip(row_scores, row_ids):
-                if i < 0:
-                    break
+                if i < 0:  # padding: fewer than k candidates (stored ids are never negative)
+                    continue
                 hit = {"id": i, "score": s if math.isfinite(s) else None}
                 if payloads is not None:
                     hit["payload"] = payloads.get(i)
