@@ -59,3 +59,19 @@ def test_values_are_still_the_ops_to_check():
         xmodal.topk_search(queries.numpy(), database.numpy(), 2, "dot")
     with pytest.raises(RuntimeError, match=r"queries must be float32, float64, float16 or bfloat16, got Long"):
         xmodal.topk_search(np.ones((2, 8), dtype=np.int64), np.ones((20, 8), dtype=np.int64), 2)
+
+
+def test_the_drop_in_matches_torch_topk_with_ip_and_returns_its_named_tuple():
+    """``topk_search(q, X, k, "ip")`` is ``torch.topk(q @ X.T, k)``; the result has .values and .indices."""
+    queries, database = torch.randn(16, 32), torch.randn(500, 32)
+    want = torch.topk(queries @ database.T, 5)
+    got = xmodal.topk_search(queries, database, 5, "ip")
+    assert type(got) is type(want)
+    assert torch.equal(got.indices, want.indices)
+    torch.testing.assert_close(got.values, want.values)
+    values, indices = got  # still unpacks as a pair
+    assert values is got.values and indices is got.indices
+    got = xmodal.topk_search(queries.numpy(), database.numpy(), 5, "ip")
+    assert isinstance(got.values, np.ndarray) and np.array_equal(got.indices, want.indices.numpy())
+    compiled = torch.compile(lambda q, x: xmodal.topk_search(q, x, 5, "ip").indices, fullgraph=True)
+    assert torch.equal(compiled(queries, database), want.indices)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 import reprlib
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -24,8 +24,11 @@ def topk_search(
     mask: Optional[Tensor] = None,
     tf32: bool = False,
     strategy: str = "auto",
-) -> Tuple[Tensor, Tensor]:
+) -> "torch.return_types.topk":
     """Exact batched top-k similarity search, fused so the Q x N score matrix is never materialised.
+
+    ``topk_search(q, X, k, "ip")`` answers what ``torch.topk(q @ X.T, k)`` answers (the default metric is
+    ``"cosine"``, which normalises both sides first).
 
     Args:
         queries: ``[Q, D]`` or ``[D]``; float32, float64, float16 or bfloat16 (16-bit inputs accumulate in fp32).
@@ -49,7 +52,8 @@ def topk_search(
             raises an error saying why.
 
     Returns:
-        ``(values, indices)``, each ``[Q, k]`` (or ``[k]`` for a 1-D query), best first; ``values`` in the
+        ``(values, indices)`` as ``torch.topk`` returns them (a named tuple: ``.values``, ``.indices``), each
+        ``[Q, k]`` (or ``[k]`` for a 1-D query), best first; ``values`` in the
         input dtype, ``indices`` int64. Where fewer than k candidates exist the rest is padded with index -1
         and value -inf (similarities) or +inf (distances). A NaN score ranks below every number. On the CPU,
         l2 and sqeuclidean values are summed from the differences of the returned rows (a row searched for
@@ -63,8 +67,9 @@ def topk_search(
     if kind != "torch":
         from .index.arrays import from_torch
 
-        return from_torch(values, kind), from_torch(indices, kind)
-    return values, indices
+        values, indices = from_torch(values, kind), from_torch(indices, kind)
+    # the named tuple torch.topk returns, so code reading .values / .indices works unchanged
+    return torch.return_types.topk((values, indices))
 
 
 def _search_args(queries, database, k, metric, mask, tf32, strategy="auto"):
