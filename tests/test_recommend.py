@@ -424,6 +424,18 @@ def test_fit_keeps_the_best_validated_weights(toy):
     assert torch.equal(clone.recommend([0, 1], 5)[1], model.recommend([0, 1], 5)[1])
 
 
+def test_fit_says_why_it_stopped(toy):
+    """A run the time limit cut short says so (the demo prints it and writes it to its JSON)."""
+    full = MF(toy.num_users, toy.num_items, dim=8).fit(toy, epochs=3, eval_every=1, patience=100)
+    assert full.stopped_by == "epochs" and not full.cut_short and full.epochs == 3
+    early = MF(toy.num_users, toy.num_items, dim=8).fit(toy, epochs=50, eval_every=1, patience=1, lr=1e-6)
+    assert early.stopped_by == "patience" and not early.cut_short and early.epochs < 50
+    cut = MF(toy.num_users, toy.num_items, dim=8).fit(toy, epochs=50, eval_every=1, patience=100, max_seconds=0)
+    assert cut.stopped_by == "max_seconds" and cut.cut_short and cut.epochs == 1
+    last = MF(toy.num_users, toy.num_items, dim=8).fit(toy, epochs=1, max_seconds=0)
+    assert last.stopped_by == "epochs"  # the limit passed, but nothing was left to run
+
+
 def test_lightgcn_state_dict_rebuilds_the_graph(toy):
     model = LightGCN(toy.num_users, toy.num_items, dim=8)
     model.fit(toy, epochs=2, eval_every=1)
@@ -562,6 +574,16 @@ def test_demo_arguments(tmp_path, capsys):
     assert "--json" in capsys.readouterr().err
 
 
+def test_demo_says_when_the_time_limit_cut_training_short(tmp_path, capsys):
+    folder = write_toy(tmp_path / "d")
+    args = demo_args(tmp_path, "--model", "mf", "--data", folder, "--json", str(tmp_path / "r.json"),
+                     "--max-seconds", "0", "--users", "3")
+    assert recommend_demo.run(args) == 0
+    assert "NOTE: training was cut short by the time limit (--max-seconds 0) after 1 of at most" in capsys.readouterr().out
+    report = json.load(open(tmp_path / "r.json"))
+    assert report["cut_short"] is True and report["stopped_by"] == "max_seconds" and report["epochs"] == 1
+
+
 def test_demo_runs_on_a_data_folder(tmp_path, capsys):
     folder = write_toy(tmp_path / "d")
     args = demo_args(tmp_path, "--model", "mf", "--data", folder, "--json", str(tmp_path / "r.json"),
@@ -571,6 +593,8 @@ def test_demo_runs_on_a_data_folder(tmp_path, capsys):
     assert "popularity" in out and "ndcg@10" in out
     report = json.load(open(tmp_path / "r.json"))
     assert set(report["metrics"]) == {"popularity", "mf"}
+    assert report["stopped_by"] in ("epochs", "patience", "max_seconds")
+    assert report["cut_short"] == (report["stopped_by"] == "max_seconds") == ("NOTE: training was cut short" in out)
     from PIL import Image
 
     image = Image.open(tmp_path / "out" / "recommendations.png")

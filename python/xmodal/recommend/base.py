@@ -131,7 +131,10 @@ def batch_counts(ids: Tensor, size: int, weight: float = 1.0) -> Tensor:
 class FitResult:
     """What :meth:`Recommender.fit` did: epochs run, the best epoch (by validation MRR@10) whose weights the
     model now holds, its validation metrics, wall seconds (training and validation together; ``eval_seconds``
-    of them validating), and each validation's MRR@10 (``history``, one per evaluated epoch)."""
+    of them validating), and each validation's MRR@10 (``history``, one per evaluated epoch).
+
+    ``stopped_by`` says why training ended: ``"patience"`` (validation stopped improving: early stopping),
+    ``"epochs"`` (every epoch ran) or ``"max_seconds"`` (the time limit cut it short: :attr:`cut_short`)."""
     epochs: int
     best_epoch: int
     best_valid: Dict[str, float]
@@ -139,6 +142,12 @@ class FitResult:
     eval_seconds: float
     history: List[Tuple[int, float]] = field(default_factory=list)
     losses: Dict[str, float] = field(default_factory=dict)
+    stopped_by: str = "epochs"
+
+    @property
+    def cut_short(self) -> bool:
+        """Whether the time limit ended training before early stopping or the last epoch did."""
+        return self.stopped_by == "max_seconds"
 
 
 def _check_int(value, name: str, low: int = 1, high: Optional[int] = None) -> int:
@@ -231,7 +240,7 @@ class Recommender(nn.Module):
             if self.num_users * self.num_items <= DENSE_PAIRS else None
         best, best_state, best_epoch, best_valid = -1.0, None, 0, {}
         history: List[Tuple[int, float]] = []
-        bad, eval_seconds, epoch = 0, 0.0, 0
+        bad, eval_seconds, epoch, stopped_by = 0, 0.0, 0, "epochs"
         losses: Dict[str, float] = {}
         started = time.perf_counter()
         bar = None
@@ -276,8 +285,11 @@ class Recommender(nn.Module):
                     bar.update(1)
                     bar.set_postfix({**{k: f"{v:.4f}" for k, v in losses.items()}, "best_mrr@10": f"{best:.4f}"})
                 if bad >= cfg["patience"]:
+                    stopped_by = "patience"
                     break
-                if max_seconds is not None and time.perf_counter() - started > max_seconds:
+                if (max_seconds is not None and epoch < cfg["epochs"]
+                        and time.perf_counter() - started > max_seconds):
+                    stopped_by = "max_seconds"
                     break
         finally:
             if bar is not None:
@@ -288,7 +300,8 @@ class Recommender(nn.Module):
             self.load_state_dict(best_state)
         self.eval()
         self.refresh()
-        return FitResult(epoch, best_epoch, best_valid, time.perf_counter() - started, eval_seconds, history, losses)
+        return FitResult(epoch, best_epoch, best_valid, time.perf_counter() - started, eval_seconds, history, losses,
+                         stopped_by)
 
     def reset_parameters(self) -> None:
         """Fresh weights before fitting (subclasses initialise their own)."""

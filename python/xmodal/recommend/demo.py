@@ -126,6 +126,10 @@ def run(args) -> int:
     print(_table(results))
     print(f"\ntrained {fit.epochs} epochs in {fit.seconds:.1f} s (best validation at epoch {fit.best_epoch}: MRR@10 "
           f"{fit.best_valid['mrr@10']:.4f})")
+    if fit.cut_short:
+        print(f"NOTE: training was cut short by the time limit (--max-seconds {args.max_seconds:g}) after {fit.epochs} "
+              f"of at most {model.settings['epochs']} epochs, before early stopping ended it: the figures above are "
+              f"those of a partly trained model (a full run scores higher; raise --max-seconds)")
     os.makedirs(args.out, exist_ok=True)
     users = example_users(data, args.users)
     _, items = model.recommend(users, 10, exclude=data.valid)
@@ -136,6 +140,7 @@ def run(args) -> int:
     if args.json:
         report = {"model": args.model, "seed": args.seed, "metrics": results, "train_seconds": fit.seconds,
                   "epochs": fit.epochs, "best_epoch": fit.best_epoch, "valid": fit.best_valid,
+                  "stopped_by": fit.stopped_by, "cut_short": fit.cut_short, "max_seconds": args.max_seconds,
                   "settings": {k: v for k, v in model.settings.items()}, "total_seconds": total,
                   "torch": torch.__version__, "threads": torch.get_num_threads()}
 
