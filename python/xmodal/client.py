@@ -19,24 +19,69 @@ import numpy as np
 class ServiceError(RuntimeError):
     """The service answered with an error: ``status`` (HTTP) and ``detail`` (its JSON explanation)."""
 
-    def __init__(self, status: int, detail: Any, method: str, path: str):
+    def __init__(self, status: int, detail: Any, method: str, path: str, hint: Optional[str] = None):
         self.status, self.detail = status, detail
-        super().__init__(f"{method} {path} -> {status}: {detail}")
+        super().__init__(f"{method} {path} -> {status}: {detail}" + (f"; {hint}" if hint else ""))
 
 
 def _rows(x, name: str) -> Tuple[list, str, bool]:
-    """(list of lists of floats, array kind, was 1-D) from a NumPy array, torch tensor or nested sequence."""
+    """(list of lists of floats, array kind, was 1-D) from a NumPy array, torch tensor or nested sequence.
+    ValueError naming ``name`` for another shape, or for NaN or infinity (JSON cannot carry them)."""
     kind = "numpy"
     if type(x).__module__.split(".")[0] == "torch":
         kind = "torch"
-        x = x.detach().cpu().float().numpy()
-    arr = np.asarray(x, dtype=np.float32)
+        import torch
+
+        x = x.detach().cpu()
+        x = (x.double() if x.dtype == torch.float64 else x.float()).numpy()  # float64: its value in errors
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become inf: reported below
+            arr = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a 1-D or 2-D array of numbers, got {type(x).__name__} ({e})") from None
     squeeze = arr.ndim == 1
     if squeeze:
         arr = arr[None]
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 1-D or 2-D, got shape {arr.shape}")
+    finite = np.isfinite(arr)
+    if not finite.all():
+        row, col = (int(i) for i in np.argwhere(~finite)[0])
+        value = float(np.asarray(x, dtype=np.float64).reshape(arr.shape)[row, col])
+        where = f"at position {col}" if squeeze else f"in row {row} (column {col})"
+        bad_rows = int((~finite.all(axis=1)).sum())
+        more = f", and {bad_rows - 1} more row(s) hold such values" if bad_rows > 1 else ""
+        beyond = " (beyond float32's range)" if np.isfinite(value) else ""
+        raise ValueError(f"{name} must hold finite float32 numbers (JSON carries no NaN or infinity), got "
+                         f"{value!r}{beyond} {where}{more}")
     return arr.tolist(), kind, squeeze
+
+
+def _payloads(payloads) -> list:
+    """The payloads as a list, each one a JSON object or None; ValueError naming the first one that is not."""
+    out = list(payloads)
+    for i, p in enumerate(out):
+        if p is None:
+            continue
+        if not isinstance(p, dict):
+            raise ValueError(f"payloads[{i}] must be a dict or None, got {type(p).__name__}")
+        try:
+            json.dumps(p, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"payloads[{i}] must be JSON (str keys; str, number, bool, None, list and dict values; "
+                             f"no NaN or infinity), got {p!r} ({e})") from None
+    return out
+
+
+def _auth_hint(status: int, has_key: bool) -> Optional[str]:
+    """What a 401 / 403 means for this client: no key given, or the one given is not the service's."""
+    if status not in (401, 403):
+        return None
+    if has_key:
+        return ("the service refused this Client's api_key: it is not the key in the file the service was "
+                "started with (--api-key-file)")
+    return ("the service needs an API key (it was started with --api-key-file) and this Client has none: "
+            "pass Client(url, api_key=...)")
 
 
 def _ids(ids) -> List[int]:
@@ -51,6 +96,7 @@ class Client:
         import httpx
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._has_key = bool(api_key)
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
     def __enter__(self) -> "Client":
@@ -65,28 +111,45 @@ class Client:
     def _call(self, method: str, path: str, **kwargs) -> Any:
         response = self._http.request(method, path, **kwargs)
         if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail")
-            except (ValueError, AttributeError):
-                detail = response.text
-            raise ServiceError(response.status_code, detail, method, path)
+            raise self._error(response, method, path)
         return response.json()
+
+    def _error(self, response, method: str, path: str) -> ServiceError:
+        try:
+            detail = response.json().get("detail")
+        except (ValueError, AttributeError):
+            detail = response.text
+        return ServiceError(response.status_code, detail, method, path, _auth_hint(response.status_code, self._has_key))
 
     # -- service
     def health(self) -> bool:
         return self._call("GET", "/health").get("status") == "ok"
 
     def ready(self) -> bool:
-        """Whether the service is up and has loaded its collections (False while it starts or loads)."""
+        """Whether the service is up and has loaded its collections (False while it starts or loads).
+        ServiceError if it refuses this client's API key (401 / 403) or failed to load its collections."""
         import httpx
 
         try:
-            return self._http.get("/ready").status_code == 200
+            response = self._http.get("/ready")
         except httpx.TransportError:  # not listening yet
             return False
+        if response.status_code == 200:
+            return True
+        if response.status_code in (401, 403):
+            raise self._error(response, "GET", "/ready")
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if isinstance(answer, dict) and answer.get("status") == "failed":
+            raise ServiceError(response.status_code, answer.get("error"), "GET", "/ready",
+                               "the service failed to load its collections (its stderr says more)")
+        return False
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Wait until :meth:`ready`; TimeoutError after ``timeout`` seconds."""
+        """Wait until :meth:`ready`; TimeoutError after ``timeout`` seconds. A refused API key or a failed
+        load raises ServiceError at once (see :meth:`ready`)."""
         import time
 
         deadline = time.monotonic() + timeout
@@ -98,9 +161,25 @@ class Client:
     # -- collections
     def create_collection(self, name: str, dim: int, metric: str = "cosine", *, index: str = "flat",
                           codec: Optional[str] = None, nlist: Optional[int] = None,
-                          nprobe: Optional[int] = None) -> dict:
+                          nprobe: Optional[int] = None, exist_ok: bool = False) -> dict:
+        """Create a collection and return its description. A collection of that name that exists already is
+        ServiceError 409, or with ``exist_ok=True`` is returned as it is when it has the settings asked for
+        (an IVF collection's ``nlist`` / ``nprobe`` compared only where given); one with other settings is still 409."""
         body = {"dim": dim, "metric": metric, "index": index, "codec": codec, "nlist": nlist, "nprobe": nprobe}
-        return self._call("PUT", f"/collections/{name}", json={k: v for k, v in body.items() if v is not None})
+        try:
+            return self._call("PUT", f"/collections/{name}", json={k: v for k, v in body.items() if v is not None})
+        except ServiceError as e:
+            if not (exist_ok and e.status == 409):
+                raise
+        found = self.collection(name)
+        asked = {k: v for k, v in body.items() if k not in ("nlist", "nprobe") or (index == "ivf" and v is not None)}
+        differ = {k: v for k, v in asked.items() if found.get(k) != v}
+        if differ:
+            have = ", ".join(f"{k} {found.get(k)!r}" for k in differ)
+            want = ", ".join(f"{k} {v!r}" for k, v in differ.items())
+            raise ServiceError(409, f"collection {name!r} exists with {have}", "PUT", f"/collections/{name}",
+                               f"exist_ok=True accepts it only with the settings asked for, got {want}")
+        return found
 
     def collections(self) -> List[dict]:
         return self._call("GET", "/collections")["collections"]
@@ -117,7 +196,7 @@ class Client:
         rows, _, _ = _rows(vectors, "vectors")
         body: Dict[str, Any] = {"ids": _ids(ids), "vectors": rows}
         if payloads is not None:
-            body["payloads"] = list(payloads)
+            body["payloads"] = _payloads(payloads)
         return self._call("POST", f"/collections/{name}/vectors", json=body)
 
     def remove(self, name: str, ids) -> int:
