@@ -1,6 +1,7 @@
 """Encoders, the two-tower model, the contrastive loss and training (determinism, checkpoints, resume)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -33,6 +34,33 @@ def test_encoders_shapes_and_custom_backbone():
     assert out.shape == (2, 32)
     # padding does not change a text's features
     torch.testing.assert_close(text(torch.tensor([[5]])), out[1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape, hint", [
+    ((2, 1, 32, 32), "3 colour channels"),
+    ((2, 3, 64, 64), "resize them"),
+    ((2, 3, 16, 32), "resize them"),
+    ((3, 32, 32), "add the batch dimension"),
+    ((2, 3 * 32 * 32), ""),
+])
+def test_images_of_the_wrong_shape_name_the_expected_shape(shape, hint):
+    tokenizer = Tokenizer.fit(["a red square"])
+    model = CrossModalModel(ImageEncoder(16, width=4), TextEncoder(len(tokenizer), 16, layers=1, heads=2), tokenizer,
+                            embed_dim=8, fusion_dim=8, fusion_factor=2)
+    given = torch.rand(shape)
+    expected = r"images must be \[B, 3, H, W\] with H and W from 25 to 32 .*got shape " + re.escape(str(list(shape)))
+    for call in (lambda: model.encode_image(given), lambda: model.encode_composed(given, ["make it blue"] * 2),
+                 lambda: model.image_encoder(given)):
+        with pytest.raises(ValueError, match=expected) as e:
+            call()
+        assert hint in str(e.value)
+    with pytest.raises(ValueError, match="images must be a floating-point tensor .* got torch.uint8"):
+        model.encode_image(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="images must be a torch.Tensor"):
+        model.encode_image([[0.0]])
+    # what the network takes still runs: 32 x 32 (and the other sides that leave its 4 x 4 map)
+    assert model.encode_image(torch.rand(2, 3, 32, 32)).shape == (2, 8)
+    assert model.encode_image(torch.rand(1, 3, 25, 28)).shape == (1, 8)
 
 
 def test_model_embeddings_are_unit_vectors():

@@ -94,8 +94,33 @@ class ImageEncoder(nn.Module):
             nn.ReLU(inplace=True),
         )
 
+    #: image sides the built-in network takes: three stride-2 convolutions must leave the 4 x 4 map its linear
+    #: layer reads (it is made for 32 x 32)
+    SIDES = range(25, 33)
+
     def forward(self, images: Tensor) -> Tensor:
+        if not self.has_backbone:  # a backbone checks its own input
+            self.check_images(images)
         return self.net(images)
+
+    def check_images(self, images: Tensor, name: str = "images") -> None:
+        """ValueError naming ``name``, the shape the built-in network takes and the one given, before the
+        network would fail deep inside with a matrix-shape error."""
+        if not isinstance(images, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor [B, 3, 32, 32], got {type(images).__name__}")
+        shape = list(images.shape)
+        if images.dim() != 4 or shape[1] != 3 or shape[2] not in self.SIDES or shape[3] not in self.SIDES:
+            hint = ""
+            if images.dim() == 3:
+                hint = " (one image: add the batch dimension, images[None])"
+            elif images.dim() == 4 and shape[1] != 3:
+                hint = " (3 colour channels: convert grey-scale or RGBA images to RGB)"
+            elif images.dim() == 4:
+                hint = " (resize them, e.g. data.ImageCaptionCSV(..., image_size=32))"
+            raise ValueError(f"{name} must be [B, 3, H, W] with H and W from {self.SIDES[0]} to {self.SIDES[-1]} "
+                             f"for the built-in ImageEncoder (made for 32 x 32), got shape {shape}{hint}")
+        if not images.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor (pixel values in [0, 1]), got {images.dtype}")
 
 
 class TextEncoder(nn.Module):
