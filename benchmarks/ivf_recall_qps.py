@@ -12,11 +12,11 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 
 import xmodal
 from xmodal.bench import environment
+from xmodal.metrics import knn_recall
 
 
 def clustered(n, d, centres, seed, g_centres):
@@ -24,10 +24,6 @@ def clustered(n, d, centres, seed, g_centres):
     c = torch.randn(centres, d, generator=g_centres) * 3
     x = c[torch.randint(0, centres, (n,), generator=g)] + torch.randn(n, d, generator=g)
     return torch.nn.functional.normalize(x, dim=1)
-
-
-def recall(found, exact, k):
-    return float(np.mean([len(set(a[:k].tolist()) & set(b[:k].tolist())) / k for a, b in zip(found, exact)]))
 
 
 def timed(fn, repeats=3):
@@ -89,11 +85,11 @@ def main():
         fidx = None
     for nprobe in [int(v) for v in args.nprobe.split(",")]:
         t, (_, ids) = timed(lambda: ivf.search(q, k, nprobe=nprobe))
-        rows.append(("xmodal IVFIndex", nprobe, recall(ids, exact, k), args.queries / t))
+        rows.append(("xmodal IVFIndex", nprobe, knn_recall(ids[:, :k], exact[:, :k]), args.queries / t))
         if fidx is not None:
             fidx.nprobe = nprobe
             t, (_, fids) = timed(lambda: fidx.search(q.numpy(), k))
-            faiss_rows.append(("faiss IndexIVFFlat", nprobe, recall(torch.from_numpy(fids), exact, k), args.queries / t))
+            faiss_rows.append(("faiss IndexIVFFlat", nprobe, knn_recall(torch.from_numpy(fids)[:, :k], exact[:, :k]), args.queries / t))
     rows += faiss_rows
     env = environment("cpu")
     header = f"N={args.n} D={args.d} centres={args.centres} nlist={args.nlist} queries={args.queries} k={k}"

@@ -106,3 +106,13 @@ def test_retrieval_report_rejects_bad_embeddings_and_ks():
     for ks in [(), (0, 1), (1.5,), 5]:
         with pytest.raises(ValueError, match=r"ks must be a non-empty tuple or list of positive ints, got "):
             metrics.retrieval_report(images, captions, t2i, ks=ks)
+
+
+def test_knn_recall_hand_computed():
+    exact = torch.tensor([[1, 2, 3], [4, 5, -1]])  # the second query has only two exact results
+    found = torch.tensor([[3, 9, 1, 7], [5, -1, -1, -1]])
+    assert metrics.knn_recall(found, exact) == pytest.approx(3 / 5)
+    assert metrics.knn_recall(exact, exact) == 1.0
+    assert math.isnan(metrics.knn_recall(found[:1], torch.tensor([[-1, -1, -1]])))
+    with pytest.raises(ValueError, match="found and exact must have the same number of queries, got 2 and 1"):
+        metrics.knn_recall(found, exact[:1])

@@ -146,6 +146,22 @@ def fractional_recall_at_k(ranked, relevant: Relevant, k: int) -> float:
     return torch.where(counts > 0, hits.sum(1) / counts.clamp(min=1).double(), torch.zeros_like(hits[:, 0])).mean().item()
 
 
+def knn_recall(found, exact) -> float:
+    """How much of the exact answer an approximate search found: the share of the exact top-k ids (``exact``,
+    ``[Q, k]``, ``-1`` = no result) among ``found``'s ids (``[Q, k']``), over all queries. The "recall@k" of
+    approximate nearest-neighbour benchmarks (FAISS's "k-recall@k"); 1.0 when the search is exact. NaN when
+    ``exact`` holds no result."""
+    found, exact = _as_ranked(found), _as_ranked(exact)
+    if found.shape[0] != exact.shape[0]:
+        raise ValueError(f"found and exact must have the same number of queries, got {found.shape[0]} and "
+                         f"{exact.shape[0]}")
+    present = exact >= 0
+    if not bool(present.any()):
+        return float("nan")
+    hits = (exact[:, :, None] == found[:, None, :]).any(2) & present
+    return float(hits.sum()) / float(present.sum())
+
+
 #: the five metrics of :func:`recommendation_report`, in RecBole's default order (its ``metrics`` setting)
 RECOMMENDATION_METRICS = ("recall", "mrr", "ndcg", "hit", "precision")
 
@@ -221,4 +237,5 @@ def retrieval_report(image_embeddings, text_embeddings, text_to_image, ks=(1, 5,
 
 
 __all__ = ["recall_at_k", "mean_average_precision", "ndcg_at_k", "retrieval_report", "hit_rate_at_k", "mrr_at_k",
-           "precision_at_k", "fractional_recall_at_k", "recommendation_report", "RECOMMENDATION_METRICS"]
+           "precision_at_k", "fractional_recall_at_k", "knn_recall", "recommendation_report",
+           "RECOMMENDATION_METRICS"]

@@ -23,11 +23,12 @@ import xmodal
 
 from .compress_data import DATASETS, MODEL_STEPS, MODEL_STEPS_QUICK, make_data
 from .compress_methods import (BASELINE, CHUNK, RESCORES, counterpart, faiss_methods, found_ids, import_faiss,
-                               recall_at_k, reduced_dim, xmodal_methods)
+                               reduced_dim, xmodal_methods)
 from .compress_methods import method_names  # noqa: F401  (compress.method_names: what a run reports, in order)
 from .harness import (Case, Result, check_repeats, environment, fmt_ratio, format_markdown, format_text, markdown_table,
                       run_cases, time_call, time_interleaved)
 from .._atomic import write_atomic
+from ..metrics import knn_recall
 
 DEFAULT_N, QUICK_N, DEFAULT_DIM = 1_000_000, 20_000, 512
 K, Q_BATCH = 10, 256
@@ -97,7 +98,7 @@ def run_compress_case(case: CompressCase, repeats: int = 3, use_faiss: bool = Tr
     if use_faiss:
         methods.update(faiss_methods(x, case.k))
     exact = found_ids(methods[BASELINE].search(queries))
-    recall = {name: recall_at_k(m.search(queries), exact) for name, m in methods.items()}
+    recall = {name: knn_recall(found_ids(m.search(queries)), exact) for name, m in methods.items()}
     single = [queries[i:i + 1] for i in range(case.q_single)]
 
     def one_at_a_time(method):

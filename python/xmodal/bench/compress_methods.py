@@ -185,11 +185,3 @@ def faiss_methods(x: torch.Tensor, k: int) -> Dict[str, Method]:
 def found_ids(found) -> torch.Tensor:
     """A method's ids (tensor or array) as an int64 tensor."""
     return found.to(torch.int64) if torch.is_tensor(found) else torch.from_numpy(np.asarray(found, dtype=np.int64))
-
-
-def recall_at_k(found, exact: torch.Tensor) -> float:
-    """Share of the exact answer's k ids found by a method's k (over all queries)."""
-    found = found_ids(found)
-    hits = (found[:, :, None] == exact[:, None, :]) & (exact[:, None, :] >= 0)
-    return float(hits.any(2).sum()) / float((exact >= 0).sum())
-

@@ -11,6 +11,9 @@ Conventions shared by every index (they live in :class:`base.Index`):
   - search parameters (k, mask, IVF's nprobe) are call arguments, never state, so threads may share an index
     for searching.
   - a failed call leaves the index unchanged: every argument is checked before anything is modified.
+  - ids are non-negative (-1 pads answers with fewer than k results); rows must be finite.
+  - training a lossy encoding (a codec or ``reduce_to``) estimates the recall it keeps on held-out training
+    rows (``estimated_recall``) and warns (:class:`LossyEncodingWarning`) when it is poor.
   - ``save`` writes a safetensors file (tensors + JSON metadata, no pickle) atomically, with a checksum that
     ``load`` verifies (see :mod:`.io`).
 
@@ -18,8 +21,9 @@ Layout: ``base`` (the Index class), ``flat``, ``ivf`` (with ``kmeans`` and the `
 ``sharded``, ``io`` (files), ``arrays`` (torch / NumPy / CuPy interop).
 """
 from .base import Index
+from .encoding import LossyEncodingWarning
 from .flat import FlatIndex
 from .ivf import IVFIndex
 from .sharded import ShardedIndex
 
-__all__ = ["Index", "FlatIndex", "IVFIndex", "ShardedIndex"]
+__all__ = ["Index", "FlatIndex", "IVFIndex", "ShardedIndex", "LossyEncodingWarning"]

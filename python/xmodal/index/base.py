@@ -130,6 +130,16 @@ class Index(abc.ABC):
         """Whether what the index learns from data (PCA, codec; IVF: centroids) has been learnt."""
         return self._encoding.trained
 
+    @property
+    def estimated_recall(self) -> Optional[float]:
+        """With a codec or ``reduce_to``: the recall@10 training estimated the encoding keeps (the share of the
+        exact 10 nearest found, searching up to 256 training rows each among up to 262,144 others, as
+        :meth:`search` would with the default ``rescore``). Below 0.9, training warns
+        (:class:`xmodal.index.LossyEncodingWarning`). None without a lossy encoding or with under 1,000
+        training rows. The estimate leaves out what an index kind loses at search time (IVF: ``nprobe``), and
+        queries of another modality may fare differently from rows of the collection."""
+        return self._encoding.estimated_recall
+
     # -- what subclasses provide
     @abc.abstractmethod
     def __len__(self) -> int: ...
@@ -218,8 +228,7 @@ class Index(abc.ABC):
         if len(self):
             raise RuntimeError(f"{type(self).__name__}.train must come before add (stored rows would not match); "
                                f"call reset() first to retrain")
-        self._encoding.fit_pca(rows)
-        self._encoding.fit_codec(self._prepare(self._encoding.sample(rows, max_points)))
+        self._encoding.fit(rows, max_points, type(self).__name__)
 
     def _before_store(self, rows: Tensor) -> None:
         """Called once per ``add`` after the checks, before the first chunk is stored: an untrained index

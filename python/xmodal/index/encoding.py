@@ -3,14 +3,28 @@
 (:mod:`.codecs`). Shared by every index kind, so a FlatIndex and an IVFIndex encode rows alike."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..metrics import knn_recall
+from ..ops import topk_search
 from ..pca import PCA
 from .base import ADD_CHUNK_ROWS, check_positive, unit_rows
-from .codecs import make_codec
+from .codecs import FlatScan, make_codec
+
+# The recall estimate of a lossy encoding (Encoding.estimate_recall): at most this many training rows are each
+# searched among at most RECALL_DATABASE others, for their RECALL_K nearest. Fewer training rows than
+# RECALL_MIN_ROWS give no estimate (too few to say anything).
+RECALL_QUERIES, RECALL_DATABASE, RECALL_K, RECALL_MIN_ROWS = 256, 256 * 1024, 10, 1000
+#: below this estimated recall@10, training warns with the figure
+RECALL_WARNING = 0.9
+
+
+class LossyEncodingWarning(UserWarning):
+    """Training found that a codec or PCA loses much of the exact search's answer on these rows."""
 
 
 class Encoding:
@@ -25,6 +39,7 @@ class Encoding:
         self.rescore = check_positive(rescore, "rescore")
         self.pca: Optional[PCA] = None
         self.codec = make_codec(codec, reduce_to or dim, metric, dtype)
+        self.estimated_recall: Optional[float] = None
 
     @property
     def stored_dim(self) -> int:
@@ -55,8 +70,18 @@ class Encoding:
         if self.reduce_to is not None:
             self.pca = PCA(self.reduce_to).fit(rows[i: i + ADD_CHUNK_ROWS] for i in range(0, rows.shape[0], ADD_CHUNK_ROWS))
 
-    def fit_codec(self, prepared: Tensor) -> None:
+    def fit(self, rows: Tensor, max_points: int, owner: str) -> Tensor:
+        """Learn the PCA (if any) from every row and the codec from at most ``max_points`` of them, then estimate
+        the recall a lossy encoding keeps (:meth:`estimate_recall`).
+        Returns the prepared rows learnt from (IVF's k-means learns from them too)."""
+        self.fit_pca(rows)
+        learn = self.sample(rows, max_points)
+        prepared = self.prepare(learn)
         self.codec.fit(prepared)
+        self.estimated_recall = None
+        if self.learns and learn.shape[0] >= RECALL_MIN_ROWS:
+            self.estimate_recall(learn, owner)
+        return prepared
 
     @staticmethod
     def sample(rows: Tensor, max_points: int) -> Tensor:
@@ -65,6 +90,37 @@ class Encoding:
             return rows
         pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:max_points]
         return rows[pick.to(rows.device)]
+
+    def estimate_recall(self, learnt_from: Tensor, owner: str) -> None:
+        """Search up to ``RECALL_QUERIES`` of the rows the encoding learnt from, each among (up to
+        ``RECALL_DATABASE`` of) the others, as the index will (PCA, codec, rescoring at the default
+        ``rescore``), against the exact search of the original rows; keep the share of the exact ``RECALL_K``
+        nearest found in :attr:`estimated_recall`, and warn when it is below ``RECALL_WARNING``. Search-time
+        losses of an index kind (IVF's probing) are not part of it."""
+        database = learnt_from[:RECALL_DATABASE]
+        n = database.shape[0]
+        held = min(RECALL_QUERIES, n // 10)
+        at = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:held].to(database.device)
+        queries, k = database[at], min(RECALL_K, n - 1)
+        # k + 1 answers, then each query's own row dropped: its neighbours among the others
+        exact = topk_search(queries, database, k + 1, self.metric).indices
+        cols = self.codec.encode(self.prepare(database))
+        _, found = self.codec.search(FlatScan(), self.prepare(queries), cols, k + 1, None, rescore=self.rescore)
+
+        def others(ids: Tensor) -> Tensor:
+            own = (ids == at[:, None]).to(torch.int8)
+            return ids.gather(1, torch.sort(own, dim=1, stable=True).indices)[:, :k].cpu()
+
+        self.estimated_recall = knn_recall(others(found), others(exact))
+        if self.estimated_recall < RECALL_WARNING:
+            lossy = ", ".join(part for part in (
+                f"codec={self.codec.name!r}" + (f" (rescore={self.rescore})" if self.codec.name == "binary" else "")
+                if self.codec.name else "", f"reduce_to={self.reduce_to}" if self.reduce_to else "") if part)
+            warnings.warn(
+                f"{owner}: with {lossy}, an estimated recall@{k} of {self.estimated_recall:.3f} (exact search: 1.0), "
+                f"measured on {held} training rows each searched among {n - 1} others; these rows do not suit that "
+                f"encoding (try codec='int8', a larger reduce_to or rescore, or none)",
+                LossyEncodingWarning, stacklevel=5)
 
     def prepare(self, rows: Tensor) -> Tensor:
         """Rows as stored and searched: reduced, unit-normalised for cosine metrics; in the index's dtype when
@@ -92,6 +148,8 @@ class Encoding:
 
     def metadata(self) -> dict:
         meta = {"codec": self.codec.name or "", "reduce_to": self.reduce_to or 0, "rescore": self.rescore}
+        if self.estimated_recall is not None:
+            meta["estimated_recall"] = repr(self.estimated_recall)
         if self.pca is not None:
             meta.update({f"pca.{k}": v for k, v in self.pca.state_dict().items() if not torch.is_tensor(v)})
         return meta
@@ -109,6 +167,7 @@ class Encoding:
         return out
 
     def restore(self, tensors: dict, meta: dict) -> None:
+        self.estimated_recall = float(meta["estimated_recall"]) if "estimated_recall" in meta else None
         ids = tensors.get("ids")
         self.codec.upgrade_file(tensors, ids.shape[0] if ids is not None and ids.dim() == 1 else 0)
         state = {k[len("codec."):]: v.to(self.device) for k, v in tensors.items() if k.startswith("codec.")}

@@ -76,11 +76,9 @@ class IVFIndex(Index):
         if len(self):
             raise RuntimeError("IVFIndex.train must come before add (stored rows would not match); call reset() "
                                "first to retrain")
-        self._encoding.fit_pca(rows)
-        sample = self._prepare(self._encoding.sample(rows, max_points)).float()
+        sample = self._encoding.fit(rows, max_points, "IVFIndex").float()
         self.centroids = kmeans(sample, self.nlist, metric=self._coarse_metric, spherical=self._normalised,
                                 iterations=iterations, seed=seed, max_points=max_points)
-        self._encoding.fit_codec(sample)
 
     def _before_store(self, rows: Tensor) -> None:
         if not self.is_trained:  # the lists need centroids: no training on the first add
