@@ -9,6 +9,9 @@ from torch import Tensor
 from .base import Index
 from .codecs import FlatScan
 
+_ROOM = 8  # storage grows by 1/_ROOM of the rows (+ _ROOM_ROWS) when an add fits in less (see _reserve)
+_ROOM_ROWS = 64
+
 
 class FlatIndex(Index):
     """Search over every stored vector.
@@ -37,7 +40,7 @@ class FlatIndex(Index):
         super().__init__(dim, metric, dtype=dtype, device=device, codec=codec, reduce_to=reduce_to, rescore=rescore)
         self._clear()
 
-    # -- storage: one growable tensor per codec column, plus ids
+    # -- storage: one growable tensor per codec column, plus ids; at most 1/8 (+ 64) rows of room after an add
     def __len__(self) -> int:
         return self._size
 
@@ -69,17 +72,30 @@ class FlatIndex(Index):
         return {name: torch.empty((capacity, width) if width else (capacity,), dtype=dtype, device=self.device)
                 for name, (dtype, width) in self._encoding.codec.columns().items()}
 
+    def _resize(self, capacity: int) -> None:
+        """Move the rows to new storage of ``capacity`` rows."""
+        columns = self._new_columns(capacity)
+        for name, col in columns.items():
+            col[: self._size] = self._columns[name][: self._size]
+        ids = torch.empty(capacity, dtype=torch.int64, device=self.device)
+        ids[: self._size] = self.ids
+        self._columns, self._ids = columns, ids
+
+    def _reserve(self, need: int) -> None:
+        """Room for ``need`` rows: exactly that when it is more than an eighth above the rows stored (one add
+        of many rows), else an eighth of room (+ 64 rows), so that small adds copy the rows O(1) times each,
+        amortised. Storage thus never holds more than 1/8 (+ 64) rows more than it stores after an add."""
+        if need > self._ids.shape[0]:
+            self._resize(max(need, self._size + self._size // _ROOM + _ROOM_ROWS))
+
+    def _before_store(self, rows: Tensor) -> None:
+        super()._before_store(rows)
+        self._reserve(self._size + rows.shape[0])  # once per add, for all its rows
+
     def _store(self, rows: Tensor, ids: Tensor) -> None:
         encoded = self._encoding.codec.encode(rows)
         need = self._size + rows.shape[0]
-        if need > self._ids.shape[0]:  # amortised growth: at least double
-            capacity = max(need, 2 * self._ids.shape[0], 1024)
-            columns = self._new_columns(capacity)
-            for name, col in columns.items():
-                col[: self._size] = self._columns[name][: self._size]
-            new_ids = torch.empty(capacity, dtype=torch.int64, device=self.device)
-            new_ids[: self._size] = self.ids
-            self._columns, self._ids = columns, new_ids
+        self._reserve(need)
         for name, col in self._columns.items():
             col[self._size: need] = encoded[name]
         self._ids[self._size: need] = ids
@@ -93,6 +109,8 @@ class FlatIndex(Index):
         kept_ids = self.ids[keep]
         self._ids[: kept_ids.shape[0]] = kept_ids
         self._size = kept_ids.shape[0]
+        if self._ids.shape[0] > self._size + self._size // _ROOM + _ROOM_ROWS:  # removals left too much room
+            self._resize(self._size + self._size // (2 * _ROOM))
 
     def _clear(self) -> None:
         self._columns = self._new_columns(0)
@@ -100,6 +118,8 @@ class FlatIndex(Index):
         self._size = 0
 
     def _move(self, device: torch.device) -> None:
+        if device == self._ids.device:
+            return  # (a slice .to() the same device would be a view holding the whole storage)
         self._columns = {name: col.to(device) for name, col in self._cols().items()}
         self._ids = self.ids.to(device)
 

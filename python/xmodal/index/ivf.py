@@ -22,7 +22,9 @@ class IVFIndex(Index):
     ``train(vectors)`` runs k-means whose assignment step is :func:`topk_search` with k = 1 (after the PCA,
     if ``reduce_to``), and learns the codec if any (``codec``, ``reduce_to``, ``rescore``: as for
     :class:`FlatIndex`). Rows are kept grouped by list (``ids``/``vectors`` follow that order, and so does a
-    ``mask``); adding rows costs time in proportion to the rows added, not to the index.
+    ``mask``); adding rows costs time in proportion to the rows added, amortised, and the lists keep at most
+    about 14% more slots than rows as room for appends (see :class:`.inverted_lists.InvertedLists`;
+    ``nbytes`` counts them).
     """
 
     FORMAT = "xmodal.IVFIndex/2"  # /2: int8 codes relative to centres (codecs.Int8Codes.upgrade_file reads /1)
@@ -87,6 +89,12 @@ class IVFIndex(Index):
     def _require_trained(self, what: str) -> None:
         if not self.is_trained:
             raise RuntimeError(f"IVFIndex.{what} needs a trained index: call train(vectors) first")
+
+    def add(self, vectors, ids=None) -> Tensor:
+        with self._lists.batch():  # the chunks add() stores are put in place together, each list resized once
+            return super().add(vectors, ids)
+
+    add.__doc__ = Index.add.__doc__
 
     def _store(self, rows: Tensor, ids: Tensor) -> None:
         lists = assign(rows.float(), self.centroids, self._coarse_metric) if rows.shape[0] \
@@ -153,4 +161,4 @@ class IVFIndex(Index):
             raise self._invalid(path, "tensor shapes do not match")
         self.centroids = centroids.to(self.device)
         rows = {name: t.to(self.device, self._lists.columns[name][0]) for name, t in columns.items()}
-        self._lists.append(rows, ids.to(self.device), lists.to(torch.int64))
+        self._lists.load(rows, ids.to(self.device), lists.to(torch.int64))  # exactly the slots the rows need
