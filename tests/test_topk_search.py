@@ -36,6 +36,19 @@ def test_many_tiles_and_query_blocks(device, metric):
     assert_topk_close(values, indices, queries, database, 7, metric)
 
 
+@pytest.mark.parametrize("metric", ALL_METRICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_many_queries_over_few_rows(device, metric, dtype):
+    """Many queries over a database of one tile (k-means' assignment): threads split the queries, not the
+    rows; with a mask, k > N and a NaN row."""
+    queries, database = make_inputs(1500, 300, 20, metric, dtype, device, seed=3)
+    database[11] = float("nan")
+    mask = torch.rand(300, generator=torch.Generator().manual_seed(2)).to(device) < 0.9
+    for k, m in ((1, None), (10, mask), (320, mask)):
+        values, indices = xmodal.topk_search(queries, database, k, metric, mask=m)
+        assert_topk_close(values, indices, queries, database, k, metric, mask=m)
+
+
 @pytest.mark.parametrize("k", [1, 2, 64, 999, 1000, 1500])
 def test_k_relative_to_n(device, k):
     queries, database = make_inputs(5, 1000, 12, "ip", torch.float32, device)
