@@ -22,10 +22,11 @@ import torch.nn.functional as F
 import xmodal
 from xmodal import metrics
 from xmodal.bench import environment, publish
-from xmodal.data import ShapesDataset
+from xmodal.demo.shapes import ShapesDataset
+from xmodal.demo.training import TrainConfig, build_model, train
 from xmodal.graph import knn_graph
+from xmodal.losses import contrastive_loss
 from xmodal.nn import GraphFusion
-from xmodal.train import TrainConfig, build_model, contrastive_loss, train
 
 
 @torch.no_grad()

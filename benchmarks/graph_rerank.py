@@ -98,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-graph", type=int, default=200_000)
     parser.add_argument("--n-rerank", type=int, default=100_000)
-    parser.add_argument("--n-gnn", type=int, default=20_000, help="rows for gnn_rerank (it rebuilds the joint graph per call)")
+    parser.add_argument("--n-gnn", type=int, default=20_000, help="rows for gnn_rerank (it builds a GNNRerank per call)")
     parser.add_argument("--n-large", type=int, default=0,
                         help="also time knn_graph alone on this many rows (e.g. 1000000), with peak memory")
     parser.add_argument("--large-dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -183,7 +183,7 @@ def main() -> None:
             lines.append(f"| {n} | GNNRerank (graph_k = {graph_k}, {layers} layers, feature_k = 64) | {g['map']:.4f} | "
                          f"{g['s']:.3f} (build {g['build_s']:.1f}) |")
         if "gnn_map" in entry:
-            lines.append(f"| {n} | gnn_rerank (joint graph per call; graph_k = 20, 2 layers) | {entry['gnn_map']:.4f} | "
+            lines.append(f"| {n} | gnn_rerank (GNNRerank built per call; graph_k = 20, 2 layers) | {entry['gnn_map']:.4f} | "
                          f"{entry['gnn_s']:.3f} |")
     publish("\n".join(lines) + "\n", {"environment": env, "graph": rows, "rerank": results}, args.markdown, args.json)
 

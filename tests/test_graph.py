@@ -70,7 +70,7 @@ def test_dtypes(device, dtype):
 
 
 def test_several_query_blocks(device, monkeypatch):
-    import xmodal.graph as graph
+    import xmodal.graph.knn as graph
 
     monkeypatch.setattr(graph, "QUERY_BLOCK", 37)  # blocks that do not divide N
     _, x = make_inputs(1, 200, 8, "l2", torch.float64, device, seed=3)
@@ -202,7 +202,7 @@ def test_pyg_random_if_available():
 
 def test_memory_is_not_quadratic(monkeypatch):
     # the graph is built from topk_search calls on query blocks: no call sees more than QUERY_BLOCK queries
-    import xmodal.graph as graph
+    import xmodal.graph.knn as graph
 
     seen = []
     real = graph.topk_search

@@ -245,11 +245,11 @@ def test_diffusion_improves_map(manifold):
 
 
 def test_diffusion_with_index_and_query_blocks(monkeypatch):
-    import xmodal.rerank as rerank
+    import xmodal.graph.diffusion as diffusion
 
     queries, database = make_inputs(7, 60, 6, "cosine", torch.float32, "cpu", seed=12)
     expected = Diffusion(database, graph_k=5).search(queries, 8)
-    monkeypatch.setattr(rerank, "DIFFUSION_BLOCK_ELEMENTS", 60 * 3)  # blocks of 3 queries
+    monkeypatch.setattr(diffusion, "DIFFUSION_BLOCK_ELEMENTS", 60 * 3)  # blocks of 3 queries
     index = xmodal.FlatIndex(6, "cosine")
     ids = torch.arange(60) + 500
     index.add(database, ids=ids)
@@ -281,66 +281,6 @@ def test_diffusion_bad_arguments():
 
 
 # -- message passing ------------------------------------------------------------------------------------
-
-def dense_gnn_scores(queries, database, graph_k, layers):
-    z = F.normalize(torch.cat([queries, database]).double(), dim=1)
-    s = z @ z.T
-    _, nbrs = reference.topk_from_scores(s, graph_k, "cosine")
-    a = torch.zeros_like(s)
-    a[torch.arange(len(z))[:, None], nbrs] = s.gather(1, nbrs).clamp(min=0)
-    x = F.normalize(a, dim=1)
-    for _ in range(layers):
-        x = F.normalize(x + a @ x, dim=1)
-    return x[: len(queries)] @ x[len(queries):].T
-
-
-@pytest.mark.parametrize("layers", [0, 1, 2])
-def test_gnn_rerank_matches_dense_reference(layers):
-    queries, database = make_inputs(5, 70, 6, "cosine", torch.float64, "cpu", seed=13)
-    scores, indices = gnn_rerank(queries, database, 10, graph_k=6, layers=layers)
-    full = dense_gnn_scores(queries, database, 6, layers)
-    ref_v, _ = reference.topk_from_scores(full, 10, "ip")
-    torch.testing.assert_close(scores, ref_v)
-    torch.testing.assert_close(full.gather(1, indices), scores)  # any index among tied scores
-
-
-def test_gnn_rerank_improves_map(manifold):
-    queries, database, relevant, raw_map = manifold
-    _, indices = gnn_rerank(queries, database, database.shape[0])
-    gnn_map = mean_average_precision(indices, relevant)
-    assert gnn_map > raw_map + 0.1, (raw_map, gnn_map)
-
-
-def test_gnn_rerank_with_index_and_blocks(monkeypatch):
-    import xmodal.rerank as rerank
-
-    queries, database = make_inputs(7, 60, 6, "ip", torch.float32, "cpu", seed=14)
-    expected = gnn_rerank(queries, database, 8, graph_k=5, metric="ip")
-    monkeypatch.setattr(rerank, "DIFFUSION_BLOCK_ELEMENTS", 60 * 2)
-    index = xmodal.FlatIndex(6, "ip")
-    ids = torch.arange(60) * 3
-    index.add(database, ids=ids)
-    scores, got = gnn_rerank(queries, index, 8, graph_k=5)
-    torch.testing.assert_close(scores, expected[0])
-    assert torch.equal(got, ids[expected[1]])
-
-
-def test_gnn_rerank_bad_arguments():
-    queries, database = make_inputs(3, 20, 4, "cosine", torch.float32, "cpu")
-    for kwargs, error, message in [
-        (dict(k=21), ValueError, "k = 21 is larger than the 20 rows of database"),
-        (dict(graph_k=0), ValueError, "graph_k must be >= 1, got 0"),
-        (dict(graph_k=24), ValueError, "graph_k must be <= the 23 queries and database rows together, got 24"),
-        (dict(layers=-1), ValueError, "layers must be >= 0, got -1"),
-        (dict(layers=1.5), TypeError, "layers must be an int, got float"),
-        (dict(metric="sqeuclidean"), ValueError, "got 'sqeuclidean'"),
-    ]:
-        kwargs = {"k": 2, **kwargs}
-        with pytest.raises(error, match=message):
-            gnn_rerank(queries, database, kwargs.pop("k"), **kwargs)
-
-
-# -- message passing with the database's graph built once ----------------------------------------------
 
 def dense_database_gnn_scores(queries, database, graph_k, layers, metric="cosine"):
     """GNNRerank's semantics without truncation: the database's own graph; queries attach to it."""
@@ -374,6 +314,47 @@ def test_gnn_reranker_matches_dense_reference_without_truncation(layers, metric)
     ref_v, _ = reference.topk_from_scores(full, 10, "ip")
     torch.testing.assert_close(scores, ref_v, rtol=0, atol=1e-5)  # (raw similarity breaks ties at 1e-6)
     torch.testing.assert_close(full.gather(1, indices), scores, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_gnn_rerank_is_gnn_reranker_in_one_call(layers):
+    queries, database = make_inputs(5, 70, 6, "cosine", torch.float64, "cpu", seed=13)
+    scores, indices = gnn_rerank(queries, database, 10, graph_k=6, layers=layers)
+    expected = GNNRerank(database, graph_k=6, layers=layers, feature_k=64).search(queries, 10)
+    assert torch.equal(scores, expected[0]) and torch.equal(indices, expected[1])
+    scores, indices = gnn_rerank(queries, database, 10, graph_k=6, layers=layers, feature_k=70)  # no truncation
+    full = dense_database_gnn_scores(queries, database, 6, layers)
+    torch.testing.assert_close(full.gather(1, indices), scores, rtol=0, atol=1e-5)
+
+
+def test_gnn_rerank_with_index_and_blocks(monkeypatch):
+    import xmodal.graph.gnn as gnn
+
+    queries, database = make_inputs(7, 60, 6, "ip", torch.float32, "cpu", seed=14)
+    expected = gnn_rerank(queries, database, 8, graph_k=5, metric="ip")
+    monkeypatch.setattr(gnn, "SCORE_BLOCK_ELEMENTS", 60 * 2)
+    monkeypatch.setattr(gnn, "GNN_BLOCK_ENTRIES", 6 * 64 * 3)
+    index = xmodal.FlatIndex(6, "ip")
+    ids = torch.arange(60) * 3
+    index.add(database, ids=ids)
+    scores, got = gnn_rerank(queries, index, 8, graph_k=5)
+    torch.testing.assert_close(scores, expected[0])
+    assert torch.equal(got, ids[expected[1]])
+
+
+def test_gnn_rerank_bad_arguments():
+    queries, database = make_inputs(3, 20, 4, "cosine", torch.float32, "cpu")
+    for kwargs, error, message in [
+        (dict(k=21), ValueError, "k = 21 is larger than the 20 rows of database"),
+        (dict(graph_k=0), ValueError, "graph_k must be >= 1, got 0"),
+        (dict(graph_k=21), ValueError, "graph_k must be <= the 20 rows of database, got 21"),
+        (dict(layers=-1), ValueError, "layers must be >= 0, got -1"),
+        (dict(layers=1.5), TypeError, "layers must be an int, got float"),
+        (dict(metric="sqeuclidean"), ValueError, "got 'sqeuclidean'"),
+    ]:
+        kwargs = {"k": 2, **kwargs}
+        with pytest.raises(error, match=message):
+            gnn_rerank(queries, database, kwargs.pop("k"), **kwargs)
 
 
 def test_gnn_reranker_improves_map_with_truncated_features(manifold):

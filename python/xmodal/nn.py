@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .graph_fusion import GraphFusion
+from .graph.fusion import GraphFusion
 from .ops import bilinear, factorized_bilinear
 
 __all__ = ["Bilinear", "FactorizedBilinearPooling", "GraphFusion"]

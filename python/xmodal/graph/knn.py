@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .ops import METRICS, topk_search
+from ..ops import METRICS, topk_search
 
 #: queries per topk_search call: the graph is built block by block, so nothing larger than
 #: [QUERY_BLOCK, k + 1] results is held besides the output edges (topk_search bounds its own scratch)
