@@ -1,13 +1,9 @@
-"""xmodal serve: every endpoint and error path through FastAPI's TestClient, the write-ahead log and snapshots,
-the micro-batcher, and the client. (A real server in a subprocess, killed and restarted: test_serve_process.py.)"""
-import asyncio
+"""xmodal serve through FastAPI's TestClient: every endpoint and error path, search by text and image, and the
+client. (The log and snapshots: test_serve_storage.py; micro-batching: test_serve_batching.py; a real server
+in a subprocess, killed and restarted: test_serve_process.py.)"""
 import io
-import json
 import os
-import struct
-import threading
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -19,33 +15,10 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from xmodal.serve import Limits, create_app, write_collection  # noqa: E402
-from xmodal.serve.batcher import MicroBatcher, Overloaded  # noqa: E402
-from xmodal.serve.collection import Catalog, Collection  # noqa: E402
-from xmodal.serve.storage import CorruptLogError, Record, WriteAheadLog  # noqa: E402
+from xmodal.serve import Limits, create_app  # noqa: E402
+from xmodal.serve.collection import Collection  # noqa: E402
 
-KEY = "test-api-key-0123456789"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def client(folder, **kwargs):
-    kwargs.setdefault("load_in_background", False)
-    return TestClient(create_app(str(folder), **kwargs))
-
-
-def rows(n, dim=8, seed=0):
-    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)).numpy()
-
-
-def add(c, name, ids, vectors, payloads=None, headers=None):
-    body = {"ids": list(map(int, ids)), "vectors": np.asarray(vectors).tolist()}
-    if payloads is not None:
-        body["payloads"] = payloads
-    return c.post(f"/collections/{name}/vectors", json=body, headers=headers)
-
-
-def detail(response):
-    return response.json()["detail"]
+from serve_helpers import AUTH, KEY, add, client, detail, rows  # noqa: E402
 
 
 # -- collections
@@ -314,235 +287,6 @@ def test_ready_waits_for_loading_and_reports_a_failed_load(tmp_path):
         assert c.get("/health").status_code == 200
 
 
-# -- durability: log, snapshots, restarts (in-process; SIGKILL in test_serve_process.py)
-def test_state_survives_restarts_through_log_and_snapshots(tmp_path):
-    rng = np.random.default_rng(0)
-    expected = {}
-    for round_ in range(3):
-        with client(tmp_path, snapshot_bytes=20_000) as c:  # a snapshot every few writes
-            if round_ == 0:
-                c.put("/collections/v", json={"dim": 4, "metric": "l2"})
-            for _ in range(40):
-                ids = rng.choice(60, size=rng.integers(1, 6), replace=False)
-                if rng.random() < 0.3:
-                    c.request("DELETE", "/collections/v/vectors", json={"ids": ids.tolist()})
-                    for i in ids:
-                        expected.pop(int(i), None)
-                else:
-                    x = rng.standard_normal((len(ids), 4)).astype(np.float32)
-                    payloads = [{"round": round_, "i": int(i)} for i in ids]
-                    assert add(c, "v", ids, x, payloads).status_code == 200
-                    for i, v, p in zip(ids, x, payloads):
-                        expected[int(i)] = (v, p)
-            time.sleep(0.2)  # let a background snapshot finish (the next start would wait for nothing)
-        col = Collection.open(str(tmp_path / "v"))
-        assert sorted(col.index.ids.tolist()) == sorted(expected)
-        for i, (v, p) in expected.items():
-            got_v, got_p = col.get(i)
-            np.testing.assert_array_equal(got_v, v)
-            assert got_p == p
-        col.close()
-    names = os.listdir(tmp_path / "v")
-    assert sum(n.endswith(".index") for n in names) == 1, names  # old snapshots are deleted
-    assert len([n for n in names if n.startswith("wal-")]) <= 2, names  # and the log they hold
-
-
-def test_a_torn_last_record_is_ignored_with_a_warning(tmp_path):
-    with client(tmp_path) as c:
-        c.put("/collections/v", json={"dim": 4})
-        add(c, "v", [1, 2], rows(2, 4), [{"a": 1}, {"a": 2}])
-        add(c, "v", [3], rows(1, 4, seed=5))
-    log = [n for n in os.listdir(tmp_path / "v") if n.startswith("wal-")][0]
-    path = tmp_path / "v" / log
-    size = os.path.getsize(path)
-    with open(path, "r+b") as f:
-        f.truncate(size - 7)  # the last record, cut short
-    with pytest.warns(RuntimeWarning, match="torn last record"):
-        col = Collection.open(str(tmp_path / "v"))
-    assert sorted(col.index.ids.tolist()) == [1, 2]
-    col.upsert(np.array([4]), rows(1, 4, seed=6))  # appends after the last whole record
-    col.close()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        col = Collection.open(str(tmp_path / "v"))
-    assert sorted(col.index.ids.tolist()) == [1, 2, 4]
-    assert col.payloads.by_id == {1: {"a": 1}, 2: {"a": 2}}
-
-
-def test_damage_before_the_last_record_refuses_to_start(tmp_path):
-    folder = tmp_path / "log"
-    folder.mkdir()
-    log = WriteAheadLog(str(folder))
-    for i in range(3):
-        log.append(Record("upsert", np.array([i]), rows(1, 4, seed=i)))
-    log.close()
-    path = log.segments()[0]
-    data = bytearray(open(path, "rb").read())
-    data[40] ^= 0xFF  # inside the first record
-    open(path, "wb").write(bytes(data))
-    with pytest.raises(CorruptLogError, match="corrupt at byte 0"):
-        list(WriteAheadLog(str(folder)).replay())
-
-
-def test_log_records_round_trip_and_are_sealed_with_a_key(tmp_path):
-    key = os.urandom(32)
-    log = WriteAheadLog(str(tmp_path), key)
-    x = rows(3, 4)
-    log.append(Record("upsert", np.array([5, 6, 7]), x, [{"secret": "alpha"}, None, {"b": [1, 2]}]))
-    log.append(Record("delete", np.array([6])))
-    log.close()
-    raw = open(log.segments()[0], "rb").read()
-    assert b"alpha" not in raw and x.tobytes()[:16] not in raw
-    got = list(WriteAheadLog(str(tmp_path), key).replay())
-    assert [r.op for r in got] == ["upsert", "delete"] and [r.seq for r in got] == [1, 2]
-    np.testing.assert_array_equal(got[0].vectors, x)
-    assert got[0].payloads == [{"secret": "alpha"}, None, {"b": [1, 2]}]
-    with pytest.raises(ValueError, match="wrong encryption key"):
-        list(WriteAheadLog(str(tmp_path), os.urandom(32)).replay())
-
-
-def test_encryption_at_rest_covers_snapshots_and_log(tmp_path):
-    key = os.urandom(32)
-    with client(tmp_path, encryption_key=key, snapshot_bytes=1) as c:
-        c.put("/collections/v", json={"dim": 4})
-        add(c, "v", [1, 2], rows(2, 4), [{"name": "confidential-1"}, {"name": "confidential-2"}])
-        time.sleep(0.3)
-        add(c, "v", [3], rows(1, 4, seed=4), [{"name": "confidential-3"}])
-        time.sleep(0.3)
-    names = os.listdir(tmp_path / "v")
-    assert any(n.endswith(".index") for n in names)
-    for name in names:
-        data = open(tmp_path / "v" / name, "rb").read()
-        assert b"confidential" not in data, name
-    with client(tmp_path, encryption_key=key) as c:
-        assert c.get("/collections/v/vectors/3").json()["payload"] == {"name": "confidential-3"}
-        assert c.get("/collections/v").json()["size"] == 3
-
-
-def test_write_collection_serves_an_index_built_in_python(tmp_path):
-    index = xmodal.FlatIndex(8, "cosine", codec="int8")
-    x = rows(300)
-    index.add(torch.from_numpy(x), torch.arange(300) * 2)
-    write_collection(str(tmp_path), "prebuilt", index, {0: {"first": True}})
-    with pytest.raises(FileExistsError):
-        write_collection(str(tmp_path), "prebuilt", index)
-    with client(tmp_path) as c:
-        assert c.get("/collections/prebuilt").json() == {"name": "prebuilt", "size": 300, "dim": 8,
-                                                         "metric": "cosine", "index": "flat", "codec": "int8"}
-        hits = c.post("/collections/prebuilt/search", json={"vectors": x[:1].tolist(), "k": 1,
-                                                            "with_payload": True}).json()["results"][0]
-        assert hits[0]["id"] == 0 and hits[0]["payload"] == {"first": True}
-
-
-def test_ivf_collections_learn_from_their_first_write(tmp_path):
-    with client(tmp_path) as c:
-        c.put("/collections/ivf", json={"dim": 8, "index": "ivf", "nlist": 4, "nprobe": 4})
-        assert add(c, "ivf", [1, 2], rows(2)).status_code == 422  # fewer rows than lists
-        x = rows(200)
-        assert add(c, "ivf", range(200), x).status_code == 200
-        assert add(c, "ivf", [500], rows(1, seed=2)).status_code == 200
-        first = c.post("/collections/ivf/search", json={"vectors": x[:3].tolist(), "k": 5}).json()
-    with client(tmp_path) as c:  # replay learns the same lists from the same first write
-        assert c.post("/collections/ivf/search", json={"vectors": x[:3].tolist(), "k": 5}).json() == first
-
-
-# -- micro-batching
-def test_the_batcher_answers_concurrent_requests_with_one_search():
-    calls = []
-
-    def search(q, k):
-        calls.append(q.shape[0])
-        time.sleep(0.05)
-        return q[:, :1].repeat(k, 1) * 1.0, np.tile(np.arange(k), (q.shape[0], 1))
-
-    async def main():
-        b = MicroBatcher(search, max_batch=64, max_wait=0.01)
-        queries = [np.full((1, 4), i, np.float32) for i in range(20)]
-        results = await asyncio.gather(*(b.submit(q, 3 + i % 2) for i, q in enumerate(queries)))
-        b.close()
-        return results
-
-    results = asyncio.run(main())
-    assert sum(calls) == 20 and len(calls) <= 3, calls  # the first alone, the rest gathered while it ran
-    for i, (scores, ids) in enumerate(results):
-        assert scores.shape == (1, 3 + i % 2) and float(scores[0, 0]) == i
-        assert ids.tolist() == [list(range(3 + i % 2))]
-
-
-def test_the_batcher_refuses_past_its_queue_and_runs_masked_searches_alone():
-    calls = []
-    release = threading.Event()
-
-    def search(q, k):
-        calls.append(q.shape[0])
-        release.wait(5)
-        return np.zeros((q.shape[0], k), np.float32), np.zeros((q.shape[0], k), np.int64)
-
-    async def main():
-        b = MicroBatcher(search, max_batch=64, max_queue=5)
-        first = asyncio.ensure_future(b.submit(np.zeros((1, 2), np.float32), 1))
-        await asyncio.sleep(0.05)  # the first is running; the next ones queue
-        queued = [asyncio.ensure_future(b.submit(np.zeros((2, 2), np.float32), 1)) for _ in range(2)]
-        masked = asyncio.ensure_future(b.submit(np.zeros((1, 2), np.float32), 1, run_alone=lambda: "alone"))
-        await asyncio.sleep(0.01)
-        with pytest.raises(Overloaded, match="queue full"):
-            await b.submit(np.zeros((1, 2), np.float32), 1)
-        release.set()
-        done = await asyncio.gather(first, *queued, masked)
-        b.close()
-        return done
-
-    done = asyncio.run(main())
-    assert calls == [1, 4] and done[-1] == "alone"
-
-
-def test_search_errors_reach_the_caller_and_the_batcher_goes_on():
-    def search(q, k):
-        if q[0, 0] < 0:
-            raise RuntimeError("boom")
-        return np.zeros((q.shape[0], k), np.float32), np.zeros((q.shape[0], k), np.int64)
-
-    async def main():
-        b = MicroBatcher(search)
-        with pytest.raises(RuntimeError, match="boom"):
-            await b.submit(-np.ones((1, 2), np.float32), 1)
-        result = await b.submit(np.ones((1, 2), np.float32), 2)
-        b.close()
-        return result
-
-    assert asyncio.run(main())[1].shape == (1, 2)
-
-
-def test_a_full_queue_is_503_with_retry_after(tmp_path, monkeypatch):
-    release = threading.Event()
-    original = Collection.search
-
-    def slow_search(self, queries, k, allow_ids=None, filter_=None):
-        release.wait(10)  # holds the first search while the others arrive
-        return original(self, queries, k, allow_ids, filter_)
-
-    monkeypatch.setattr(Collection, "search", slow_search)
-    app = create_app(str(tmp_path), load_in_background=False, limits=Limits(max_queue=2))
-    with TestClient(app) as c:
-        c.put("/collections/v", json={"dim": 2})
-        add(c, "v", [1], [[1, 0]])
-        answers = []
-
-        def search():
-            answers.append(c.post("/collections/v/search", json={"vectors": [[1, 0]], "k": 1}))
-
-        threads = [threading.Thread(target=search) for _ in range(5)]
-        for t in threads:  # one runs, two queue, two are refused
-            t.start()
-            time.sleep(0.2)
-        release.set()
-        for t in threads:
-            t.join(30)
-    codes = sorted(r.status_code for r in answers)
-    assert codes == [200, 200, 200, 503, 503], codes
-    refused = [r for r in answers if r.status_code == 503]
-    assert all(r.headers["retry-after"] == "1" and "queue full" in r.json()["detail"] for r in refused)
-
 
 # -- searching by text and image with the demo model
 @pytest.fixture(scope="module")
@@ -626,29 +370,3 @@ def test_the_client_speaks_the_api(tmp_path, monkeypatch):
         assert e.value.status == 422 and e.value.detail[0]["field"] == "vectors[0]"
         c.delete_collection("v")
         assert c.collections() == []
-
-
-def test_closing_the_batcher_answers_every_waiting_search():
-    from xmodal.serve.batcher import Closed
-
-    release = threading.Event()
-
-    def search(q, k):
-        release.wait(5)
-        return np.zeros((q.shape[0], k), np.float32), np.zeros((q.shape[0], k), np.int64)
-
-    async def main():
-        b = MicroBatcher(search)
-        running = asyncio.ensure_future(b.submit(np.zeros((1, 2), np.float32), 1))
-        await asyncio.sleep(0.05)
-        waiting = asyncio.ensure_future(b.submit(np.zeros((1, 2), np.float32), 1))
-        await asyncio.sleep(0.01)
-        b.close()
-        release.set()
-        outcomes = await asyncio.gather(running, waiting, return_exceptions=True)
-        with pytest.raises(Closed):
-            await b.submit(np.zeros((1, 2), np.float32), 1)
-        return outcomes
-
-    outcomes = asyncio.run(asyncio.wait_for(main(), 30))
-    assert all(isinstance(o, Closed) for o in outcomes), outcomes

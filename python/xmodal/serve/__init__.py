@@ -4,8 +4,8 @@
 - :func:`run` -- serve a folder of collections (what ``xmodal serve DIR`` calls);
 - :func:`write_collection` -- put an index built in Python into a folder the service will serve.
 
-Writes are durable when acknowledged (:mod:`.collection`, :mod:`.storage`); concurrent searches are
-micro-batched (:mod:`.batcher`).
+Writes are durable when acknowledged (:mod:`.catalog`, :mod:`.collection`, :mod:`.storage`); concurrent
+searches are micro-batched (:mod:`.batcher`); the routes are :mod:`.routes`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import os
 from typing import Optional
 
 from .app import Limits, create_app
-from .collection import Catalog, Collection, write_collection
+from .catalog import Catalog, write_collection
+from .collection import Collection
 from .storage import CorruptLogError
 
 __all__ = ["Limits", "create_app", "default_search_threads", "run", "write_collection", "Catalog", "Collection", "CorruptLogError"]

@@ -1,4 +1,4 @@
-"""Collections: an xmodal index plus JSON payloads, made durable by a write-ahead log and snapshots.
+"""A collection: an xmodal index plus JSON payloads (:mod:`.payloads`), made durable by a write-ahead log and snapshots.
 
 A collection lives in ``DIR/<name>/``:
 
@@ -8,6 +8,8 @@ A collection lives in ``DIR/<name>/``:
     snapshot-<seq>.index           the index (``Index.save``: safetensors, checksummed, optionally encrypted)
     snapshot-<seq>.payloads.json   {id: payload}
     wal-<first seq>.log            the write-ahead log (see :mod:`.storage`)
+
+The folder of collections, and creating and deleting them, is :mod:`.catalog`'s.
 
 On open: load the manifest's snapshot, then replay the log records after it (coalesced into one removal and
 one add, so 100,000 logged rows apply in one pass). A write is logged and fsynced before it changes the index,
@@ -19,10 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import threading
-import uuid
 from contextlib import contextmanager
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -31,9 +30,9 @@ import torch
 
 from .. import FlatIndex, IVFIndex
 from ..index.base import check_metric
-from .storage import Record, WriteAheadLog, fsync_folder, read_file, write_file
+from .payloads import Payloads
+from .storage import Record, WriteAheadLog, read_file, write_file
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 INDEX_KINDS = {"flat": FlatIndex, "ivf": IVFIndex}
 CODECS = (None, "int8", "binary")
 # a snapshot is taken (in the background) once the log holds this many bytes
@@ -43,7 +42,7 @@ DEFAULT_SNAPSHOT_BYTES = 256 << 20
 SNAPSHOT_FILES = (".index", ".payloads.json")
 
 
-def _save_snapshot(folder: str, seq: int, index, payloads: "Payloads", key: Optional[bytes]) -> str:
+def save_snapshot(folder: str, seq: int, index, payloads: Payloads, key: Optional[bytes]) -> str:
     """Write the index and payloads as snapshot ``seq`` in ``folder``; returns its base name."""
     base = f"snapshot-{seq:020d}"
     index.save(os.path.join(folder, base + ".index"), encryption_key=key)
@@ -51,30 +50,9 @@ def _save_snapshot(folder: str, seq: int, index, payloads: "Payloads", key: Opti
     return base
 
 
-def _write_manifest(folder: str, base: str, seq: int) -> None:
+def write_manifest(folder: str, base: str, seq: int) -> None:
     """Make snapshot ``base`` (holding the log up to ``seq``) the current one: the atomic step."""
     write_file(os.path.join(folder, "manifest.json"), json.dumps({"snapshot": base, "seq": seq}).encode())
-
-
-def _new_collection_folder(parent: str, name: str, config: dict, fill=None) -> str:
-    """Create ``parent/name`` whole or not at all: its config (and whatever ``fill(folder)`` writes) go into a
-    staging folder that is renamed into place; an interrupted one is removed on the next start."""
-    staging = os.path.join(parent, f".new-{name}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(staging)
-    write_file(os.path.join(staging, "config.json"), json.dumps(config).encode())
-    if fill is not None:
-        fill(staging)
-    final = os.path.join(parent, name)
-    os.rename(staging, final)
-    fsync_folder(parent)
-    return final
-
-
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME.match(name):
-        raise ValueError(f"collection name must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or "
-                         f"digit, got {name!r}")
-    return name
 
 
 class ReadWriteLock:
@@ -114,65 +92,6 @@ class ReadWriteLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
-
-
-def _filter_key(value) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-class Payloads:
-    """Each id's JSON payload, and for payload filters an inverted index of (key, scalar value) -> ids."""
-
-    def __init__(self):
-        self.by_id: Dict[int, dict] = {}
-        self._postings: Dict[Tuple[str, str], set] = {}
-
-    def _postings_of(self, payload: dict):
-        for key, value in payload.items():
-            for v in (value if isinstance(value, list) else [value]):
-                if not isinstance(v, (dict, list)):
-                    yield key, _filter_key(v)
-
-    def set(self, id_: int, payload: Optional[dict]) -> None:
-        self.drop(id_)
-        if payload:
-            self.by_id[id_] = payload
-            for posting in self._postings_of(payload):
-                self._postings.setdefault(posting, set()).add(id_)
-
-    def drop(self, id_: int) -> None:
-        old = self.by_id.pop(id_, None)
-        if old:
-            for posting in self._postings_of(old):
-                ids = self._postings.get(posting)
-                if ids is not None:
-                    ids.discard(id_)
-                    if not ids:
-                        del self._postings[posting]
-
-    def matching(self, filter_: dict) -> set:
-        """Ids whose payload matches every key of ``filter_``: a scalar value must equal the payload's value
-        (or be one of its list's items); a list of scalars matches any of them."""
-        result = None
-        for key, wanted in filter_.items():
-            options = wanted if isinstance(wanted, list) else [wanted]
-            ids = set()
-            for v in options:
-                ids |= self._postings.get((key, _filter_key(v)), set())
-            result = ids if result is None else result & ids
-            if not result:
-                return set()
-        return result
-
-    def to_json(self) -> bytes:
-        return json.dumps({str(k): v for k, v in self.by_id.items()}, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> "Payloads":
-        p = cls()
-        for k, v in json.loads(data).items():
-            p.set(int(k), v)
-        return p
 
 
 class Collection:
@@ -391,9 +310,9 @@ class Collection:
                 if not self.index.is_trained:
                     return None
                 seq = self.log.rotate()
-                base = _save_snapshot(self.folder, seq, self.index, self.payloads, self.key)
+                base = save_snapshot(self.folder, seq, self.index, self.payloads, self.key)
             old = self._manifest_snapshot()
-            _write_manifest(self.folder, base, seq)
+            write_manifest(self.folder, base, seq)
             if old and old != base:
                 for suffix in SNAPSHOT_FILES:
                     path = os.path.join(self.folder, old + suffix)
@@ -411,83 +330,3 @@ class Collection:
     def close(self) -> None:
         with self.writer:
             self.log.close()
-
-
-class Catalog:
-    """The collections in a folder (``xmodal serve DIR``)."""
-
-    def __init__(self, folder: str, encryption_key: Optional[bytes] = None,
-                 snapshot_bytes: int = DEFAULT_SNAPSHOT_BYTES):
-        self.folder = os.fspath(folder)
-        self.key = encryption_key
-        self.snapshot_bytes = snapshot_bytes
-        self.collections: Dict[str, Collection] = {}
-        self.lock = threading.Lock()
-
-    def open_all(self) -> None:
-        os.makedirs(self.folder, exist_ok=True)
-        for name in sorted(os.listdir(self.folder)):
-            path = os.path.join(self.folder, name)
-            if name.startswith(".deleted-") or name.startswith(".new-"):
-                shutil.rmtree(path, ignore_errors=True)  # a create or delete that was interrupted
-            elif os.path.isdir(path) and NAME.match(name):
-                self.collections[name] = Collection.open(path, self.key, snapshot_bytes=self.snapshot_bytes)
-
-    def get(self, name: str) -> Collection:
-        col = self.collections.get(name)
-        if col is None:
-            raise KeyError(f"no collection {name!r}")
-        return col
-
-    def create(self, name: str, config: dict) -> Collection:
-        check_name(name)
-        config = Collection.check_config(config)
-        with self.lock:
-            if name in self.collections:
-                raise FileExistsError(f"collection {name!r} exists")
-            final = _new_collection_folder(self.folder, name, config)
-            col = Collection(final, config, self.key, self.snapshot_bytes)
-            self.collections[name] = col
-            return col
-
-    def delete(self, name: str) -> None:
-        with self.lock:
-            col = self.get(name)
-            with col.writer:
-                col.removed = True
-                col.log.close()
-            del self.collections[name]
-            doomed = os.path.join(self.folder, f".deleted-{name}-{uuid.uuid4().hex[:8]}")
-            os.rename(col.folder, doomed)
-            fsync_folder(self.folder)
-        shutil.rmtree(doomed, ignore_errors=True)
-
-    def close(self) -> None:
-        for col in list(self.collections.values()):
-            col.close()
-
-
-def write_collection(folder: str, name: str, index, payloads: Optional[Dict[int, dict]] = None,
-                     encryption_key: Optional[bytes] = None) -> None:
-    """Put an index built in Python (a :class:`FlatIndex` or :class:`IVFIndex`) into a service folder as
-    collection ``name``, with optional ``{id: payload}``; ``xmodal serve folder`` then serves it. The service
-    must not be running on the folder."""
-    check_name(name)
-    kind = {FlatIndex: "flat", IVFIndex: "ivf"}.get(type(index))
-    if kind is None:
-        raise TypeError(f"index must be a FlatIndex or IVFIndex, got {type(index).__name__}")
-    config = {"dim": index.dim, "metric": index.metric, "index": kind, "codec": index.codec}
-    if kind == "ivf":
-        config.update(nlist=index.nlist, nprobe=index.nprobe)
-    os.makedirs(folder, exist_ok=True)
-    final = os.path.join(folder, name)
-    if os.path.exists(final):
-        raise FileExistsError(f"collection {name!r} already exists in {folder!r}")
-    store = Payloads()
-    for i, p in (payloads or {}).items():
-        store.set(int(i), p)
-
-    def fill(staging: str) -> None:
-        _write_manifest(staging, _save_snapshot(staging, 0, index, store, encryption_key), 0)
-
-    _new_collection_folder(folder, name, Collection.check_config(config), fill)

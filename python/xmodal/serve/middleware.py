@@ -1,0 +1,83 @@
+"""What wraps every request: the API-key and body-size guard (plain ASGI, ahead of routing and body parsing)
+and the Prometheus metrics the app counts requests and search batches in."""
+from __future__ import annotations
+
+import hmac
+from typing import Optional
+
+from .requests import error
+
+
+class Guard:
+    """API key check (constant time) and body size limit, ahead of everything else."""
+
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.expected is not None:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                return await error(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                                    {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        declared = headers.get(b"content-length")
+        too_large = error(413, f"request body larger than {self.max_body_bytes} bytes")
+        if declared is not None:
+            try:
+                if int(declared) > self.max_body_bytes:
+                    return await too_large(scope, receive, send)
+            except ValueError:
+                return await error(400, "bad Content-Length")(scope, receive, send)
+            return await self.app(scope, receive, send)
+        # no length given (chunked): read up to the limit, then hand the body on
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_body_bytes:
+                return await too_large(scope, receive, send)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+class Metrics:
+    def __init__(self, catalog_ref):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client.core import GaugeMetricFamily
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("xmodal_requests_total", "HTTP requests answered", ["method", "route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("xmodal_request_seconds", "HTTP request latency", ["route"], registry=self.registry,
+                                 buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10))
+        self.batch = Histogram("xmodal_search_batch_queries", "queries per index search call", ["collection"],
+                               registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+
+        class _Vectors:
+            def collect(self):
+                g = GaugeMetricFamily("xmodal_collection_vectors", "vectors per collection", labels=["collection"])
+                catalog = catalog_ref()
+                if catalog is not None:
+                    for name, col in list(catalog.collections.items()):
+                        g.add_metric([name], len(col))
+                yield g
+
+        self.registry.register(_Vectors())
