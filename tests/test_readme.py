@@ -1,7 +1,7 @@
-"""Every Python block of the README runs as a user would run it (in a fresh process, in a folder holding the
-files it reads), with smaller sizes where the README shows big ones, so the examples cannot rot. Blocks that
-start processes or write files run twice in one folder (a user runs an example again), and no process a block
-started may outlive it. Every line of the bash blocks can be pasted as it is."""
+"""Every Python block of the README and of the documentation (docs/**/*.md) runs as a user would run it (in a
+fresh process, in a folder holding the files it reads), with smaller sizes where a page shows big ones, so the
+examples cannot rot. Blocks that start processes or write files run twice in one folder (a user runs an example
+again), and no process a block started may outlive it. Every line of the bash blocks can be pasted as it is."""
 import os
 import re
 import signal
@@ -13,10 +13,31 @@ from pathlib import Path
 
 import pytest
 
-README = (Path(__file__).parents[1] / "README.md").read_text()
-BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
-BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README, re.S)
-# README text -> the size the test runs instead (each must occur in the README, or the table has rotted)
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
+# every page whose code blocks run: the README, then the documentation site's pages
+PAGES = {"README.md": README}
+PAGES.update({str(p.relative_to(ROOT)): p.read_text() for p in sorted((ROOT / "docs").rglob("*.md"))})
+
+
+def _blocks(language: str) -> list:
+    """``(page, number on that page, code)`` for every ```language block of every page."""
+    found = []
+    for page, text in PAGES.items():
+        for number, code in enumerate(re.findall(rf"```{language}\n(.*?)```", text, re.S)):
+            found.append((page, number, code))
+    return found
+
+
+def _block_id(page: str, number: int) -> str:
+    """A test id -k can select: ``README-0``, ``docs-search-1``."""
+    return f"{Path(page).with_suffix('').as_posix().replace('/', '-')}-{number}"
+
+
+BLOCKS = _blocks("python")
+BASH_BLOCKS = _blocks("bash")
+README_BLOCKS = [code for page, _, code in BLOCKS if page == "README.md"]
+# page text -> the size the test runs instead (each must occur on some page, or the table has rotted)
 SMALLER = {"1_000_000": "20_000"}
 # a block with one of these starts a process or writes files: it must work a second time in the same folder
 RERUN_MARKERS = ("subprocess.", ".save(", "checkpoint=")
@@ -56,7 +77,7 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _run_block(code: str, folder: Path, number: int, attempt: str) -> None:
+def _run_block(code: str, folder: Path, name: str, attempt: str) -> None:
     """Runs ``code`` in ``folder`` in a new session; fails if it fails or leaves a process of its session
     running (a server it started and did not stop), and kills such processes."""
     # a one-process torch.distributed group for the sharded example (torchrun would set these)
@@ -78,33 +99,45 @@ def _run_block(code: str, folder: Path, number: int, attempt: str) -> None:
                 proc.wait(30)
         err.seek(0)
         stderr = err.read().decode(errors="replace")
-    assert proc.returncode == 0, f"README block {number} failed ({attempt} run):\n{code}\n{stderr[-3000:]}"
-    assert not left_over, f"README block {number} left a process running after it ended ({attempt} run):\n{code}"
+    assert proc.returncode == 0, f"block {name} failed ({attempt} run):\n{code}\n{stderr[-3000:]}"
+    assert not left_over, f"block {name} left a process running after it ended ({attempt} run):\n{code}"
 
 
-def test_the_readme_has_python_blocks_and_the_size_table_applies():
+def test_the_pages_have_python_blocks_and_the_size_table_applies():
     assert len(BLOCKS) >= 5
     for big in SMALLER:
-        assert big in README, f"{big!r} no longer occurs in the README: update SMALLER"
-    # the service example starts a server: it is one of the blocks run twice
-    assert any("xmodal.client" in b and "subprocess." in b for b in BLOCKS)
+        assert any(big in text for text in PAGES.values()), f"{big!r} no longer occurs on any page: update SMALLER"
+    # the README's three examples: drop-in search, a served index (a block that starts a server, so one of the
+    # blocks run twice), training on your own pairs
+    assert len(README_BLOCKS) >= 3
+    assert any("xmodal.client" in b and "subprocess." in b for b in README_BLOCKS)
+    assert any("train_pairs" in b for b in README_BLOCKS)
+
+
+def test_the_readme_is_a_front_page():
+    """The README says what xmodal is, how to set it up and where the docs are; the manual is docs/."""
+    assert len(README.splitlines()) <= 160
+    assert "bash scripts/setup.sh && .venv/bin/xmodal demo" in README
+    assert "bash scripts/setup.sh && .venv/bin/python -m pytest -q tests" in README  # what .ci/run calls
 
 
 def test_every_bash_line_can_be_pasted():
     """No usage-line brackets (``[--flag VALUE]``) in what a reader copies: argparse would get them."""
     assert BASH_BLOCKS
-    for block in BASH_BLOCKS:
+    for page, _, block in BASH_BLOCKS:
         for line in block.splitlines():
             command = re.split(r"\s#", line, maxsplit=1)[0]  # the command, not its comment
-            assert not re.search(r"\[\s*-", command), f"a README bash line has an optional flag in brackets: {line}"
+            assert not re.search(r"\[\s*-", command), f"a bash line of {page} has an optional flag in brackets: {line}"
 
 
-@pytest.mark.parametrize("number", range(len(BLOCKS)))
-def test_readme_block_runs(number, tmp_path):
-    code = BLOCKS[number]
+@pytest.mark.parametrize("page, number", [(page, number) for page, number, _ in BLOCKS],
+                         ids=[_block_id(page, number) for page, number, _ in BLOCKS])
+def test_block_runs(page, number, tmp_path):
+    code = next(c for p, n, c in BLOCKS if (p, n) == (page, number))
     for big, small in SMALLER.items():
         code = code.replace(big, small)
     _my_data(tmp_path)
-    _run_block(code, tmp_path, number, "first")
+    name = f"{page} #{number}"
+    _run_block(code, tmp_path, name, "first")
     if any(marker in code for marker in RERUN_MARKERS):
-        _run_block(code, tmp_path, number, "second")
+        _run_block(code, tmp_path, name, "second")
