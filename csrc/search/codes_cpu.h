@@ -1,4 +1,5 @@
-// The row kernels of compressed search (codes_cpu.cpp), shared by the flat ops and the IVF list scan.
+// The row kernels of compressed search (int8: codes_int8_kernels.cpp; binary: codes_hamming_cpu.cpp), shared
+// by the flat ops (codes_int8_cpu.cpp, codes_hamming_cpu.cpp) and the IVF list scan.
 #pragma once
 #include "search/cpu_scan.h"
 

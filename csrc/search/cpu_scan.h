@@ -13,11 +13,6 @@ namespace xmodal {
 // the AMX tile unit (D a multiple of 32, at most 16 queries), the rest as Avx512Bf16.
 enum class ScanIsa { Amx, Avx512Bf16, Avx512, Avx2, Portable };
 
-// The AVX2 scans (float and int8) read rows one after another and prefetch each cache line this many bytes
-// before they load it: on an AVX2-only AMD EPYC (Zen 2) four rows read side by side, or the hardware
-// prefetcher alone, left them at 6-15 GB/s of ~20; 1 KiB did better than 512 bytes or 2 KiB.
-constexpr int64_t kPrefetchAhead = 1024;
-
 // out[i * rows + j] = queries[i, :] · rows[j, :] for i < Q, j < rows.size(0), in fp32. queries: fp32 [Q, D]
 // contiguous (with Amx / Avx512Bf16 and bf16 rows, values that bf16 represents exactly: the caller's bf16 queries);
 // rows: fp32, bf16 or fp16, unit stride within a row. `norms` given: also norms[j] = rows[j, :] · rows[j, :],

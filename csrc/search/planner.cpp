@@ -269,7 +269,7 @@ CodesPlan plan_codes_search(const DeviceFacts& dev, int64_t Q, int64_t D, int64_
 #if defined(__x86_64__) || defined(_M_X64)
   plan.vpopcnt = binary && plan.isa == ScanIsa::Avx512 && __builtin_cpu_supports("avx512vpopcntdq");
   // VNNI (or AMX) makes oneDNN's int8 GEMM exact and ~4x an fp32 GEMM; an AVX2 kind (or its emulation)
-  // never takes it (codes_cpu.cpp probes exactness too)
+  // never takes it (codes_int8_cpu.cpp probes exactness too)
   plan.int8_gemm = dev.cpu != CpuKind::Avx2 && dev.cpu != CpuKind::Baseline &&
                    (__builtin_cpu_supports("avx512vnni") || __builtin_cpu_supports("avxvnni") || dev.cpu == CpuKind::Amx);
 #endif

@@ -1,7 +1,7 @@
 // The CPU tiled top-k driver, shared by the float search (topk_search_cpu.cpp) and compressed search
-// (codes_cpu.cpp): each thread owns a contiguous, equal share of the rows, cut into tiles, and feeds
-// per-query candidate buffers (topk_select.h) from each tile while it is in cache; the buffers are merged
-// at the end. The Q x N score matrix never exists: extra memory is O(threads * Q * k + tile).
+// (codes_int8_cpu.cpp, codes_hamming_cpu.cpp): each thread owns a contiguous, equal share of the rows, cut
+// into tiles, and feeds per-query candidate buffers (topk_select.h) from each tile while it is in cache; the
+// buffers are merged at the end. The Q x N score matrix never exists: extra memory is O(threads * Q * k + tile).
 #pragma once
 #include "common/parallel.h"
 #include "search/topk_select.h"

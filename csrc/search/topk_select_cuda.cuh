@@ -1,6 +1,6 @@
 // Device-side k-selection for the CUDA top-k search (included by topk_search_cuda.cu only): ordered keys,
-// a block-wide radix select, and the threshold filter that lets a tile's consumer keep only the scores
-// that can still enter a query's top-k.
+// a block-wide radix select, the threshold filter that lets a tile's consumer keep only the scores that can
+// still enter a query's top-k, and the kernels that merge a score tile into each query's running top-k.
 #pragma once
 #include "search/topk_common.h"
 
@@ -262,6 +262,60 @@ __global__ void merge_filtered_kernel(Keys keys, FilterBuffers f, const key_t* r
     thr[row] = s_min;  // 0 while a slot is still empty
     f.count[row] = 0;
   }
+}
+
+// ---- Merging a score tile into the running top-k (the "tiled" strategy and the fused scan's last stage) ----
+
+// Single stage (many queries): block `row` merges the query's running top-k with the tile's nt scores.
+template <typename acc_t, int kThreads>
+__global__ void select_tile_kernel(TileArgs a, const acc_t* __restrict__ scores, const acc_t* __restrict__ zero_hits,
+                                   const acc_t* __restrict__ col_term, const typename KeyOf<acc_t>::type* run_key_in,
+                                   const int64_t* run_idx_in, typename KeyOf<acc_t>::type* run_key_out,
+                                   int64_t* run_idx_out) {
+  using key_t = typename KeyOf<acc_t>::type;
+  const int64_t row = blockIdx.x;
+  const acc_t* srow = scores + row * a.nt;
+  const acc_t* zrow = zero_hits ? zero_hits + row * a.nt : nullptr;
+  const key_t* kin = run_key_in + row * a.k;
+  const int64_t* iin = run_idx_in + row * a.k;
+  block_select<key_t, kThreads>(
+      a.k + a.nt, a.k,
+      [&](int64_t c) -> key_t { return c < a.k ? kin[c] : tile_key<acc_t, key_t>(a, srow, zrow, col_term, c - a.k); },
+      [&](int64_t c) -> int64_t { return c < a.k ? iin[c] : a.n0 + (c - a.k); },
+      run_key_out + row * a.k, run_idx_out + row * a.k);
+}
+
+// Two stages (few queries), so that many blocks share each query's tile. Stage 1: block (row, seg) keeps
+// the k best of the segment's columns [seg * seg_len, ...) in staging slots [row, seg, :].
+template <typename acc_t, int kThreads>
+__global__ void select_segment_kernel(TileArgs a, int64_t seg_len, const acc_t* __restrict__ scores,
+                                      const acc_t* __restrict__ zero_hits, const acc_t* __restrict__ col_term,
+                                      typename KeyOf<acc_t>::type* stage_key, int64_t* stage_idx) {
+  using key_t = typename KeyOf<acc_t>::type;
+  const int64_t row = blockIdx.x, seg = blockIdx.y, segments = gridDim.y;
+  const int64_t c0 = seg * seg_len;
+  const int64_t len = c0 < a.nt ? std::min(seg_len, a.nt - c0) : 0;
+  const acc_t* srow = scores + row * a.nt;
+  const acc_t* zrow = zero_hits ? zero_hits + row * a.nt : nullptr;
+  const int64_t out = (row * segments + seg) * a.k;
+  block_select<key_t, kThreads>(
+      len, a.k, [&](int64_t c) -> key_t { return tile_key<acc_t, key_t>(a, srow, zrow, col_term, c0 + c); },
+      [&](int64_t c) -> int64_t { return a.n0 + c0 + c; }, stage_key + out, stage_idx + out);
+}
+
+// Stage 2: block `row` merges the query's running top-k with its `segments` x k staged candidates.
+template <typename key_t, int kThreads>
+__global__ void merge_stage_kernel(int64_t k, int64_t segments, const key_t* run_key_in, const int64_t* run_idx_in,
+                                   const key_t* __restrict__ stage_key, const int64_t* __restrict__ stage_idx,
+                                   key_t* run_key_out, int64_t* run_idx_out) {
+  const int64_t row = blockIdx.x;
+  const key_t* kin = run_key_in + row * k;
+  const int64_t* iin = run_idx_in + row * k;
+  const key_t* ks = stage_key + row * segments * k;
+  const int64_t* is = stage_idx + row * segments * k;
+  block_select<key_t, kThreads>(
+      k + segments * k, k, [&](int64_t c) -> key_t { return c < k ? kin[c] : ks[c - k]; },
+      [&](int64_t c) -> int64_t { return c < k ? iin[c] : is[c - k]; }, run_key_out + row * k, run_idx_out + row * k);
 }
 
 }  // namespace
