@@ -143,7 +143,7 @@ def _blocks(n: int, q: int, width: int):
 def topk_int8(queries: Tensor, codes: Tensor, k: int, query_bias: Optional[Tensor] = None,
               row_scale: Optional[Tensor] = None, row_bias: Optional[Tensor] = None, mask: Optional[Tensor] = None, *,
               row_group: Optional[Tensor] = None):
-    """As the CPU kernel (csrc/search/codes_cpu.cpp): keys = (queries . codes + bias) * row_scale + row_bias
+    """As the CPU kernel (csrc/search/codes_int8_kernels.cpp): keys = (queries . codes + bias) * row_scale + row_bias
     (bias: query_bias[q], or query_bias[q, row_group[n]] with row_group), k largest first; blocks of rows are
     decoded to float32 and multiplied."""
     torch._check(k > 0, lambda: f"k must be positive, got {k}")

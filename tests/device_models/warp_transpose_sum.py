@@ -1,4 +1,4 @@
-"""A lane-level model of warp_transpose_sum (csrc/search/topk_search_cuda.cu): 32 lanes with V values each
+"""A lane-level model of warp_transpose_sum (csrc/search/topk_fused_scan_cuda.cuh): 32 lanes with V values each
 exchange halves with lane ^ O for O = 16, 8, ..., 1. Checks that lane l ends with the warp totals of
 entries first + j, that exactly one lane owns each entry (spare bits), and the layouts the fused scan
 relies on (V = 4: lane 8 r holds row r; V = 64: lane l holds entries 2 l, 2 l + 1).
