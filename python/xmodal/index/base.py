@@ -1,5 +1,6 @@
 """What every index shares: the ``Index`` base class (argument checks, ids, masks, search and file
-plumbing) and the small helpers its subclasses use. Subclasses say how rows are stored and scanned."""
+plumbing). Subclasses say how rows are stored and scanned. Argument checks come from ``xmodal._checks``, row helpers
+from ``index._rows``."""
 from __future__ import annotations
 
 import abc
@@ -7,75 +8,13 @@ import os
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops import METRICS
+from .._checks import check_dtype, check_metric, check_non_negative_ids, check_positive
 from . import io
+from .encoding import Encoding
+from ._rows import ADD_CHUNK_ROWS, duplicates
 from .arrays import as_ids, as_rows, from_torch, to_torch
-
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# add() prepares and stores rows in chunks of this many: the most float rows it holds beyond the stored ones
-# (65536 x 512 float32 = 128 MiB)
-ADD_CHUNK_ROWS = 65536
-_DTYPE_NAMES = {str(d).replace("torch.", ""): d for d in FLOAT_DTYPES}
-
-
-def check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
-
-
-def check_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, str):
-        dtype = _DTYPE_NAMES.get(dtype.replace("torch.", ""), dtype)
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
-    return dtype
-
-
-def check_positive(value, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def check_non_negative_ids(ids: Tensor, name: str = "ids") -> None:
-    """Stored ids are >= 0: a search answers -1 where it has fewer than k results."""
-    negative = torch.nonzero(ids < 0)
-    if negative.numel():
-        at = int(negative[0])
-        raise ValueError(f"{name} must be non-negative (-1 marks a missing result), got {int(ids[at])} at position {at}")
-
-
-def duplicates(ids: Tensor, limit: int = 10) -> list:
-    values, counts = torch.unique(ids, return_counts=True)
-    return values[counts > 1][:limit].tolist()
-
-
-def unit_rows(rows: Tensor) -> Tensor:
-    """Rows scaled to unit L2 norm, computed in fp32 (fp64 for fp64 input); zero rows stay zero."""
-    return F.normalize(rows.to(torch.float64 if rows.dtype == torch.float64 else torch.float32), dim=1, eps=1e-12)
-
-
-def cosine_to_distance(cos: Tensor, positions: Tensor) -> Tensor:
-    """sqrt(2 (1 - cos)) where a result exists, +inf padding elsewhere."""
-    dist = torch.sqrt(torch.clamp(2 * (1 - cos.float()), min=0)).to(cos.dtype)
-    return torch.where(positions >= 0, dist, torch.full_like(dist, float("inf")))
-
-
-def merge_best(values: Tensor, positions: Tensor, k: int, larger: bool, pad: float) -> Tuple[Tensor, Tensor]:
-    """The k best of each row's candidates (position -1 = none; NaN ranks below every number), best first,
-    padded with (pad, -1) when a row has fewer than k columns."""
-    key = values.float() if larger else -values.float()
-    key = torch.where(positions >= 0, key.nan_to_num(nan=float("-inf")), torch.full_like(key, float("-inf")))
-    take = min(k, key.shape[1])
-    best = torch.topk(key, take, dim=1).indices
-    out_v = torch.full((values.shape[0], k), pad, dtype=values.dtype, device=values.device)
-    out_p = torch.full((values.shape[0], k), -1, dtype=torch.int64, device=values.device)
-    out_v[:, :take] = values.gather(1, best)
-    out_p[:, :take] = positions.gather(1, best)
-    return out_v, out_p
 
 
 class Index(abc.ABC):
@@ -92,7 +31,6 @@ class Index(abc.ABC):
 
     def __init__(self, dim: int, metric: str = "cosine", *, dtype=torch.float32, device="cpu",
                  codec: Optional[str] = None, reduce_to: Optional[int] = None, rescore: int = 4):
-        from .encoding import Encoding  # (encoding builds on this module's helpers)
 
         check_positive(dim, "dim")
         check_metric(metric)
@@ -354,7 +292,6 @@ class Index(abc.ABC):
 
     @classmethod
     def _from_metadata(cls, meta: dict, device) -> "Index":
-        from .encoding import Encoding
 
         return cls(int(meta["dim"]), meta["metric"], dtype=meta["dtype"], device=device, **Encoding.options(meta))
 

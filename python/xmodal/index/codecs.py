@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..ops import METRICS, topk_search
-from .base import ADD_CHUNK_ROWS, cosine_to_distance, unit_rows
+from ._rows import ADD_CHUNK_ROWS, cosine_to_distance
 from .kmeans import assign, kmeans
 
 CODECS = {"int8": ("ip", "cosine", "cosine_distance", "l2", "sqeuclidean"),

@@ -12,7 +12,8 @@ from torch import Tensor
 from ..metrics import knn_recall
 from ..ops import topk_search
 from ..pca import PCA
-from .base import ADD_CHUNK_ROWS, check_positive, unit_rows
+from .._checks import check_positive
+from ._rows import ADD_CHUNK_ROWS, unit_rows
 from .codecs import FlatScan, make_codec
 
 # The recall estimate of a lossy encoding (Encoding.estimate_recall): at most this many training rows are each

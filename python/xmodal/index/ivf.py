@@ -8,7 +8,8 @@ from torch import Tensor
 
 from ..ops import topk_search
 from .arrays import as_rows
-from .base import Index, check_positive
+from .._checks import check_positive
+from .base import Index
 from .codecs import ListScan
 from .inverted_lists import InvertedLists
 from .kmeans import assign, kmeans

@@ -6,7 +6,9 @@ from torch import Tensor
 
 from ..ops import METRICS
 from .arrays import as_ids, as_rows, from_torch
-from .base import Index, check_non_negative_ids, check_positive, duplicates, merge_best
+from .._checks import check_non_negative_ids, check_positive
+from ._rows import duplicates, merge_best
+from .base import Index
 from .flat import FlatIndex
 
 

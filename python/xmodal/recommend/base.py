@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import metrics
+from .._checks import check_int
 from ..index import FlatIndex
 from .data import Interactions
 
@@ -150,16 +151,6 @@ class FitResult:
         return self.stopped_by == "max_seconds"
 
 
-def _check_int(value, name: str, low: int = 1, high: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return value
-
-
 class Recommender(nn.Module):
     """Base of the recommenders: subclasses give ``user_item_vectors()`` (``[U, D]``, ``[I, D]``; the score of a
     (user, item) pair is their inner product) and ``training_loss(users, pos, neg)``; this class gives
@@ -173,8 +164,8 @@ class Recommender(nn.Module):
 
     def __init__(self, num_users: int, num_items: int) -> None:
         super().__init__()
-        self.num_users = _check_int(num_users, "num_users")
-        self.num_items = _check_int(num_items, "num_items")
+        self.num_users = check_int(num_users, "num_users")
+        self.num_items = check_int(num_items, "num_items")
         # training interactions (sorted pair keys), set by fit: what recommend excludes by default
         self.register_buffer("seen_keys", torch.empty(0, dtype=torch.int64), persistent=True)
         self.register_buffer("popularity", torch.zeros(num_items), persistent=True)
@@ -224,7 +215,7 @@ class Recommender(nn.Module):
                             f"{sorted(self.DEFAULTS)}")
         cfg = {**self.DEFAULTS, **settings}
         for name in ("epochs", "batch_size", "negatives", "patience", "eval_every"):
-            cfg[name] = _check_int(cfg[name], name)
+            cfg[name] = check_int(cfg[name], name)
         self.settings = cfg
         train: Interactions = data.train
         if len(train) == 0:
@@ -388,7 +379,7 @@ class Recommender(nn.Module):
         if not self._fitted:
             raise RuntimeError(f"{type(self).__name__}.recommend: the model has not been fitted (call fit first)")
         users = self._as_users(users)
-        k = _check_int(k, "k", 1, self.num_items)
+        k = check_int(k, "k", 1, self.num_items)
         keys = self.seen_keys if exclude_seen else torch.empty(0, dtype=torch.int64)
         if exclude is not None:
             ex_users, ex_items = self._as_pairs(exclude)
