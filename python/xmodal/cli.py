@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
+
+from ._cli_args import bench_device, output_file, port, positive_int
 
 
 def _info(args) -> int:
@@ -74,8 +75,6 @@ def _demo(args) -> int:
     return demo.run(args)
 
 
-# argparse `type=` functions: a bad value ends in the usage line and one error line naming the option (exit 2)
-
 def _serve(args) -> int:
     from .serve import Limits, run
 
@@ -93,56 +92,6 @@ def _serve(args) -> int:
     return 0
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _bench_device(text: str) -> str:
-    """cpu, or cuda / cuda:N where this process sees that GPU and xmodal was built with CUDA kernels."""
-    if text == "cpu":
-        return text
-    kind, _, number = text.partition(":")
-    if kind != "cuda" or not (number == "" or number.isdigit()):
-        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
-    import torch
-
-    import xmodal
-
-    if not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r} asked for, but no CUDA GPU is visible to torch")
-    if number and int(number) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
-    if not xmodal.build_info()["cuda"]:
-        raise argparse.ArgumentTypeError(f"{text!r} asked for, but xmodal was built without CUDA kernels")
-    return text
-
-
-def _output_file(text: str) -> str:
-    """A path to write a report to: its folder must exist (else the run would fail after its first case)."""
-    folder = os.path.dirname(os.path.abspath(text))
-    if not os.path.isdir(folder):
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: folder {folder!r} does not exist")
-    if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: it is a folder")
-    return text
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="xmodal", description="Cross-modal retrieval ops for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,24 +101,24 @@ def main(argv=None) -> int:
     p_bench = sub.add_parser("bench", help="benchmark the fused ops against naive PyTorch (and faiss)")
     p_bench.add_argument("op", choices=["search", "bilinear", "compress"],
                          help="which op to benchmark (compress: compressed FlatIndex search vs exact and faiss, CPU)")
-    p_bench.add_argument("--device", type=_bench_device, default="cpu", help="cpu or cuda (default: cpu)")
+    p_bench.add_argument("--device", type=bench_device, default="cpu", help="cpu or cuda (default: cpu)")
     p_bench.add_argument("--quick", action="store_true", help="a small grid (search: seconds; bilinear: under a minute, its peak memory measured in one fresh process per figure; compress: N = 20,000, 20 single queries, a briefly trained model)")
-    p_bench.add_argument("--repeats", type=_positive_int, default=3,
+    p_bench.add_argument("--repeats", type=positive_int, default=3,
                          help="timed runs per case, at least 1 (median reported; default: 3)")
-    p_bench.add_argument("--json", metavar="PATH", type=_output_file, help="write the results as JSON")
-    p_bench.add_argument("--markdown", metavar="PATH", type=_output_file, help="write the results as a markdown report")
-    p_bench.add_argument("--plot", metavar="PATH", type=_output_file, help="write a PNG chart: search, bilinear: the speed-ups; compress: recall@10 against QPS")
+    p_bench.add_argument("--json", metavar="PATH", type=output_file, help="write the results as JSON")
+    p_bench.add_argument("--markdown", metavar="PATH", type=output_file, help="write the results as a markdown report")
+    p_bench.add_argument("--plot", metavar="PATH", type=output_file, help="write a PNG chart: search, bilinear: the speed-ups; compress: recall@10 against QPS")
     p_bench.add_argument("--no-faiss", action="store_true", help="skip faiss even when installed")
     p_bench.add_argument("--variants", metavar="NAMES",
                          help="search: also time forced strategies beside auto, comma-separated: a strategy name (tiled, aten, filtered, tensor_core, fused_scan) or tiled:<gemm> with a CPU tile GEMM from xmodal.settings.TILE_GEMMS")
-    p_bench.add_argument("--n", type=_positive_int, metavar="N",
+    p_bench.add_argument("--n", type=positive_int, metavar="N",
                          help="compress: database rows per data set (default: 1,000,000; --quick: 20,000)")
-    p_bench.add_argument("--dim", type=_positive_int, metavar="D", help="compress: dimension (default: 512)")
+    p_bench.add_argument("--dim", type=positive_int, metavar="D", help="compress: dimension (default: 512)")
     p_bench.add_argument("--datasets", metavar="NAMES",
                          help="compress: comma-separated data sets, clustered and/or model (default: clustered,model)")
     p_bench.set_defaults(func=_bench)
     p_demo = sub.add_parser("demo", help="train and evaluate cross-modal retrieval on the built-in Shapes data")
-    p_demo.add_argument("--steps", type=_positive_int, default=800, help="training steps (default: 800)")
+    p_demo.add_argument("--steps", type=positive_int, default=800, help="training steps (default: 800)")
     p_demo.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and batches (default: 0)")
     p_demo.add_argument("--out", default="xmodal-demo", help="folder for the checkpoint and examples.png")
     p_demo.add_argument("--json", metavar="PATH", help="write the metrics as JSON")
@@ -188,7 +137,7 @@ def main(argv=None) -> int:
     p_serve = sub.add_parser("serve", help="serve the collections in a folder over HTTP (FastAPI; /docs has the API)")
     p_serve.add_argument("dir", help="folder of collections (created if missing)")
     p_serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p_serve.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
+    p_serve.add_argument("--port", type=port, default=8000, help="port (default: 8000)")
     p_serve.add_argument("--api-key-file", metavar="PATH",
                          help="require 'Authorization: Bearer <key>' on every request, the key read from PATH")
     p_serve.add_argument("--encryption-key-file", metavar="PATH",
@@ -196,13 +145,13 @@ def main(argv=None) -> int:
     p_serve.add_argument("--model", metavar="CHECKPOINT",
                          help="a CrossModalModel folder (xmodal demo writes one to <out>/model): enables search by "
                               "text, image and image + text")
-    p_serve.add_argument("--max-batch", type=_positive_int, default=256,
+    p_serve.add_argument("--max-batch", type=positive_int, default=256,
                          help="most queries answered by one index search (1 turns micro-batching off; default: 256)")
     p_serve.add_argument("--batch-wait-ms", type=float, default=2.0,
                          help="how long a batch keeps gathering while requests arrive together (default: 2)")
     p_serve.add_argument("--snapshot-mb", type=float, default=256.0,
                          help="snapshot a collection once its write-ahead log holds this many MiB (default: 256)")
-    p_serve.add_argument("--search-threads", type=_positive_int,
+    p_serve.add_argument("--search-threads", type=positive_int,
                          help="torch threads for searches (default: one fewer than the cores, leaving one to the "
                               "HTTP event loop)")
     p_serve.set_defaults(func=_serve)

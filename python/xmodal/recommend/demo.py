@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .._atomic import write_atomic
-from ..cli import _output_file, _positive_int  # (the same argument checks as every xmodal command)
+from .._cli_args import existing_folder, output_file, positive_int  # (the same checks as every xmodal command)
 from . import build
 from .base import evaluate
 from .data import MovieLens100K
@@ -26,23 +26,17 @@ DEMO_MODELS = ("mf", "lightgcn", "multimodal")
 HIT, MISS = (30, 150, 60), (120, 120, 120)
 
 
-def _existing_folder(text: str) -> str:
-    if not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"no such folder: {text!r}")
-    return text
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``xmodal demo recommend``."""
     parser.add_argument("--model", choices=DEMO_MODELS, default="multimodal",
                         help="mf (matrix factorisation, BPR), lightgcn, or multimodal (content + knowledge graph; "
                              "default)")
     parser.add_argument("--seed", type=int, default=2020, help="seed of the 8:1:1 split and of training (default: 2020)")
-    parser.add_argument("--data", type=_existing_folder, default=None, metavar="DIR",
+    parser.add_argument("--data", type=existing_folder, default=None, metavar="DIR",
                         help="folder with ml-100k.inter/.item/.kg/.link (default: the copy bundled with RecBole)")
     parser.add_argument("--out", default="xmodal-recommend", help="folder for the picture (default: xmodal-recommend)")
-    parser.add_argument("--json", metavar="PATH", type=_output_file, help="write the metrics as JSON")
-    parser.add_argument("--users", type=_positive_int, default=4, help="users drawn in the picture (default: 4)")
+    parser.add_argument("--json", metavar="PATH", type=output_file, help="write the metrics as JSON")
+    parser.add_argument("--users", type=positive_int, default=4, help="users drawn in the picture (default: 4)")
     parser.add_argument("--max-seconds", type=float, default=150.0,
                         help="stop training after this many seconds (best validated weights kept; default: 150)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
