@@ -6,17 +6,18 @@ import pytest
 import torch
 
 from xmodal import data as D
+from xmodal.demo import shapes as S
 
 
 def test_shapes_is_deterministic():
-    a, b = D.ShapesDataset(20, seed=3), D.ShapesDataset(20, seed=3)
+    a, b = S.ShapesDataset(20, seed=3), S.ShapesDataset(20, seed=3)
     assert torch.equal(a.images, b.images) and a.captions == b.captions and torch.equal(a.labels, b.labels)
-    c = D.ShapesDataset(20, seed=4)
+    c = S.ShapesDataset(20, seed=4)
     assert not torch.equal(a.images, c.images)
 
 
 def test_gallery_has_every_combination_once():
-    g = D.ShapesDataset(None, seed=0)
+    g = S.ShapesDataset(None, seed=0)
     assert len(g) == 4 * 6 * 2 * 4 == 192
     assert sorted(g.labels.tolist()) == list(range(192))
     assert g.images.shape == (192, 3, 32, 32) and 0 <= g.images.min() and g.images.max() <= 1
@@ -25,9 +26,9 @@ def test_gallery_has_every_combination_once():
 
 def test_rendering_shows_the_attributes():
     rng = random.Random(0)
-    for attrs in D.all_attributes():
-        image = D.render(attrs, rng)
-        colour = torch.tensor(D.COLOURS[attrs.colour])
+    for attrs in S.all_attributes():
+        image = S.render(attrs, rng)
+        colour = torch.tensor(S.COLOURS[attrs.colour])
         # pixels close to the shape's colour (up to the shade jitter) lie in the stated quadrant
         close = ((image - colour[:, None, None] * (image.amax(0, keepdim=True) / colour.max())).abs().amax(0) < 0.12)
         close &= image.amax(0) > 0.5
@@ -39,16 +40,16 @@ def test_rendering_shows_the_attributes():
 
 
 def test_captions_mention_the_attributes():
-    g = D.ShapesDataset(None, seed=1)
+    g = S.ShapesDataset(None, seed=1)
     for attrs, caps in zip(g.attributes, g.captions):
         for c in caps:
             assert attrs.colour in c
-            assert any(w in c for w in D._KIND_WORDS[attrs.kind])
-            assert any(w in c for w in D._SIZE_WORDS[attrs.size])
+            assert any(w in c for w in S._KIND_WORDS[attrs.kind])
+            assert any(w in c for w in S._SIZE_WORDS[attrs.size])
 
 
 def test_vocabulary_words_cover_the_built_in_texts():
-    words = D.vocabulary_words()
+    words = S.vocabulary_words()
     # the default model's vocabulary: a change here changes the weights build_model makes for a seed
     assert words == [
         "a", "an", "at", "big", "blue", "bottom", "box", "but", "change", "circle", "colour", "coloured", "corner",
@@ -57,25 +58,25 @@ def test_vocabulary_words_cover_the_built_in_texts():
         "right", "round", "same", "shape", "sign", "size", "small", "square", "that", "the", "there", "tiny", "to",
         "top", "triangle", "turn", "upper", "yellow",
     ]
-    g = D.ShapesDataset(None, seed=4)
-    texts = [c for caps in g.captions for c in caps] + D.ComposedQueries(g, per_image=8, seed=5).texts
+    g = S.ShapesDataset(None, seed=4)
+    texts = [c for caps in g.captions for c in caps] + S.ComposedQueries(g, per_image=8, seed=5).texts
     used = {w for t in texts for w in re.findall(r"[a-z0-9]+", t.lower())}
     assert used <= set(words)
     assert set(words) - used == {"kind", "position"}
 
 
 def test_composed_queries_change_one_attribute():
-    g = D.ShapesDataset(None, seed=1)
-    q = D.ComposedQueries(g, per_image=3, seed=2)
+    g = S.ShapesDataset(None, seed=1)
+    q = S.ComposedQueries(g, per_image=3, seed=2)
     assert len(q) == 3 * 192
     for ref, target in zip(q.references, q.targets):
         a, b = g.attributes[ref], g.attributes[target]
-        assert sum(getattr(a, k) != getattr(b, k) for k in D.ATTRIBUTES) == 1
+        assert sum(getattr(a, k) != getattr(b, k) for k in S.ATTRIBUTES) == 1
 
 
 def test_composed_triples_from_a_pool():
-    pool = D.ShapesDataset(500, seed=0)
-    refs, texts, targets, labels = D.composed_triples(pool, 16, random.Random(0))
+    pool = S.ShapesDataset(500, seed=0)
+    refs, texts, targets, labels = S.composed_triples(pool, 16, random.Random(0))
     assert refs.shape == targets.shape == (16, 3, 32, 32) and len(texts) == 16 and labels.shape == (16,)
 
 

@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 from xmodal import data as D
 from xmodal import train as T
+from xmodal.demo import evaluation as DE
+from xmodal.demo import shapes as S
+from xmodal.demo import training as DT
 from xmodal.encoders import CrossModalModel, ImageEncoder, TextEncoder, Tokenizer
 
 
@@ -64,8 +67,8 @@ def test_images_of_the_wrong_shape_name_the_expected_shape(shape, hint):
 
 
 def test_model_embeddings_are_unit_vectors():
-    model = T.build_model(0).eval()
-    images = D.ShapesDataset(4, seed=0).images
+    model = DT.build_model(0).eval()
+    images = S.ShapesDataset(4, seed=0).images
     for emb in (model.encode_image(images), model.encode_text(["a red circle"] * 4),
                 model.encode_composed(images, ["make it blue"] * 4)):
         assert emb.shape == (4, 128)
@@ -93,11 +96,11 @@ def _params(model):
 
 
 def test_training_is_deterministic_and_resumes_exactly(tmp_path):
-    pool = D.ShapesDataset(300, seed=5)
-    cfg = T.TrainConfig(steps=6, batch_size=16, composed_batch_size=8, warmup_steps=2, checkpoint_every=3, seed=1)
-    a, b = T.build_model(1), T.build_model(1)
-    T.train(a, cfg, pool=pool, progress=False)
-    T.train(b, cfg, pool=pool, progress=False)
+    pool = S.ShapesDataset(300, seed=5)
+    cfg = DT.TrainConfig(steps=6, batch_size=16, composed_batch_size=8, warmup_steps=2, checkpoint_every=3, seed=1)
+    a, b = DT.build_model(1), DT.build_model(1)
+    DT.train(a, cfg, pool=pool, progress=False)
+    DT.train(b, cfg, pool=pool, progress=False)
     assert torch.equal(_params(a), _params(b))
 
     # interrupt a run after step 4 (its last checkpoint holds step 3), resume it: the same weights as one run
@@ -107,20 +110,20 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path):
         if step == 4:
             raise KeyboardInterrupt
 
-    c = T.build_model(1)
+    c = DT.build_model(1)
     with pytest.raises(KeyboardInterrupt):
-        T.train(c, cfg, pool=pool, progress=False, checkpoint=ckpt, on_step=interrupt)
+        DT.train(c, cfg, pool=pool, progress=False, checkpoint=ckpt, on_step=interrupt)
     assert torch.load(ckpt, weights_only=True)["step"] == 3
-    d = T.build_model(7)  # different initial weights: everything comes from the checkpoint
-    T.train(d, cfg, pool=pool, progress=False, checkpoint=ckpt, resume=True)
+    d = DT.build_model(7)  # different initial weights: everything comes from the checkpoint
+    DT.train(d, cfg, pool=pool, progress=False, checkpoint=ckpt, resume=True)
     assert torch.equal(_params(a), _params(d))
     assert not any(name.startswith("ckpt.pt.tmp") for name in os.listdir(tmp_path))
 
 
 def test_evaluate_keys_and_ranges():
-    model = T.build_model(0)
-    gallery = D.ShapesDataset(None, seed=2)
-    out = T.evaluate(model, gallery, D.ComposedQueries(gallery, per_image=1))
+    model = DT.build_model(0)
+    gallery = S.ShapesDataset(None, seed=2)
+    out = DE.evaluate(model, gallery, S.ComposedQueries(gallery, per_image=1))
     assert set(out) == {f"{d}_R@{r}" for d in ("text_to_image", "image_to_text", "composed") for r in (1, 5, 10)}
     assert all(0 <= v <= 1 for v in out.values())
     for d in ("text_to_image", "image_to_text", "composed"):
@@ -138,7 +141,13 @@ def test_demo_meets_its_targets(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "text -> image" in done.stdout and "composed" in done.stdout
-    metrics = json.loads(report.read_text())["metrics"]
+    # every number printed comes with what it is: R@K explained, a random ranking's score beside it; no
+    # re-ranking figures (their premise does not hold on Shapes: benchmarks/graph_rerank.py measures them)
+    assert "R@K: the fraction of queries whose right answer is among the first K results" in done.stdout
+    assert "random R@10" in done.stdout and "re-ranking" not in done.stdout and "mAP" not in done.stdout
+    report = json.loads(report.read_text())
+    assert "rerank_same_shape_mAP@100" not in report
+    metrics = report["metrics"]
     assert metrics["text_to_image_R@1"] >= 0.8
     assert metrics["image_to_text_R@1"] >= 0.8
     assert metrics["composed_R@1"] >= 0.6
@@ -149,10 +158,10 @@ def test_demo_meets_its_targets(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_and_evaluation_on_the_gpu():
-    pool = D.ShapesDataset(200, seed=5)
-    model = T.build_model(0).cuda()
-    T.train(model, T.TrainConfig(steps=2, batch_size=16, composed_batch_size=8, warmup_steps=1), pool=pool, progress=False)
-    out = T.evaluate(model, D.ShapesDataset(None, seed=2))
+    pool = S.ShapesDataset(200, seed=5)
+    model = DT.build_model(0).cuda()
+    DT.train(model, DT.TrainConfig(steps=2, batch_size=16, composed_batch_size=8, warmup_steps=1), pool=pool, progress=False)
+    out = DE.evaluate(model, S.ShapesDataset(None, seed=2))
     assert 0 <= out["text_to_image_R@1"] <= 1
 
 
@@ -187,7 +196,7 @@ def test_sentence_transformer_adapter_loads_a_local_model(tmp_path):
 def test_train_pairs_on_a_csv_data_set(tmp_path):
     from PIL import Image
 
-    shapes = D.ShapesDataset(48, seed=9)
+    shapes = S.ShapesDataset(48, seed=9)
     rows = ["image,caption"]
     for i, (image, captions, _) in enumerate(shapes):
         Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(tmp_path / f"{i}.png")
@@ -215,10 +224,10 @@ def _embeddings(model, images):
     return model.encode_image(images), model.encode_text(texts), model.encode_composed(images, texts)
 
 
-@pytest.mark.parametrize("make", [lambda: T.build_model(3), _small_model], ids=["default", "custom-sizes"])
+@pytest.mark.parametrize("make", [lambda: DT.build_model(3), _small_model], ids=["default", "custom-sizes"])
 def test_save_and_load_round_trip(tmp_path, make):
     model = make()
-    images = D.ShapesDataset(3, seed=0).images
+    images = S.ShapesDataset(3, seed=0).images
     model.train()
     model.encode_image(images)  # moves the batch-norm running statistics away from their initial values
     model.eval()
@@ -301,10 +310,10 @@ def test_save_and_load_errors(tmp_path):
 
 
 def test_rerank_report_scores_every_method_on_same_shape_retrieval():
-    from xmodal.evaluation import rerank_report
+    from xmodal.demo.evaluation import rerank_report
 
-    model = T.build_model(0)
-    images = D.ShapesDataset(120, seed=3)
+    model = DT.build_model(0)
+    images = S.ShapesDataset(120, seed=3)
     out = rerank_report(model, images, queries=20, k=30)
     assert list(out) == ["raw", "alpha-QE", "diffusion", "GNN re-ranking"]
     assert all(0 <= v <= 1 for v in out.values())

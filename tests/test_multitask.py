@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from xmodal import data as D
-from xmodal.train import (AttributeHeads, MultiTaskLoss, TrainConfig, attribute_accuracy, build_model, linear_probe,
-                          train, train_multitask)
+from xmodal.demo import shapes as S
+from xmodal.demo.multitask import AttributeHeads, attribute_accuracy, linear_probe, train_multitask
+from xmodal.demo.training import TrainConfig, build_model, train
+from xmodal.train import MultiTaskLoss
 
 
 def test_fixed_weights_are_a_weighted_sum():
@@ -97,7 +98,7 @@ TINY = TrainConfig(steps=4, batch_size=16, composed_batch_size=8, warmup_steps=1
 
 def test_multitask_training_sees_the_batches_train_sees():
     """With the attribute tasks weighted 0, multi-task training is plain training: same batches, same updates."""
-    pool = D.ShapesDataset(TINY.train_images, seed=5)
+    pool = S.ShapesDataset(TINY.train_images, seed=5)
     plain = build_model(0)
     train(plain, TINY, progress=False, pool=pool)
     multi = build_model(0)
@@ -109,8 +110,8 @@ def test_multitask_training_sees_the_batches_train_sees():
 
 
 def test_multitask_training_learns_the_attributes(tmp_path):
-    pool = D.ShapesDataset(256, seed=5)
-    test = D.ShapesDataset(None, seed=7)
+    pool = S.ShapesDataset(256, seed=5)
+    test = S.ShapesDataset(None, seed=7)
     # 60 steps: colour accuracy ~0.5 on both CPU kinds (at 30 it was 0.32 with AVX-512 and 0.27 with AVX2 kernels)
     config = TrainConfig(steps=60, batch_size=32, composed_batch_size=8, warmup_steps=5, train_images=256, seed=1,
                          checkpoint_every=30)

@@ -2,8 +2,12 @@
 
 Importing xmodal loads the compiled extension (which registers ``torch.ops.xmodal.*``), then the fake-tensor
 and autograd registrations and the plain-PyTorch kernels for devices without compiled ones, then re-exports
-the public API.
+the public API of the core. The applications -- ``xmodal.demo``, ``xmodal.recommend``, ``xmodal.serve``,
+``xmodal.client``, ``xmodal.bench`` -- load on first use (``xmodal.recommend`` or ``import xmodal.recommend``),
+so ``import xmodal`` loads none of them, nor FastAPI.
 """
+import importlib
+
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401
@@ -14,7 +18,6 @@ from .index import FlatIndex, IVFIndex, ShardedIndex
 from . import settings
 from .ops import METRICS, bilinear, factorized_bilinear, search_plan, topk_search
 from .pca import PCA
-from . import recommend  # (after the indexes: recommenders search item vectors with them)
 
 __version__ = "0.1.0"
 
@@ -38,6 +41,16 @@ __all__ = [
     "empty_cpu_cache",
     "__version__",
 ]
+
+
+#: subpackages that are applications of the core: imported on first use, never by ``import xmodal``
+_APPLICATIONS = ("demo", "recommend", "serve", "client", "bench")
+
+
+def __getattr__(name: str):
+    if name in _APPLICATIONS:
+        return importlib.import_module(f"{__name__}.{name}")  # (binds xmodal.<name> too: no second call)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_info() -> dict:

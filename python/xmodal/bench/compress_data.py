@@ -5,12 +5,9 @@ made, the description the report gives of it, and the caches that keep the last 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Tuple
+from typing import Tuple
 
 import torch
-
-if TYPE_CHECKING:  # annotation only: compress imports this module
-    from .compress import CompressCase
 
 DATASETS = ("clustered", "model")
 GEN_ROWS = 65536                       # rows per generated chunk of the clustered set (part of its definition)
@@ -63,18 +60,18 @@ def clustered_data(n: int, d: int, q: int, seed: int = 0) -> Tuple[torch.Tensor,
 
 
 def trained_model(d: int, steps: int, seed: int = 0):
-    """A CrossModalModel.default with ``embed_dim=d``, trained ``steps`` steps on Shapes (train.train, its
+    """A CrossModalModel.default with ``embed_dim=d``, trained ``steps`` steps on Shapes (demo.training.train, its
     default settings otherwise); kept for the next call with the same arguments. Global RNG state is kept."""
-    from ..data import vocabulary_words
+    from ..demo.shapes import vocabulary_words
+    from ..demo.training import TrainConfig, train
     from ..encoders import CrossModalModel, Tokenizer
-    from ..train import TrainConfig, train
 
     key = (d, steps, seed)
     if key not in _model_cache:
         _model_cache.clear()
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # as train.build_model, with embed_dim = d
+            torch.manual_seed(seed)  # as demo.training.build_model, with embed_dim = d
             model = CrossModalModel.default(Tokenizer.fit(vocabulary_words(), max_length=24), embed_dim=d)
             config = TrainConfig(steps=steps, seed=seed, train_images=MODEL_TRAIN_IMAGES, checkpoint_every=10**9)
             train(model, config, progress=False)
@@ -85,13 +82,13 @@ def trained_model(d: int, steps: int, seed: int = 0):
 def model_data(n: int, d: int, q: int, steps: int, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, str]:
     """(database [n, d], queries [q, d], description): embeddings by the demo's model architecture.
 
-    A CrossModalModel.default(embed_dim=d) trained ``steps`` steps (train.train: InfoNCE on renderings of
+    A CrossModalModel.default(embed_dim=d) trained ``steps`` steps (demo.training.train: InfoNCE on renderings of
     ShapesDataset(6000, seed=seed + 1000), seed ``seed``); database: encode_image of n random renderings
     (ShapesDataset(count=16384, seed=10_000 + i) for chunk i, the last chunk shorter); queries, alternately:
     encode_text of the first caption of a rendering of ShapesDataset(q // 2, seed=20_000) (text -> image)
     and encode_image of a rendering of ShapesDataset(q - q // 2, seed=30_000) (image -> image). All rows are
     unit vectors (the model normalises them)."""
-    from ..data import ShapesDataset
+    from ..demo.shapes import ShapesDataset
 
     model, train_seconds = trained_model(d, steps, seed)
     start = time.perf_counter()
@@ -109,7 +106,7 @@ def model_data(n: int, d: int, q: int, steps: int, seed: int = 0) -> Tuple[torch
         by_image = model.encode_image(images.images)
     queries = torch.empty(q, d)
     queries[0::2], queries[1::2] = by_image[: (q + 1) // 2], by_text[: q // 2]
-    text = (f"model: CrossModalModel.default(embed_dim={d}) trained {steps} steps with xmodal.train.train (batch 128, "
+    text = (f"model: CrossModalModel.default(embed_dim={d}) trained {steps} steps with xmodal.demo.training.train (batch 128, "
             f"composed loss on, {MODEL_TRAIN_IMAGES} training renderings, seed {seed}; {train_seconds:.0f} s); "
             f"database: "
             f"encode_image of {n:,} random Shapes renderings (ShapesDataset(count=16384, seed=10000 + chunk)); "
@@ -120,8 +117,9 @@ def model_data(n: int, d: int, q: int, steps: int, seed: int = 0) -> Tuple[torch
     return database, queries, text
 
 
-def make_data(case: CompressCase, model_steps: int = MODEL_STEPS, seed: int = 0):
-    """(database, queries, description) of the case's data set, kept for the next call with the same arguments
+def make_data(case, model_steps: int = MODEL_STEPS, seed: int = 0):
+    """(database, queries, description) of the data set of ``case`` (a ``compress.CompressCase``: its ``dataset``,
+    ``n``, ``d`` and ``q_batch``; not imported here, as compress imports this module), kept for the next call with the same arguments
     (only the last one: the previous is dropped before the next is made)."""
     key = (case.dataset, case.n, case.d, case.q_batch, model_steps, seed)
     if key not in _data_cache:

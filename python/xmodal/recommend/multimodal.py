@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import FactorizedBilinearPooling
-from ..train import MultiTaskLoss
+from ..losses import MultiTaskLoss
 from . import features as Fe
 from .base import batch_counts, batch_l2, bpr_loss, pair_scores
 from .models import LightGCN, propagate
