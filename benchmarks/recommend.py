@@ -131,9 +131,10 @@ def shapes(seeds: List[int], steps: int, threads: int) -> List[dict]:
     """The Shapes demo's model trained with and without the attribute tasks (same batches): retrieval R@K on the
     demo's test gallery, and attribute accuracy of linear probes on frozen image embeddings (both runs) and
     of the trained heads (multi-task run) on 1,000 fresh test images."""
-    from xmodal import data as D
-    from xmodal.train import TrainConfig, attribute_accuracy, build_model, evaluate as shapes_evaluate, linear_probe
-    from xmodal.train import train, train_multitask
+    from xmodal.demo import shapes as D
+    from xmodal.demo.evaluation import evaluate as shapes_evaluate
+    from xmodal.demo.multitask import attribute_accuracy, linear_probe, train_multitask
+    from xmodal.demo.training import TrainConfig, build_model, train
 
     torch.set_num_threads(threads)
     rows = []

@@ -291,7 +291,7 @@ def test_ready_waits_for_loading_and_reports_a_failed_load(tmp_path):
 # -- searching by text and image with the demo model
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
-    from xmodal.train import build_model
+    from xmodal.demo.training import build_model
 
     folder = str(tmp_path_factory.mktemp("model") / "model")
     build_model(0).save(folder)
