@@ -145,9 +145,17 @@ def compress_targets(result: CompressResult) -> List[dict]:
     PCA + int8 recall and speed (reported) and the PCA fit time (judged at N >= 1,000,000 only)."""
     c, rows = result.case, []
     rec = result.recall
+    # The speed goals are set for 1,000,000 rows, where a float32 scan reads memory and codes read a quarter
+    # of it; a smaller run (--quick: 20,000 rows, 41 MB of float32) is served from cache and per-call costs,
+    # so it reports its speeds without judging them.
+    judge_speed = c.n >= FULL_N
+    unjudged = f" (n/a: speed goals are set at {FULL_N:,} rows; this run: {c.n:,})"
 
     def speed(name, baseline, q):
         return result.speedup(name, baseline, q)
+
+    def judged(measured: str, met: bool):
+        return (measured, met) if judge_speed else (measured + unjudged, None)
 
     i8 = "xmodal[int8]"
     if i8 in rec:
@@ -157,7 +165,8 @@ def compress_targets(result: CompressResult) -> List[dict]:
         rows.append(_row("int8: recall@10 vs exact float32", ">= 0.97", f"{rec[i8]:.4f}", rec[i8] >= 0.97, rec[i8]))
         for q, goal in ((1, 3.0), (c.q_batch, 1.5)):
             v = speed(i8, BASELINE, q)
-            rows.append(_row(f"int8: QPS / float32 FlatIndex QPS, Q={q}", f">= {goal:g}x", fmt_ratio(v), v >= goal, v))
+            rows.append(_row(f"int8: QPS / float32 FlatIndex QPS, Q={q}", f">= {goal:g}x", *judged(fmt_ratio(v), v >= goal),
+                             v))
         sq8 = "faiss[sq8]"
         for q in (1, c.q_batch):
             if sq8 not in rec:
@@ -167,8 +176,8 @@ def compress_targets(result: CompressResult) -> List[dict]:
             v = speed(i8, sq8, q)
             rows.append(_row(f"int8: QPS / faiss SQ8 QPS at equal or better recall, Q={q}",
                              ">= 1.0x and recall >= faiss's",
-                             f"{fmt_ratio(v)} (recall {rec[i8]:.4f} vs {rec[sq8]:.4f})",
-                             v >= 1.0 and rec[i8] >= rec[sq8], v))
+                             *judged(f"{fmt_ratio(v)} (recall {rec[i8]:.4f} vs {rec[sq8]:.4f})",
+                                     v >= 1.0 and rec[i8] >= rec[sq8]), v))
     s, reached = binary_rescore(result)
     if s is not None and c.dataset == "clustered":
         b = f"xmodal[binary r={s}]"
@@ -176,14 +185,14 @@ def compress_targets(result: CompressResult) -> List[dict]:
         rows.append(_row("binary: recall@10 >= 0.95 at some rescore <= 10 (clustered)", ">= 0.95",
                          f"{rec[b]:.4f} at {how}", reached, rec[b]))
         v = speed(b, BASELINE, 1)
-        rows.append(_row(f"binary: QPS / float32 FlatIndex QPS, Q=1, at rescore {s}", ">= 10x", fmt_ratio(v),
-                         v >= 10, v))
+        rows.append(_row(f"binary: QPS / float32 FlatIndex QPS, Q=1, at rescore {s}", ">= 10x",
+                         *judged(fmt_ratio(v), v >= 10), v))
         for q in (1, c.q_batch):
             f = f"faiss[binary r={s}]"
             v = speed(b, f, q) if f in rec else None
             rows.append(_row(f"binary: QPS / faiss IndexBinaryFlat + same rescoring QPS, Q={q}, at rescore {s}",
-                             ">= 1.0x", fmt_ratio(v) if v is not None else "faiss not run",
-                             None if v is None else v >= 1.0, v))
+                             ">= 1.0x", *(("faiss not run", None) if v is None else judged(fmt_ratio(v), v >= 1.0)),
+                             v))
     elif s is not None:
         curve = ", ".join(f"r={t}: {rec[f'xmodal[binary r={t}]']:.4f}" for t in RESCORES)
         rows.append(_row(f"binary: recall@10 curve on {c.dataset} embeddings", "report", curve, None))
@@ -265,7 +274,7 @@ def notes(results: Sequence[CompressResult], repeats: int) -> List[str]:
         f"does), then SQ8 IP; trained with faiss's defaults (PCAMatrix subsamples to max_points_per_d * d rows). "
         f"Rows are added in chunks of {CHUNK:,}.",
         "- Bytes: xmodal: `index.nbytes` (codes, per-row terms, int64 ids, codec / PCA parameters; storage grows "
-        "by doubling, so it includes unused capacity). faiss: ntotal * code_size (faiss stores no ids) plus trained "
+        "to at most ~1.15x what the rows need, and nbytes counts what is held). faiss: ntotal * code_size (faiss stores no ids) plus trained "
         "parameters (SQ ranges; PCA matrix A and bias b); binary + rescoring counts the bit codes, the mean and the "
         "whole SQ8 index it rescores with (its build time includes the SQ8 build too).",
         f"- PCA fit: `xmodal.PCA({r}).fit` of the whole database, timed separately (median of {repeats} after a "
