@@ -13,7 +13,7 @@ for dtype in (torch.float32, torch.bfloat16):
     queries = torch.rand(3, 64, generator=g).to(dtype).to(device)
     database = torch.rand(5000, 64, generator=g).to(dtype).to(device)
     mask = torch.arange(5000, device=device) % 3 != 0
-    for metric in xmodal.METRICS:
+    for metric in xmodal.SEARCH_METRICS:
         for k, m in ((10, None), (100, mask), (6000, None)):
             try:
                 values, indices = xmodal.topk_search(queries, database, k, metric, mask=m, strategy=strategy)

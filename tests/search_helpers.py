@@ -4,7 +4,7 @@ import math
 import torch
 
 from xmodal import reference
-from xmodal.ops import METRICS
+from xmodal.ops import SEARCH_METRICS
 
 # relative precision of each input dtype's arithmetic (16-bit inputs accumulate in fp32 but their values
 # are returned rounded to 16 bits)
@@ -75,7 +75,7 @@ def assert_topk_close(values, indices, queries, database, k, metric, mask=None, 
 
     # the same number of results, padded the same way
     assert torch.equal(i == -1, ref_i == -1), f"padding differs:\n{i}\n{ref_i}"
-    pad = -math.inf if METRICS[metric] else math.inf
+    pad = -math.inf if SEARCH_METRICS[metric] else math.inf
     assert (v[i == -1] == pad).all()
     found = i != -1
     # indices are valid, distinct per query, and respect the mask

@@ -35,7 +35,7 @@ def test_int8_recall_values_and_size(metric):
     # values are the metric against the decoded rows: close to the exact ones, best first
     spread = (want_v.max() - want_v.min()).item()
     assert (v - want_v).abs().max().item() < 0.05 * spread
-    assert torch.equal(v, v.sort(dim=1, descending=xmodal.METRICS[metric]).values)
+    assert torch.equal(v, v.sort(dim=1, descending=xmodal.SEARCH_METRICS[metric]).values)
     assert index.vectors.shape == (6000, 64) and index.codec == "int8"
     assert index.nbytes <= 0.3 * exact.nbytes  # 64 + 1 + 4 + 8 bytes a row against 256 + 8
 

@@ -5,11 +5,11 @@ import torch
 
 from xmodal import reference
 from xmodal.graph import knn_graph
-from xmodal.ops import METRICS
+from xmodal.ops import SEARCH_METRICS
 
 from search_helpers import DTYPE_EPS, make_inputs
 
-ALL_METRICS = list(METRICS)
+ALL_METRICS = list(SEARCH_METRICS)
 
 
 def brute_force(x, k, metric, y=None, loop=False):
@@ -19,7 +19,7 @@ def brute_force(x, k, metric, y=None, loop=False):
     full = reference.scores(queries.cpu(), x.cpu(), metric)
     masked = full.clone()
     if y is None and not loop:
-        worst = -math.inf if METRICS[metric] else math.inf
+        worst = -math.inf if SEARCH_METRICS[metric] else math.inf
         masked.fill_diagonal_(worst)
     values, source = reference.topk_from_scores(masked, k, metric)
     return source, values, full

@@ -9,14 +9,14 @@ from xmodal import FlatIndex, IVFIndex, reference
 
 from search_helpers import make_inputs
 
-METRICS = ["ip", "cosine", "l2", "sqeuclidean", "cosine_distance", "kl"]
+SEARCH_METRICS = ["ip", "cosine", "l2", "sqeuclidean", "cosine_distance", "kl"]
 
 
 def _data(n=500, d=16, q=7, metric="cosine", seed=0):
     return make_inputs(q, n, d, metric, torch.float32, "cpu", seed=seed)
 
 
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", SEARCH_METRICS)
 def test_flat_matches_reference_with_custom_ids(device, metric):
     queries, database = _data(metric=metric)
     ids = torch.arange(1000, 1000 + len(database)) * 3

@@ -75,3 +75,13 @@ def test_the_drop_in_matches_torch_topk_with_ip_and_returns_its_named_tuple():
     assert isinstance(got.values, np.ndarray) and np.array_equal(got.indices, want.indices.numpy())
     compiled = torch.compile(lambda q, x: xmodal.topk_search(q, x, 5, "ip").indices, fullgraph=True)
     assert torch.equal(compiled(queries, database), want.indices)
+
+
+def test_the_similarity_measures_have_their_own_name():
+    """xmodal.SEARCH_METRICS (name -> larger is better) is not the evaluation module xmodal.metrics; the old
+    name still works for one release, with a DeprecationWarning."""
+    assert xmodal.SEARCH_METRICS["ip"] is True and xmodal.SEARCH_METRICS["l2"] is False
+    with pytest.warns(DeprecationWarning, match=r"xmodal.METRICS is now xmodal.SEARCH_METRICS"):
+        assert xmodal.METRICS is xmodal.SEARCH_METRICS
+    with pytest.warns(DeprecationWarning, match=r"xmodal.ops.METRICS is now xmodal.SEARCH_METRICS"):
+        assert xmodal.ops.METRICS is xmodal.SEARCH_METRICS

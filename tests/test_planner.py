@@ -7,7 +7,7 @@ import torch
 
 import xmodal
 from xmodal import _C
-from xmodal.ops import METRICS
+from xmodal.ops import SEARCH_METRICS
 
 from search_helpers import assert_topk_close, make_inputs
 
@@ -131,7 +131,7 @@ def cpu_path(request):
         yield strategy
 
 
-@pytest.mark.parametrize("metric", list(METRICS))
+@pytest.mark.parametrize("metric", list(SEARCH_METRICS))
 @pytest.mark.parametrize("dtype", [F32, F64, F16, BF16], ids=str)
 # D = 64 and 96 (multiples of 32) with 4 to 16 queries take the AMX scan on CPUs with AMX
 @pytest.mark.parametrize("shape", [(1, 700, 45, 5), (5, 700, 16, 7), (40, 300, 20, 12), (3, 10, 4, 20), (5, 700, 64, 7),
@@ -143,7 +143,7 @@ def test_every_cpu_path_matches_the_reference(cpu_path, metric, dtype, shape):
     assert_topk_close(values, indices, queries, database, k, metric)
 
 
-@pytest.mark.parametrize("metric", list(METRICS))
+@pytest.mark.parametrize("metric", list(SEARCH_METRICS))
 @pytest.mark.parametrize("dtype, d", [(F32, 12), (BF16, 64)], ids=["f32", "bf16"])  # bf16, D = 64: the AMX scan
 def test_every_cpu_path_edge_cases(cpu_path, metric, dtype, d):
     queries, database = make_inputs(6, 400, d, metric, dtype, "cpu", seed=9)

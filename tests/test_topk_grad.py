@@ -5,11 +5,11 @@ import torch
 
 import xmodal
 from xmodal import reference
-from xmodal.ops import METRICS
+from xmodal.ops import SEARCH_METRICS
 
 from search_helpers import make_inputs
 
-ALL_METRICS = list(METRICS)
+ALL_METRICS = list(SEARCH_METRICS)
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
 

@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 import xmodal
 from xmodal import reference
-from xmodal.ops import METRICS
+from xmodal.ops import SEARCH_METRICS
 
 from search_helpers import assert_topk_close, make_inputs
 
-ALL_METRICS = list(METRICS)
+ALL_METRICS = list(SEARCH_METRICS)
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
@@ -285,9 +285,9 @@ def test_property_matches_reference(q, n, d, k, metric, dtype, use_mask, seed):
         return
     assert_topk_close(values, indices, queries, database, k, metric, mask=mask)
     # the scores are sorted best first (NaN and padding last)
-    finite = values.double().nan_to_num(nan=-math.inf if METRICS[metric] else math.inf)
+    finite = values.double().nan_to_num(nan=-math.inf if SEARCH_METRICS[metric] else math.inf)
     diffs = finite[:, 1:] - finite[:, :-1]
-    ok = diffs <= 0 if METRICS[metric] else diffs >= 0
+    ok = diffs <= 0 if SEARCH_METRICS[metric] else diffs >= 0
     assert (ok | diffs.isnan()).all()
 
 

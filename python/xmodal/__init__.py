@@ -16,13 +16,13 @@ from . import _fallback_kernels  # noqa: F401
 from . import graph, metrics, nn, rerank
 from .index import FlatIndex, IVFIndex, ShardedIndex
 from . import settings
-from .ops import METRICS, bilinear, factorized_bilinear, search_plan, topk_search
+from .ops import SEARCH_METRICS, bilinear, factorized_bilinear, search_plan, topk_search
 from .pca import PCA
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "METRICS",
+    "SEARCH_METRICS",
     "topk_search",
     "search_plan",
     "settings",
@@ -50,6 +50,10 @@ _APPLICATIONS = ("demo", "recommend", "serve", "client", "bench")
 def __getattr__(name: str):
     if name in _APPLICATIONS:
         return importlib.import_module(f"{__name__}.{name}")  # (binds xmodal.<name> too: no second call)
+    if name == "METRICS":
+        from .ops import _renamed
+
+        return _renamed("xmodal.METRICS")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

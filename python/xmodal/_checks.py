@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import METRICS
+from .ops import SEARCH_METRICS
 
 #: the floating dtypes every op and index accepts
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -17,9 +17,9 @@ _DTYPE_NAMES = {str(d).replace("torch.", ""): d for d in FLOAT_DTYPES}
 
 
 def check_metric(metric: str) -> str:
-    """``metric`` if it names one of ``xmodal.METRICS``, else ``ValueError``."""
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+    """``metric`` if it names one of ``xmodal.SEARCH_METRICS``, else ``ValueError``."""
+    if metric not in SEARCH_METRICS:
+        raise ValueError(f"metric must be one of {list(SEARCH_METRICS)}, got {metric!r}")
     return metric
 
 

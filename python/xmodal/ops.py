@@ -12,7 +12,27 @@ from torch import Tensor
 from . import _C
 
 #: metric name -> True when larger values are better (read from the extension's one metric table)
-METRICS = dict(_C.metrics())
+SEARCH_METRICS = dict(_C.metrics())
+
+
+def normalises_rows(metric: str) -> bool:
+    """Whether ``metric`` compares unit-normalised rows (cosine and cosine distance), so that a search under it
+    is an inner-product search of normalised rows."""
+    return metric in ("cosine", "cosine_distance")
+
+
+def __getattr__(name: str):
+    if name == "METRICS":  # renamed: it shared its name with the module xmodal.metrics (evaluation)
+        return _renamed("xmodal.ops.METRICS")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _renamed(old: str) -> dict:
+    import warnings
+
+    warnings.warn(f"{old} is now xmodal.SEARCH_METRICS (xmodal.metrics is the evaluation module); the old name will "
+                  f"be removed in the next release", DeprecationWarning, stacklevel=3)
+    return SEARCH_METRICS
 
 
 def topk_search(

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import METRICS
+from .ops import SEARCH_METRICS, normalises_rows
 
 NORM_EPS = 1e-12
 
@@ -38,7 +38,7 @@ def selected_values(queries: Tensor, database: Tensor, indices: Tensor, metric: 
     x = database[indices.reshape(q.shape[0], -1)]
     if metric == "ip":
         return (q * x).sum(-1)
-    if metric in ("cosine", "cosine_distance"):
+    if normalises_rows(metric):
         cos = (F.normalize(q, dim=-1, eps=NORM_EPS) * F.normalize(x, dim=-1, eps=NORM_EPS)).sum(-1)
         return cos if metric == "cosine" else torch.sqrt(torch.clamp(2 * (1 - cos), min=0))
     if metric in ("l2", "sqeuclidean"):
@@ -61,7 +61,7 @@ def topk_search(
 
 def topk_from_scores(s: Tensor, k: int, metric: str, *, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The k best of a ``[Q, N]`` score matrix in :func:`topk_search`'s order and padding, on s's device."""
-    larger = METRICS[metric]
+    larger = SEARCH_METRICS[metric]
     n = s.shape[1]
     cand = (torch.arange(n, device=s.device) if mask is None
             else torch.nonzero(mask.to(s.device), as_tuple=False).flatten())
@@ -86,13 +86,13 @@ def scores_by_matmul(queries: Tensor, database: Tensor, metric: str) -> Tensor:
     problems on a GPU, where ``scores``' ``[Q, N, D]`` differences (l2, kl) would not fit or take minutes.
     Distances come from ``|q|^2 + |x|^2 - 2 q.x`` (float64 keeps the cancellation far below the tests'
     tolerances)."""
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    if metric not in SEARCH_METRICS:
+        raise ValueError(f"metric must be one of {sorted(SEARCH_METRICS)}, got {metric!r}")
     q = queries.detach().to(torch.float64).reshape(-1, queries.shape[-1])
     x = database.detach().to(torch.float64)
     if metric == "ip":
         return q @ x.T
-    if metric in ("cosine", "cosine_distance"):
+    if normalises_rows(metric):
         cos = F.normalize(q, dim=1, eps=NORM_EPS) @ F.normalize(x, dim=1, eps=NORM_EPS).T
         return cos if metric == "cosine" else torch.sqrt(torch.clamp(2 * (1 - cos), min=0))
     if metric in ("l2", "sqeuclidean"):

@@ -83,7 +83,7 @@ def make_data(case: SearchCase, device: str = "cpu", seed: int = 0):
 
 def naive_search(queries, database, k, metric):
     """What a PyTorch user writes without xmodal: materialise every score, then ``torch.topk`` in the
-    direction xmodal's metric table (``xmodal.reference.METRICS``) gives. The scores are the one-liners the
+    direction xmodal's metric table (``xmodal.reference.SEARCH_METRICS``) gives. The scores are the one-liners the
     reports name, in the inputs' dtype: ``q @ X.T`` (ip), ``torch.cdist(q, X)`` (l2); every other metric
     scores through ``xmodal.reference.scores_by_matmul`` (float64; no case of the grids uses one)."""
     if metric == "ip":
@@ -92,7 +92,7 @@ def naive_search(queries, database, k, metric):
         scores = torch.cdist(queries, database)
     else:
         scores = reference.scores_by_matmul(queries, database, metric)  # raises for an unknown metric
-    return torch.topk(scores, min(k, database.shape[0]), dim=1, largest=reference.METRICS[metric])
+    return torch.topk(scores, min(k, database.shape[0]), dim=1, largest=reference.SEARCH_METRICS[metric])
 
 
 def faiss_index(database, metric):

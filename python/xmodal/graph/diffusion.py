@@ -10,7 +10,8 @@ from torch import Tensor
 
 from ..index.kmeans import assign, kmeans
 from ..ops import topk_search
-from ._rows import Rows, int_at_least, real
+from .._checks import check_int
+from ._rows import Rows, real
 from .knn import knn_graph
 
 __all__ = ["Diffusion", "conjugate_gradient", "DIFFUSION_BLOCK_ELEMENTS"]
@@ -87,7 +88,7 @@ class Diffusion:
                  alpha: float = 0.99, max_iter: int = 20, tol: float = 1e-6):
         self._rows = Rows(database, metric)
         n = len(self._rows)
-        self.graph_k = int_at_least(graph_k, "graph_k", 1)
+        self.graph_k = check_int(graph_k, "graph_k", 1)
         if self.graph_k >= n:
             raise ValueError(f"graph_k must be < the {n} rows of database, got {self.graph_k}")
         self.gamma = real(gamma, "gamma")
@@ -96,7 +97,7 @@ class Diffusion:
         self.alpha = real(alpha, "alpha")
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
-        self.max_iter = int_at_least(max_iter, "max_iter", 1)
+        self.max_iter = check_int(max_iter, "max_iter", 1)
         self.tol = real(tol, "tol")
         self.metric = self._rows.metric
         self.order = self._locality_order()
@@ -149,8 +150,8 @@ class Diffusion:
         the index. ``seeds``: the query's best rows that start the diffusion (1 <= seeds <= N); k <= N."""
         q = self._rows.check_queries(queries)
         n = len(self)
-        k = int_at_least(k, "k", 1)
-        seeds = int_at_least(seeds, "seeds", 1)
+        k = check_int(k, "k", 1)
+        seeds = check_int(seeds, "seeds", 1)
         if k > n:
             raise ValueError(f"k = {k} is larger than the {n} rows of database")
         if seeds > n:

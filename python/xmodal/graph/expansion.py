@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import topk_search
-from ._rows import Rows, affinity, int_at_least, real
+from .._checks import check_int
+from ._rows import Rows, affinity, real
 from .knn import knn_graph
 
 __all__ = ["query_expansion", "database_augmentation"]
@@ -38,8 +39,8 @@ def query_expansion(queries: Tensor, database, k: int, *, n: int = 10, alpha: fl
     """
     rows = Rows(database, metric)
     q = rows.check_queries(queries)
-    k = int_at_least(k, "k", 1)
-    n = int_at_least(n, "n", 1)
+    k = check_int(k, "k", 1)
+    n = check_int(n, "n", 1)
     alpha = real(alpha, "alpha")
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
@@ -83,7 +84,7 @@ def database_augmentation(database, *, n: int = 10, alpha: float = 3.0, metric: 
     Memory: ``O(N (n + D))``: the neighbour graph and the output.
     """
     rows = Rows(database, metric)
-    n = int_at_least(n, "n", 1)
+    n = check_int(n, "n", 1)
     alpha = real(alpha, "alpha")
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")

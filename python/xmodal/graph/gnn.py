@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from ..ops import topk_search
-from ._rows import Rows, affinity, int_at_least
+from .._checks import check_int
+from ._rows import Rows, affinity
 
 __all__ = ["GNNRerank", "gnn_rerank"]
 
@@ -82,11 +83,11 @@ class GNNRerank:
                  feature_k: int = 64):
         self._rows = Rows(database, metric)
         n = len(self._rows)
-        self.graph_k = int_at_least(graph_k, "graph_k", 1)
+        self.graph_k = check_int(graph_k, "graph_k", 1)
         if self.graph_k > n:
             raise ValueError(f"graph_k must be <= the {n} rows of database, got {graph_k}")
-        self.layers = int_at_least(layers, "layers", 0)
-        self.feature_k = int_at_least(feature_k, "feature_k", 1)
+        self.layers = check_int(layers, "layers", 0)
+        self.feature_k = check_int(feature_k, "feature_k", 1)
         if self.feature_k < self.graph_k:
             raise ValueError(f"feature_k must be >= graph_k = {self.graph_k}, got {feature_k}")
         rows = self._rows.rows
@@ -119,7 +120,7 @@ class GNNRerank:
         in the database's dtype."""
         q = self._rows.check_queries(queries)
         n = len(self._rows)
-        k = int_at_least(k, "k", 1)
+        k = check_int(k, "k", 1)
         if k > n:
             raise ValueError(f"k = {k} is larger than the {n} rows of database")
         neighbours, weights, cols, vals = self._first_features(q)
@@ -161,6 +162,6 @@ def gnn_rerank(queries: Tensor, database, k: int, *, graph_k: int = 20, layers: 
     hold a :class:`GNNRerank` to search more than one batch. ``feature_k`` defaults to ``max(64, graph_k)``;
     the other arguments, the result and the memory are :class:`GNNRerank`'s."""
     if feature_k is None:
-        feature_k = max(64, int_at_least(graph_k, "graph_k", 1))
+        feature_k = max(64, check_int(graph_k, "graph_k", 1))
     reranker = GNNRerank(database, metric=metric, graph_k=graph_k, layers=layers, feature_k=feature_k)
     return reranker.search(queries, k)

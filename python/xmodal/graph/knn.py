@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..ops import METRICS, topk_search
+from ..ops import SEARCH_METRICS, topk_search
 
 #: queries per topk_search call: the graph is built block by block, so nothing larger than
 #: [QUERY_BLOCK, k + 1] results is held besides the output edges (topk_search bounds its own scratch)
@@ -34,7 +34,7 @@ def knn_graph(
     Args:
         x: ``[N, D]`` float tensor (float32, float64, float16 or bfloat16), on the CPU or a GPU.
         k: neighbours per row (>= 1).
-        metric: any of :data:`xmodal.METRICS` (as :func:`xmodal.topk_search`).
+        metric: any of :data:`xmodal.SEARCH_METRICS` (as :func:`xmodal.topk_search`).
         y: optional ``[M, D]`` rows of the same dtype and device: a bipartite graph. Then each row ``i`` of
             ``y`` gets its ``k`` nearest rows ``j`` of ``x`` (as PyG's ``knn(x, y, k)``), as edges ``(j, i)``:
             ``edge_index[0]`` indexes ``x``, ``edge_index[1]`` indexes ``y``. ``mutual`` and ``loop`` concern a
@@ -106,8 +106,8 @@ def _check_args(x, k, metric, y, mutual, loop) -> int:
     k = int(k)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if not isinstance(metric, str) or metric not in METRICS:
-        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    if not isinstance(metric, str) or metric not in SEARCH_METRICS:
+        raise ValueError(f"metric must be one of {sorted(SEARCH_METRICS)}, got {metric!r}")
     for name, flag in (("mutual", mutual), ("loop", loop)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__} ({flag!r})")

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_dtype, check_metric, check_non_negative_ids, check_positive
+from ..ops import normalises_rows
 from . import io
 from .encoding import Encoding
 from ._rows import ADD_CHUNK_ROWS, duplicates
@@ -141,7 +142,7 @@ class Index(abc.ABC):
     @property
     def _normalised(self) -> bool:
         """Rows are stored unit-normalised, so a cosine search is an inner-product search."""
-        return self.metric in ("cosine", "cosine_distance")
+        return normalises_rows(self.metric)
 
     def _prepare(self, rows: Tensor) -> Tensor:
         """Rows as stored and searched (see :class:`.encoding.Encoding`); checked rows only (``_check_rows``)."""

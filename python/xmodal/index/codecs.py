@@ -30,7 +30,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..ops import METRICS, topk_search
+from ..ops import SEARCH_METRICS, normalises_rows, topk_search
 from ._rows import ADD_CHUNK_ROWS, cosine_to_distance
 from .kmeans import assign, kmeans
 
@@ -42,7 +42,8 @@ def check_codec(codec: Optional[str], metric: str) -> None:
     if codec is None:
         return
     if codec not in CODECS:
-        raise ValueError(f"codec must be None, 'int8' or 'binary', got {codec!r}")
+        names = [repr(name) for name in CODECS]
+        raise ValueError(f"codec must be None, {', '.join(names[:-1])} or {names[-1]}, got {codec!r}")
     if metric not in CODECS[codec]:
         raise ValueError(f"codec {codec!r} supports metrics {list(CODECS[codec])}, got metric {metric!r}")
 
@@ -81,7 +82,7 @@ class ListScan:
 
 
 def _pad(values: Tensor, positions: Tensor, metric: str) -> Tensor:
-    fill = float("-inf") if METRICS[metric] else float("inf")
+    fill = float("-inf") if SEARCH_METRICS[metric] else float("inf")
     return torch.where(positions >= 0, values, torch.full_like(values, fill))
 
 
@@ -113,7 +114,7 @@ class FloatRows:
         """(values, positions) of the k best stored rows for prepared queries ``q``, with ``scan`` (FlatScan or
         ListScan) over the stored columns ``cols``."""
         vectors = cols["vectors"]
-        if self.metric not in ("cosine", "cosine_distance"):
+        if not normalises_rows(self.metric):
             return scan.float(q.to(self.dtype), vectors, k, self.metric, mask)
         values, positions = scan.float(q.to(self.dtype), vectors, k, "ip", mask)
         if self.metric == "cosine_distance":
@@ -212,7 +213,7 @@ class Int8Codes(FloatRows):
         scaled = (q * (two * self.scale)).contiguous()
         bias = (q @ (self.centres + self.offset).T) * two
         terms = cols.get("row_terms")
-        row_scale = terms if self.metric in ("cosine", "cosine_distance") else None
+        row_scale = terms if normalises_rows(self.metric) else None
         row_bias = terms if self.metric in ("l2", "sqeuclidean") else None
         keys, positions = scan.int8(scaled, cols["codes"], k, bias, row_scale, row_bias, mask, cols["groups"])
         return self._values(keys, positions, q), positions

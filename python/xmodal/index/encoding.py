@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..metrics import knn_recall
-from ..ops import topk_search
+from ..ops import normalises_rows, topk_search
 from ..pca import PCA
 from .._checks import check_positive
 from ._rows import ADD_CHUNK_ROWS, unit_rows
@@ -134,7 +134,7 @@ class Encoding:
         rows = rows.to(self.device)
         if self.pca is not None:
             rows = self.pca.transform(rows.float())
-        if self.metric in ("cosine", "cosine_distance"):
+        if normalises_rows(self.metric):
             rows = unit_rows(rows)
         return rows if self.codec.name is not None else rows.to(self.dtype)
 

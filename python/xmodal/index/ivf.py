@@ -15,6 +15,10 @@ from .inverted_lists import InvertedLists
 from .kmeans import assign, kmeans
 
 
+#: lists a query scans unless a search says otherwise (the service's collections use it too)
+DEFAULT_NPROBE = 8
+
+
 class IVFIndex(Index):
     """Inverted-file index: k-means centroids partition the rows into ``nlist`` lists; a search scores the
     queries against the centroids, then scans only the ``nprobe`` nearest lists of each query (one
@@ -31,7 +35,7 @@ class IVFIndex(Index):
     FORMAT = "xmodal.IVFIndex/2"  # /2: int8 codes relative to centres (codecs.Int8Codes.upgrade_file reads /1)
     OLDER_FORMATS = ("xmodal.IVFIndex/1",)
 
-    def __init__(self, dim: int, nlist: int, metric: str = "cosine", *, nprobe: int = 8, dtype=torch.float32,
+    def __init__(self, dim: int, nlist: int, metric: str = "cosine", *, nprobe: int = DEFAULT_NPROBE, dtype=torch.float32,
                  device="cpu", codec: Optional[str] = None, reduce_to: Optional[int] = None, rescore: int = 4):
         super().__init__(dim, metric, dtype=dtype, device=device, codec=codec, reduce_to=reduce_to, rescore=rescore)
         if metric == "kl":

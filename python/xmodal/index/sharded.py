@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops import METRICS
+from ..ops import SEARCH_METRICS
 from .arrays import as_ids, as_rows, from_torch
 from .._checks import check_non_negative_ids, check_positive
 from ._rows import duplicates, merge_best
@@ -153,7 +153,7 @@ class ShardedIndex:
         values, ids = self.local.search(q, k, mask)  # an empty shard answers with padding
         all_values = torch.cat([v.to(values.device) for v in self._all_gather(values, "search")], dim=1)
         all_ids = torch.cat([i.to(values.device) for i in self._all_gather(ids, "search")], dim=1)
-        larger = METRICS[self.metric]
+        larger = SEARCH_METRICS[self.metric]
         values, ids = merge_best(all_values, all_ids, k, larger, float("-inf") if larger else float("inf"))
         if squeeze:
             values, ids = values[0], ids[0]

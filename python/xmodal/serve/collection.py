@@ -30,11 +30,12 @@ import torch
 
 from .. import FlatIndex, IVFIndex
 from ..index.base import check_metric
+from ..index.codecs import check_codec
+from ..index.ivf import DEFAULT_NPROBE
 from .payloads import Payloads
 from .storage import Record, WriteAheadLog, read_file, write_file
 
 INDEX_KINDS = {"flat": FlatIndex, "ivf": IVFIndex}
-CODECS = (None, "int8", "binary")
 # a snapshot is taken (in the background) once the log holds this many bytes
 DEFAULT_SNAPSHOT_BYTES = 256 << 20
 
@@ -125,12 +126,11 @@ class Collection:
         if kind not in INDEX_KINDS:
             raise ValueError(f"index must be one of {list(INDEX_KINDS)}, got {kind!r}")
         codec = config.get("codec")
-        if codec not in CODECS:
-            raise ValueError(f"codec must be one of {list(CODECS)}, got {codec!r}")
+        check_codec(codec, metric)
         out = {"dim": dim, "metric": metric, "index": kind, "codec": codec}
         if kind == "ivf":
             nlist = config.get("nlist", 1024)
-            nprobe = config.get("nprobe", 16)
+            nprobe = config.get("nprobe", DEFAULT_NPROBE)
             for field, value in (("nlist", nlist), ("nprobe", nprobe)):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                     raise ValueError(f"{field} must be a positive int, got {value!r}")

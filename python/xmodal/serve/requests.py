@@ -10,7 +10,8 @@ import numpy as np
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..ops import METRICS
+from ..index.codecs import CODECS
+from ..ops import SEARCH_METRICS
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -57,9 +58,9 @@ class Body(BaseModel):
 
 class CreateCollection(Body):
     dim: int = Field(description="vector dimension")
-    metric: Literal[tuple(METRICS)] = "cosine"
+    metric: Literal[tuple(SEARCH_METRICS)] = "cosine"
     index: Literal["flat", "ivf"] = "flat"
-    codec: Optional[Literal["int8", "binary"]] = None
+    codec: Optional[Literal[tuple(CODECS)]] = None
     nlist: Optional[int] = Field(None, description="ivf: number of lists")
     nprobe: Optional[int] = Field(None, description="ivf: lists searched per query")
 
