@@ -49,6 +49,21 @@ def test_many_queries_over_few_rows(device, metric, dtype):
         assert_topk_close(values, indices, queries, database, k, metric, mask=m)
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
+@pytest.mark.parametrize("q", [1, 5, 300])
+def test_rows_in_more_parts_than_threads(device, metric, q):
+    """Enough rows for several parts per thread, taken by whichever thread is free: the answer is the same as
+    one scan's, with a mask and a NaN row, and duplicates across part boundaries."""
+    queries, database = make_inputs(q, 40_000, 8, metric, torch.float32, device, seed=7)
+    database[16_384: 16_400] = database[100: 116]  # equal rows on both sides of a part boundary
+    database[33] = float("nan")
+    mask = torch.rand(40_000, generator=torch.Generator().manual_seed(3)).to(device) < 0.7
+    for m in (None, mask):
+        values, indices = xmodal.topk_search(queries, database, 12, metric, mask=m)
+        assert_topk_close(values, indices, queries, database, 12, metric, mask=m)
+        assert not (indices == 33).any()
+
+
 @pytest.mark.parametrize("k", [1, 2, 64, 999, 1000, 1500])
 def test_k_relative_to_n(device, k):
     queries, database = make_inputs(5, 1000, 12, "ip", torch.float32, device)

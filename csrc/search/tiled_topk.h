@@ -1,7 +1,8 @@
 // The CPU tiled top-k driver, shared by the float search (topk_search_cpu.cpp) and compressed search
-// (codes_int8_cpu.cpp, codes_hamming_cpu.cpp): each thread owns a contiguous, equal share of the rows, cut
-// into tiles, and feeds per-query candidate buffers (topk_select.h) from each tile while it is in cache; the
-// buffers are merged at the end. The Q x N score matrix never exists: extra memory is O(threads * Q * k + tile).
+// (codes_int8_cpu.cpp, codes_hamming_cpu.cpp): the rows are cut into equal, contiguous parts (a few per
+// thread, taken by whichever thread is free), each part into tiles; a thread feeds per-query candidate buffers
+// (topk_select.h) from each tile while it is in cache, and the buffers are merged at the end. The Q x N score
+// matrix never exists: extra memory is O(parts * Q * k + tile).
 #pragma once
 #include "common/parallel.h"
 #include "search/topk_select.h"
@@ -9,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
 #include <vector>
 
@@ -30,10 +32,15 @@ void tiled_topk(int64_t Q, int64_t N, int64_t k, int64_t tile_rows, int64_t quer
   tile_rows = split_queries ? std::max<int64_t>(N, 1)
                             : std::max<int64_t>(1, std::min(tile_rows, std::max<int64_t>(16, (N + threads - 1) / threads)));
   const int64_t num_tiles = (N + tile_rows - 1) / tile_rows;
-  const int64_t parts = std::max<int64_t>(1, std::min(threads, num_tiles));
   // Each part scans an equal share of the rows (in multiples of 64), cut into tiles: handing out whole tiles
   // let one thread scan up to a tile more than the other (200,000 rows in 4 tiles of 65,536: 131,072
-  // against 68,928).
+  // against 68,928). With enough rows there are kPartsPerThread parts per thread, taken in turn by whichever
+  // thread is free: when another process holds a core, its thread scans fewer parts instead of holding the
+  // others back (one query over 200,000 x 256 with one core busy: 16.0 ms on 2 threads, 12.6 ms on 1, when
+  // each thread owned half of the rows).
+  constexpr int64_t kPartsPerThread = 4, kMinPartRows = 4096;
+  const bool shared_parts = threads > 1 && !split_queries && N >= threads * kPartsPerThread * kMinPartRows;
+  const int64_t parts = shared_parts ? threads * kPartsPerThread : std::max<int64_t>(1, std::min(threads, num_tiles));
   const auto part_start = [&](int64_t p) { return p == parts ? N : p * N / parts / 64 * 64; };
   int64_t max_rows_per_part = 0;
   for (int64_t p = 0; p < parts; ++p) max_rows_per_part = std::max(max_rows_per_part, part_start(p + 1) - part_start(p));
@@ -70,9 +77,11 @@ void tiled_topk(int64_t Q, int64_t N, int64_t k, int64_t tile_rows, int64_t quer
         }
       });
     } else {
-      parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+      std::atomic<int64_t> next_part{0};
+      parallel_for(0, std::min(threads, parts), 1, [&](int64_t, int64_t) {
         auto score = make_scorer();
-        for (int64_t p = pb; p < pe; ++p) {
+        // each call takes parts until none is left (a part is scanned by one thread, into its own buffers)
+        for (int64_t p; (p = next_part.fetch_add(1)) < parts;) {
           const int64_t end = part_start(p + 1);
           for (int64_t n0 = part_start(p); n0 < end; n0 += tile_rows) {
             const int64_t nt = std::min(end, n0 + tile_rows) - n0;
