@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..index._rows import non_finite_rows
 from ..ops import SEARCH_METRICS, topk_search
 
 #: queries per topk_search call: the graph is built block by block, so nothing larger than
@@ -144,8 +145,8 @@ def check_rows(t, name: str) -> None:
         raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(t.shape)}")
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(t.shape)}")
-    bad = ~torch.isfinite(t).all(1)
-    if bool(bad.any()):
-        row = int(torch.nonzero(bad)[0])
+    bad = non_finite_rows(t)
+    if bad.numel():
+        row = int(bad[0])
         what = "NaN" if bool(torch.isnan(t[row]).any()) else "inf"
         raise ValueError(f"{name} has {what} in row {row}")

@@ -13,6 +13,20 @@ from torch import Tensor
 ADD_CHUNK_ROWS = 65536
 
 
+def non_finite_rows(rows: Tensor) -> Tensor:
+    """The positions (int64, ascending, on the CPU) of the rows of ``rows`` holding NaN or inf, a chunk at a
+    time. A NaN or inf shows in a chunk's least or greatest value: one vectorised pass finds that there is none
+    (``torch.isfinite`` over the chunk is ~30x slower on the CPU); only a chunk that has one is looked at row by
+    row."""
+    found = []
+    for start in range(0, rows.shape[0], ADD_CHUNK_ROWS):
+        chunk = rows[start: start + ADD_CHUNK_ROWS]
+        if chunk.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(chunk))).all()):
+            continue
+        found.append(start + torch.nonzero(~torch.isfinite(chunk).all(1)).flatten().cpu())
+    return torch.cat(found) if found else torch.empty(0, dtype=torch.int64)
+
+
 def duplicates(ids: Tensor, limit: int = 10) -> list:
     """Up to ``limit`` values that occur more than once in ``ids``."""
     values, counts = torch.unique(ids, return_counts=True)

@@ -14,7 +14,7 @@ from .._checks import check_dtype, check_metric, check_non_negative_ids, check_p
 from ..ops import normalises_rows
 from . import io
 from .encoding import Encoding
-from ._rows import ADD_CHUNK_ROWS, duplicates
+from ._rows import ADD_CHUNK_ROWS, duplicates, non_finite_rows
 from .arrays import as_ids, as_rows, from_torch, to_torch
 
 
@@ -271,10 +271,10 @@ class Index(abc.ABC):
         k = check_positive(k, "k")
         m = self._mask(mask)
         if self._encoding.learns:
-            bad = ~torch.isfinite(q).all(1)
-            if bool(bad.any()):
+            bad = non_finite_rows(q)
+            if bad.numel():
                 raise ValueError(f"queries must be finite to be reduced or quantised, found NaN or inf in row "
-                                 f"{int(torch.nonzero(bad)[0])}")
+                                 f"{int(bad[0])}")
         values, positions = self._search_rows(q.to(self.device), k, m, **options)
         if len(self) == 0:
             ids = torch.full_like(positions, -1)

@@ -7,7 +7,7 @@ from torch import Tensor
 from ..ops import SEARCH_METRICS
 from .arrays import as_ids, as_rows, from_torch
 from .._checks import check_non_negative_ids, check_positive
-from ._rows import duplicates, merge_best
+from ._rows import duplicates, merge_best, non_finite_rows
 from .base import Index
 from .flat import FlatIndex
 
@@ -110,7 +110,7 @@ class ShardedIndex:
             all_ids = torch.cat([g.cpu()[:c] for g, c in zip(gathered, counts)])
         # global checks, so that either every rank adds or none does
         check_non_negative_ids(all_ids)
-        non_finite = self._sum(int((~torch.isfinite(local_rows).all(1)).sum()), "add")
+        non_finite = self._sum(int(non_finite_rows(local_rows).numel()), "add")
         dup = duplicates(all_ids)
         problem = f"ids must be unique, got duplicates {dup}" if dup else ""
         if non_finite:
