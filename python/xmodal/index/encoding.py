@@ -79,7 +79,7 @@ class Encoding:
         self.codec.fit(prepared)
         self.estimated_recall = None
         if self.learns and learn.shape[0] >= RECALL_MIN_ROWS:
-            self.estimate_recall(learn, owner)
+            self.estimate_recall(learn, prepared, owner)
         return prepared
 
     @staticmethod
@@ -90,21 +90,23 @@ class Encoding:
         pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:max_points]
         return rows[pick.to(rows.device)]
 
-    def estimate_recall(self, learnt_from: Tensor, owner: str) -> None:
+    def estimate_recall(self, learnt_from: Tensor, prepared: Tensor, owner: str) -> None:
         """Search up to ``RECALL_QUERIES`` of the rows the encoding learnt from, each among (up to
         ``RECALL_DATABASE`` of) the others, as the index will (PCA, codec, rescoring at the default
         ``rescore``), against the exact search of the original rows; keep the share of the exact ``RECALL_K``
         nearest found in :attr:`estimated_recall`, and warn when it is below ``RECALL_WARNING``. Search-time
-        losses of an index kind (IVF's probing) are not part of it."""
-        database = learnt_from[:RECALL_DATABASE]
+        losses of an index kind (IVF's probing) are not part of it. ``prepared``: ``learnt_from`` as
+        :meth:`prepare` gives it (already computed to learn from)."""
+        database, prepared = learnt_from[:RECALL_DATABASE], prepared[:RECALL_DATABASE]
         n = database.shape[0]
         held = min(RECALL_QUERIES, n // 10)
         at = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:held].to(database.device)
-        queries, k = database[at], min(RECALL_K, n - 1)
+        k = min(RECALL_K, n - 1)
         # k + 1 answers, then each query's own row dropped: its neighbours among the others
-        exact = topk_search(queries, database, k + 1, self.metric).indices
-        cols = self.codec.encode(self.prepare(database))
-        _, found = self.codec.search(FlatScan(), self.prepare(queries), cols, k + 1, None, rescore=self.rescore)
+        exact = topk_search(database[at], database, k + 1, self.metric).indices
+        cols = self.codec.encode(prepared)
+        _, found = self.codec.search(FlatScan(), prepared[at.to(prepared.device)], cols, k + 1, None,
+                                     rescore=self.rescore)
 
         def others(ids: Tensor) -> Tensor:
             own = (ids == at[:, None]).to(torch.int8)
