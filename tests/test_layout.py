@@ -163,14 +163,15 @@ def test_deprecated_names_still_work_and_say_where_they_went():
     assert _deprecated.MOVED, "no deprecation aliases registered"
     for old_module, names in _deprecated.MOVED.items():
         module = __import__(old_module, fromlist=["_"])
-        for name, new_module in names.items():
+        for name, target in names.items():
+            new_module, new_name = _deprecated.new_place(target, name)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 value = getattr(module, name)
             new = __import__(new_module, fromlist=["_"])
-            assert value is getattr(new, name), f"{old_module}.{name}"
+            assert value is getattr(new, new_name), f"{old_module}.{name}"
             messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
-            assert messages and f"{new_module}.{name}" in messages[0], (old_module, name, messages)
+            assert messages and f"{new_module}.{new_name}" in messages[0], (old_module, name, messages)
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         __import__("xmodal.data", fromlist=["_"]).no_such_name
 

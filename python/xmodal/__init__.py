@@ -15,7 +15,7 @@ from . import _registrations  # noqa: F401
 from . import _fallback_kernels  # noqa: F401
 from . import graph, metrics, nn, rerank
 from .index import FlatIndex, IVFIndex, ShardedIndex
-from . import settings
+from . import _deprecated, settings
 from .ops import SEARCH_METRICS, bilinear, factorized_bilinear, search_plan, topk_search
 from .pca import PCA
 
@@ -47,14 +47,13 @@ __all__ = [
 _APPLICATIONS = ("demo", "recommend", "serve", "client", "bench")
 
 
+_moved = _deprecated.module_getattr(__name__)
+
+
 def __getattr__(name: str):
     if name in _APPLICATIONS:
         return importlib.import_module(f"{__name__}.{name}")  # (binds xmodal.<name> too: no second call)
-    if name == "METRICS":
-        from .ops import _renamed
-
-        return _renamed("xmodal.METRICS")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _moved(name)
 
 
 def build_info() -> dict:

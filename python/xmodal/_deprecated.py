@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 _SHAPES = ("KINDS", "COLOURS", "SIZES", "POSITIONS", "ATTRIBUTES", "Attributes", "all_attributes", "render", "caption",
            "modification", "vocabulary_words", "random_modification", "ShapesDataset", "ComposedQueries",
@@ -26,7 +26,16 @@ MOVED: Dict[str, Dict[str, str]] = {
         "evaluate": "xmodal.demo.evaluation",
     },
     "xmodal.evaluation": {"evaluate": "xmodal.demo.evaluation", "rerank_report": "xmodal.demo.evaluation"},
+    # renamed: it shared its name with the evaluation module xmodal.metrics
+    "xmodal": {"METRICS": "xmodal:SEARCH_METRICS"},
+    "xmodal.ops": {"METRICS": "xmodal:SEARCH_METRICS"},
 }
+
+
+def new_place(target: str, name: str) -> Tuple[str, str]:
+    """(module, name) of a ``MOVED`` target: ``"module"`` (moved, same name) or ``"module:new_name"`` (renamed)."""
+    module, _, new_name = target.partition(":")
+    return module, new_name or name
 
 
 def module_getattr(module: str) -> Callable[[str], object]:
@@ -34,11 +43,12 @@ def module_getattr(module: str) -> Callable[[str], object]:
     moved = MOVED[module]
 
     def __getattr__(name: str):
-        new = moved.get(name)
-        if new is None:
+        if name not in moved:
             raise AttributeError(f"module {module!r} has no attribute {name!r}")
-        warnings.warn(f"{module}.{name} has moved to {new}.{name}; the old name will be removed in the next release",
+        new, new_name = new_place(moved[name], name)
+        how = "has moved to" if new_name == name else "is now"
+        warnings.warn(f"{module}.{name} {how} {new}.{new_name}; the old name will be removed in the next release",
                       DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(new), name)
+        return getattr(importlib.import_module(new), new_name)
 
     return __getattr__

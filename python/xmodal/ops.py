@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _C
+from . import _C, _deprecated
 
 #: metric name -> True when larger values are better (read from the extension's one metric table)
 SEARCH_METRICS = dict(_C.metrics())
@@ -21,18 +21,7 @@ def normalises_rows(metric: str) -> bool:
     return metric in ("cosine", "cosine_distance")
 
 
-def __getattr__(name: str):
-    if name == "METRICS":  # renamed: it shared its name with the module xmodal.metrics (evaluation)
-        return _renamed("xmodal.ops.METRICS")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _renamed(old: str) -> dict:
-    import warnings
-
-    warnings.warn(f"{old} is now xmodal.SEARCH_METRICS (xmodal.metrics is the evaluation module); the old name will "
-                  f"be removed in the next release", DeprecationWarning, stacklevel=3)
-    return SEARCH_METRICS
+__getattr__ = _deprecated.module_getattr(__name__)
 
 
 def topk_search(
