@@ -129,13 +129,17 @@ class InvertedLists:
             for new, old in pairs:
                 new.index_copy_(0, d, old.index_select(0, s))
 
-    def _rebuild(self, capacities: Tensor, tail: bool) -> None:
-        """A new buffer with the lists packed in list order, list ``l`` owning ``capacities[l]`` slots, and
-        (``tail``) free slots at the end; the rows are copied over."""
+    def _packed(self, capacities: Tensor, tail: bool) -> Tuple[Dict[str, Tensor], Tensor, Tensor, int]:
+        """(data, ids, starts, end) of an empty new buffer with the lists packed in list order, list ``l``
+        owning ``capacities[l]`` slots from ``starts[l]``, and (``tail``) free slots after ``end``."""
         starts = _exclusive_cumsum(capacities)
         end = int(capacities.sum())
         slots = end + (end // TAIL_ROOM + TAIL_SLOTS if tail else 0)
-        data, ids = self._empty(slots), torch.empty(slots, dtype=torch.int64, device=self.device)
+        return self._empty(slots), torch.empty(slots, dtype=torch.int64, device=self.device), starts, end
+
+    def _rebuild(self, capacities: Tensor, tail: bool) -> None:
+        """A new buffer (:meth:`_packed`) with the rows copied over."""
+        data, ids, starts, end = self._packed(capacities, tail)
         self._copy_runs(data, ids, self.starts, starts, self.sizes)
         self.data, self.ids, self.starts, self.capacities, self.end = data, ids, starts, capacities.clone(), end
 
@@ -219,9 +223,7 @@ class InvertedLists:
         src = self.positions()[keep]
         if self.slots > self.max_slots(int(kept_lists.numel())):
             room = _with_room(sizes)
-            starts, end = _exclusive_cumsum(room), int(room.sum())
-            slots = end + end // TAIL_ROOM + TAIL_SLOTS
-            data, ids = self._empty(slots), torch.empty(slots, dtype=torch.int64, device=self.device)
+            data, ids, starts, end = self._packed(room, tail=True)
             self._gather(self._tensors(data, ids), src, self._slots(starts, sizes))
             self.data, self.ids, self.starts, self.capacities, self.end = data, ids, starts, room, end
         else:  # every kept row moves down within its list's slots
