@@ -149,8 +149,12 @@ class Index(abc.ABC):
         return self._encoding.prepare(rows)
 
     def _check_rows(self, rows: Tensor, name: str) -> None:
-        """Raise before anything changes if ``rows`` cannot be stored (a chunk at a time: no full-size copy)."""
-        self._encoding.check_finite(rows, name)
+        """Raise before anything changes if ``rows`` cannot be stored (a chunk at a time: no full-size copy).
+        Every index kind refuses NaN / inf: a codec or PCA cannot encode them, and a stored NaN row would rank
+        unpredictably in every search."""
+        bad = non_finite_rows(rows)
+        if bad.numel():
+            raise ValueError(f"{name} must be finite, found NaN or inf in row {int(bad[0])}")
         if self.metric != "kl":
             return
         for start in range(0, rows.shape[0], ADD_CHUNK_ROWS):

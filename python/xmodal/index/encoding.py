@@ -13,7 +13,7 @@ from ..metrics import knn_recall
 from ..ops import normalises_rows, topk_search
 from ..pca import PCA
 from .._checks import check_positive
-from ._rows import ADD_CHUNK_ROWS, non_finite_rows, unit_rows
+from ._rows import ADD_CHUNK_ROWS, unit_rows
 from .codecs import FlatScan, make_codec
 
 # The recall estimate of a lossy encoding (Encoding.estimate_recall): at most this many training rows are each
@@ -54,14 +54,6 @@ class Encoding:
     @property
     def trained(self) -> bool:
         return self.codec.trained and (self.reduce_to is None or self.pca is not None)
-
-    @staticmethod
-    def check_finite(rows: Tensor, name: str) -> None:
-        """Raise naming the first row holding NaN or inf. Every index kind refuses them: a codec or PCA cannot
-        encode them, and a stored NaN row would rank unpredictably in every search."""
-        bad = non_finite_rows(rows)
-        if bad.numel():
-            raise ValueError(f"{name} must be finite, found NaN or inf in row {int(bad[0])}")
 
     def fit_pca(self, rows: Tensor) -> None:
         """Learn the PCA (if any) from every row, a chunk at a time."""
