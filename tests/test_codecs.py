@@ -141,7 +141,7 @@ def test_files_from_before_residual_codes_still_load(tmp_path, kind, codec):
     # a file from a newer xmodal is refused, not misread
     meta["format"] = cls.FORMAT.split("/")[0] + "/99"
     io.save(tensors, meta, tmp_path / "newer.xm")
-    newer = f"holds an {meta['format']}, written by a newer xmodal: this one reads {cls.OLDER_FORMATS[0]}, {cls.FORMAT}"
+    newer = f"holds an {meta['format']}, written by a newer xmodal: this one reads {', '.join((*cls.OLDER_FORMATS, cls.FORMAT))}"
     with pytest.raises(ValueError, match=re.escape(newer)):
         cls.load(tmp_path / "newer.xm")
 

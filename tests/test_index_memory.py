@@ -180,7 +180,7 @@ def test_ivf_add_places_the_new_rows_once_and_moves_stored_rows_at_most_once(exi
 
 
 def test_a_failed_ivf_add_stores_nothing(monkeypatch):
-    """The chunks of an add are staged: one that fails part-way leaves the index as it was."""
+    """An add that fails part-way (here in its second pass) leaves the index as it was."""
     monkeypatch.setattr(index_base, "ADD_CHUNK_ROWS", 1000)
     x = _data(5000)
     index = _trained("ivf", None, x)

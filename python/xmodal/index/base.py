@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .._checks import check_dtype, check_metric, check_non_negative_ids, check_positive
 from ..ops import normalises_rows
-from . import io
+from . import io, mapped
 from .encoding import Encoding
 from ._rows import ADD_CHUNK_ROWS, duplicates, non_finite_rows
 from .arrays import as_ids, as_rows, from_torch, to_torch
@@ -42,6 +42,7 @@ class Index(abc.ABC):
         self._encoding = Encoding(dim, metric, self.dtype, self.device, codec=codec, reduce_to=reduce_to,
                                   rescore=rescore)
         self._next_id = 0
+        self._mapped: Optional[mapped.MappedFile] = None  # checks owed on a memory-mapped file (load(mmap=True))
 
     # -- the encoding (codec, PCA) every index kind shares
     @property
@@ -173,6 +174,13 @@ class Index(abc.ABC):
                                f"call reset() first to retrain")
         self._encoding.fit(rows, max_points, type(self).__name__)
 
+    def _check_file(self) -> None:
+        """Before reading every row or changing any (memory-mapped from a file): check the blocks not checked
+        yet; the index is then on its own."""
+        if self._mapped is not None:
+            self._mapped.check_all()
+            self._mapped = None
+
     def _before_store(self, rows: Tensor) -> None:
         """Called once per ``add`` after the checks, before the first chunk is stored: an untrained index
         learns from the first rows added."""
@@ -201,20 +209,30 @@ class Index(abc.ABC):
             if present.numel():
                 raise ValueError(f"ids already in the index: {present[:10].tolist()}")
         self._check_rows(rows, "vectors")
+        self._check_file()
         self._before_store(rows)
-        # a chunk at a time, so preparing (normalising, encoding) never copies the whole batch
-        for start in range(0, n, ADD_CHUNK_ROWS):
-            chunk = slice(start, start + ADD_CHUNK_ROWS)
-            self._store(self._prepare(rows[chunk]), new_ids[chunk].to(self.device))
+        self._store_rows(rows, new_ids)
         if n:
             self._next_id = max(self._next_id, int(new_ids.max()) + 1)
         return new_ids
+
+    def _store_rows(self, rows: Tensor, ids: Tensor) -> None:
+        """Store checked rows and their (CPU) ids: a chunk at a time, so preparing (normalising, encoding) never
+        copies the whole batch."""
+        for chunk in self._chunks(rows.shape[0]):
+            self._store(self._prepare(rows[chunk]), ids[chunk].to(self.device))
+
+    @staticmethod
+    def _chunks(n: int) -> list:
+        """The slices of ``n`` rows an add prepares and stores one at a time."""
+        return [slice(start, start + ADD_CHUNK_ROWS) for start in range(0, n, ADD_CHUNK_ROWS)]
 
     def remove(self, ids) -> int:
         """Remove the rows with these ids (every id must be present); returns how many were removed."""
         gone = as_ids(ids, -1)
         if gone.numel() == 0:
             return 0
+        self._check_file()
         stored = self.ids.cpu()
         missing = gone[~torch.isin(gone, stored)]
         if missing.numel():
@@ -228,6 +246,7 @@ class Index(abc.ABC):
         unit-normalised for cosine metrics, decoded from a codec's codes): ``[n, dim or reduce_to]``. Decodes
         only those rows. KeyError naming the ids that are not in the index."""
         wanted = as_ids(ids, -1)
+        self._check_file()
         stored = self.ids.cpu()
         order = torch.argsort(stored)
         at = torch.searchsorted(stored[order], wanted).clamp(max=max(len(stored) - 1, 0))
@@ -238,12 +257,14 @@ class Index(abc.ABC):
 
     def reset(self) -> None:
         """Remove everything (the id counter starts again at 0)."""
+        self._mapped = None
         self._clear()
         self._next_id = 0
 
     def to(self, device):
         """Move the index to ``device`` (in place); returns self."""
         device = torch.device(device)
+        self._check_file()
         self._move(device)
         self._encoding.move(device)
         self.device = device
@@ -280,6 +301,9 @@ class Index(abc.ABC):
                 raise ValueError(f"queries must be finite to be reduced or quantised, found NaN or inf in row "
                                  f"{int(bad[0])}")
         values, positions = self._search_rows(q.to(self.device), k, m, **options)
+        if self._mapped is not None:  # the ids of the answers
+            found = positions[positions >= 0].cpu()
+            self._mapped.check_rows("ids", found, found + 1)
         if len(self) == 0:
             ids = torch.full_like(positions, -1)
         else:
@@ -305,10 +329,12 @@ class Index(abc.ABC):
         must exist. ``encryption_key`` (32 bytes, see :mod:`xmodal.encryption`): seal the file with
         AES-256-GCM."""
         self._require_trained("save")
+        self._check_file()
         io.save({**self._tensors(), **self._encoding.tensors()}, self._metadata(), path, encryption_key)
 
     @classmethod
-    def load(cls, path, device="cpu", *, verify: bool = True, encryption_key: Optional[bytes] = None):
+    def load(cls, path, device="cpu", *, verify: Optional[bool] = None, encryption_key: Optional[bytes] = None,
+             mmap: bool = False):
         """Read an index written by :meth:`save`; a truncated, corrupt or foreign file raises ValueError, a
         missing one FileNotFoundError.
 
@@ -317,8 +343,26 @@ class Index(abc.ABC):
         file from the page cache and less next to a read from disk; ``verify=False`` skips it (e.g. for huge
         files on a trusted disk). Files written before xmodal stored checksums have none and load unchecked.
         An encrypted file needs the ``encryption_key`` it was saved with (a wrong one raises ValueError).
+
+        ``mmap=True`` (CPU, unencrypted files) maps the file instead of reading it: opening costs the header,
+        the small tensors and the block sums the file stores, not the rows, which stay in the page cache (the
+        operating system's to keep or drop) until searches read them. What it gives up is the check at open:
+        each 64 KiB block of the rows is checked against the file's checksum the first time it is read (by
+        default; ``verify=True`` checks every block at open, ``verify=False`` none), so damage raises ValueError
+        when a search first reads it, never a wrong answer. Anything that reads or changes every row (``add``,
+        ``remove``, ``save``, ``ids``, ``vectors``, ...) checks the rest first and then holds the rows in memory
+        as a loaded index would. The file must not be changed in place while mapped (``save`` replaces it).
         """
-        tensors, meta = io.read(path, cls.FORMAT, verify, encryption_key, cls.OLDER_FORMATS)
+        checks = None
+        if mmap:
+            if torch.device(device).type != "cpu":
+                raise ValueError(f"mmap=True maps the file into CPU memory, got device={device!r}")
+            if encryption_key is not None:
+                raise ValueError("an encrypted index file is decrypted in memory and cannot be memory-mapped: load it "
+                                 "with mmap=False")
+            tensors, meta, checks = mapped.read_mapped(path, cls.FORMAT, verify, cls.OLDER_FORMATS)
+        else:
+            tensors, meta = io.read(path, cls.FORMAT, verify is not False, encryption_key, cls.OLDER_FORMATS)
         where = os.fspath(path)
         try:
             index = cls._from_metadata(meta, device)
@@ -331,6 +375,7 @@ class Index(abc.ABC):
         except KeyError as e:
             raise ValueError(f"{where!r} is not a valid {cls.FORMAT} file: no tensor {e}") from None
         index._next_id = next_id
+        index._mapped = checks
         return index
 
     def _invalid(self, path: str, why: str) -> ValueError:

@@ -54,11 +54,13 @@ class FlatIndex(Index):
 
     @property
     def ids(self) -> Tensor:
+        self._check_file()
         return self._ids[: self._size]
 
     @property
     def vectors(self) -> Tensor:
         """The stored rows (reduced, unit-normalised for cosine metrics; decoded from a codec's codes)."""
+        self._check_file()
         return self._encoding.codec.decode(self._cols())
 
     def _columns_at(self, positions: Tensor) -> Dict[str, Tensor]:
@@ -127,6 +129,7 @@ class FlatIndex(Index):
         return self._ids
 
     def _search_rows(self, q: Tensor, k: int, mask: Optional[Tensor], rescore: int = 4) -> Tuple[Tensor, Tensor]:
+        self._check_file()  # a search reads every row
         return self._encoding.codec.search(FlatScan(), self._prepare(q), self._cols(), k, mask, rescore=rescore)
 
     # -- persistence

@@ -1,7 +1,6 @@
 """The IVF row store: rows grouped by inverted list in one buffer, each list with a little room to append."""
 from __future__ import annotations
 
-import contextlib
 from typing import Dict, Iterator, List, Tuple
 
 import torch
@@ -32,24 +31,24 @@ class InvertedLists:
     ``starts[l] .. starts[l] + sizes[l]`` and owns the slots up to ``starts[l] + capacities[l]``. A row is
     one entry of each column (``columns``: name -> (dtype, width; 0 for one value)) and an id.
 
-    Rows are appended in batches (``append``, or many appends in a ``batch()``, as one ``add`` makes): the
-    rows of a batch are staged and put in place once, at its end. Lists the batch fits in take its rows where
-    they are; lists it overflows get capacity ``n + ceil(n / 10)`` for their ``n`` rows, at the free end of
-    the buffer if it has room for all of them (their old slots are left behind as gaps), else in a rebuilt
-    buffer: every list packed in list order with that room, and 1/32 of the slots (+ 64) free at the end. So
-    the buffer holds at most ~1.14 slots a row (+ about ``nlist`` + 64; :meth:`max_slots`) however rows
-    arrive, a rebuild happens only once the rows appended since the last one outgrow the room it left (a row
-    is copied O(1) times, amortised: ~14 times under small appends spread over the lists), and a batch is
-    placed at once (a large add copies each stored row at most once). A rebuild holds the old and new buffers
-    at once; the staged rows are let go one chunk at a time as they are placed. ``load`` sizes the buffer
-    exactly; ``keep`` rebuilds it when removals leave more than :meth:`max_slots`. The bookkeeping tensors
-    live on the CPU; ``data`` (the columns) and ``ids`` on the index's device. (The scan op reads each list
-    as one range of rows of one tensor per column, so the lists share a buffer rather than one tensor each.)
+    Before rows are appended, :meth:`reserve` makes room for the rows each list will get (one ``add``
+    reserves for all its rows, then appends them a chunk at a time, each chunk written straight to its
+    slots). Lists with room keep their place; lists that would overflow get capacity ``n + ceil(n / 10)`` for
+    their ``n`` rows, at the free end of the buffer if it has room for all of them (their old slots are left
+    behind as gaps), else in a rebuilt buffer: every list packed in list order with that room, and 1/32 of
+    the slots (+ 64) free at the end. So the buffer holds at most ~1.14 slots a row (+ about ``nlist`` + 64;
+    :meth:`max_slots`) however rows arrive, a rebuild happens only once the rows appended since the last one
+    outgrow the room it left (a row is copied O(1) times, amortised: ~14 times under small appends spread
+    over the lists), and a large add copies each stored row at most once. A rebuild holds the old and new
+    buffers at once. :meth:`adopt` takes rows already in list order as the buffer, without a copy (a loaded
+    or memory-mapped file); ``keep`` rebuilds it when removals leave more than :meth:`max_slots`. The
+    bookkeeping tensors live on the CPU; ``data`` (the columns) and ``ids`` on the index's device. (The scan
+    op reads each list as one range of rows of one tensor per column, so the lists share a buffer rather
+    than one tensor each.)
     """
 
     def __init__(self, nlist: int, columns: Dict[str, Tuple[torch.dtype, int]], device: torch.device):
         self.nlist, self.columns, self.device = nlist, columns, device
-        self._batching = 0
         self.clear()
 
     def _empty(self, slots: int) -> Dict[str, Tensor]:
@@ -64,7 +63,6 @@ class InvertedLists:
         self.capacities = torch.zeros(self.nlist, dtype=torch.int64)
         self.end = 0  # slots handed out to lists (in use or left behind)
         self.count = 0
-        self._staged: List[Tuple[Dict[str, Tensor], Tensor, Tensor]] = []
 
     def __len__(self) -> int:
         return self.count
@@ -144,74 +142,53 @@ class InvertedLists:
         self.data, self.ids, self.starts, self.capacities, self.end = data, ids, starts, capacities.clone(), end
 
     # -- appends
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
-        """Appends within are staged and put in place together at the end (dropped if it raises)."""
-        self._batching += 1
-        try:
-            yield
-        except BaseException:
-            if self._batching == 1:
-                self._staged = []
-            raise
-        finally:
-            self._batching -= 1
-        if not self._batching:
-            self._place()
+    def reserve(self, counts: Tensor) -> None:
+        """Make room for ``counts[l]`` more rows in each list ``l`` (CPU int64; see the class docstring)."""
+        need = self.sizes + counts
+        grow = need > self.capacities
+        if not bool(grow.any()):
+            return
+        room = _with_room(need)
+        moved = int(room[grow].sum())
+        if self.end + moved <= self.slots:  # the grown lists fit in the free end: move just them
+            grown = torch.nonzero(grow).flatten()
+            starts = self.end + _exclusive_cumsum(room[grown])
+            self._copy_runs(self.data, self.ids, self.starts[grown], starts, self.sizes[grown])
+            self.starts[grown], self.capacities[grown] = starts, room[grown]
+            self.end += moved
+        else:
+            self._rebuild(room, tail=True)
 
     def append(self, rows: Dict[str, Tensor], ids: Tensor, lists: Tensor) -> None:
-        """Add rows (one tensor per column, on the device) with ``ids`` to ``lists`` (CPU int64, one per row)."""
-        self._staged.append((rows, ids, lists))
-        if not self._batching:
-            self._place()
-
-    def load(self, rows: Dict[str, Tensor], ids: Tensor, lists: Tensor) -> None:
-        """Fill an empty store with exactly the slots these rows need (no room)."""
-        self.clear()
-        self._staged.append((rows, ids, lists))
-        self._place(exact=True)
-
-    def _place(self, exact: bool = False) -> None:
-        """Put the staged rows in place (see the class docstring)."""
-        if not self._staged:
-            return
-        staged, self._staged = self._staged, []
-        lists = torch.cat([s[2] for s in staged])
+        """Add rows (one tensor per column, on the device) with ``ids`` to ``lists`` (CPU int64, one per row),
+        each after its list's rows, in order."""
         counts = torch.bincount(lists, minlength=self.nlist)
-        need = self.sizes + counts
-        if exact:
-            self._rebuild(need, tail=False)
-        else:
-            grow = need > self.capacities
-            if bool(grow.any()):
-                room = _with_room(need)
-                moved = int(room[grow].sum())
-                if self.end + moved <= self.slots:  # the grown lists fit in the free end: move just them
-                    grown = torch.nonzero(grow).flatten()
-                    starts = self.end + _exclusive_cumsum(room[grown])
-                    self._copy_runs(self.data, self.ids, self.starts[grown], starts, self.sizes[grown])
-                    self.starts[grown], self.capacities[grown] = starts, room[grown]
-                    self.end += moved
-                else:
-                    self._rebuild(room, tail=True)
-        # each staged row's slot: after its list's rows, in the order staged
+        self.reserve(counts)
         order = torch.argsort(lists, stable=True)
         sorted_lists = lists[order]
         rank = torch.arange(lists.numel()) - _exclusive_cumsum(counts)[sorted_lists]
         slots = torch.empty_like(lists)
         slots[order] = (self.starts + self.sizes)[sorted_lists] + rank
-        del order, sorted_lists, rank
-        at = 0
-        while staged:  # one staged chunk at a time, each let go once placed
-            rows, ids, chunk_lists = staged.pop(0)
-            dst = slots[at: at + chunk_lists.numel()].to(self.device)
-            for name, t in self.data.items():
-                t.index_copy_(0, dst, rows[name])
-            self.ids.index_copy_(0, dst, ids)
-            at += chunk_lists.numel()
-            del rows, ids
-        self.sizes = need
+        slots = slots.to(self.device)
+        for name, t in self.data.items():
+            t.index_copy_(0, slots, rows[name])
+        self.ids.index_copy_(0, slots, ids)
+        self.sizes = self.sizes + counts
         self.count += int(lists.numel())
+
+    def truncate(self, sizes: Tensor) -> None:
+        """Let go of the rows appended since the lists had ``sizes`` rows (an add that failed part way)."""
+        self.sizes = sizes.clone()
+        self.count = int(sizes.sum())
+
+    def adopt(self, rows: Dict[str, Tensor], ids: Tensor, sizes: Tensor) -> None:
+        """Take rows already in list order (list ``l`` holding ``sizes[l]`` of them) as the buffer, exactly
+        (no room, no copy)."""
+        self.clear()
+        self.data, self.ids = dict(rows), ids
+        self.sizes, self.capacities = sizes.clone(), sizes.clone()
+        self.starts = _exclusive_cumsum(sizes)
+        self.end = self.count = int(sizes.sum())
 
     # -- removals
     def keep(self, keep: Tensor) -> None:
@@ -242,7 +219,16 @@ class InvertedLists:
         slots = self.positions().to(self.device)
         return {name: t[slots] for name, t in self.data.items()}
 
+    def chunks(self, name: str, rows: int = 1 << 16) -> Iterator[Tensor]:
+        """Column ``name`` (or "ids") in list order, about ``rows`` rows at a time (whole lists; copies)."""
+        column = self.ids if name == "ids" else self.data[name]
+        ends = self.sizes.cumsum(0)
+        lo = 0
+        while lo < self.nlist:
+            hi = max(lo + 1, int(torch.searchsorted(ends, int(ends[lo] - self.sizes[lo]) + rows, right=True)))
+            yield column[self._slots(self.starts[lo:hi], self.sizes[lo:hi]).to(self.device)]
+            lo = hi
+
     def move(self, device: torch.device) -> None:
-        self._place()
         self.data = {name: t.to(device) for name, t in self.data.items()}
         self.ids, self.device = self.ids.to(device), device
