@@ -158,7 +158,10 @@ class Collection:
             manifest = json.loads(read_file(manifest_path))
             after = int(manifest["seq"])
             base = os.path.join(folder, manifest["snapshot"])
-            col.index = INDEX_KINDS[col.config["index"]].load(base + ".index", encryption_key=encryption_key)
+            # mapped (unencrypted snapshots): opening costs the header, not the rows; blocks are checked when first
+            # read (Index.load), and a replayed write first checks the rest
+            col.index = INDEX_KINDS[col.config["index"]].load(base + ".index", encryption_key=encryption_key,
+                                                              mmap=encryption_key is None)
             col.payloads = Payloads.from_json(read_file(base + ".payloads.json", encryption_key, b"payloads"))
         col.log.next_seq = after + 1
         col._replay(col.log.replay(after))
@@ -166,7 +169,11 @@ class Collection:
 
     def _replay(self, records: Iterable[Record]) -> None:
         """Apply logged records, coalesced: the net effect of every record is one removal and one add."""
-        present = set(self.index.ids.tolist())
+        records = list(records)
+        if not records:
+            return
+        mentioned = torch.from_numpy(np.unique(np.concatenate([record.ids for record in records])))
+        present = set(mentioned[torch.isin(mentioned, self.index.ids)].tolist()) if len(self.index) else set()
         to_remove = set()
         pending: Dict[int, Tuple[np.ndarray, int]] = {}  # id -> (record's vectors, row)
         payloads: Dict[int, Optional[dict]] = {}
