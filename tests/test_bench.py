@@ -135,8 +135,8 @@ def test_info_reports_versions_settings_and_plans():
     assert out.returncode == 0, out.stderr[-2000:]
     info = json.loads(out.stdout)
     assert info["torch"] == torch.__version__ and info["CUDA kernels compiled"] in ("yes", "no")
-    assert info["settings"] == ("bilinear_max_rows=256, bilinear_tile_kib=2048, cpu_cache_mb=1024, cpu_tile_gemm=auto, "
-                                "cpu_tile_kib=0, cuda_max_tile_rows=0")
+    assert info["settings"] == ("bilinear_max_rows=256, bilinear_tile_kib=2048, cpu_cache_mb=1024, cpu_min_thread_us=1000, "
+                                "cpu_tile_gemm=auto, cpu_tile_kib=0, cuda_max_tile_rows=0")
     assert info["plan cpu float32 Q=256 D=512 k=10"] == "tiled (BLAS GEMM, 512 KiB tiles, query blocks of 256)"
     assert info["plan cpu bfloat16 Q=1 D=512 k=10"].startswith("tiled (one-pass scan")
     assert info["CPU block cache held"].endswith("MiB")

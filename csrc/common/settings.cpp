@@ -15,6 +15,7 @@ std::atomic<int64_t> g_cpu_cache_mb{1024};
 // above F.bilinear's (benchmarks/results, the bilinear CPU reports)
 std::atomic<int64_t> g_bilinear_tile_kib{2048};
 std::atomic<int64_t> g_bilinear_max_rows{256};
+std::atomic<int64_t> g_cpu_min_thread_us{1000};
 
 struct Setting {
   std::atomic<int64_t>* value;
@@ -30,6 +31,7 @@ const std::map<std::string, Setting>& table() {
       {"cpu_cache_mb", {&g_cpu_cache_mb, 0, int64_t(1) << 24}},
       {"bilinear_tile_kib", {&g_bilinear_tile_kib, 4, int64_t(1) << 22}},
       {"bilinear_max_rows", {&g_bilinear_max_rows, 1, int64_t(1) << 30}},
+      {"cpu_min_thread_us", {&g_cpu_min_thread_us, 0, int64_t(1) << 30}},
   };
   return settings;
 }
@@ -47,6 +49,7 @@ int64_t cpu_tile_kib_override() { return read(g_cpu_tile_kib); }
 int64_t cpu_cache_mb() { return read(g_cpu_cache_mb); }
 int64_t bilinear_tile_kib() { return read(g_bilinear_tile_kib); }
 int64_t bilinear_max_rows() { return read(g_bilinear_max_rows); }
+int64_t cpu_min_thread_us() { return read(g_cpu_min_thread_us); }
 
 std::map<std::string, int64_t> get_settings() {
   std::map<std::string, int64_t> values;

@@ -27,6 +27,10 @@ int64_t cpu_cache_mb();
 int64_t bilinear_tile_kib();
 int64_t bilinear_max_rows();
 
+// CPU searches: microseconds of estimated one-thread work per thread (0: always every thread; parallel.h,
+// threads_for_ns). Tests set 0 so that small problems run on several threads.
+int64_t cpu_min_thread_us();
+
 // Every setting's current value, by name; and a setter that checks the name and the value's range.
 std::map<std::string, int64_t> get_settings();
 void set_setting(const std::string& name, int64_t value);

@@ -81,7 +81,8 @@ std::tuple<at::Tensor, at::Tensor> topk_hamming_cpu(const at::Tensor& queries, c
       for (int64_t i = 0; i < qn; ++i) hamming_keys(vpopcnt, qp + (q0 + i) * words, xp + n0 * words, nt, words, keys + i * nt);
     };
   };
-  auto [neg, indices] = float_key_topk(Q, N, k, plan.tile_rows, plan.query_block, mask_ptr, make_scorer);
+  auto [neg, indices] =
+      float_key_topk(Q, N, k, plan.tile_rows, plan.query_block, mask_ptr, words * 8, /*blas=*/false, make_scorer);
   // keys are minus the distances; padding (-inf) becomes INT32_MAX
   at::Tensor dist = neg.neg().masked_fill_(indices < 0, 0).to(at::kInt).masked_fill_(
       indices < 0, std::numeric_limits<int32_t>::max());

@@ -155,27 +155,29 @@ std::tuple<at::Tensor, at::Tensor> rescore_int8(const Int16Queries& q16, const I
   float* out_v = values.data_ptr<float>();
   int64_t* out_i = indices.data_ptr<int64_t>();
   const int64_t* cand = candidates.data_ptr<int64_t>();
-  parallel_for(0, Q, 16, [&](int64_t qb, int64_t qe) {
-    std::vector<std::pair<ord_t, int64_t>> ranked;
-    for (int64_t q = qb; q < qe; ++q) {
-      ranked.clear();
-      for (int64_t j = 0; j < kc && cand[q * kc + j] >= 0; ++j) {
-        const int64_t row = cand[q * kc + j];
-        float key;
-        int8_dots_i16(q16, q, 1, x + row * D, 1, &key);
-        terms.apply(isa, &key, 1, 1, terms.query_bias ? terms.query_bias + q * terms.bias_width() : nullptr, row);
-        ranked.emplace_back(to_ord<float>(key), row);
+  // blocks of 16 queries, taken by as many threads as the rescoring pays for
+  parallel_take((Q + 15) / 16, threads_for_ns(double(Q * kc) * scan_row_ns(D, 1)), [&] {
+    return [&, ranked = std::vector<std::pair<ord_t, int64_t>>()](int64_t b) mutable {
+      for (int64_t q = 16 * b; q < std::min(Q, 16 * (b + 1)); ++q) {
+        ranked.clear();
+        for (int64_t j = 0; j < kc && cand[q * kc + j] >= 0; ++j) {
+          const int64_t row = cand[q * kc + j];
+          float key;
+          int8_dots_i16(q16, q, 1, x + row * D, 1, &key);
+          terms.apply(isa, &key, 1, 1, terms.query_bias ? terms.query_bias + q * terms.bias_width() : nullptr, row);
+          ranked.emplace_back(to_ord<float>(key), row);
+        }
+        const int64_t found = std::min<int64_t>(k, int64_t(ranked.size()));
+        std::partial_sort(ranked.begin(), ranked.begin() + found, ranked.end(), [](const auto& a, const auto& b) {
+          return a.first != b.first ? a.first > b.first : a.second < b.second;
+        });
+        for (int64_t r = 0; r < k; ++r) {
+          out_v[q * k + r] = r < found ? from_ord<float>(ranked[r].first) : -std::numeric_limits<float>::infinity();
+          out_i[q * k + r] = r < found ? ranked[r].second : -1;
+        }
       }
-      const int64_t found = std::min<int64_t>(k, int64_t(ranked.size()));
-      std::partial_sort(ranked.begin(), ranked.begin() + found, ranked.end(), [](const auto& a, const auto& b) {
-        return a.first != b.first ? a.first > b.first : a.second < b.second;
-      });
-      for (int64_t r = 0; r < k; ++r) {
-        out_v[q * k + r] = r < found ? from_ord<float>(ranked[r].first) : -std::numeric_limits<float>::infinity();
-        out_i[q * k + r] = r < found ? ranked[r].second : -1;
-      }
-    }
-  });
+    };
+  }, /*blas=*/false);
   return {values, indices};
 }
 
@@ -266,7 +268,8 @@ std::tuple<at::Tensor, at::Tensor> topk_int8_cpu(const at::Tensor& queries, cons
       };
     };
     const at::Tensor candidates =
-        std::get<1>(float_key_topk(Q, N, coarse_candidates(k, N), plan.tile_rows, plan.query_block, mask_ptr, make_coarse));
+        std::get<1>(float_key_topk(Q, N, coarse_candidates(k, N), plan.tile_rows, plan.query_block, mask_ptr, D,
+                                   /*blas=*/true, make_coarse));
     return rescore_int8(q16, terms, plan.isa, xp, D, candidates, k);
 #endif
   }
@@ -301,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor> topk_int8_cpu(const at::Tensor& queries, cons
       terms.apply(plan.isa, keys, qn, nt, terms.query_bias ? terms.query_bias + q0 * terms.bias_width() : nullptr, n0);
     };
   };
-  return float_key_topk(Q, N, k, plan.tile_rows, plan.query_block, mask_ptr, make_scorer);
+  return float_key_topk(Q, N, k, plan.tile_rows, plan.query_block, mask_ptr, D, plan.gemm, make_scorer);
 }
 
 }  // namespace

@@ -17,9 +17,12 @@ namespace xmodal {
 // The k largest float keys of each query over N rows, from scorers that write a tile's keys [qn, nt] as
 // floats (score_tile(n0, nt, q0, qn, keys)): float32 keys [Q, k] best first (padded with -inf) and int64 row
 // indices (-1 padding); ties go to the smaller index.
+// row_bytes: the bytes of one row, for the thread count (tiled_topk.h, scan_row_ns); blas: a scorer may call
+// BLAS (parallel.h, parallel_take).
 template <typename MakeScorer>
 std::tuple<at::Tensor, at::Tensor> float_key_topk(int64_t Q, int64_t N, int64_t k, int64_t tile_rows,
-                                                  int64_t query_block, const bool* mask, const MakeScorer& make_scorer) {
+                                                  int64_t query_block, const bool* mask, int64_t row_bytes,
+                                                  bool blas, const MakeScorer& make_scorer) {
   using ord_t = int32_t;
   at::Tensor values = at::empty({Q, k}, at::kFloat), indices = at::empty({Q, k}, at::kLong);
   float* out_v = values.data_ptr<float>();
@@ -43,7 +46,8 @@ std::tuple<at::Tensor, at::Tensor> float_key_topk(int64_t Q, int64_t N, int64_t 
                         out_v[q * k + r] = r < found ? from_ord<float>(merged[r].key) : -std::numeric_limits<float>::infinity();
                         out_i[q * k + r] = r < found ? merged[r].index : -1;
                       }
-                    });
+                    },
+                    scan_row_ns(row_bytes, std::min(std::max<int64_t>(Q, 1), query_block)), blas);
   return {values, indices};
 }
 

@@ -21,6 +21,7 @@
 #include "common/parallel.h"
 #include "search/codes_cpu.h"
 #include "search/planner.h"
+#include "search/tiled_topk.h"
 #include "search/topk_common.h"
 #include "search/topk_select.h"
 
@@ -66,16 +67,28 @@ ListPairs group_pairs(const int64_t* probes, int64_t Q, int64_t nprobe, int64_t 
   return g;
 }
 
+// One thread's estimated nanoseconds to scan the busy lists (rows of row_bytes; tiled_topk.h, scan_row_ns).
+double lists_ns(const ListPairs& g, const std::vector<int64_t>& begin, const std::vector<int64_t>& end,
+                int64_t row_bytes) {
+  double ns = 0;
+  for (int64_t l : g.busy) {
+    const int64_t np = g.start[l + 1] - g.start[l];
+    ns += double(end[l] - begin[l]) * double(np) * scan_row_ns(row_bytes, np);
+  }
+  return ns;
+}
+
 // Scans the busy lists in parallel, list-major: scan_list(l, pairs, np, buffers, capacity) feeds the np
-// pairs' candidate buffers with list l's rows. Returns k candidates per pair (unused: kSkipOrd).
+// pairs' candidate buffers with list l's rows. Threads take lists one at a time (parallel.h, parallel_take),
+// as many threads as `ns` (lists_ns) pays for; `blas`: scan_list may call BLAS. Returns k candidates per pair
+// (unused: kSkipOrd).
 template <typename ord_t, typename ScanList>
-std::vector<Candidate<ord_t>> scan_lists(const ListPairs& g, int64_t pairs, int64_t k, const ScanList& scan_list) {
+std::vector<Candidate<ord_t>> scan_lists(const ListPairs& g, int64_t pairs, int64_t k, double ns, bool blas,
+                                         const ScanList& scan_list) {
   std::vector<Candidate<ord_t>> cand(pairs * k, Candidate<ord_t>{kSkipOrd<ord_t>, -1});
   const int64_t capacity = std::max<int64_t>(2 * k, k + 32);
-  parallel_for(0, int64_t(g.busy.size()), 1, [&](int64_t l0, int64_t l1) {
-    std::vector<Candidate<ord_t>> slots;
-    std::vector<TopKBuffer<ord_t>> buffers;
-    for (int64_t li = l0; li < l1; ++li) {
+  parallel_take(int64_t(g.busy.size()), threads_for_ns(ns), [&] {
+    return [&, slots = std::vector<Candidate<ord_t>>(), buffers = std::vector<TopKBuffer<ord_t>>()](int64_t li) mutable {
       const int64_t l = g.busy[li];
       const int64_t p0 = g.start[l], np = g.start[l + 1] - p0;
       slots.resize(np * capacity);
@@ -87,8 +100,8 @@ std::vector<Candidate<ord_t>> scan_lists(const ListPairs& g, int64_t pairs, int6
         if (b.count > k) b.compact(k);
         std::copy(b.slots, b.slots + b.count, cand.begin() + g.order[p0 + i] * k);
       }
-    }
-  });
+    };
+  }, blas);
   return cand;
 }
 
@@ -96,18 +109,21 @@ std::vector<Candidate<ord_t>> scan_lists(const ListPairs& g, int64_t pairs, int6
 template <typename ord_t, typename V, typename ToValue>
 void merge_pairs(std::vector<Candidate<ord_t>>& cand, int64_t Q, int64_t nprobe, int64_t k, V pad,
                  const ToValue& value, V* vp, int64_t* ip) {
-  parallel_for(0, Q, 16, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      auto first = cand.begin() + q * nprobe * k, last = first + nprobe * k;
-      const int64_t take = std::min<int64_t>(k, nprobe * k);
-      std::partial_sort(first, first + take, last, Better{});
-      for (int64_t j = 0; j < k; ++j) {
-        const bool real = j < take && first[j].key != kSkipOrd<ord_t>;
-        vp[q * k + j] = real ? value(first[j].key) : pad;
-        ip[q * k + j] = real ? first[j].index : -1;
+  // blocks of 16 queries; ~10 ns a candidate
+  parallel_take((Q + 15) / 16, threads_for_ns(10.0 * double(Q * nprobe * k)), [&] {
+    return [&](int64_t b) {
+      for (int64_t q = 16 * b; q < std::min(Q, 16 * (b + 1)); ++q) {
+        auto first = cand.begin() + q * nprobe * k, last = first + nprobe * k;
+        const int64_t take = std::min<int64_t>(k, nprobe * k);
+        std::partial_sort(first, first + take, last, Better{});
+        for (int64_t j = 0; j < k; ++j) {
+          const bool real = j < take && first[j].key != kSkipOrd<ord_t>;
+          vp[q * k + j] = real ? value(first[j].key) : pad;
+          ip[q * k + j] = real ? first[j].index : -1;
+        }
       }
-    }
-  });
+    };
+  }, /*blas=*/false);
 }
 
 // Ranking keys of int8 codes or packed bits (see the op's schema): float keys, larger is better.
@@ -223,8 +239,9 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
     const Int16Queries q16_all = int8_codes && plan.isa == ScanIsa::Avx2 ? Int16Queries(qc.data_ptr<float>(), Q, D)
                                                                          : Int16Queries();
     using ord_t = int32_t;
-    auto cand = scan_lists<ord_t>(g, Q * nprobe, k, [&](int64_t l, const int64_t* pairs, int64_t np,
-                                                         TopKBuffer<ord_t>* buffers, int64_t capacity) {
+    auto cand = scan_lists<ord_t>(g, Q * nprobe, k, lists_ns(g, begin, end, D), /*blas=*/false,
+                                  [&](int64_t l, const int64_t* pairs, int64_t np, TopKBuffer<ord_t>* buffers,
+                                      int64_t capacity) {
       // this list's queries side by side, then blocks of rows scored against all of them
       const int64_t qwidth = bits ? D / 8 : D;
       const int64_t width = terms.bias_width();
@@ -276,8 +293,9 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
     // at 1M x 128: nprobe 8 went from 140 to 61 ms); 16-bit rows and distances keep the dot-product loop,
     // which accumulates 16-bit rows in fp32.
     constexpr bool kBlasType = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
-    auto cand = scan_lists<ord_t>(g, Q * nprobe, k, [&](int64_t l, const int64_t* pairs, int64_t np,
-                                                         TopKBuffer<ord_t>* buffers, int64_t capacity) {
+    auto cand = scan_lists<ord_t>(g, Q * nprobe, k, lists_ns(g, begin, end, D * int64_t(sizeof(scalar_t))), /*blas=*/true,
+                                  [&](int64_t l, const int64_t* pairs, int64_t np, TopKBuffer<ord_t>* buffers,
+                                      int64_t capacity) {
       std::vector<ord_t> keys(kRowBlock);
       if (kBlasType && m == Metric::IP && np >= 2) {
         // Several queries share this list: score them all with one small GEMM (BLAS, single-threaded

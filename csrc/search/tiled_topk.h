@@ -10,20 +10,29 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <memory>
 #include <vector>
 
 namespace xmodal {
 
+// A one-thread estimate of the nanoseconds to score one row of `row_bytes` for one query and select from it,
+// for tiled_topk's thread count: reading the row (shared by the queries of a block) plus ~2 ns of selection
+// (fitted on an AVX2 EPYC: 64 / 17 / 5.5 ns for one query over float32 / int8 / 256-bit rows of D = 256).
+inline double scan_row_ns(int64_t row_bytes, int64_t query_block) {
+  return 2.0 + double(row_bytes) * (0.06 / double(std::max<int64_t>(1, query_block)) + 0.02);
+}
+
 // make_scorer() gives each worker thread a scorer; scorer(n0, nt, q0, qn, emit) ranks rows n0 .. n0 + nt for
 // queries q0 .. q0 + qn and calls emit(i, keys) with the nt ranking keys of query q0 + i (masked rows:
 // kSkipOrd). For each tile it is called for consecutive query blocks, so a scorer may prepare a tile once.
 // write(q, found, merged) then receives query q's best `found` (<= k) candidates, best first.
+// row_ns: the caller's estimate of one thread's nanoseconds per row and query (0: unknown, use every thread);
+// it sets the number of threads (parallel.h, threads_for_ns). blas: the scorer may call BLAS (parallel.h,
+// parallel_take).
 template <typename ord_t, typename MakeScorer, typename Write>
 void tiled_topk(int64_t Q, int64_t N, int64_t k, int64_t tile_rows, int64_t query_block, const MakeScorer& make_scorer,
-                const Write& write) {
-  const int64_t threads = at::get_num_threads();
+                const Write& write, double row_ns = 0, bool blas = true) {
+  const int64_t threads = row_ns > 0 ? threads_for_ns(double(N) * double(Q) * row_ns) : int64_t(at::get_num_threads());
   query_block = std::max<int64_t>(1, std::min(Q, query_block));
   // Few rows and many queries (k-means' assignment: 10^5 rows against 256 centres): every thread scores all
   // rows, in one tile, for its own query blocks. Split by rows instead, each thread's GEMMs would cover a
@@ -31,16 +40,17 @@ void tiled_topk(int64_t Q, int64_t N, int64_t k, int64_t tile_rows, int64_t quer
   const bool split_queries = threads > 1 && N > 0 && N <= tile_rows && Q >= threads * query_block;
   tile_rows = split_queries ? std::max<int64_t>(N, 1)
                             : std::max<int64_t>(1, std::min(tile_rows, std::max<int64_t>(16, (N + threads - 1) / threads)));
-  const int64_t num_tiles = (N + tile_rows - 1) / tile_rows;
   // Each part scans an equal share of the rows (in multiples of 64), cut into tiles: handing out whole tiles
   // let one thread scan up to a tile more than the other (200,000 rows in 4 tiles of 65,536: 131,072
-  // against 68,928). With enough rows there are kPartsPerThread parts per thread, taken in turn by whichever
-  // thread is free: when another process holds a core, its thread scans fewer parts instead of holding the
-  // others back (one query over 200,000 x 256 with one core busy: 16.0 ms on 2 threads, 12.6 ms on 1, when
-  // each thread owned half of the rows).
+  // against 68,928). There are up to kPartsPerThread parts per thread, taken in turn by whichever thread is
+  // free: when another process holds a core, its thread scans fewer parts instead of holding the others back
+  // (one query over 200,000 x 256 with one core busy: 16.0 ms on 2 threads, 12.6 ms on 1, when each thread
+  // owned half of the rows).
   constexpr int64_t kPartsPerThread = 4, kMinPartRows = 4096;
-  const bool shared_parts = threads > 1 && !split_queries && N >= threads * kPartsPerThread * kMinPartRows;
-  const int64_t parts = shared_parts ? threads * kPartsPerThread : std::max<int64_t>(1, std::min(threads, num_tiles));
+  const int64_t parts = threads == 1 || split_queries
+                            ? 1
+                            : std::min(std::max<int64_t>(1, N / 64),
+                                       std::clamp<int64_t>(N / kMinPartRows, threads, threads * kPartsPerThread));
   const auto part_start = [&](int64_t p) { return p == parts ? N : p * N / parts / 64 * 64; };
   int64_t max_rows_per_part = 0;
   for (int64_t p = 0; p < parts; ++p) max_rows_per_part = std::max(max_rows_per_part, part_start(p + 1) - part_start(p));
@@ -68,20 +78,16 @@ void tiled_topk(int64_t Q, int64_t N, int64_t k, int64_t tile_rows, int64_t quer
       for (int64_t i = 0; i < s1 - s0; ++i)
         buffers[p * super_block + i] = {&slots[(p * super_block + i) * capacity], 0, kSkipOrd<ord_t>};
     if (split_queries) {  // one part (parts == 1): threads take query blocks
-      const int64_t blocks = (s1 - s0 + query_block - 1) / query_block;
-      parallel_for(0, blocks, 1, [&](int64_t bb, int64_t be) {
-        auto score = make_scorer();
-        for (int64_t b = bb; b < be; ++b) {
+      parallel_take((s1 - s0 + query_block - 1) / query_block, threads, [&] {
+        return [&, score = make_scorer()](int64_t b) mutable {
           const int64_t q0 = s0 + b * query_block, qn = std::min(s1, q0 + query_block) - q0;
           score(0, N, q0, qn, [&](int64_t i, const ord_t* keys) { buffers[q0 - s0 + i].scan(keys, N, 0, k, capacity); });
-        }
-      });
+        };
+      }, blas);
     } else {
-      std::atomic<int64_t> next_part{0};
-      parallel_for(0, std::min(threads, parts), 1, [&](int64_t, int64_t) {
-        auto score = make_scorer();
-        // each call takes parts until none is left (a part is scanned by one thread, into its own buffers)
-        for (int64_t p; (p = next_part.fetch_add(1)) < parts;) {
+      // a part is scanned by one thread, into its own buffers
+      parallel_take(parts, threads, [&] {
+        return [&, score = make_scorer()](int64_t p) mutable {
           const int64_t end = part_start(p + 1);
           for (int64_t n0 = part_start(p); n0 < end; n0 += tile_rows) {
             const int64_t nt = std::min(end, n0 + tile_rows) - n0;
@@ -92,14 +98,16 @@ void tiled_topk(int64_t Q, int64_t N, int64_t k, int64_t tile_rows, int64_t quer
               });
             }
           }
-        }
-      });
+        };
+      }, blas);
     }
-    // Merge the parts' candidates per query, best first.
-    parallel_for(s0, s1, 16, [&](int64_t qb, int64_t qe) {
-      std::vector<Candidate<ord_t>> merged;
-      for (int64_t q = qb; q < qe; ++q) write(q, merge_buffers(buffers.data() + (q - s0), parts, super_block, k, merged), merged);
-    });
+    // Merge the parts' candidates per query, best first, in blocks of 16 queries.
+    parallel_take((s1 - s0 + 15) / 16, threads, [&] {
+      return [&, merged = std::vector<Candidate<ord_t>>()](int64_t b) mutable {
+        for (int64_t q = s0 + 16 * b; q < std::min(s1, s0 + 16 * (b + 1)); ++q)
+          write(q, merge_buffers(buffers.data() + (q - s0), parts, super_block, k, merged), merged);
+      };
+    }, /*blas=*/false);  // (writes may read rows, never call BLAS)
   }
 }
 

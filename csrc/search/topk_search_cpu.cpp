@@ -315,7 +315,9 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args, const Plan
                           out_i[i * k + r] = exact[r].second;
                         }
                       }
-                    });
+                    },
+                    scan_row_ns(D * database.element_size(), query_block),
+                    /*blas=*/!(plan.gemm == TileGemm::Scan && metric != Metric::KL));
   return finish_results(args, values.to(args.queries.scalar_type()), indices);
 }
 

@@ -24,6 +24,11 @@ code, :func:`override`::
     blocks whose pages are already mapped. ``xmodal.empty_cpu_cache()`` frees what it holds.
 ``bilinear_tile_kib``, ``bilinear_max_rows``
     The CPU bilinear ops' outer-product tile size (default 2048 KiB) and most batch rows per tile (256).
+``cpu_min_thread_us``
+    The CPU searches use one thread per this many microseconds of (estimated) one-thread work (default
+    1000; 0: every thread, however small the search). Shorter searches stay on fewer threads: a thread
+    whose core another process holds can delay a parallel call by a scheduler time slice, and a search of a
+    millisecond or two gains little from a second thread anyway.
 """
 from __future__ import annotations
 

@@ -1,0 +1,98 @@
+// xmodal's own thread pool for parallel_take (parallel.h, run_on_pool): threads that sleep on a condition
+// variable between calls, and a caller that waits only for the threads that joined its call.
+#include "common/parallel.h"
+
+#include <pthread.h>
+
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+namespace xmodal {
+namespace {
+
+thread_local bool t_in_call = false;  // this thread runs a call's body (nested calls run inline)
+
+struct Pool {
+  std::mutex mutex;
+  std::condition_variable wake, left;
+  const std::function<void()>* body = nullptr;  // the call in progress, if any
+  uint64_t call = 0;                             // numbers the calls, so a thread joins each at most once
+  int64_t seats = 0;                             // helpers the call still takes
+  int64_t inside = 0;                            // helpers running its body
+  std::exception_ptr error;
+  int64_t started = 0;
+
+  void grow(int64_t helpers) {  // (under mutex)
+    for (; started < helpers; ++started) std::thread([this] { serve(); }).detach();
+  }
+
+  void serve() {
+    t_in_call = true;
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex);
+    for (;;) {
+      wake.wait(lock, [&] { return body != nullptr && call != seen && seats > 0; });
+      seen = call;
+      --seats;
+      ++inside;
+      const std::function<void()>* job = body;
+      lock.unlock();
+      std::exception_ptr failed;
+      try {
+        (*job)();
+      } catch (...) {
+        failed = std::current_exception();
+      }
+      lock.lock();
+      if (failed && !error) error = failed;
+      if (--inside == 0) left.notify_all();
+    }
+  }
+};
+
+Pool* g_pool = new Pool();  // never destroyed: its threads are detached and may outlive static destructors
+
+}  // namespace
+
+void run_on_pool(int64_t helpers, const std::function<void()>& body) {
+  static const bool fork_handler = [] {
+    // a forked child has none of the parent's threads, and perhaps a mutex locked at the fork: a new pool
+    return pthread_atfork(nullptr, nullptr, [] { g_pool = new Pool(); }) == 0;
+  }();
+  (void)fork_handler;
+  Pool& pool = *g_pool;
+  if (t_in_call || helpers <= 0) return body();
+  {
+    std::unique_lock<std::mutex> lock(pool.mutex);
+    if (pool.body != nullptr) {  // another thread's call has the pool
+      lock.unlock();
+      return body();
+    }
+    pool.grow(helpers);
+    pool.body = &body;
+    ++pool.call;
+    pool.seats = helpers;
+    pool.error = nullptr;
+  }
+  pool.wake.notify_all();
+  std::exception_ptr failed;
+  t_in_call = true;
+  try {
+    body();
+  } catch (...) {
+    failed = std::current_exception();
+  }
+  t_in_call = false;
+  std::unique_lock<std::mutex> lock(pool.mutex);
+  pool.seats = 0;  // helpers that have not woken yet stay asleep
+  pool.left.wait(lock, [&] { return pool.inside == 0; });
+  pool.body = nullptr;
+  if (!failed) failed = pool.error;
+  pool.error = nullptr;
+  lock.unlock();
+  if (failed) std::rethrow_exception(failed);
+}
+
+}  // namespace xmodal
