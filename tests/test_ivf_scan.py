@@ -247,8 +247,9 @@ def test_compressed_rows_errors():
                                   row_scale=torch.ones(10))
 
 
-def test_row_groups_are_checked_on_the_lists_rows_only():
-    """Slots between lists (the appendable [nlist, 2] layout) hold anything; a bad group inside a list raises."""
+def test_row_groups_are_checked_on_the_probed_lists_rows_only():
+    """Slots between lists (the appendable [nlist, 2] layout) hold anything; a bad group inside a probed list
+    raises (a list no query probes is not read, so not checked: checking all of them cost every call O(N))."""
     g = torch.Generator().manual_seed(2)
     rows = torch.randint(-128, 128, (12, 8), generator=g, dtype=torch.int8)
     queries, bias = torch.randn(2, 8, generator=g), torch.randn(2, 3, generator=g)
@@ -260,6 +261,12 @@ def test_row_groups_are_checked_on_the_lists_rows_only():
         keep = torch.zeros(12, dtype=torch.bool)
         keep[allowed] = True
         assert torch.equal(idx[q], reference.topk_from_scores(full[q: q + 1], 3, "ip", mask=keep)[1][0])
+    three = torch.tensor([[0, 4], [6, 10], [10, 12]])  # list 2 holds rows 10, 11 (groups 255): not probed
+    assert torch.equal(torch.ops.xmodal.ivf_scan(queries, rows, three, probes, 3, "ip", query_bias=bias,
+                                                 row_group=groups)[1], idx)
+    with pytest.raises(RuntimeError, match=r"row_group values must be below G = 3 \(query_bias's columns\), got 255"):
+        torch.ops.xmodal.ivf_scan(queries, rows, three, torch.tensor([[0, 2], [1, -1]]), 3, "ip", query_bias=bias,
+                                  row_group=groups)
     groups[7] = 3
     with pytest.raises(RuntimeError, match=r"row_group values must be below G = 3 \(query_bias's columns\), got 3"):
         torch.ops.xmodal.ivf_scan(queries, rows, ranges, probes, 3, "ip", query_bias=bias, row_group=groups)
