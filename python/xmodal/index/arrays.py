@@ -4,6 +4,7 @@ CuPy arrays and CUDA tensors pass through DLPack, without copies where the dtype
 """
 from __future__ import annotations
 
+import warnings
 from typing import Tuple
 
 import torch
@@ -18,7 +19,9 @@ def to_torch(x, name: str) -> Tuple[Tensor, str]:
     if module == "numpy":
         import numpy as np
 
-        return torch.from_numpy(np.ascontiguousarray(x)), "numpy"
+        with warnings.catch_warnings():  # read-only arrays (np.load(mmap_mode="r")) are welcome: inputs are only read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(np.ascontiguousarray(x)), "numpy"
     if module == "cupy":
         return torch.from_dlpack(x), "cupy"
     raise TypeError(f"{name} must be a torch tensor, NumPy array or CuPy array, got {type(x).__name__}")
