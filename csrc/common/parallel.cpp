@@ -2,7 +2,11 @@
 // variable between calls, and a caller that waits only for the threads that joined its call.
 #include "common/parallel.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <condition_variable>
 #include <exception>
@@ -13,6 +17,39 @@ namespace xmodal {
 namespace {
 
 thread_local bool t_in_call = false;  // this thread runs a call's body (nested calls run inline)
+
+// MKL's thread count for the calling thread alone: the C entry point (mkl_set_num_threads_local, without
+// capitals, is the Fortran one and takes a pointer), in libtorch_cpu, which links MKL; nullptr where absent.
+using SetLocalThreads = int (*)(int);
+SetLocalThreads mkl_local_threads() {
+  static const SetLocalThreads fn = [] {
+    void* handle = dlopen("libtorch_cpu.so", RTLD_NOLOAD | RTLD_LAZY);
+    return handle ? reinterpret_cast<SetLocalThreads>(dlsym(handle, "MKL_Set_Num_Threads_Local")) : nullptr;
+  }();
+  return fn;
+}
+
+// While it lives, the OpenMP regions and MKL calls this thread starts run on this thread alone, as they do
+// inside an OpenMP region: a body that calls BLAS on the pool must not start threads of its own.
+class OnThisThread {
+ public:
+  OnThisThread() {
+#ifdef _OPENMP
+    omp_ = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+    if (const auto set = mkl_local_threads()) mkl_ = set(1);
+  }
+  ~OnThisThread() {
+#ifdef _OPENMP
+    omp_set_num_threads(omp_);
+#endif
+    if (const auto set = mkl_local_threads()) set(mkl_);
+  }
+
+ private:
+  int omp_ = 1, mkl_ = 0;
+};
 
 struct Pool {
   std::mutex mutex;
@@ -30,6 +67,7 @@ struct Pool {
 
   void serve() {
     t_in_call = true;
+    const OnThisThread alone;  // for the life of the thread
     uint64_t seen = 0;
     std::unique_lock<std::mutex> lock(mutex);
     for (;;) {
@@ -56,6 +94,8 @@ Pool* g_pool = new Pool();  // never destroyed: its threads are detached and may
 
 }  // namespace
 
+bool pool_runs_blas() { return mkl_local_threads() != nullptr; }
+
 void run_on_pool(int64_t helpers, const std::function<void()>& body) {
   static const bool fork_handler = [] {
     // a forked child has none of the parent's threads, and perhaps a mutex locked at the fork: a new pool
@@ -80,6 +120,7 @@ void run_on_pool(int64_t helpers, const std::function<void()>& body) {
   std::exception_ptr failed;
   t_in_call = true;
   try {
+    const OnThisThread alone;
     body();
   } catch (...) {
     failed = std::current_exception();

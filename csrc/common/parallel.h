@@ -36,13 +36,17 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain_size, const F& f) {
 // first exception.
 void run_on_pool(int64_t helpers, const std::function<void()>& body);
 
+// Whether bodies that call BLAS may run on the pool: its threads, and the caller during a call, hold MKL and
+// OpenMP to one thread for themselves, as inside an OpenMP region (parallel.cpp, OnThisThread).
+bool pool_runs_blas();
+
 // Calls worker(i) for every i in [0, n), on up to `threads` threads that each make a worker (make_worker())
 // and take items from a shared counter. A static split waits for the thread whose core another process holds
 // (a busy core made two threads 12x slower than one on small scans); here that thread just does fewer items.
 // Callers write each item's results to its own place, so they do not depend on which thread took it.
-// `blas`: the items call BLAS (or ATen ops that may), which must run inside an OpenMP region to stay
-// single-threaded per worker; the other items run on xmodal's pool (run_on_pool), with ATen's nested
-// parallelism off.
+// Items run on xmodal's pool (run_on_pool), with ATen's nested parallelism off; `blas`: they call BLAS (or
+// ATen ops that may), so where the pool cannot hold MKL to one thread per thread (pool_runs_blas), they run
+// inside an OpenMP region instead, where MKL stays single-threaded.
 template <typename MakeWorker>
 void parallel_take(int64_t n, int64_t threads, const MakeWorker& make_worker, bool blas = true) {
   if (n <= 0) return;
@@ -60,7 +64,7 @@ void parallel_take(int64_t n, int64_t threads, const MakeWorker& make_worker, bo
   };
   if (threads == 1) {
     take();
-  } else if (blas) {
+  } else if (blas && !pool_runs_blas()) {
     parallel_for(0, threads, 1, [&](int64_t, int64_t) { take(); });
   } else {
     const at::ThreadLocalState caller_state;
