@@ -1,5 +1,6 @@
-"""Row helpers the index modules share (``base``, ``codecs``, ``encoding``, ``sharded``): chunking, unit rows,
-cosine -> distance, merging candidate lists. A leaf module, so that none of them imports another for these."""
+"""Row helpers the index modules share (``base``, ``codecs``, ``encoding``, ``sharded``, ``inverted_lists``,
+``mapped``): chunking, ranges of rows, unit rows, cosine -> distance, merging candidate lists. A leaf module,
+so that none of them imports another for these."""
 from __future__ import annotations
 
 from typing import Tuple
@@ -25,6 +26,12 @@ def non_finite_rows(rows: Tensor) -> Tensor:
             continue
         found.append(start + torch.nonzero(~torch.isfinite(chunk).all(1)).flatten().cpu())
     return torch.cat(found) if found else torch.empty(0, dtype=torch.int64)
+
+
+def concatenated_ranges(starts: Tensor, sizes: Tensor) -> Tensor:
+    """``arange(starts[i], starts[i] + sizes[i])`` for each i, concatenated (CPU int64)."""
+    first = torch.repeat_interleave(starts - (sizes.cumsum(0) - sizes), sizes)
+    return first + torch.arange(int(sizes.sum()))
 
 
 def duplicates(ids: Tensor, limit: int = 10) -> list:

@@ -304,6 +304,8 @@ class Index(abc.ABC):
         if self._mapped is not None:  # the ids of the answers
             found = positions[positions >= 0].cpu()
             self._mapped.check_rows("ids", found, found + 1)
+            if self._mapped.done:  # every block checked: later searches owe nothing
+                self._mapped = None
         if len(self) == 0:
             ids = torch.full_like(positions, -1)
         else:

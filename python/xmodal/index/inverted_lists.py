@@ -6,6 +6,8 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 from torch import Tensor
 
+from ._rows import concatenated_ranges
+
 # The room kept for appends: the buffer holds at most about (1 + 1/10) (1 + 1/32) ~ 1.14 slots a row, plus
 # about nlist + TAIL_SLOTS (see InvertedLists). More room, fewer rebuilds: small appends spread over the lists
 # copy each stored row ~1.4 * LIST_ROOM times, amortised (simulated: 10-22 times with these values, more for
@@ -86,13 +88,7 @@ class InvertedLists:
 
     def positions(self) -> Tensor:
         """The slot of each row, in list order (CPU): the order ``ids``, ``vectors`` and masks follow."""
-        return self._slots(self.starts, self.sizes)
-
-    @staticmethod
-    def _slots(starts: Tensor, sizes: Tensor) -> Tensor:
-        """Concatenated ``arange(starts[i], starts[i] + sizes[i])``."""
-        first = torch.repeat_interleave(starts - _exclusive_cumsum(sizes), sizes)
-        return first + torch.arange(int(sizes.sum()))
+        return concatenated_ranges(self.starts, self.sizes)
 
     # -- copies
     def _tensors(self, data: Dict[str, Tensor], ids: Tensor) -> List[Tuple[Tensor, Tensor]]:
@@ -116,7 +112,8 @@ class InvertedLists:
         step = torch.tensor(range(8 * COPY_BLOCK, rows, 8 * COPY_BLOCK), dtype=torch.int64)
         cuts = sorted(set(torch.searchsorted(ends, step, right=True).tolist()) - {0, sizes.numel()})
         for lo, hi in zip([0] + cuts, cuts + [sizes.numel()]):
-            self._gather(pairs, self._slots(src[lo:hi], sizes[lo:hi]), self._slots(dst[lo:hi], sizes[lo:hi]))
+            self._gather(pairs, concatenated_ranges(src[lo:hi], sizes[lo:hi]),
+                         concatenated_ranges(dst[lo:hi], sizes[lo:hi]))
 
     def _gather(self, pairs: List[Tuple[Tensor, Tensor]], src: Tensor, dst: Tensor) -> None:
         """``new[dst] = old[src]`` for each (new, old) pair, a block of rows at a time (a bounded temporary).
@@ -201,10 +198,10 @@ class InvertedLists:
         if self.slots > self.max_slots(int(kept_lists.numel())):
             room = _with_room(sizes)
             data, ids, starts, end = self._packed(room, tail=True)
-            self._gather(self._tensors(data, ids), src, self._slots(starts, sizes))
+            self._gather(self._tensors(data, ids), src, concatenated_ranges(starts, sizes))
             self.data, self.ids, self.starts, self.capacities, self.end = data, ids, starts, room, end
         else:  # every kept row moves down within its list's slots
-            self._gather(self._tensors(self.data, self.ids), src, self._slots(self.starts, sizes))
+            self._gather(self._tensors(self.data, self.ids), src, concatenated_ranges(self.starts, sizes))
         self.sizes = sizes
         self.count = int(kept_lists.numel())
 
@@ -226,7 +223,7 @@ class InvertedLists:
         lo = 0
         while lo < self.nlist:
             hi = max(lo + 1, int(torch.searchsorted(ends, int(ends[lo] - self.sizes[lo]) + rows, right=True)))
-            yield column[self._slots(self.starts[lo:hi], self.sizes[lo:hi]).to(self.device)]
+            yield column[concatenated_ranges(self.starts[lo:hi], self.sizes[lo:hi]).to(self.device)]
             lo = hi
 
     def move(self, device: torch.device) -> None:

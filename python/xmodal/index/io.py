@@ -124,7 +124,7 @@ def checksum(tensors: dict, metadata: dict, kind: str = CHECKSUM_KIND) -> str:
                                           for name, t in tensors.items()})
 
 
-def _path_error(e: OSError, message: str) -> OSError:
+def path_error(e: OSError, message: str) -> OSError:
     """An OSError of e's kind (FileNotFoundError, PermissionError, ...; from its errno) whose message names the
     user's path, not whatever file the failing call was on."""
     return OSError(e.errno, f"{message}: {e.strerror}") if e.errno and e.strerror else OSError(f"{message}: {e}")
@@ -222,7 +222,7 @@ def save(tensors: dict, metadata: dict, path, encryption_key=None) -> None:
     try:
         write_atomic(path, write_file)
     except OSError as e:  # the error would name the temporary file, which is gone
-        raise _path_error(e, problem) from e
+        raise path_error(e, problem) from e
 
 
 def _from_bytes(data: bytes) -> Tuple[dict, dict]:
@@ -306,20 +306,18 @@ def read(path, expected_format: str, verify: bool = True, encryption_key=None,
             tensors, metadata = _from_bytes(encryption.open_sealed(encryption_key, blob, _SEAL_CONTEXT,
                                                                    f"index file {path!r}"))
         else:
-            tensors = {}
             with safe_open(path, framework="pt") as f:
                 metadata = dict(f.metadata() or {})
-                for name in f.keys():
-                    if not name.startswith(SUMS_PREFIX):
-                        tensors[name] = f.get_tensor(name)
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
     except ValueError as e:
         if "encrypt" in str(e):
             raise
         raise unreadable(path, e) from None
     except OSError as e:
-        raise _path_error(e, f"cannot load index from {path!r}") from e
+        raise path_error(e, f"cannot load index from {path!r}") from e
     except Exception as e:  # safetensors raises its own error type for truncated / corrupt files
         raise unreadable(path, e) from None
+    # the stored block sums serve mapped loads (mapped.py); a whole read checks the hash of the data itself
     tensors = {name: t for name, t in tensors.items() if not name.startswith(SUMS_PREFIX)}
     check_format(path, metadata, expected_format, older_formats)
     kind = checksum_kind(path, metadata) if verify else None

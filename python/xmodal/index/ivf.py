@@ -117,14 +117,14 @@ class IVFIndex(Index):
         self._lists.reserve(torch.bincount(torch.cat(lists), minlength=self.nlist) if lists else before * 0)
         try:
             for chunk, chunk_lists in zip(chunks, lists):
-                self._lists.append(self._encoding.codec.encode(self._prepare(rows[chunk])),
-                                   ids[chunk].to(self.device), chunk_lists)
+                self._store(self._prepare(rows[chunk]), ids[chunk].to(self.device), chunk_lists)
         except BaseException:  # all or nothing
             self._lists.truncate(before)
             raise
 
-    def _store(self, rows: Tensor, ids: Tensor) -> None:
-        self._lists.append(self._encoding.codec.encode(rows), ids, self._assign(rows))
+    def _store(self, rows: Tensor, ids: Tensor, lists: Optional[Tensor] = None) -> None:
+        """Append prepared rows to their ``lists`` (assigned here when not given)."""
+        self._lists.append(self._encoding.codec.encode(rows), ids, self._assign(rows) if lists is None else lists)
 
     def _keep(self, keep: Tensor) -> None:
         self._lists.keep(keep)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .. import encryption
 from . import io
+from ._rows import concatenated_ranges
 
 _NUMPY = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16,
           torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
@@ -62,11 +63,17 @@ def _entries(path: str, header: dict, data_bytes: int) -> Dict[str, Tuple[torch.
 
 class MappedFile:
     """The checks still owed on a memory-mapped index file: which blocks of each large tensor have not been
-    compared with their stored sums yet (see the module docstring)."""
+    compared with their stored sums yet (see the module docstring). A tensor leaves ``unchecked`` once every
+    block of it is checked, and the file is ``done`` when none is left."""
 
     def __init__(self, path: str, tensors: Dict[str, Tensor], sums: Dict[str, Tensor]):
         self.path, self.tensors, self.sums = path, tensors, sums
-        self.unchecked = {name: torch.ones(sums[name].numel(), dtype=torch.bool) for name in tensors}
+        self.unchecked = {name: torch.ones(sums[name].numel(), dtype=torch.bool) for name in tensors
+                          if sums[name].numel()}
+
+    @property
+    def done(self) -> bool:
+        return not self.unchecked
 
     def _bytes(self, name: str) -> Tensor:
         return self.tensors[name].reshape(-1).view(torch.uint8)
@@ -86,25 +93,25 @@ class MappedFile:
                 raise ValueError(f"{self.path!r} is corrupt: bytes {first}..{first + io.BLOCK} of tensor {name!r} do "
                                  f"not match the checksum stored when it was saved")
             self.unchecked[name][step] = False
+        if not bool(self.unchecked[name].any()):
+            del self.unchecked[name]
 
     def check_rows(self, name: str, begins: Tensor, ends: Tensor) -> None:
         """Check the blocks holding rows ``begins[i] .. ends[i]`` (dim 0) of tensor ``name``, if not yet."""
         pending = self.unchecked.get(name)
-        if pending is None or not bool(pending.any()):
+        if pending is None:
             return
         t = self.tensors[name]
         row_bytes = (t[0].numel() if t.dim() > 1 else 1) * t.element_size()
         first = begins.to(torch.int64) * row_bytes // io.BLOCK
         last = torch.minimum((ends.to(torch.int64) * row_bytes + io.BLOCK - 1) // io.BLOCK,
                              torch.tensor(pending.numel()))  # the partial last block was checked at open
-        count = (last - first).clamp(min=0)
-        blocks = torch.repeat_interleave(first - (count.cumsum(0) - count), count) + torch.arange(int(count.sum()))
-        blocks = torch.unique(blocks)
+        blocks = torch.unique(concatenated_ranges(first, (last - first).clamp(min=0)))
         self._check_blocks(name, blocks[pending[blocks]])
 
     def check_all(self) -> None:
         """Check every block not checked yet."""
-        for name, pending in self.unchecked.items():
+        for name, pending in list(self.unchecked.items()):
             self._check_blocks(name, torch.nonzero(pending).flatten())
 
 
@@ -131,7 +138,7 @@ def read_mapped(path, expected_format: str, verify: Optional[bool] = None,
                                  f"{header_bytes} bytes, the file holds {size}")
             header = json.loads(f.read(header_bytes))
     except OSError as e:
-        raise io._path_error(e, f"cannot load index from {path!r}") from e
+        raise io.path_error(e, f"cannot load index from {path!r}") from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise io.unreadable(path, e) from None
     if not isinstance(header, dict):
