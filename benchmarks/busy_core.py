@@ -74,6 +74,15 @@ def cached(results, key, fn, min_time):
     return results[key]
 
 
+def flat_cases(x, qs, k, metric, codec):
+    """FlatIndex(codec) over x searched with 1 and 16 queries, against naive PyTorch."""
+    index = xmodal.FlatIndex(x.shape[1], metric, codec=codec)
+    index.train(x)
+    index.add(x)
+    return [(f"FlatIndex {codec} Q={Q}", lambda q=qs[Q]: index.search(q, k), naive_topk(qs[Q], x, k))
+            for Q in (1, 16)]
+
+
 def cases(args):
     """(name, xmodal call, naive PyTorch call or None) for every path."""
     g = torch.Generator().manual_seed(0)
@@ -96,23 +105,13 @@ def cases(args):
     for Q in (1, 16, 256):
         q = qs[Q]
         out.append((f"topk_int8 op Q={Q}", lambda q=q: torch.ops.xmodal.topk_int8(q, codes, k), None))
-    flat8 = xmodal.FlatIndex(d, "ip", codec="int8")
-    flat8.train(x)
-    flat8.add(x)
-    for Q in (1, 16):
-        q = qs[Q]
-        out.append((f"FlatIndex int8 Q={Q}", lambda q=q: flat8.search(q, k), naive_topk(q, x, k)))
+    out += flat_cases(x, qs, k, "ip", "int8")
     # (3) Hamming: the op over 256-bit codes and FlatIndex(codec="binary")
     bits = torch.randint(0, 256, (n, d // 8), dtype=torch.uint8, generator=g)
     for Q in (1, 16):
         qb = torch.randint(0, 256, (Q, d // 8), dtype=torch.uint8, generator=g)
         out.append((f"topk_hamming op Q={Q}", lambda qb=qb: torch.ops.xmodal.topk_hamming(qb, bits, k), None))
-    flatb = xmodal.FlatIndex(d, "cosine", codec="binary")
-    flatb.train(x)
-    flatb.add(x)
-    for Q in (1, 16):
-        q = qs[Q]
-        out.append((f"FlatIndex binary Q={Q}", lambda q=q: flatb.search(q, k), naive_topk(q, x, k)))
+    out += flat_cases(x, qs, k, "cosine", "binary")
     # (4) IVF list scan, float and int8 lists
     for codec in () if args.skip_ivf else (None, "int8"):
         ivf = xmodal.IVFIndex(d, args.nlist, "ip", codec=codec)

@@ -83,6 +83,12 @@ def rows_of(folder: str, n: int) -> np.ndarray:
     return np.load(os.path.join(folder, "rows.npy"), mmap_mode="r")[:n]
 
 
+def queries_and_truth(folder: str, n: int):
+    """The queries and their exact 10 best among the first ``n`` rows."""
+    queries = torch.from_numpy(np.load(os.path.join(folder, "queries.npy")))
+    return queries, torch.load(os.path.join(folder, "truth.pt"))[str(n)]
+
+
 def sample_of(x: np.ndarray) -> np.ndarray:
     pick = np.sort(np.random.default_rng(0).choice(x.shape[0], min(SAMPLE, x.shape[0]), replace=False))
     return np.ascontiguousarray(x[pick])
@@ -163,8 +169,7 @@ def search_curve(search, queries: torch.Tensor, truth: torch.Tensor) -> list:
 def case(folder: str, kind: str, n: int, nlist: int, service: bool) -> dict:
     x = rows_of(folder, n)
     dim = x.shape[1]
-    queries = torch.from_numpy(np.load(os.path.join(folder, "queries.npy")))
-    truth = torch.load(os.path.join(folder, "truth.pt"))[str(n)]
+    queries, truth = queries_and_truth(folder, n)
     sample = sample_of(x)
     path = os.path.join(folder, f"index-{kind}-{n}.bin")
     result = {"kind": kind, "rows": n, "dim": dim, "nlist": nlist, "threads": torch.get_num_threads()}
@@ -244,8 +249,7 @@ def again(folder: str, kind: str, n: int, service: bool) -> dict:
 
         faiss.omp_set_num_threads(torch.get_num_threads())
         index = faiss.read_index(path)
-    queries = torch.from_numpy(np.load(os.path.join(folder, "queries.npy")))
-    truth = torch.load(os.path.join(folder, "truth.pt"))[str(n)]
+    queries, truth = queries_and_truth(folder, n)
     print(f"{kind} at {n:,} rows, search again", flush=True)
     result["curve"] = search_curve(searcher(kind, index), queries, truth)
     if service:

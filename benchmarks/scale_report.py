@@ -114,10 +114,8 @@ def report(folder: str, markdown=None, json_path=None, note: str = "") -> str:
                       f"runs out. Memory-mapped, the index may exceed RAM, but then searches read lists from disk."]
     if ours:
         lines += ["", on_paper(ours[-1], cases.get(("xmodal-bf16", ours[-1]["rows"])))]
-    tens = {kind: cases.get((kind, max(r for k, r in cases if k == kind))) for kind in LABELS
-            if any(k == kind for k, _ in cases)}
-    top = max((r["rows"] for r in tens.values()), default=0)
-    compared = {kind: r for kind, r in tens.items() if r["rows"] == top}
+    top = max((rows for _, rows in cases), default=0)
+    compared = {kind: cases[(kind, top)] for kind in LABELS if (kind, top) in cases}
     if len(compared) > 1:
         base = compared.get("faiss-sq8")
         lines += ["", f"## {top:,} rows: xmodal against faiss-cpu (same nlist, same training sample, same threads)", "",
