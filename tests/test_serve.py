@@ -259,7 +259,7 @@ def test_nothing_on_disk_is_pickled(tmp_path):
 def test_health_ready_and_metrics(tmp_path):
     with client(tmp_path) as c:
         assert c.get("/health").json() == {"status": "ok"}
-        assert c.get("/ready").json() == {"status": "ready", "collections": 0}
+        assert c.get("/ready").json() == {"status": "ready", "collections": 0, "model": False}
         c.put("/collections/v", json={"dim": 2})
         add(c, "v", [1, 2, 3], [[1, 0], [0, 1], [1, 1]])
         for _ in range(3):

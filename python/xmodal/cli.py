@@ -85,7 +85,8 @@ def _serve(args) -> int:
     try:
         run(args.dir, host=args.host, port=args.port, api_key_file=args.api_key_file,
             encryption_key_file=args.encryption_key_file, model=args.model, limits=limits,
-            snapshot_bytes=int(args.snapshot_mb * (1 << 20)), search_threads=args.search_threads)
+            snapshot_bytes=int(args.snapshot_mb * (1 << 20)), search_threads=args.search_threads, ui=args.ui,
+            media=args.media)
     except (ValueError, OSError) as e:
         print(f"xmodal serve: {e}", file=sys.stderr)
         return 2
@@ -154,6 +155,11 @@ def main(argv=None) -> int:
     p_serve.add_argument("--search-threads", type=positive_int,
                          help="torch threads for searches (default: one fewer than the cores, leaving one to the "
                               "HTTP event loop)")
+    p_serve.add_argument("--ui", action="store_true",
+                         help="serve a search page at /ui/ (text, image and composed queries, filters, thumbnails)")
+    p_serve.add_argument("--media", metavar="DIR",
+                         help="folder the payloads' \"image\" paths are relative to, served read-only (a collection "
+                              "written with its own media/ folder uses that instead)")
     p_serve.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -3,8 +3,8 @@
 Trains the default two-tower model (with composed queries fused by factorized bilinear pooling) from scratch,
 indexes the test images with a FlatIndex, runs text -> image, image -> text and composed (image + modification)
 retrieval, prints R@1/5/10 with what each number means and what a random ranking would score, writes a PNG grid
-of example queries and their top results, the trained model for ``xmodal serve --model``, and optionally the
-metrics as JSON.
+of example queries and their top results, the trained model for ``xmodal serve --model``, the test images as a
+collection for ``xmodal serve`` (:mod:`.collection`), and optionally the metrics as JSON.
 
 Re-ranking (query expansion, diffusion, GNN) is not part of the demo's output: its premise -- a gallery whose
 neighbourhoods follow the relevance, with parameters chosen on held-out queries -- does not hold for the Shapes
@@ -25,6 +25,7 @@ from dataclasses import asdict
 
 import torch
 
+from .collection import write_gallery_collection
 from .evaluation import evaluate, rerank_report
 from .grid import CORRECT_FRAME, QUERY_FRAME, WRONG_FRAME, example_rows, write_grid
 from .multitask import train_multitask
@@ -33,7 +34,7 @@ from .training import TrainConfig, build_model, train
 
 __all__ = ["run", "results_table", "chance_recall", "evaluate", "rerank_report", "example_rows", "write_grid",
            "QUERY_FRAME", "CORRECT_FRAME", "WRONG_FRAME", "ShapesDataset", "ComposedQueries", "TrainConfig",
-           "build_model", "train", "train_multitask"]
+           "build_model", "train", "train_multitask", "write_gallery_collection"]
 
 #: (printed name, metrics key, what the right answer is) of each direction the demo evaluates
 DIRECTIONS = (("text -> image", "text_to_image", "the caption's image"),
@@ -102,9 +103,13 @@ def run(args) -> int:
     write_grid(grid, example_rows(model, gallery, composed))
     model_folder = os.path.join(args.out, "model")
     model.save(model_folder)  # what `xmodal serve DIR --model <out>/model` searches with
+    collections = os.path.join(args.out, "collections")
+    write_gallery_collection(model, gallery, collections)
     total = time.perf_counter() - started
     print(f"\nexample queries and their top 5 (green: right, red: wrong): {grid}"
           f"\nthe trained model: {model_folder} (for xmodal serve --model)"
+          f"\nthe test images as a collection, with a search page: "
+          f"xmodal serve {collections} --model {model_folder} --ui"
           f"\ntraining took {train_seconds:.0f} s, the whole demo {total:.0f} s")
     if args.json:
         report = {"metrics": results, "multitask": multitask, "config": asdict(config), "train_seconds": train_seconds,

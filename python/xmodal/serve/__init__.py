@@ -40,8 +40,8 @@ def default_search_threads() -> int:
 def run(folder: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_file: Optional[str] = None,
         encryption_key_file: Optional[str] = None, model: Optional[str] = None,
         limits: Optional[Limits] = None, snapshot_bytes: Optional[int] = None, search_threads: Optional[int] = None,
-        log_level: str = "warning") -> None:
-    """Serve the collections in ``folder`` until interrupted.
+        ui: bool = False, media: Optional[str] = None, log_level: str = "warning") -> None:
+    """Serve the collections in ``folder`` until interrupted (``ui`` and ``media``: see :func:`create_app`).
 
     ``search_threads``: torch's threads for searches and writes (default: one fewer than the cores, at least
     one). The event loop that parses requests and writes answers needs a core of its own: when torch's
@@ -56,5 +56,7 @@ def run(folder: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_file:
     key = read_key(encryption_key_file) if encryption_key_file else None
     torch.set_num_threads(search_threads if search_threads else default_search_threads())
     app = create_app(folder, api_key=api_key, encryption_key=key, model_path=model, limits=limits,
-                     snapshot_bytes=snapshot_bytes)
+                     snapshot_bytes=snapshot_bytes, ui=ui, media=media)
+    if ui:
+        print(f"xmodal serve: the search page is at http://{host}:{port}/ui/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

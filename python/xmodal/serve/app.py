@@ -14,7 +14,10 @@ Paths and fields (clients depend on them; FastAPI serves the OpenAPI schema at `
     POST   /collections/{name}/search/text     {"text", ...}            (with a model)
     POST   /collections/{name}/search/image    multipart: image, k, ...  (with a model)
     POST   /collections/{name}/search/composed multipart: image, text, k, ... (with a model)
+    GET    /collections/{name}/payload_keys     {"keys": [{"key", "values": [...] or null, "distinct"}]}
+    GET    /collections/{name}/media/{path}    an image a payload names; ?size=N: a PNG thumbnail
     GET    /health, /ready, /metrics
+    GET    /ui/                                the search page (with ui=True; no API key needed for the page)
 
 Errors are JSON: 401 (API key), 404, 409, 413 (body too large), 422 ``{"detail": [{"field", "message",
 "value"}]}``, 503 (loading, or search queue full: with Retry-After).
@@ -30,9 +33,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from .catalog import Catalog
+from .media import Media
 from .middleware import Guard
 from .requests import Limits, NotFound, NotReady, Unprocessable, error, short
-from .routes import ROUTERS
+from .routes import ROUTERS, UI_ROUTER
 from .service import Service
 
 __all__ = ["Limits", "create_app"]
@@ -40,12 +44,15 @@ __all__ = ["Limits", "create_app"]
 
 def create_app(folder: str, *, api_key: Optional[str] = None, encryption_key: Optional[bytes] = None,
                model_path: Optional[str] = None, limits: Optional[Limits] = None,
-               snapshot_bytes: Optional[int] = None, load_in_background: bool = True):
+               snapshot_bytes: Optional[int] = None, load_in_background: bool = True, ui: bool = False,
+               media: Optional[str] = None):
     """The ASGI app serving the collections in ``folder``. Loading (snapshots + log replay) runs in a thread
-    after start-up when ``load_in_background``: ``/health`` answers at once, ``/ready`` once loading is done."""
+    after start-up when ``load_in_background``: ``/health`` answers at once, ``/ready`` once loading is done.
+    ``ui``: serve the search page at ``/ui/``. ``media``: the folder payloads' image paths are relative to, for
+    collections without a ``media/`` folder of their own."""
     limits = limits or Limits()
     options = {} if snapshot_bytes is None else {"snapshot_bytes": snapshot_bytes}
-    svc = Service(Catalog(folder, encryption_key, **options), limits, model_path)
+    svc = Service(Catalog(folder, encryption_key, **options), limits, model_path, Media(media))
 
     async def lifespan(app):
         if load_in_background:
@@ -71,9 +78,9 @@ def create_app(folder: str, *, api_key: Optional[str] = None, encryption_key: Op
         svc.metrics.latency.labels(path).observe(time.perf_counter() - start)
         return response
 
-    for router in ROUTERS:
+    for router in ROUTERS + ((UI_ROUTER,) if ui else ()):
         app.include_router(router)
-    return Guard(app, api_key, limits.max_body_bytes)
+    return Guard(app, api_key, limits.max_body_bytes, open_prefix="/ui" if ui else None)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -94,10 +94,11 @@ class Catalog:
 
 
 def write_collection(folder: str, name: str, index, payloads: Optional[Dict[int, dict]] = None,
-                     encryption_key: Optional[bytes] = None) -> None:
+                     encryption_key: Optional[bytes] = None, media: Optional[str] = None) -> None:
     """Put an index built in Python (a :class:`FlatIndex` or :class:`IVFIndex`) into a service folder as
     collection ``name``, with optional ``{id: payload}``; ``xmodal serve folder`` then serves it. The service
-    must not be running on the folder."""
+    must not be running on the folder. ``media``: a folder copied into the collection as its ``media/``, which
+    payloads' ``"image"`` paths are relative to (the search page shows them; not encrypted)."""
     check_name(name)
     kind = {FlatIndex: "flat", IVFIndex: "ivf"}.get(type(index))
     if kind is None:
@@ -113,7 +114,12 @@ def write_collection(folder: str, name: str, index, payloads: Optional[Dict[int,
     for i, p in (payloads or {}).items():
         store.set(int(i), p)
 
+    if media is not None and not os.path.isdir(media):
+        raise ValueError(f"media must be a folder, got {media!r}")
+
     def fill(staging: str) -> None:
         write_manifest(staging, save_snapshot(staging, 0, index, store, encryption_key), 0)
+        if media is not None:
+            shutil.copytree(media, os.path.join(staging, "media"), symlinks=False)
 
     new_collection_folder(folder, name, Collection.check_config(config), fill)

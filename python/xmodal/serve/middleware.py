@@ -9,18 +9,20 @@ from .requests import error
 
 
 class Guard:
-    """API key check (constant time) and body size limit, ahead of everything else."""
+    """API key check (constant time) and body size limit, ahead of everything else. Paths under
+    ``open_prefix`` (the search page's own files, which hold no data) need no key."""
 
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int, open_prefix: Optional[str] = None):
         self.app = app
         self.expected = f"Bearer {api_key}".encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.open_prefix = open_prefix
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.expected is not None:
+        if self.expected is not None and not self._open(scope["path"]):
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 return await error(401, "missing or wrong API key (Authorization: Bearer <key>)",
@@ -56,6 +58,11 @@ class Guard:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+
+    def _open(self, path: str) -> bool:
+        p = self.open_prefix
+        return p is not None and (path == p or path.startswith(p + "/"))
 
 
 class Metrics:

@@ -3,7 +3,7 @@ payload filter becomes an id set without a scan. Kept in a collection's snapshot
 from __future__ import annotations
 
 import json
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 
 def _filter_key(value) -> str:
@@ -53,6 +53,19 @@ class Payloads:
             if not result:
                 return set()
         return result
+
+    def keys(self, most_values: int = 50) -> List[dict]:
+        """``[{"key", "distinct", "values"}]``: every key with scalar values, how many distinct values it has,
+        and those values (the most common first), or None when there are more than ``most_values``."""
+        by_key: Dict[str, list] = {}
+        for (key, value), ids in self._postings.items():
+            by_key.setdefault(key, []).append((-len(ids), value))
+        out = []
+        for key in sorted(by_key):
+            values = sorted(by_key[key])
+            listed = None if len(values) > most_values else [json.loads(v) for _, v in values]
+            out.append({"key": key, "distinct": len(values), "values": listed})
+        return out
 
     def to_json(self) -> bytes:
         return json.dumps({str(k): v for k, v in self.by_id.items()}, separators=(",", ":")).encode()

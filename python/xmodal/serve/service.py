@@ -1,5 +1,5 @@
 """The state one app serves from, shared by every router: the catalog of collections, whether loading is
-done (and the model, if any), the micro-batcher of each collection, the metrics and the limits."""
+done (and the model, if any), the micro-batcher of each collection, the media, the metrics and the limits."""
 from __future__ import annotations
 
 import sys
@@ -10,15 +10,18 @@ from fastapi import Request
 from .batcher import MicroBatcher
 from .catalog import Catalog
 from .collection import Collection
+from .media import Media
 from .middleware import Metrics
 from .requests import Limits, NotFound, NotReady
 
 
 class Service:
-    def __init__(self, catalog: Catalog, limits: Limits, model_path: Optional[str] = None):
+    def __init__(self, catalog: Catalog, limits: Limits, model_path: Optional[str] = None,
+                 media: Optional[Media] = None):
         self.catalog = catalog
         self.limits = limits
         self.model_path = model_path
+        self.media = media or Media()
         self.status = {"ready": False, "error": None, "model": None}
         self.batchers: Dict[int, MicroBatcher] = {}
         self.metrics = Metrics(lambda: catalog)

@@ -35,6 +35,13 @@ def get_collection(name: str, svc: Service = Depends(service)):
     return svc.describe(svc.collection(name))
 
 
+@router.get("/collections/{name}/payload_keys")
+def payload_keys(name: str, svc: Service = Depends(service)):
+    """The payload keys of a collection with their values (the most common first; ``null`` where a key has
+    more distinct values than are listed), what the search page builds its filters from."""
+    return {"keys": svc.collection(name).payloads.keys()}
+
+
 @router.delete("/collections/{name}")
 def delete_collection(name: str, svc: Service = Depends(service)):
     col = svc.collection(name)

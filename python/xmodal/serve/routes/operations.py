@@ -18,7 +18,7 @@ def health():
 def ready(svc: Service = Depends(service)):
     status = svc.status
     if status["ready"]:
-        return {"status": "ready", "collections": len(svc.catalog.collections)}
+        return {"status": "ready", "collections": len(svc.catalog.collections), "model": status["model"] is not None}
     if status["error"]:
         return JSONResponse({"status": "failed", "error": status["error"]}, status_code=503)
     return JSONResponse({"status": "loading"}, status_code=503)
