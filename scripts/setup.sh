@@ -31,10 +31,22 @@ fi
 .venv/bin/python -m pip install -q "$TORCH_SPEC" numpy tqdm safetensors pillow "cmake>=3.26" ninja "scikit-build-core>=0.10" \
   pytest hypothesis pytest-benchmark faiss-cpu torch_geometric \
   fastapi uvicorn httptools uvloop prometheus_client httpx cryptography python-multipart \
-  mkdocs mkdocs-material "mkdocstrings[python]"
+  mkdocs mkdocs-material "mkdocstrings[python]" selenium
 # MovieLens-100k ships inside RecBole's wheel; xmodal.recommend reads its files and never imports RecBole (whose
 # own dependencies do not resolve with current torch), hence --no-deps
 .venv/bin/python -m pip install -q --no-deps recbole==1.2.1
+# the search page's browser tests drive Debian's Chromium through Selenium (a browser is never downloaded)
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  apt_get=
+  if command -v apt-get >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then apt_get=apt-get; elif command -v sudo >/dev/null; then apt_get="sudo apt-get"; fi
+  fi
+  if [ -z "$apt_get" ] || ! { $apt_get install -y -q --no-install-recommends chromium chromium-driver \
+       || { $apt_get update -q && $apt_get install -y -q --no-install-recommends chromium chromium-driver; }; }; then
+    echo "setup.sh: could not install chromium and chromium-driver (Debian packages): the search page's browser" \
+         "tests will be skipped" >&2
+  fi
+fi
 if [ "$cuda" = auto ]; then
   if .venv/bin/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     cuda=on

@@ -11,3 +11,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+def pytest_addoption(parser):
+    parser.addoption("--screenshots", metavar="DIR", default=None,
+                     help="where the search page's browser tests write their screenshots (default: a temporary folder)")

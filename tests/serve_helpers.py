@@ -1,5 +1,13 @@
-"""What the service tests share: an in-process app behind FastAPI's TestClient, random rows, and the
-requests most tests make."""
+"""What the service tests share: an in-process app behind FastAPI's TestClient, a real ``xmodal serve`` in a
+subprocess on 127.0.0.1 (:class:`Server`), random rows, and the requests most tests make."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
 import numpy as np
 import torch
 from fastapi.testclient import TestClient
@@ -28,3 +36,56 @@ def add(c, name, ids, vectors, payloads=None, headers=None):
 
 def detail(response):
     return response.json()["detail"]
+
+
+READY_TIMEOUT = 180  # seconds; start-up takes a few (importing torch)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, folder, *args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stderr_path = os.path.join(os.path.dirname(str(folder)), f"server-{self.port}.err")
+        self.stderr = open(self.stderr_path, "wb")
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "xmodal", "serve", str(folder), "--port", str(self.port),
+                                      *args], stdout=subprocess.DEVNULL, stderr=self.stderr, env=env)
+
+    def wait_ready(self, headers=None):
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited with {self.proc.returncode}: {self.errors()}")
+            try:
+                if httpx.get(self.url + "/ready", headers=headers, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"not ready after {READY_TIMEOUT} s: {self.errors()}")
+
+    def errors(self) -> str:
+        self.stderr.flush()
+        with open(self.stderr_path, errors="replace") as f:
+            return f.read()
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self.stderr.close()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if not self.stderr.closed:
+            self.stderr.close()
