@@ -19,6 +19,8 @@ from serve_helpers import AUTH, KEY, Server  # noqa: E402
 WAIT = 60  # seconds any one step may take (they take well under one)
 RED_CIRCLE = "a large red circle in the top left"
 SCRIPT = "<script>window.pwned = 1</script><img src=x onerror=\"window.pwned = 2\">"
+PICTURE_URL = "http://127.0.0.1:9/picture.png"  # a payload may name its picture by URL (nothing listens there)
+DRAWN = "Array.from(document.querySelectorAll('#results img')).filter(i => i.src.startsWith('blob:'))"
 
 
 def attributes_id(kind, colour, size, position):
@@ -47,8 +49,11 @@ def server(demo, tmp_path_factory):
 
         vector = httpx.get(f"{s.url}/collections/shapes/vectors/0", headers=AUTH).json()["vector"]
         r = httpx.post(f"{s.url}/collections/shapes/vectors", headers=AUTH,
-                       json={"ids": [5000], "vectors": [vector], "payloads": [{"caption": SCRIPT, "colour": "red"}]})
+                       json={"ids": [5000], "vectors": [vector],
+                             "payloads": [{"caption": SCRIPT, "colour": "red", "image": PICTURE_URL}]})
         assert r.status_code == 200, r.text
+        r = httpx.put(f"{s.url}/collections/tiny-8d", headers=AUTH, json={"dim": 8})  # not the model's dimension
+        assert r.status_code == 201, r.text
         yield s
     finally:
         s.stop()
@@ -152,8 +157,8 @@ def test_a_text_query_finds_the_right_picture(server, browser, shots):
     assert ids[0] == attributes_id("circle", "red", "large", "top left") and len(ids) == 12
     first = browser.find_element(By.CSS_SELECTOR, "#results .card")
     assert "colour\nred" in first.text and "kind\ncircle" in first.text and "score" in first.text
-    wait(browser, lambda d: run(d, "return Array.from(document.querySelectorAll('#results img'))"
-                                   ".every(i => i.complete && i.naturalWidth === 32)"), "the thumbnails")
+    wait(browser, lambda d: run(d, f"return {DRAWN}.every(i => i.complete && i.naturalWidth === 32)"),
+         "the thumbnails")
     timing = run(browser, "return window.xmodal.timings.at(-1)")
     assert 0 < timing["grid"] <= timing["thumbnails"]
     browser.save_screenshot(os.path.join(shots, "search-page-1280.png"))
@@ -174,6 +179,14 @@ def test_an_uploaded_image_and_a_composed_query(server, browser, demo):
     assert "without the uploaded image" in browser.find_element(By.ID, "share").text
     browser.find_element(By.ID, "clear-image").click()
     assert not browser.find_element(By.ID, "preview").is_displayed()
+    # dropped on the image box instead of chosen: the same search
+    data = list(picture.read_bytes())
+    browser.find_element(By.ID, "text").clear()
+    run(browser, """const files = new DataTransfer();
+        files.items.add(new File([new Uint8Array(arguments[0])], "dropped.png", {type: "image/png"}));
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: files}));""", data)
+    assert browser.find_element(By.ID, "drop-text").text == "dropped.png"
+    assert results(browser, lambda: browser.find_element(By.ID, "search").click())[0] == red_circle
 
 
 def test_more_like_this_filters_and_a_link_that_repeats_the_search(server, browser):
@@ -212,6 +225,7 @@ def test_payload_markup_is_shown_as_text(server, browser):
          "the item with markup")
     card = browser.find_element(By.CSS_SELECTOR, "#results .card[data-id='5000']")
     assert card.find_element(By.CSS_SELECTOR, ".caption").text == SCRIPT
+    assert card.find_element(By.CSS_SELECTOR, "img").get_attribute("src") == PICTURE_URL
     assert run(browser, "return window.pwned") is None
     assert run(browser, "return document.querySelectorAll('#results script, #results img[src=x]').length") == 0
 
@@ -233,6 +247,12 @@ def test_errors_in_words_and_json_export(server, browser):
     wait(browser, lambda d: os.path.exists(path) and os.path.getsize(path) > 0, "the exported file")
     exported = json.load(open(path))
     assert exported["query"]["text"] == RED_CIRCLE and [h["id"] for h in exported["results"]] == ids
+    # a collection of another dimension than the model's
+    browser.get(f"{server.url}/ui/#collection=tiny-8d&k=3&text=a%20red%20circle")
+    wait(browser, lambda d: "the model embeds into" in status(d) and "holds 8" in status(d), "the dimension error")
+    # the words for what a running service rarely shows on cue
+    assert "try again in a moment (search queue full)." in run(browser, "return inWords(503, {detail: 'search queue full'})")
+    assert run(browser, "return inWords(502, null)") == "The service answered HTTP 502."
 
 
 def test_without_a_model_text_is_off_and_more_like_this_works(demo, tmp_path, browser):
@@ -258,8 +278,8 @@ def test_the_page_fits_a_phone(server, browser, shots):
     phone_width(browser)
     try:
         results(browser, lambda: type_query(browser, RED_CIRCLE))
-        wait(browser, lambda d: run(d, "return Array.from(document.querySelectorAll('#results img'))"
-                                       ".every(i => i.complete && i.naturalWidth > 0)"), "the thumbnails")
+        wait(browser, lambda d: run(d, f"return {DRAWN}.every(i => i.complete && i.naturalWidth > 0)"),
+             "the thumbnails")
         assert run(browser, "return document.documentElement.scrollWidth") <= 390  # nothing wider than the screen
         cards = browser.find_elements(By.CSS_SELECTOR, "#results .card")
         assert cards[0].rect["width"] < 195 and cards[0].rect["y"] == cards[1].rect["y"]  # two columns
