@@ -104,7 +104,9 @@ class FloatRows:
     def fit(self, rows: Tensor) -> None:
         pass
 
-    def encode(self, rows: Tensor) -> Dict[str, Tensor]:
+    def encode(self, rows: Tensor, groups: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """The stored columns of prepared ``rows``; ``groups``: each row's centre for the codecs that have
+        centres (:meth:`Int8Codes.encode`), ignored by float rows."""
         return {"vectors": rows.to(self.dtype)}
 
     def decode(self, cols: Dict[str, Tensor]) -> Tensor:
@@ -157,15 +159,20 @@ class Int8Codes(FloatRows):
             cols["row_terms"] = (torch.float32, 0)  # cosine: 1 / |decoded row|; l2: -|decoded row|^2
         return cols
 
-    def fit(self, rows: Tensor) -> None:
+    def fit(self, rows: Tensor, centres: Optional[Tensor] = None, groups: Optional[Tensor] = None) -> None:
+        """Learn the centres (k-means of ``rows``) or take ``centres`` (at most 256), then the range of the
+        rows' residuals from their centres: the nearest one, or the given ``groups`` (uint8, one per row)."""
         x = rows.float()
-        count = min(self.max_centres, max(1, x.shape[0] // self.rows_per_centre))
-        self.centres = kmeans(x, count, metric="l2", max_points=128 * count, init="kmeans++")
+        if centres is None:
+            count = min(self.max_centres, max(1, x.shape[0] // self.rows_per_centre))
+            centres = kmeans(x, count, metric="l2", max_points=128 * count, init="kmeans++")
+        self.centres = centres.float()
         low = torch.full((self.dim,), float("inf"), device=x.device)
         high = torch.full((self.dim,), float("-inf"), device=x.device)
         for start in range(0, x.shape[0], ADD_CHUNK_ROWS):
             chunk = x[start: start + ADD_CHUNK_ROWS]
-            residual = chunk - self.centres[self._groups(chunk).long()]
+            chunk_groups = self._groups(chunk) if groups is None else groups[start: start + ADD_CHUNK_ROWS]
+            residual = chunk - self.centres[chunk_groups.long()]
             low, high = torch.minimum(low, residual.amin(0)), torch.maximum(high, residual.amax(0))
         scale = ((high - low) / 255).clamp_min(1e-12)
         self.scale, self.offset = scale, low + 128 * scale
@@ -177,9 +184,9 @@ class Int8Codes(FloatRows):
     def _decoded(self, codes: Tensor, groups: Tensor) -> Tensor:
         return torch.addcmul(self.centres[groups.long()] + self.offset, codes.float(), self.scale)
 
-    def encode(self, rows: Tensor) -> Dict[str, Tensor]:
+    def encode(self, rows: Tensor, groups: Optional[Tensor] = None) -> Dict[str, Tensor]:
         rows = rows.float()
-        groups = self._groups(rows)
+        groups = self._groups(rows) if groups is None else groups.to(torch.uint8)
         codes = torch.empty(rows.shape, dtype=torch.int8, device=rows.device)
         sq = torch.empty(rows.shape[0], device=rows.device)
         for start in range(0, rows.shape[0], 4096):  # blocks that stay in cache through every step (2x faster)
@@ -262,8 +269,8 @@ class BinaryCodes(Int8Codes):
         cols["bits"] = (torch.uint8, self.nbytes_bits)
         return cols
 
-    def fit(self, rows: Tensor) -> None:
-        super().fit(rows)
+    def fit(self, rows: Tensor, centres: Optional[Tensor] = None, groups: Optional[Tensor] = None) -> None:
+        super().fit(rows, centres, groups)
         self.mean = rows.float().mean(0)
 
     def bits(self, rows: Tensor) -> Tensor:
@@ -273,8 +280,8 @@ class BinaryCodes(Int8Codes):
         padded[:, : self.dim] = positive
         return (padded.view(-1, self.nbytes_bits, 8) * self._weights.to(rows.device)).sum(-1, dtype=torch.uint8)
 
-    def encode(self, rows: Tensor):
-        out = super().encode(rows)
+    def encode(self, rows: Tensor, groups: Optional[Tensor] = None):
+        out = super().encode(rows, groups)
         out["bits"] = self.bits(rows)
         return out
 

@@ -61,14 +61,15 @@ class Encoding:
         if self.reduce_to is not None:
             self.pca = PCA(self.reduce_to).fit(rows[i: i + ADD_CHUNK_ROWS] for i in range(0, rows.shape[0], ADD_CHUNK_ROWS))
 
-    def fit(self, rows: Tensor, max_points: int, owner: str) -> Tensor:
+    def fit(self, rows: Tensor, max_points: int, owner: str, learn_codec=None) -> Tensor:
         """Learn the PCA (if any) from every row and the codec from at most ``max_points`` of them, then estimate
-        the recall a lossy encoding keeps (:meth:`estimate_recall`).
-        Returns the prepared rows learnt from (IVF's k-means learns from them too)."""
+        the recall a lossy encoding keeps (:meth:`estimate_recall`). ``learn_codec(prepared)``: how the codec
+        learns, when an index kind does more than ``codec.fit`` (IVF learns its lists first).
+        Returns the prepared rows learnt from."""
         self.fit_pca(rows)
         learn = self.sample(rows, max_points)
         prepared = self.prepare(learn)
-        self.codec.fit(prepared)
+        (learn_codec or self.codec.fit)(prepared)
         self.estimated_recall = None
         if self.learns and learn.shape[0] >= RECALL_MIN_ROWS:
             self.estimate_recall(learn, prepared, owner)

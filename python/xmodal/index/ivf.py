@@ -10,7 +10,7 @@ from ..ops import topk_search
 from .arrays import as_rows
 from .._checks import check_positive
 from .base import Index
-from .codecs import ListScan
+from .codecs import Int8Codes, ListScan
 from .inverted_lists import InvertedLists
 from .io import TensorStream
 from .kmeans import assign, kmeans
@@ -46,6 +46,9 @@ class IVFIndex(Index):
         self.nlist = check_positive(nlist, "nlist")
         self.nprobe = check_positive(nprobe, "nprobe")
         self.centroids: Optional[Tensor] = None
+        # a codec with centres (int8, binary): each list's centre (uint8 [nlist]), so a row's centre is its
+        # list's and adding needs no second assignment; None in files from before it (nearest centre then)
+        self.list_groups: Optional[Tensor] = None
         self._lists = InvertedLists(nlist, self._encoding.codec.columns(), self.device)
 
     @property
@@ -88,9 +91,30 @@ class IVFIndex(Index):
         if len(self):
             raise RuntimeError("IVFIndex.train must come before add (stored rows would not match); call reset() "
                                "first to retrain")
-        sample = self._encoding.fit(rows, max_points, "IVFIndex").float()
-        self.centroids = kmeans(sample, self.nlist, metric=self._coarse_metric, spherical=self._normalised,
-                                iterations=iterations, seed=seed, max_points=max_points)
+
+        def learn(sample: Tensor) -> None:
+            self.centroids = kmeans(sample.float(), self.nlist, metric=self._coarse_metric,
+                                    spherical=self._normalised, iterations=iterations, seed=seed,
+                                    max_points=max_points)
+            self._fit_codec(sample)
+
+        self._encoding.fit(rows, max_points, "IVFIndex", learn)
+
+    def _fit_codec(self, sample: Tensor) -> None:
+        """A codec with centres takes them from the lists: the centroids themselves when there are at most as
+        many lists as it has centres, else a k-means of the centroids; every list then has one centre."""
+        codec = self._encoding.codec
+        if not isinstance(codec, Int8Codes):
+            codec.fit(sample)
+            self.list_groups = None
+            return
+        if self.nlist <= codec.max_centres:
+            centres, self.list_groups = self.centroids, torch.arange(self.nlist, device=self.device).to(torch.uint8)
+        else:
+            centres = kmeans(self.centroids, codec.max_centres, metric="l2", init="kmeans++", seed=0)
+            self.list_groups = assign(self.centroids, centres, "l2").to(torch.uint8)
+        lists = assign(sample.float(), self.centroids, self._coarse_metric)
+        codec.fit(sample, centres, self.list_groups[lists])
 
     def _before_store(self, rows: Tensor) -> None:
         if not self.is_trained:  # the lists need centroids: no training on the first add
@@ -124,7 +148,9 @@ class IVFIndex(Index):
 
     def _store(self, rows: Tensor, ids: Tensor, lists: Optional[Tensor] = None) -> None:
         """Append prepared rows to their ``lists`` (assigned here when not given)."""
-        self._lists.append(self._encoding.codec.encode(rows), ids, self._assign(rows) if lists is None else lists)
+        lists = self._assign(rows) if lists is None else lists
+        groups = None if self.list_groups is None else self.list_groups[lists.to(self.device)]
+        self._lists.append(self._encoding.codec.encode(rows, groups), ids, lists)
 
     def _keep(self, keep: Tensor) -> None:
         self._lists.keep(keep)
@@ -136,6 +162,8 @@ class IVFIndex(Index):
         self._lists.move(device)
         if self.centroids is not None:
             self.centroids = self.centroids.to(device)
+        if self.list_groups is not None:
+            self.list_groups = self.list_groups.to(device)
 
     def _position_ids(self) -> Tensor:
         return self._lists.ids
@@ -183,7 +211,8 @@ class IVFIndex(Index):
                                       lambda name=name: self._lists.chunks(name))
                    for name, (dtype, width) in self._lists.columns.items()}
         streams["ids"] = TensorStream(torch.int64, (n,), lambda: self._lists.chunks("ids"))
-        return {**streams, "list_sizes": self._lists.sizes, "centroids": self.centroids}
+        groups = {} if self.list_groups is None else {"list_groups": self.list_groups}
+        return {**streams, "list_sizes": self._lists.sizes, "centroids": self.centroids, **groups}
 
     def _restore(self, tensors: dict, path: str, meta: dict) -> None:
         ids, centroids = tensors["ids"], tensors["centroids"]
@@ -200,8 +229,14 @@ class IVFIndex(Index):
         fits = fits and n >= 0 and centroids.shape == (self.nlist, self._encoding.stored_dim) and all(
             tuple(columns[name].shape) == ((n, width) if width else (n,))
             for name, (_, width) in self._lists.columns.items())
+        groups = tensors.get("list_groups")
+        if groups is not None:
+            centres = getattr(self._encoding.codec, "centres", None)
+            fits = fits and centres is not None and groups.shape == (self.nlist,) and \
+                groups.dtype == torch.uint8 and int(groups.max()) < centres.shape[0]
         if not fits:
             raise self._invalid(path, "tensor shapes do not match")
         self.centroids = centroids.to(self.device)
+        self.list_groups = None if groups is None else groups.to(self.device)
         rows = {name: t.to(self.device, self._lists.columns[name][0]) for name, t in columns.items()}
         self._lists.adopt(rows, ids.to(self.device), sizes.to(torch.int64))  # the file's rows, as they are
