@@ -1,11 +1,13 @@
 """What the service tests share: an in-process app behind FastAPI's TestClient, a real ``xmodal serve`` in a
 subprocess on 127.0.0.1 (:class:`Server`), random rows, and the requests most tests make."""
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from urllib.parse import unquote
 
 import httpx
 import numpy as np
@@ -36,6 +38,30 @@ def add(c, name, ids, vectors, payloads=None, headers=None):
 
 def detail(response):
     return response.json()["detail"]
+
+
+def raw_get(c, path, headers=None):
+    """(status, JSON body or bytes) of a GET of ``path`` exactly as given, straight into the app of a running
+    TestClient ``c``: httpx resolves ``..`` segments before sending, a browser or curl need not."""
+    messages = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        messages.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": unquote(path), "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"testserver")] + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
+    c.portal.call(c.app, scope, receive, send)
+    status = next(m["status"] for m in messages if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body
 
 
 READY_TIMEOUT = 180  # seconds; start-up takes a few (importing torch)

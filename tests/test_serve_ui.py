@@ -11,8 +11,9 @@ import torch
 pytest.importorskip("fastapi")
 from PIL import Image  # noqa: E402
 
-from serve_helpers import AUTH, KEY, add, client, detail, rows  # noqa: E402
+from serve_helpers import AUTH, KEY, add, client, detail, raw_get, rows  # noqa: E402
 from xmodal import FlatIndex  # noqa: E402
+from xmodal.serve import media as media_module  # noqa: E402
 from xmodal.serve import write_collection  # noqa: E402
 
 
@@ -44,7 +45,8 @@ def test_the_page_is_served_with_a_policy_and_without_the_key(tmp_path):
         assert c.get("/ui/app.js").headers["content-type"].startswith("text/javascript")
         assert c.get("/ui/style.css").status_code == 200
         assert c.get("/ui", follow_redirects=False).headers["location"] == "/ui/"
-        assert c.get("/ui/../collections").status_code in (401, 404)  # the open prefix is a path, not a door
+        status, body = raw_get(c, "/ui/../collections")  # the open prefix is a path, not a door
+        assert status == 404 and "page file" in body["detail"]
         assert c.get("/ui/secret.txt").status_code == 404
         # everything else still needs the key
         assert c.get("/collections").status_code == 401
@@ -63,7 +65,16 @@ def test_media_files_and_thumbnails(tmp_path):
         assert Image.open(io.BytesIO(r.content)).size == (64, 48)
         thumb = c.get("/collections/pics/media/a.png?size=32", headers=AUTH)
         assert Image.open(io.BytesIO(thumb.content)).size == (32, 24)
-        assert c.get("/collections/pics/media/a.png?size=32", headers=AUTH).content == thumb.content  # cached
+        made = []
+        real = media_module._scaled_png
+        media_module._scaled_png = lambda *a: made.append(a) or real(*a)
+        try:  # a second ask is answered from the cache, without decoding again
+            assert c.get("/collections/pics/media/a.png?size=32", headers=AUTH).content == thumb.content
+            assert made == []
+            c.get("/collections/pics/media/sub/b.png?size=32", headers=AUTH)
+            assert len(made) == 1
+        finally:
+            media_module._scaled_png = real
         big = c.get("/collections/pics/media/a.png?size=512", headers=AUTH)  # never enlarged
         assert Image.open(io.BytesIO(big.content)).size == (64, 48)
         r = c.get("/collections/pics/media/a.png?size=5", headers=AUTH)
@@ -72,15 +83,26 @@ def test_media_files_and_thumbnails(tmp_path):
         assert c.get("/collections/nope/media/a.png", headers=AUTH).status_code == 404
 
 
-@pytest.mark.parametrize("path", ["../config.json", "sub/../../config.json", "..%2Fconfig.json", "%2Fetc%2Fpasswd",
-                                  "sub/..%2F..%2Fconfig.json", "a.png%00.txt", "link/config.json"])
-def test_media_paths_cannot_leave_the_media_folder(tmp_path, path):
+@pytest.mark.parametrize("path, refused", [
+    ("../config.json", "without '..'"), ("sub/../../config.json", "without '..'"), ("..%2Fconfig.json", "without '..'"),
+    ("%2Fetc%2Fpasswd", "without '..'"), ("sub/..%2F..%2Fconfig.json", "without '..'"),
+    ("a.png%00.txt", "without '..'"), ("link/config.json", "leads outside")])
+def test_media_paths_cannot_leave_the_media_folder(tmp_path, path, refused):
     folder = collection_with_media(tmp_path)
     os.symlink(folder / "pics", folder / "pics" / "media" / "link")  # a link out of the media folder
     with client(folder, api_key=KEY) as c:
-        r = c.get(f"/collections/pics/media/{path}", headers=AUTH)
-        assert r.status_code in (404, 422), (path, r.status_code)
-        assert b"dim" not in r.content and b"root:" not in r.content
+        status, body = raw_get(c, f"/collections/pics/media/{path}", AUTH)  # as sent, dot segments and all
+        assert status == 422, (path, status, body)
+        assert body["detail"][0]["field"] == "path" and refused in body["detail"][0]["message"]
+
+
+def test_thumbnails_refuse_pictures_too_large_to_decode(tmp_path, monkeypatch):
+    folder = collection_with_media(tmp_path)
+    monkeypatch.setattr(media_module, "MAX_PIXELS", 64 * 48 - 1)
+    with client(folder) as c:
+        r = c.get("/collections/pics/media/a.png?size=32")
+        assert r.status_code == 422 and "64 x 48" in str(detail(r)) and detail(r)[0]["field"] == "path"
+        assert c.get("/collections/pics/media/a.png").status_code == 200  # the file itself is still served
 
 
 def test_the_service_media_folder_serves_collections_without_their_own(tmp_path):
@@ -100,12 +122,17 @@ def test_payload_keys_list_values_for_filters(tmp_path):
     folder = collection_with_media(tmp_path)
     with client(folder) as c:
         keys = {k["key"]: k for k in c.get("/collections/pics/payload_keys").json()["keys"]}
-        assert keys["colour"] == {"key": "colour", "distinct": 2, "values": ["red", "green"]}  # most common first
-        assert keys["tags"]["values"] == ["x", "y"] and keys["n"]["values"] == [3]
+        assert keys["colour"] == {"key": "colour", "types": ["string"], "distinct": 2,
+                                  "values": ["red", "green"]}  # most common first
+        assert keys["tags"]["values"] == ["x", "y"] and keys["n"]["values"] == [3] and keys["n"]["types"] == ["number"]
+        # a whole number is one value whether written 3 or 3.0
+        hits = c.post("/collections/pics/search", json={"vectors": rows(1).tolist(), "k": 3,
+                                                        "filter": {"n": 3.0}}).json()["results"][0]
+        assert [h["id"] for h in hits] == [2]
         assert set(keys) == {"caption", "colour", "image", "n", "tags"}
         add(c, "pics", [10 + i for i in range(60)], rows(60, seed=1), [{"serial": i} for i in range(60)])
         serial = next(k for k in c.get("/collections/pics/payload_keys").json()["keys"] if k["key"] == "serial")
-        assert serial == {"key": "serial", "distinct": 60, "values": None}  # too many to list
+        assert serial == {"key": "serial", "types": ["number"], "distinct": 60, "values": None}  # too many to list
 
 
 def test_the_demo_writes_a_collection_the_page_can_show(tmp_path):

@@ -100,6 +100,8 @@ def write_collection(folder: str, name: str, index, payloads: Optional[Dict[int,
     must not be running on the folder. ``media``: a folder copied into the collection as its ``media/``, which
     payloads' ``"image"`` paths are relative to (the search page shows them; not encrypted)."""
     check_name(name)
+    if media is not None and not os.path.isdir(media):
+        raise ValueError(f"media must be a folder, got {media!r}")
     kind = {FlatIndex: "flat", IVFIndex: "ivf"}.get(type(index))
     if kind is None:
         raise TypeError(f"index must be a FlatIndex or IVFIndex, got {type(index).__name__}")
@@ -113,9 +115,6 @@ def write_collection(folder: str, name: str, index, payloads: Optional[Dict[int,
     store = Payloads()
     for i, p in (payloads or {}).items():
         store.set(int(i), p)
-
-    if media is not None and not os.path.isdir(media):
-        raise ValueError(f"media must be a folder, got {media!r}")
 
     def fill(staging: str) -> None:
         write_manifest(staging, save_snapshot(staging, 0, index, store, encryption_key), 0)

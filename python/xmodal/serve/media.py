@@ -10,12 +10,16 @@ import io
 import os
 import threading
 from collections import OrderedDict
-from typing import Optional, Tuple
+from typing import Optional
 
 from .requests import NotFound, Unprocessable
 
 #: thumbnail edge lengths a request may ask for (pixels)
 THUMBNAIL_SIZES = range(16, 1025)
+#: the largest picture a thumbnail is made of (pixels): a bigger one is refused before it is decoded
+MAX_PIXELS = 64 << 20
+#: at most this many pictures are decoded at once, whatever the number of requests asking
+DECODES_AT_ONCE = 2
 #: what a response may call itself; anything else is served as bytes the browser will not render
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
                ".webp": "image/webp", ".bmp": "image/bmp"}
@@ -33,6 +37,7 @@ class Media:
         self._cache: "OrderedDict[tuple, bytes]" = OrderedDict()
         self._cached = 0
         self._lock = threading.Lock()
+        self._decoding = threading.BoundedSemaphore(DECODES_AT_ONCE)
 
     def folder(self, collection_folder: str) -> Optional[str]:
         """The collection's own ``media/`` folder when it has one, else the service's media folder (or None)."""
@@ -55,8 +60,8 @@ class Media:
             raise NotFound(f"no media file {path!r}")
         return full
 
-    def thumbnail(self, full: str, size: int) -> Tuple[bytes, str]:
-        """(PNG bytes, media type) of the image at ``full`` scaled to fit ``size`` x ``size`` (never enlarged)."""
+    def thumbnail(self, full: str, size: int) -> bytes:
+        """PNG bytes of the image at ``full`` scaled to fit ``size`` x ``size`` (never enlarged)."""
         if size not in THUMBNAIL_SIZES:
             raise Unprocessable("size", f"a thumbnail size in [{THUMBNAIL_SIZES.start}, {THUMBNAIL_SIZES.stop - 1}]",
                                 size)
@@ -66,8 +71,9 @@ class Media:
             data = self._cache.get(key)
             if data is not None:
                 self._cache.move_to_end(key)
-                return data, "image/png"
-        data = _scaled_png(full, size)
+                return data
+        with self._decoding:
+            data = _scaled_png(full, size)
         with self._lock:
             if key not in self._cache and len(data) <= self.cache_bytes:
                 self._cache[key] = data
@@ -75,7 +81,7 @@ class Media:
                 while self._cached > self.cache_bytes:
                     _, old = self._cache.popitem(last=False)
                     self._cached -= len(old)
-        return data, "image/png"
+        return data
 
 
 def media_type(full: str) -> str:
@@ -86,12 +92,15 @@ def _scaled_png(full: str, size: int) -> bytes:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(full) as im:
+        with Image.open(full) as im:  # reads the header only: the size is known before any pixel is decoded
+            if im.width * im.height > MAX_PIXELS:
+                raise Unprocessable("path", f"a picture of at most {MAX_PIXELS} pixels for a thumbnail",
+                                    f"{os.path.basename(full)} ({im.width} x {im.height})")
             im.thumbnail((size, size))
             if im.mode not in ("RGB", "RGBA", "L", "LA"):
                 im = im.convert("RGBA")
             out = io.BytesIO()
             im.save(out, format="PNG")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
         raise Unprocessable("path", f"not a readable image ({e})", os.path.basename(full)) from None
     return out.getvalue()

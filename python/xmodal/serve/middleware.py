@@ -59,7 +59,6 @@ class Guard:
 
         return await self.app(scope, replay, send)
 
-
     def _open(self, path: str) -> bool:
         p = self.open_prefix
         return p is not None and (path == p or path.startswith(p + "/"))

@@ -7,7 +7,14 @@ from typing import Dict, List, Optional, Tuple
 
 
 def _filter_key(value) -> str:
+    if isinstance(value, float) and value.is_integer():  # 2020.0 and 2020 are one JSON number: one posting
+        value = int(value)
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _json_type(filter_key: str) -> str:
+    """The JSON type of the scalar a filter key holds, read from its first character."""
+    return {'"': "string", "t": "boolean", "f": "boolean", "n": "null"}.get(filter_key[0], "number")
 
 
 class Payloads:
@@ -54,17 +61,21 @@ class Payloads:
                 return set()
         return result
 
-    def keys(self, most_values: int = 50) -> List[dict]:
-        """``[{"key", "distinct", "values"}]``: every key with scalar values, how many distinct values it has,
-        and those values (the most common first), or None when there are more than ``most_values``."""
-        by_key: Dict[str, list] = {}
+    def key_summaries(self, most_values: int = 50) -> List[dict]:
+        """``[{"key", "types", "distinct", "values"}]``: every key with scalar values, the JSON types of those
+        values, how many distinct values it has, and the values themselves (the most common first), or None
+        when there are more than ``most_values`` (only listed keys have their values sorted and decoded)."""
+        counts: Dict[str, Dict[str, int]] = {}
         for (key, value), ids in self._postings.items():
-            by_key.setdefault(key, []).append((-len(ids), value))
+            counts.setdefault(key, {})[value] = len(ids)
         out = []
-        for key in sorted(by_key):
-            values = sorted(by_key[key])
-            listed = None if len(values) > most_values else [json.loads(v) for _, v in values]
-            out.append({"key": key, "distinct": len(values), "values": listed})
+        for key in sorted(counts):
+            values = counts[key]
+            listed = None
+            if len(values) <= most_values:
+                listed = [json.loads(v) for v in sorted(values, key=lambda v: (-values[v], v))]
+            out.append({"key": key, "types": sorted({_json_type(v) for v in values}), "distinct": len(values),
+                        "values": listed})
         return out
 
     def to_json(self) -> bytes:

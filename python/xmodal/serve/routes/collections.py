@@ -37,9 +37,11 @@ def get_collection(name: str, svc: Service = Depends(service)):
 
 @router.get("/collections/{name}/payload_keys")
 def payload_keys(name: str, svc: Service = Depends(service)):
-    """The payload keys of a collection with their values (the most common first; ``null`` where a key has
-    more distinct values than are listed), what the search page builds its filters from."""
-    return {"keys": svc.collection(name).payloads.keys()}
+    """The payload keys of a collection with their value types and values (the most common first; ``null``
+    where a key has more distinct values than are listed), what the search page builds its filters from."""
+    col = svc.collection(name)
+    with col.lock.read():  # a write changes the postings while they are read
+        return {"keys": col.payloads.key_summaries()}
 
 
 @router.delete("/collections/{name}")
