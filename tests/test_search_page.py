@@ -139,6 +139,7 @@ def test_without_the_key_the_page_says_so_and_asks_once(server, browser):
     open_page(browser, server.url, key=None)
     wait(browser, lambda d: "API key" in status(d), "the 401 message")
     assert browser.find_element(By.ID, "key-form").is_displayed()
+    run(browser, "document.getElementById('status').textContent = ''")  # so the next 401 is a new one
     browser.find_element(By.ID, "key").send_keys("a-wrong-key-0123456789\n")
     wait(browser, lambda d: "API key" in status(d), "the 401 message again")
     browser.find_element(By.ID, "key").clear()
@@ -253,6 +254,12 @@ def test_errors_in_words_and_json_export(server, browser):
     # the words for what a running service rarely shows on cue
     assert "try again in a moment (search queue full)." in run(browser, "return inWords(503, {detail: 'search queue full'})")
     assert run(browser, "return inWords(502, null)") == "The service answered HTTP 502."
+    # a typed filter is a number or true / false where the key holds those
+    assert run(browser, "return [typedValue('3', 'number'), typedValue('3', 'string'), typedValue('x', 'number'),"
+                        " typedValue('true', 'boolean string')]") == [3, "3", "x", True]
+    # a media path with dot segments is not fetched (the browser would resolve it into another API path)
+    alt = run(browser, "const img = new Image(); return show(img, 'shapes', 'a/../../vectors/1').then(() => img.alt)")
+    assert "not inside the media folder" in alt
 
 
 def test_without_a_model_text_is_off_and_more_like_this_works(demo, tmp_path, browser):

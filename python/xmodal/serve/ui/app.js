@@ -7,6 +7,7 @@
 const IMAGE_KEY = "image";
 const CAPTION_KEY = "caption";
 const THUMBNAIL_SIZE = 256;
+const THUMBNAILS_KEPT = 1000;  // object URLs of fetched thumbnails kept for reuse, the least recently used go
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -15,10 +16,11 @@ const state = {
   image: null,      // the query image (a File), if any
   like: null,       // the id of the result whose vector is the query ("more like this"), if any
   last: null,       // {query, results} of the last answer, for the JSON export
-  thumbnails: new Map(),  // media URL -> Promise of an object URL (each fetched once)
+  thumbnails: new Map(),  // media URL -> Promise of an object URL, least recently used first
+  searches: 0,      // searches started: an answer to any but the latest is dropped
   timings: [],      // per search, ms from Enter to: the answer parsed, the grid on screen, the last thumbnail drawn
 };
-window.xmodal = state;  // read by the browser tests
+window.xmodal = { timings: state.timings };  // read by the browser tests and the benchmark (never the key)
 
 class ServiceError extends Error {
   constructor(status, message) { super(message); this.status = status; }
@@ -66,7 +68,7 @@ async function api(path, options = {}) {
 }
 
 const json = async (path, options) => (await api(path, options)).json();
-const collectionPath = (rest) => `/collections/${encodeURIComponent($("collection").value)}${rest}`;
+const collectionPath = (collection, rest) => `/collections/${encodeURIComponent(collection)}${rest}`;
 
 function say(message, isError = false) {
   $("status").textContent = message;
@@ -96,25 +98,28 @@ async function loadCollections(wanted) {
     else say("");
     $("text").disabled = !state.model;
     await loadFilters();
-    return collections.length > 0;
+    return true;
   } catch (e) {
     say(e.message, true);
     return false;
   }
 }
 
+// the filters are built apart and put in place only if the collection is still the one chosen
 async function loadFilters() {
-  const box = $("filters");
-  box.replaceChildren();
-  if (!$("collection").value) return;
-  const { keys } = await json(collectionPath("/payload_keys"));
-  for (const { key, values } of keys) {
+  const collection = $("collection").value;
+  if (!collection) return $("filters").replaceChildren();
+  const { keys } = await json(collectionPath(collection, "/payload_keys"));
+  if ($("collection").value !== collection) return;
+  const labels = [];
+  for (const { key, types, values } of keys) {
     if (key === IMAGE_KEY || (key === CAPTION_KEY && values === null)) continue;
     const label = element("label", "", `${key} `);
     let input;
     if (values === null) {  // too many values to list: a text box
       input = element("input");
       input.placeholder = "any";
+      input.dataset.types = types.join(" ");
     } else {
       input = element("select");
       const any = element("option", "", "any");
@@ -127,15 +132,25 @@ async function loadFilters() {
     }
     input.dataset.key = key;
     label.append(input);
-    box.append(label);
+    labels.push(label);
   }
+  $("filters").replaceChildren(...labels);
+}
+
+// what a typed filter value means: a number or true / false where the key holds those, else the text itself
+function typedValue(text, types) {
+  const held = types.split(" ");
+  if (held.includes("number") && text.trim() !== "" && Number.isFinite(Number(text))) return Number(text);
+  if (held.includes("boolean") && (text === "true" || text === "false")) return text === "true";
+  return text;
 }
 
 function currentFilter() {
   const filter = {};
   for (const input of $("filters").querySelectorAll("[data-key]")) {
     if (!input.value) continue;
-    filter[input.dataset.key] = input.tagName === "SELECT" ? JSON.parse(input.value) : input.value;
+    filter[input.dataset.key] = input.tagName === "SELECT" ? JSON.parse(input.value)
+      : typedValue(input.value, input.dataset.types);
   }
   return Object.keys(filter).length ? filter : null;
 }
@@ -184,23 +199,24 @@ function currentQuery() {
            filter: currentFilter(), like: state.like, image: state.image ? state.image.name || "image" : null };
 }
 
-async function answer(query) {
+async function answer(query, image) {
+  const path = (rest) => collectionPath(query.collection, rest);
   const options = { k: query.k, with_payload: true };
   if (query.filter) options.filter = query.filter;
   if (query.like !== null) {
-    const { vector } = await json(collectionPath(`/vectors/${query.like}`));
-    return json(collectionPath("/search"), jsonBody(Object.assign({ vectors: [vector] }, options)));
+    const { vector } = await json(path(`/vectors/${query.like}`));
+    return json(path("/search"), jsonBody(Object.assign({ vectors: [vector] }, options)));
   }
-  if (state.image) {
+  if (image) {
     const form = new FormData();
-    form.append("image", state.image);
+    form.append("image", image);
     form.append("k", String(query.k));
     form.append("with_payload", "true");
     if (query.filter) form.append("filter", JSON.stringify(query.filter));
     if (query.text) form.append("text", query.text);
-    return json(collectionPath(query.text ? "/search/composed" : "/search/image"), { method: "POST", body: form });
+    return json(path(query.text ? "/search/composed" : "/search/image"), { method: "POST", body: form });
   }
-  return json(collectionPath("/search/text"), jsonBody(Object.assign({ text: query.text }, options)));
+  return json(path("/search/text"), jsonBody(Object.assign({ text: query.text }, options)));
 }
 
 const jsonBody = (body) => ({ method: "POST", headers: { "Content-Type": "application/json" },
@@ -213,26 +229,30 @@ async function search() {
   if (!query.text && !state.image && query.like === null) return say("Type a sentence or choose an image.", true);
   if (!Number.isInteger(query.k) || query.k < 1) return say("k must be a whole number of 1 or more.", true);
   say("Searching…");
+  const mine = ++state.searches;
   let body;
   try {
-    body = await answer(query);
+    body = await answer(query, state.image);
   } catch (e) {
-    return say(e.message, true);
+    if (mine === state.searches) say(e.message, true);
+    return;
   }
+  if (mine !== state.searches) return;  // a newer search was started meanwhile: its answer is the one shown
   const answered = performance.now() - started;
   const hits = body.results[0];
   state.last = { query, results: hits };
   share(query);
-  const images = render(hits);
+  const images = render(hits, query.collection);
   await new Promise((done) => requestAnimationFrame(() => setTimeout(done, 0)));  // the frame that shows it
   const grid = performance.now() - started;
+  if (mine !== state.searches) return;
   say(`${hits.length} result${hits.length === 1 ? "" : "s"} in ${grid.toFixed(0)} ms`);
   await Promise.allSettled(images);
   state.timings.push({ answered, grid, thumbnails: performance.now() - started });
 }
 
 // -- results
-function render(hits) {
+function render(hits, collection) {
   const images = [];
   const cards = hits.map((hit, rank) => {
     const card = element("article", "card");
@@ -242,7 +262,7 @@ function render(hits) {
       const img = element("img");
       img.alt = typeof payload[CAPTION_KEY] === "string" ? payload[CAPTION_KEY] : `item ${hit.id}`;
       card.append(img);
-      images.push(show(img, payload[IMAGE_KEY]));
+      images.push(show(img, collection, payload[IMAGE_KEY]));
     } else {
       card.append(element("div", "no-image", "no image"));
     }
@@ -271,24 +291,41 @@ function render(hits) {
   return images;
 }
 
-async function show(img, path) {
+async function show(img, collection, path) {
   if (/^https?:\/\//i.test(path)) {
     img.src = path;
   } else {  // under the collection's media, fetched with the API key (an <img src> cannot send it)
-    const url = collectionPath(`/media/${path.split("/").map(encodeURIComponent).join("/")}?size=${THUMBNAIL_SIZE}`);
-    if (!state.thumbnails.has(url)) {
-      const made = api(url).then((r) => r.blob()).then((b) => URL.createObjectURL(b));
-      made.catch(() => state.thumbnails.delete(url));
-      state.thumbnails.set(url, made);
+    const segments = path.split("/");
+    if (segments.some((s) => s === "" || s === "." || s === "..")) {  // the browser would resolve them into
+      img.alt = "(image not available: its path is not inside the media folder)";  // another API path
+      return;
     }
+    const url = collectionPath(collection, `/media/${segments.map(encodeURIComponent).join("/")}?size=${THUMBNAIL_SIZE}`);
+    let made = state.thumbnails.get(url);
+    if (made) {
+      state.thumbnails.delete(url);  // to the end: used most recently
+    } else {
+      made = api(url).then((r) => r.blob()).then((b) => URL.createObjectURL(b));
+      made.catch(() => state.thumbnails.delete(url));
+      forgetOldThumbnails();
+    }
+    state.thumbnails.set(url, made);
     try {
-      img.src = await state.thumbnails.get(url);
+      img.src = await made;
     } catch (e) {
       img.alt = `(image not available: ${e.message})`;
       return;
     }
   }
   try { await img.decode(); } catch (e) { /* a broken image shows its alt text */ }
+}
+
+function forgetOldThumbnails() {
+  for (const [url, made] of state.thumbnails) {
+    if (state.thumbnails.size < THUMBNAILS_KEPT) break;
+    state.thumbnails.delete(url);
+    made.then((objectUrl) => URL.revokeObjectURL(objectUrl), () => {});
+  }
 }
 
 // -- sharing and export
@@ -342,6 +379,7 @@ function start() {
   $("query").addEventListener("submit", (e) => { e.preventDefault(); search(); });
   $("image").addEventListener("change", () => setImage($("image").files[0] || null));
   $("clear-image").addEventListener("click", () => setImage(null));
+  $("text").addEventListener("input", () => setLike(null));  // typing starts a search of its own
   const drop = $("drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
@@ -353,6 +391,7 @@ function start() {
     else say("Drop an image file (PNG, JPEG, ...).", true);
   });
   $("collection").addEventListener("change", async () => {
+    state.searches += 1;  // an answer still on its way is for the collection left behind
     $("results").replaceChildren();
     $("actions").hidden = true;
     setLike(null);
@@ -369,9 +408,10 @@ function start() {
     }
   });
   $("export").addEventListener("click", exportJson);
-  window.addEventListener("hashchange", () => applyLink(fromLink()));
+  window.addEventListener("hashchange", () => applyLink(fromLink()).catch((e) => say(e.message, true)));
   const linked = fromLink();
-  loadCollections(linked && linked.collection).then((ok) => ok && applyLink(linked));
+  loadCollections(linked && linked.collection).then((ok) => ok && applyLink(linked))
+    .catch((e) => say(e.message, true));
 }
 
 start();
