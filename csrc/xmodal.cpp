@@ -36,10 +36,12 @@ TORCH_LIBRARY(xmodal, m) {
   // row_scale[n] + row_bias[n] (absent terms: 0 / 1 / 0), k largest keys first (float32, padded with -inf
   // and index -1; ties to the smaller index). With row_group (uint8 [N], values < G), query_bias is [Q, G]
   // and row n adds query_bias[q, row_group[n]] (codes that are residuals from G centres). queries float32
-  // [Q, D] (the codec's scale folded in), codes int8 [N, D]. The index turns keys into metric values
-  // (index/codecs.py).
+  // [Q, D] (the codec's scale folded in), codes int8 [N, D]. With candidates (int64 [Q, W], row indices or
+  // -1) each query ranks only its own candidate rows (a repeat once): the rescoring of binary codes. The index
+  // turns keys into metric values (index/codecs.py).
   m.def("topk_int8(Tensor queries, Tensor codes, int k, Tensor? query_bias=None, Tensor? row_scale=None,"
-        " Tensor? row_bias=None, Tensor? mask=None, *, Tensor? row_group=None) -> (Tensor keys, Tensor indices)");
+        " Tensor? row_bias=None, Tensor? mask=None, *, Tensor? row_group=None, Tensor? candidates=None)"
+        " -> (Tensor keys, Tensor indices)");
   // Top-k by Hamming distance over packed bits: queries uint8 [Q, B], codes uint8 [N, B] (B a multiple of 8),
   // the k smallest distances first (int32, padded with INT32_MAX and index -1; ties to the smaller index).
   m.def("topk_hamming(Tensor queries, Tensor codes, int k, Tensor? mask=None) -> (Tensor distances, Tensor indices)");

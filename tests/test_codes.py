@@ -131,6 +131,82 @@ def test_int8_errors():
             plain_int8(q, codes, 1, **bad)
 
 
+def _candidate_reference(queries, codes, qb, rs, rb, groups, candidates, k, mask=None):
+    """Each query's k best distinct candidates (no -1, allowed by the mask) by the exact keys, ties to the
+    smaller row: the float64 keys and rows."""
+    ref = reference.int8_keys(queries, codes, qb, rs, rb, groups)
+    want_v = torch.full((queries.shape[0], k), float("-inf"), dtype=torch.float64)
+    want_i = torch.full((queries.shape[0], k), -1, dtype=torch.int64)
+    for q, rows in enumerate(candidates.tolist()):
+        rows = sorted({r for r in rows if r >= 0 and (mask is None or bool(mask[r]))})
+        best = sorted(rows, key=lambda r: (-ref[q, r].item(), r))[:k]
+        want_i[q, :len(best)] = torch.tensor(best, dtype=torch.int64)
+        want_v[q, :len(best)] = ref[q, best]
+    return ref, want_v, want_i
+
+
+@pytest.mark.parametrize("q", [1, 5, 40])
+@pytest.mark.parametrize("width", [1, 12, 300])
+def test_int8_candidates_rank_only_each_querys_own_rows(q, width):
+    """With candidates each query ranks its own rows (the rescoring of binary codes): -1, repeats and rows
+    the mask leaves out are skipped; k past the candidates pads."""
+    queries, codes, _, rs, rb = _int8_case(q, 800, 40, seed=width)
+    g = torch.Generator().manual_seed(width)
+    groups = torch.randint(0, 9, (800,), generator=g).to(torch.uint8)
+    qb = torch.randn(q, 9, generator=g) * 5
+    candidates = torch.randint(-1, 800, (q, width), generator=g)
+    if width > 1:
+        candidates[:, 1] = candidates[:, 0]  # a repeat
+    mask = torch.rand(800, generator=g) < 0.8
+    for k, m in ((10, None), (10, mask), (width + 5, None)):
+        keys, idx = torch.ops.xmodal.topk_int8(queries, codes, k, qb, rs, rb, m, row_group=groups, candidates=candidates)
+        ref, want_v, want_i = _candidate_reference(queries, codes, qb, rs, rb, groups, candidates, k, m)
+        assert torch.equal(idx, want_i)
+        found = want_i >= 0
+        atol = KEY_RTOL * ref.abs().max().item()
+        torch.testing.assert_close(keys.double()[found], want_v[found], rtol=0, atol=atol)
+        assert bool((keys[~found] == float("-inf")).all())
+        plain = plain_int8(queries, codes, k, qb, rs, rb, m, row_group=groups, candidates=candidates)
+        assert torch.equal(plain[1], want_i)
+        torch.testing.assert_close(plain[0].double()[found], want_v[found], rtol=0, atol=atol)
+
+
+def test_int8_candidates_edges_and_errors():
+    queries, codes, qb, rs, rb = _int8_case(3, 50, 16)
+    tied = codes[:1].repeat(50, 1)
+    keys, idx = torch.ops.xmodal.topk_int8(queries, tied, 3, candidates=torch.tensor([[9, 4, 7, -1]] * 3))
+    assert idx.tolist() == [[4, 7, 9]] * 3  # ties to the smaller row
+    keys, idx = torch.ops.xmodal.topk_int8(queries, codes, 2, candidates=torch.full((3, 4), -1))
+    assert bool((idx == -1).all()) and bool((keys == float("-inf")).all())
+    keys, idx = torch.ops.xmodal.topk_int8(queries, codes, 2, candidates=torch.zeros(3, 0, dtype=torch.int64))
+    assert idx.shape == (3, 2) and bool((idx == -1).all())
+    nan = queries.clone()
+    nan[1] = float("nan")
+    keys, idx = torch.ops.xmodal.topk_int8(nan, codes, 2, candidates=torch.tensor([[0, 1]] * 3))
+    assert idx[1].tolist() == [0, 1] and torch.equal(idx[[0, 2]].sort(1).values, torch.tensor([[0, 1]] * 2))
+    strided = torch.arange(12).reshape(3, 4)[:, ::2]  # non-contiguous candidates
+    _, idx = torch.ops.xmodal.topk_int8(queries, codes, 2, qb, rs, rb, candidates=strided)
+    assert torch.equal(idx, _candidate_reference(queries, codes, qb, rs, rb, None, strided, 2)[2])
+    # only the candidates' groups are read, and checked (an IVF store's unused slots hold anything)
+    groups = torch.zeros(50, dtype=torch.uint8)
+    groups[40:] = 255
+    for op in (torch.ops.xmodal.topk_int8, plain_int8):
+        _, idx = op(queries, codes, 2, torch.zeros(3, 1), row_group=groups, candidates=torch.tensor([[1, 2]] * 3))
+        assert sorted(idx[0].tolist()) == [1, 2]
+        with pytest.raises(RuntimeError, match="row_group values must be below G = 1"):
+            op(queries, codes, 2, torch.zeros(3, 1), row_group=groups, candidates=torch.tensor([[1, 45]] * 3))
+    for bad, match in ((torch.tensor([[0, 50]] * 3), r"candidates must be row indices in \[0, N\) = \[0, 50\) or -1, "
+                                                     r"got values in \[0, 50\]"),
+                       (torch.tensor([[0, -2]] * 3), r"in \[-2, 0\]"),
+                       (torch.zeros(3, 2, dtype=torch.int32), r"candidates must be an int64 tensor \[Q, W\] with Q = 3"),
+                       (torch.zeros(2, 2, dtype=torch.int64), r"with Q = 3, got Long of shape \[2, 2\]"),
+                       (torch.zeros(3, dtype=torch.int64), "candidates")):
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.xmodal.topk_int8(queries, codes, 2, candidates=bad)
+        with pytest.raises(RuntimeError, match="candidates"):
+            plain_int8(queries, codes, 2, candidates=bad)
+
+
 def _bits(n, b, seed):
     return torch.randint(0, 256, (n, b), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
@@ -183,6 +259,8 @@ def test_opcheck():
     groups = torch.arange(100).remainder(3).to(torch.uint8)
     torch.library.opcheck(torch.ops.xmodal.topk_int8.default, (queries, codes, 5, torch.randn(3, 3), rs, rb, None),
                           {"row_group": groups})
+    torch.library.opcheck(torch.ops.xmodal.topk_int8.default, (queries, codes, 5, torch.randn(3, 3), rs, rb, None),
+                          {"row_group": groups, "candidates": torch.randint(-1, 100, (3, 20))})
     torch.library.opcheck(torch.ops.xmodal.topk_hamming.default, (_bits(3, 8, 0), _bits(100, 8, 1), 5, None))
 
 
@@ -240,6 +318,14 @@ assert torch.equal(idx[[0, 2]], reference.topk_from_scores(ref, 6, "ip")[1])
 tiny = torch.randn(2, 45, generator=g) * 1e-36
 keys, idx = torch.ops.xmodal.topk_int8(tiny, codes, 6)
 assert torch.equal(idx, reference.topk_from_scores(reference.int8_keys(tiny, codes), 6, "ip")[1])
+# candidates: each query ranks its own rows, with the same keys as a scan of them
+queries = torch.randn(5, 45, generator=g)
+candidates = torch.randint(0, 700, (5, 30), generator=g)
+keys, idx = torch.ops.xmodal.topk_int8(queries, codes, 4, candidates=candidates)
+ref = reference.int8_keys(queries, codes)
+for q in range(5):
+    own = sorted(set(candidates[q].tolist()), key=lambda r: (-ref[q, r].item(), r))[:4]
+    assert idx[q].tolist() == own, q
 print("ok")
 """
 

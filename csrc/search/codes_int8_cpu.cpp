@@ -146,31 +146,40 @@ struct CoarseQueries {
 // 634 / 677 / 708 / 754 ms at Q = 256.
 int64_t coarse_candidates(int64_t k, int64_t N) { return std::min(N, k + std::max<int64_t>(k, 512)); }
 
-// Each query's k best of its candidate rows ([Q, kc], -1 past the found ones) by the keys the AVX2 scans
-// compute (int16 queries, then the terms), ties to the smaller index: float32 keys and int64 indices [Q, k].
-std::tuple<at::Tensor, at::Tensor> rescore_int8(const Int16Queries& q16, const Int8Terms& terms, ScanIsa isa,
-                                                const int8_t* x, int64_t D, const at::Tensor& candidates, int64_t k) {
+// Each query's k best of its candidate rows ([Q, W] row indices; -1 entries and repeats are skipped, as are rows
+// the mask leaves out) by the keys of the scans: int16 queries where `q16` is usable (AVX2), else the fp32
+// queries `qp` [Q, D]; then the terms. Ties to the smaller index: float32 keys and int64 indices [Q, k].
+std::tuple<at::Tensor, at::Tensor> rescore_int8(const Int16Queries& q16, const float* qp, const Int8Terms& terms,
+                                                ScanIsa isa, const int8_t* x, int64_t D, const bool* mask,
+                                                const at::Tensor& candidates, int64_t k) {
   const int64_t Q = candidates.size(0), kc = candidates.size(1);
   at::Tensor values = at::empty({Q, k}, at::kFloat), indices = at::empty({Q, k}, at::kLong);
   float* out_v = values.data_ptr<float>();
   int64_t* out_i = indices.data_ptr<int64_t>();
   const int64_t* cand = candidates.data_ptr<int64_t>();
+  const bool int16 = q16.usable();
   // blocks of 16 queries, taken by as many threads as the rescoring pays for
   parallel_take((Q + 15) / 16, threads_for_ns(double(Q * kc) * scan_row_ns(D, 1)), [&] {
     return [&, ranked = std::vector<std::pair<ord_t, int64_t>>()](int64_t b) mutable {
       for (int64_t q = 16 * b; q < std::min(Q, 16 * (b + 1)); ++q) {
         ranked.clear();
-        for (int64_t j = 0; j < kc && cand[q * kc + j] >= 0; ++j) {
+        for (int64_t j = 0; j < kc; ++j) {
           const int64_t row = cand[q * kc + j];
+          if (row < 0 || (mask && !mask[row])) continue;
           float key;
-          int8_dots_i16(q16, q, 1, x + row * D, 1, &key);
+          if (int16) int8_dots_i16(q16, q, 1, x + row * D, 1, &key);
+          else int8_dots(isa, qp + q * D, 1, D, x + row * D, 1, &key);
           terms.apply(isa, &key, 1, 1, terms.query_bias ? terms.query_bias + q * terms.bias_width() : nullptr, row);
           ranked.emplace_back(to_ord<float>(key), row);
         }
-        const int64_t found = std::min<int64_t>(k, int64_t(ranked.size()));
-        std::partial_sort(ranked.begin(), ranked.begin() + found, ranked.end(), [](const auto& a, const auto& b) {
+        auto better = [](const auto& a, const auto& b) {
           return a.first != b.first ? a.first > b.first : a.second < b.second;
-        });
+        };
+        std::sort(ranked.begin(), ranked.end(), better);  // a repeated row sits next to itself: dropped
+        ranked.erase(std::unique(ranked.begin(), ranked.end(),
+                                 [](const auto& a, const auto& b) { return a.second == b.second; }),
+                     ranked.end());
+        const int64_t found = std::min<int64_t>(k, int64_t(ranked.size()));
         for (int64_t r = 0; r < k; ++r) {
           out_v[q * k + r] = r < found ? from_ord<float>(ranked[r].first) : -std::numeric_limits<float>::infinity();
           out_i[q * k + r] = r < found ? ranked[r].second : -1;
@@ -186,7 +195,8 @@ std::tuple<at::Tensor, at::Tensor> topk_int8_cpu(const at::Tensor& queries, cons
                                                  const std::optional<at::Tensor>& row_scale,
                                                  const std::optional<at::Tensor>& row_bias,
                                                  const std::optional<at::Tensor>& mask,
-                                                 const std::optional<at::Tensor>& row_group) {
+                                                 const std::optional<at::Tensor>& row_group,
+                                                 const std::optional<at::Tensor>& candidates) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_dim(queries, 2, "queries", "[Q, D]");
   check_dim(codes, 2, "codes", "[N, D]");
@@ -197,15 +207,38 @@ std::tuple<at::Tensor, at::Tensor> topk_int8_cpu(const at::Tensor& queries, cons
   TORCH_CHECK(k > 0, "k must be positive, got ", k);
   TORCH_CHECK(queries.device().is_cpu() && codes.device().is_cpu(), "queries and codes must be CPU tensors");
   const int64_t Q = queries.size(0), N = codes.size(0), D = codes.size(1);
-  const Int8Terms terms(query_bias, row_scale, row_bias, row_group, Q, N);
+  // with candidates only their rows' groups are read, and checked (an IVF store's unused slots hold anything)
+  const Int8Terms terms(query_bias, row_scale, row_bias, row_group, Q, N, /*check_groups=*/!candidates.has_value());
   at::Tensor keep;
   const bool* mask_ptr = mask_data(mask, N, keep);
-  if (Q == 0 || N == 0) {
+  at::Tensor cand;
+  if (candidates.has_value()) {
+    check_dim(*candidates, 2, "candidates", "[Q, W]");
+    TORCH_CHECK(candidates->scalar_type() == at::kLong && candidates->size(0) == Q,
+                "candidates must be an int64 tensor [Q, W] with Q = ", Q, ", got ", candidates->scalar_type(),
+                " of shape ", candidates->sizes());
+    cand = candidates->contiguous();
+    if (cand.numel()) {
+      const auto [low, high] = at::aminmax(cand);
+      TORCH_CHECK(low.item<int64_t>() >= -1 && high.item<int64_t>() < N,
+                  "candidates must be row indices in [0, N) = [0, ", N, ") or -1, got values in [",
+                  low.item<int64_t>(), ", ", high.item<int64_t>(), "]");
+    }
+  }
+  if (Q == 0 || N == 0 || (cand.defined() && cand.size(1) == 0)) {
     return {at::full({Q, k}, -std::numeric_limits<float>::infinity(), at::kFloat), at::full({Q, k}, -1, at::kLong)};
   }
   const at::Tensor q = queries.contiguous(), x = codes.contiguous();
   const int8_t* xp = x.data_ptr<int8_t>();
   const float* qp = q.data_ptr<float>();
+  if (cand.defined()) {  // only these rows per query: the rescoring pass (binary codes, the AVX2 first pass)
+    const int64_t* rows = cand.data_ptr<int64_t>();
+    for (int64_t i = 0; i < cand.numel(); ++i)
+      if (rows[i] >= 0) terms.check_group_range(rows[i], rows[i] + 1);
+    const ScanIsa isa = plan_codes_search(device_facts(codes.device()), 1, D, D, false).isa;
+    const Int16Queries q16 = isa == ScanIsa::Avx2 ? Int16Queries(qp, Q, D) : Int16Queries();
+    return rescore_int8(q16, qp, terms, isa, xp, D, mask_ptr, cand, k);
+  }
   const CodesPlan plan = plan_codes_search(device_facts(codes.device()), Q, D, D, false);
 
   // Many queries on a CPU with an exact int8 GEMM: queries quantised to int8 (per-query scale), tiles
@@ -270,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor> topk_int8_cpu(const at::Tensor& queries, cons
     const at::Tensor candidates =
         std::get<1>(float_key_topk(Q, N, coarse_candidates(k, N), plan.tile_rows, plan.query_block, mask_ptr, D,
                                    /*blas=*/true, make_coarse));
-    return rescore_int8(q16, terms, plan.isa, xp, D, candidates, k);
+    return rescore_int8(q16, qp, terms, plan.isa, xp, D, mask_ptr, candidates, k);
 #endif
   }
   auto make_scorer = [&] {

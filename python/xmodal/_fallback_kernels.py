@@ -142,22 +142,31 @@ def _blocks(n: int, q: int, width: int):
 
 def topk_int8(queries: Tensor, codes: Tensor, k: int, query_bias: Optional[Tensor] = None,
               row_scale: Optional[Tensor] = None, row_bias: Optional[Tensor] = None, mask: Optional[Tensor] = None, *,
-              row_group: Optional[Tensor] = None):
+              row_group: Optional[Tensor] = None, candidates: Optional[Tensor] = None):
     """As the CPU kernel (csrc/search/codes_int8_kernels.cpp): keys = (queries . codes + bias) * row_scale + row_bias
     (bias: query_bias[q], or query_bias[q, row_group[n]] with row_group), k largest first; blocks of rows are
-    decoded to float32 and multiplied."""
+    decoded to float32 and multiplied. With ``candidates`` only those rows of each query are ranked."""
     torch._check(k > 0, lambda: f"k must be positive, got {k}")
+    if candidates is not None:
+        torch._check(candidates.dtype == torch.int64 and candidates.dim() == 2 and candidates.shape[0] == queries.shape[0],
+                     lambda: f"candidates must be an int64 tensor [Q, W] with Q = {queries.shape[0]}, got "
+                             f"{candidates.dtype} of shape {list(candidates.shape)}")
+        torch._check(candidates.numel() == 0 or (int(candidates.min()) >= -1 and int(candidates.max()) < codes.shape[0]),
+                     lambda: f"candidates must be row indices in [0, N) = [0, {codes.shape[0]}) or -1")
     if row_group is not None:
         torch._check(row_group.dtype == torch.uint8 and row_group.dim() == 1 and row_group.shape[0] == codes.shape[0],
                      lambda: f"row_group must be a 1-D uint8 tensor of {codes.shape[0]} values, got {row_group.dtype} "
                              f"of shape {list(row_group.shape)}")
         torch._check(query_bias is not None and query_bias.dim() == 2,
                      lambda: "row_group needs query_bias of shape [Q, G] (a bias per query and group)")
-        torch._check(row_group.numel() == 0 or int(row_group.max()) < query_bias.shape[1],
+        read = row_group if candidates is None else row_group[candidates[candidates >= 0]]  # the rows it reads
+        torch._check(read.numel() == 0 or int(read.max()) < query_bias.shape[1],
                      lambda: f"row_group values must be below G = {query_bias.shape[1]} (query_bias's columns)")
     torch._check(query_bias is None or query_bias.dim() == (2 if row_group is not None else 1),
                  lambda: f"query_bias must be a float32 tensor of shape {'[Q, G]' if row_group is not None else '[Q]'}, "
                          f"got shape {list(query_bias.shape)}")
+    if candidates is not None:
+        return _rescore_int8(queries, codes, k, query_bias, row_scale, row_bias, mask, row_group, candidates)
     nq, device = queries.shape[0], queries.device
     best_keys = torch.full((nq, k), float("-inf"), device=device)
     best_idx = torch.full((nq, k), -1, dtype=torch.int64, device=device)
@@ -177,6 +186,37 @@ def topk_int8(queries: Tensor, codes: Tensor, k: int, query_bias: Optional[Tenso
         best_keys, best_idx = _merge_topk(best_keys, best_idx, keys, n0, k)
     best_idx = torch.where(best_keys > float("-inf"), best_idx, -1)
     return best_keys, best_idx
+
+
+def _rescore_int8(queries, codes, k, query_bias, row_scale, row_bias, mask, row_group, candidates):
+    """topk_int8 over each query's own candidate rows (-1, repeats and masked-out rows skipped)."""
+    nq, width = candidates.shape
+    # a repeat of a row earlier in the same query's list is skipped like a -1
+    order = candidates.sort(dim=1, stable=True)
+    repeat = torch.zeros_like(candidates, dtype=torch.bool)
+    repeat[:, 1:] = order.values[:, 1:] == order.values[:, :-1]
+    skip = torch.zeros_like(repeat).scatter_(1, order.indices, repeat) | (candidates < 0)
+    at = candidates.clamp(min=0)
+    if mask is not None:
+        skip |= ~mask.to(candidates.device)[at]
+    keys = torch.einsum("qd,qwd->qw", queries.float(), codes[at].float())
+    if query_bias is not None:
+        keys = keys + (query_bias.gather(1, row_group[at].long()) if row_group is not None else query_bias[:, None])
+    if row_scale is not None:
+        keys = keys * row_scale[at]
+    if row_bias is not None:
+        keys = keys + row_bias[at]
+    keys = keys.nan_to_num(nan=-torch.finfo(torch.float32).max).masked_fill(skip, float("-inf"))
+    # ties to the smaller row: rank by key, then by row index
+    rows_first = at.sort(dim=1, stable=True)
+    keys_by_row = keys.gather(1, rows_first.indices)
+    best = keys_by_row.sort(dim=1, descending=True, stable=True)
+    take = min(k, width)
+    best_keys = torch.full((nq, k), float("-inf"), device=keys.device)
+    best_idx = torch.full((nq, k), -1, dtype=torch.int64, device=keys.device)
+    best_keys[:, :take] = best.values[:, :take]
+    best_idx[:, :take] = rows_first.values.gather(1, best.indices[:, :take])
+    return best_keys, torch.where(best_keys > float("-inf"), best_idx, -1)
 
 
 _POPCOUNT = torch.tensor([bin(v).count("1") for v in range(256)], dtype=torch.int32)

@@ -192,7 +192,8 @@ def _ivf_scan_fake(queries, vectors, list_offsets, probes, k, metric="ip", mask=
 
 
 @torch.library.register_fake("xmodal::topk_int8")
-def _topk_int8_fake(queries, codes, k, query_bias=None, row_scale=None, row_bias=None, mask=None, *, row_group=None):
+def _topk_int8_fake(queries, codes, k, query_bias=None, row_scale=None, row_bias=None, mask=None, *, row_group=None,
+                    candidates=None):
     torch._check(queries.dim() == 2 and codes.dim() == 2, lambda: "queries and codes must be 2-D")
     torch._check(k > 0, lambda: f"k must be positive, got {k}")
     return queries.new_empty((queries.shape[0], k)), queries.new_empty((queries.shape[0], k), dtype=torch.int64)

@@ -213,16 +213,19 @@ class Int8Codes(FloatRows):
             keys = cosine_to_distance(keys, positions)
         return _pad(keys, positions, self.metric)
 
-    def search(self, scan, q: Tensor, cols, k: int, mask: Optional[Tensor], **options):
-        # q . decoded = (q * scale) . code + q . (centre + offset), the second a bias per query and centre;
-        # l2 ranks by 2 q . x - |x|^2 (|q|^2 added back after)
-        q = q.float()
+    def _key_terms(self, q: Tensor, cols) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+        """topk_int8's queries, query_bias, row_scale and row_bias for float32 queries ``q``:
+        q . decoded = (q * scale) . code + q . (centre + offset), the second a bias per query and centre; l2 ranks
+        by 2 q . x - |x|^2 (|q|^2 added back after)."""
         two = 2.0 if self.metric in ("l2", "sqeuclidean") else 1.0
-        scaled = (q * (two * self.scale)).contiguous()
-        bias = (q @ self.bases().T) * two
         terms = cols.get("row_terms")
-        row_scale = terms if normalises_rows(self.metric) else None
-        row_bias = terms if self.metric in ("l2", "sqeuclidean") else None
+        return ((q * (two * self.scale)).contiguous(), (q @ self.bases().T) * two,
+                terms if normalises_rows(self.metric) else None,
+                terms if self.metric in ("l2", "sqeuclidean") else None)
+
+    def search(self, scan, q: Tensor, cols, k: int, mask: Optional[Tensor], **options):
+        q = q.float()
+        scaled, bias, row_scale, row_bias = self._key_terms(q, cols)
         keys, positions = scan.int8(scaled, cols["codes"], k, bias, row_scale, row_bias, mask, cols["groups"])
         return self._values(keys, positions, q), positions
 
@@ -289,21 +292,13 @@ class BinaryCodes(Int8Codes):
         n = cols["codes"].shape[0]
         wide = min(max(rescore * k, k), max(n, 1))
         _, candidates = scan.hamming(self.bits(q), cols["bits"], wide, mask)
-        # rescore the candidates against their decoded int8 rows (keys as Int8Codes.search)
+        # the candidates rescored against their int8 codes inside the op, as Int8Codes.search scores rows: no
+        # ATen work here large enough to wake OpenMP's threads (which then spin on a core another process needs)
         q = q.float()
-        found = candidates >= 0
-        at = candidates.clamp(min=0)
-        rows = self._decoded(cols["codes"][at], cols["groups"][at])  # [Q, wide, d]
-        dots = torch.einsum("qd,qwd->qw", q, rows)
-        keys = dots * cols["row_terms"][at]  # cosine metrics only
-        keys = torch.where(found, keys, torch.full_like(keys, float("-inf")))
-        take = min(k, wide)
-        best_keys, best = torch.topk(keys, take, dim=1)
-        positions = torch.where(best_keys > float("-inf"), candidates.gather(1, best), -1)
-        values = torch.full((q.shape[0], k), float("-inf"), device=q.device)
-        out_pos = torch.full((q.shape[0], k), -1, dtype=torch.int64, device=q.device)
-        values[:, :take], out_pos[:, :take] = best_keys, positions
-        return self._values(values, out_pos, q), out_pos
+        scaled, bias, row_scale, row_bias = self._key_terms(q, cols)
+        keys, positions = torch.ops.xmodal.topk_int8(scaled, cols["codes"], k, bias, row_scale, row_bias,
+                                                     row_group=cols["groups"], candidates=candidates)
+        return self._values(keys, positions, q), positions
 
     def state(self):
         return {**super().state(), "mean": self.mean}
