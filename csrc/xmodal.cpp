@@ -3,12 +3,15 @@
 // (python/xmodal/_registrations.py), except topk_search's autograd (csrc/search/topk_backward.cpp: a Python
 // formula costs ~5 us per call).
 #include "common/cpu_block_cache.h"
+#include "common/parallel.h"
 #include "common/settings.h"
 #include "search/planner.h"
 #include "search/topk_common.h"
 
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include <optional>
 
 TORCH_LIBRARY(xmodal, m) {
   // Batched top-k similarity search; see xmodal.topk_search for the semantics. tf32: let float32 GEMMs on
@@ -94,6 +97,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     for (const xmodal::MetricInfo& info : xmodal::kMetrics) out.append(pybind11::make_tuple(info.name, info.larger_is_better));
     return out;
   }, "The metric table: (name, larger_is_better) for every metric");
+  // `with AtenOnThisThread():` holds ATen's and MKL's parallel work started by this thread to it alone while
+  // xmodal's ops keep their threads (common/parallel.h); the indexes wrap their searches in it.
+  struct HeldAten {
+    std::optional<xmodal::AtenOnThisThread> guard;
+  };
+  pybind11::class_<HeldAten>(m, "AtenOnThisThread")
+      .def(pybind11::init<>())
+      .def("__enter__", [](HeldAten& held) {
+        TORCH_CHECK(!held.guard, "AtenOnThisThread is already entered; use one per with-block");
+        held.guard.emplace();
+      })
+      .def("__exit__", [](HeldAten& held, const pybind11::args&) { held.guard.reset(); });
+  m.def("xmodal_threads", &xmodal::xmodal_threads, "The threads xmodal's parallel CPU work may use on this thread");
   m.def("get_settings", &xmodal::get_settings, "Every tuning setting's current value, by name");
   m.def("set_setting", &xmodal::set_setting, "Set one tuning setting (checked)");
   // The search planner: what strategy="auto" does for a search on `device` (this process's CPU / GPU facts).

@@ -85,3 +85,36 @@ def test_searches_from_several_threads_and_after_a_fork(every_thread):
     with multiprocessing.get_context("fork").Pool(1) as children:
         child = children.apply_async(_hamming_search, (0,)).get(timeout=120)
     assert_same(child, want[0])
+
+
+def test_aten_on_this_thread_holds_aten_alone_and_keeps_xmodal_threads():
+    """Index searches run their tensor work around the ops on the calling thread alone (an OpenMP region
+    would leave threads spinning on the cores the ops' pool then needs), while the ops keep their threads."""
+    import threading
+
+    from xmodal import _C
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, q = torch.randn(3000, 64), torch.randn(7, 64)
+        outside = xmodal.topk_search(q, x, 5)
+        with _C.AtenOnThisThread():
+            assert torch.get_num_threads() == 1 and _C.xmodal_threads() == 2
+            with _C.AtenOnThisThread():  # nested: still the outermost count
+                assert torch.get_num_threads() == 1 and _C.xmodal_threads() == 2
+            assert torch.get_num_threads() == 1
+            seen = []  # another thread is not held
+            worker = threading.Thread(target=lambda: seen.append((torch.get_num_threads(), _C.xmodal_threads())))
+            worker.start()
+            worker.join()
+            assert seen == [(2, 2)]
+            assert_same(xmodal.topk_search(q, x, 5), outside)
+        assert torch.get_num_threads() == 2 and _C.xmodal_threads() == 2
+        held = _C.AtenOnThisThread()
+        with held:
+            with pytest.raises(RuntimeError, match="already entered"):
+                held.__enter__()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -17,6 +17,7 @@ namespace xmodal {
 namespace {
 
 thread_local bool t_in_call = false;  // this thread runs a call's body (nested calls run inline)
+thread_local int64_t t_held_threads = 0;  // while an AtenOnThisThread lives: xmodal's thread count from before
 
 // MKL's thread count for the calling thread alone: the C entry point (mkl_set_num_threads_local, without
 // capitals, is the Fortran one and takes a pointer), in libtorch_cpu, which links MKL; nullptr where absent.
@@ -39,6 +40,13 @@ class OnThisThread {
     omp_set_num_threads(1);
 #endif
     if (const auto set = mkl_local_threads()) mkl_ = set(1);
+  }
+  int threads_before() const {
+#ifdef _OPENMP
+    return omp_;
+#else
+    return int(at::get_num_threads());
+#endif
   }
   ~OnThisThread() {
 #ifdef _OPENMP
@@ -95,6 +103,23 @@ Pool* g_pool = new Pool();  // never destroyed: its threads are detached and may
 }  // namespace
 
 bool pool_runs_blas() { return mkl_local_threads() != nullptr; }
+
+int64_t xmodal_threads() { return t_held_threads > 0 ? t_held_threads : int64_t(at::get_num_threads()); }
+
+struct AtenOnThisThread::Held {
+  int64_t outer_threads;
+  OnThisThread alone;
+};
+
+AtenOnThisThread::AtenOnThisThread() : held_(new Held{t_held_threads, {}}) {
+  // (read before OnThisThread set OpenMP's count to 1, so nested guards keep the outermost count)
+  t_held_threads = held_->outer_threads > 0 ? held_->outer_threads : int64_t(held_->alone.threads_before());
+}
+
+AtenOnThisThread::~AtenOnThisThread() {
+  t_held_threads = held_->outer_threads;
+  delete held_;
+}
 
 void run_on_pool(int64_t helpers, const std::function<void()>& body) {
   static const bool fork_handler = [] {

@@ -40,6 +40,28 @@ void run_on_pool(int64_t helpers, const std::function<void()>& body);
 // OpenMP to one thread for themselves, as inside an OpenMP region (parallel.cpp, OnThisThread).
 bool pool_runs_blas();
 
+// The threads xmodal's parallel work may use: ATen's count, or while the calling thread holds an
+// AtenOnThisThread, the count from before it.
+int64_t xmodal_threads();
+
+// While it lives, ATen's and MKL's parallel work started by this thread runs on this thread alone (OpenMP and
+// MKL held to one thread for it), while xmodal's ops keep using xmodal_threads() on xmodal's pool. The
+// indexes hold their searches' small tensor work around the ops this way: an ATen op big enough to start
+// OpenMP's threads leaves them spinning on the other cores for milliseconds, where the pool's threads of the
+// next op then wait for a core (measured: a 0.03 ms GEMM before a 6.7 ms Hamming scan made it 11.8 ms on 2
+// cores). One per thread at a time, created and destroyed on the same thread.
+class AtenOnThisThread {
+ public:
+  AtenOnThisThread();
+  ~AtenOnThisThread();
+  AtenOnThisThread(const AtenOnThisThread&) = delete;
+  AtenOnThisThread& operator=(const AtenOnThisThread&) = delete;
+
+ private:
+  struct Held;
+  Held* held_;
+};
+
 // Calls worker(i) for every i in [0, n), on up to `threads` threads that each make a worker (make_worker())
 // and take items from a shared counter. A static split waits for the thread whose core another process holds
 // (a busy core made two threads 12x slower than one on small scans); here that thread just does fewer items.
@@ -50,7 +72,7 @@ bool pool_runs_blas();
 template <typename MakeWorker>
 void parallel_take(int64_t n, int64_t threads, const MakeWorker& make_worker, bool blas = true) {
   if (n <= 0) return;
-  threads = std::max<int64_t>(1, std::min<int64_t>({threads, n, int64_t(at::get_num_threads())}));
+  threads = std::max<int64_t>(1, std::min<int64_t>({threads, n, xmodal_threads()}));
   std::atomic<int64_t> next{0};
   const auto take = [&] {
     if (next.load(std::memory_order_relaxed) >= n) return;  // (a thread that came after the work was taken)
@@ -82,7 +104,7 @@ void parallel_take(int64_t n, int64_t threads, const MakeWorker& make_worker, bo
 inline int64_t threads_for_ns(double ns) {
   const int64_t us = cpu_min_thread_us();
   const double t = us > 0 ? std::min(ns / (1e3 * double(us)), 1e6) : 1e6;
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(t)));
+  return std::max<int64_t>(1, std::min<int64_t>(xmodal_threads(), int64_t(t)));
 }
 
 }  // namespace xmodal

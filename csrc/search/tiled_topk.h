@@ -32,7 +32,7 @@ inline double scan_row_ns(int64_t row_bytes, int64_t query_block) {
 template <typename ord_t, typename MakeScorer, typename Write>
 void tiled_topk(int64_t Q, int64_t N, int64_t k, int64_t tile_rows, int64_t query_block, const MakeScorer& make_scorer,
                 const Write& write, double row_ns = 0, bool blas = true) {
-  const int64_t threads = row_ns > 0 ? threads_for_ns(double(N) * double(Q) * row_ns) : int64_t(at::get_num_threads());
+  const int64_t threads = row_ns > 0 ? threads_for_ns(double(N) * double(Q) * row_ns) : xmodal_threads();
   query_block = std::max<int64_t>(1, std::min(Q, query_block));
   // Few rows and many queries (k-means' assignment: 10^5 rows against 256 centres): every thread scores all
   // rows, in one tile, for its own query blocks. Split by rows instead, each thread's GEMMs would cover a

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _C
 from .._checks import check_dtype, check_metric, check_non_negative_ids, check_positive
 from ..ops import normalises_rows
 from . import io, mapped
@@ -300,7 +301,8 @@ class Index(abc.ABC):
             if bad.numel():
                 raise ValueError(f"queries must be finite to be reduced or quantised, found NaN or inf in row "
                                  f"{int(bad[0])}")
-        values, positions = self._search_rows(q.to(self.device), k, m, **options)
+        with _C.AtenOnThisThread():  # the tensor work around the ops starts no OpenMP threads (parallel.h)
+            values, positions = self._search_rows(q.to(self.device), k, m, **options)
         if self._mapped is not None:  # the ids of the answers
             found = positions[positions >= 0].cpu()
             self._mapped.check_rows("ids", found, found + 1)
