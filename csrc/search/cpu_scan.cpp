@@ -170,6 +170,9 @@ void scan_all(ScanIsa isa, const float* q, int64_t Q, const T* x, int64_t ld, in
 #endif
 #ifdef XMODAL_X86
   if (isa == ScanIsa::Avx2 && Q == 1 && norms) return scan_one_query_avx2(q, x, ld, n, D, out, norms);
+  // one query on AVX-512 (bf16 rows too: the native bf16 products pay only from a few queries on; not AMX)
+  if ((isa == ScanIsa::Avx512 || isa == ScanIsa::Avx512Bf16) && Q == 1)
+    return scan_one_query_avx512(q, x, ld, n, D, out, norms);
 #endif
   int64_t chunk = norms ? std::max<int64_t>(16, (int64_t(32) << 10) / std::max<int64_t>(D * int64_t(sizeof(T)), 1) / 4 * 4) : n;
   if (norms && amx) chunk = (chunk + 63) / 64 * 64;

@@ -203,8 +203,55 @@ XMODAL_AMX int64_t scan_amx_bf16(const uint32_t* qtiles, int64_t Q, const c10::B
   return j;
 }
 
+namespace {
+
+// One row in a single sequential pass with four FMA chains (as row_sums_avx2): with kDot, *dot = q · row; with
+// kNorm, *norm = row · row. On an AMD EPYC Zen 5, one query over 200,000 x 256 fp32 rows read this way took
+// 12 ms where four rows read side by side took 23 (the memory's rate: ~10 ms).
+template <bool kDot, bool kNorm, typename T>
+XMODAL_AVX512 void row_sums_avx512(const float* q, const T* row, int64_t D, float* dot, float* norm) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
+  __m512 a[4], b[4];
+  for (int u = 0; u < 4; ++u) a[u] = b[u] = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) {
+    for (int64_t e = 0; e < 64; e += kLine)
+      _mm_prefetch(reinterpret_cast<const char*>(row + d + e) + kPrefetchAhead, _MM_HINT_T0);
+    for (int u = 0; u < 4; ++u) {
+      const __m512 v = load_avx512(row + d + 16 * u);
+      if constexpr (kDot) a[u] = _mm512_fmadd_ps(_mm512_loadu_ps(q + d + 16 * u), v, a[u]);
+      if constexpr (kNorm) b[u] = _mm512_fmadd_ps(v, v, b[u]);
+    }
+  }
+  for (; d + 16 <= D; d += 16) {
+    const __m512 v = load_avx512(row + d);
+    if constexpr (kDot) a[0] = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), v, a[0]);
+    if constexpr (kNorm) b[0] = _mm512_fmadd_ps(v, v, b[0]);
+  }
+  if (d < D) {
+    const __mmask16 m = __mmask16((1u << (D - d)) - 1);
+    const __m512 v = load_avx512(row + d, m);
+    if constexpr (kDot) a[1] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), v, a[1]);
+    if constexpr (kNorm) b[1] = _mm512_fmadd_ps(v, v, b[1]);
+  }
+  if constexpr (kDot) *dot = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+  if constexpr (kNorm) *norm = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b[0], b[1]), _mm512_add_ps(b[2], b[3])));
+}
+
+}  // namespace
+
+template <typename T>
+void scan_one_query_avx512(const float* q, const T* x, int64_t ld, int64_t n, int64_t D, float* out, float* norms) {
+  if (norms) {
+    for (int64_t j = 0; j < n; ++j) row_sums_avx512<true, true>(q, x + j * ld, D, out + j, norms + j);
+  } else {
+    for (int64_t j = 0; j < n; ++j) row_sums_avx512<true, false>(q, x + j * ld, D, out + j, nullptr);
+  }
+}
+
 template <typename T>
 void scan_avx512(const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out, int64_t ldo) {
+  if (Q == 1) return scan_one_query_avx512(q, x, ld, n, D, out, nullptr);
   scan_blocks<4, 4, T, float>(q, Q, x, ld, n, D, out, ldo, XMODAL_GROUP_DISPATCH(block_avx512, 4, float),
                               XMODAL_GROUP_DISPATCH(block_avx512, 1, float));
 }
@@ -218,38 +265,9 @@ void scan_avx512bf16(const c10::BFloat16* q, int64_t Q, const c10::BFloat16* x, 
 
 template <typename T>
 XMODAL_AVX512 void squared_norms_avx512(const T* x, int64_t ld, int64_t n, int64_t D, float* out) {
-  const int64_t full = D / 16 * 16;
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {  // four rows at a time share one horizontal reduction
-    __m512 a[4];
-    for (int r = 0; r < 4; ++r) a[r] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < full; d += 16)
-      for (int r = 0; r < 4; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(x + (j + r + 8) * ld + d), _MM_HINT_T0);  // (as above)
-        const __m512 v = load_avx512(x + (j + r) * ld + d);
-        a[r] = _mm512_fmadd_ps(v, v, a[r]);
-      }
-    _mm_storeu_ps(out + j, reduce4_avx512(a[0], a[1], a[2], a[3]));
-    for (int r = 0; r < 4; ++r)
-      for (int64_t d = full; d < D; ++d) out[j + r] += to_float(x[(j + r) * ld + d]) * to_float(x[(j + r) * ld + d]);
-  }
-  for (; j < n; ++j) {
-    const T* row = x + j * ld;
-    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
-    int64_t d = 0;
-    for (; d + 32 <= full; d += 32) {
-      const __m512 u = load_avx512(row + d), v = load_avx512(row + d + 16);
-      a = _mm512_fmadd_ps(u, u, a);
-      b = _mm512_fmadd_ps(v, v, b);
-    }
-    for (; d < full; d += 16) {
-      const __m512 u = load_avx512(row + d);
-      a = _mm512_fmadd_ps(u, u, a);
-    }
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
-    for (; d < D; ++d) s += to_float(row[d]) * to_float(row[d]);
-    out[j] = s;
-  }
+  // one row at a time in one sequential pass: four rows side by side read at half the memory's rate on an
+  // AMD EPYC Zen 5 (as the dot products of one query)
+  for (int64_t j = 0; j < n; ++j) row_sums_avx512<false, true>(nullptr, x + j * ld, D, nullptr, out + j);
 }
 
 template void scan_avx512<float>(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t);
@@ -257,6 +275,11 @@ template void scan_avx512<c10::BFloat16>(const float*, int64_t, const c10::BFloa
                                          float*, int64_t);
 template void scan_avx512<c10::Half>(const float*, int64_t, const c10::Half*, int64_t, int64_t, int64_t, float*,
                                      int64_t);
+template void scan_one_query_avx512<float>(const float*, const float*, int64_t, int64_t, int64_t, float*, float*);
+template void scan_one_query_avx512<c10::BFloat16>(const float*, const c10::BFloat16*, int64_t, int64_t, int64_t,
+                                                   float*, float*);
+template void scan_one_query_avx512<c10::Half>(const float*, const c10::Half*, int64_t, int64_t, int64_t, float*,
+                                               float*);
 template void squared_norms_avx512<float>(const float*, int64_t, int64_t, int64_t, float*);
 template void squared_norms_avx512<c10::BFloat16>(const c10::BFloat16*, int64_t, int64_t, int64_t, float*);
 template void squared_norms_avx512<c10::Half>(const c10::Half*, int64_t, int64_t, int64_t, float*);

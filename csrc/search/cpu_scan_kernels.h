@@ -47,6 +47,11 @@ void scan_blocks(const QT* q, int64_t Q, const T* x, int64_t ld, int64_t n, int6
 template <typename T>
 void scan_avx512(const float* q, int64_t Q, const T* x, int64_t ld, int64_t n, int64_t D, float* out, int64_t ldo);
 
+// One fp32 query: out[j] = q · rows[j], and norms[j] = rows[j] · rows[j] when `norms` is given, each row read
+// in one sequential pass (AVX-512F; float, c10::BFloat16 and c10::Half rows).
+template <typename T>
+void scan_one_query_avx512(const float* q, const T* x, int64_t ld, int64_t n, int64_t D, float* out, float* norms);
+
 // The same with bf16 queries and rows multiplied natively (AVX512-BF16).
 void scan_avx512bf16(const c10::BFloat16* q, int64_t Q, const c10::BFloat16* x, int64_t ld, int64_t n, int64_t D,
                      float* out, int64_t ldo);
