@@ -116,10 +116,7 @@ AtenOnThisThread::AtenOnThisThread() : held_(new Held{t_held_threads, {}}) {
   t_held_threads = held_->outer_threads > 0 ? held_->outer_threads : int64_t(held_->alone.threads_before());
 }
 
-AtenOnThisThread::~AtenOnThisThread() {
-  t_held_threads = held_->outer_threads;
-  delete held_;
-}
+AtenOnThisThread::~AtenOnThisThread() { t_held_threads = held_->outer_threads; }
 
 void run_on_pool(int64_t helpers, const std::function<void()>& body) {
   static const bool fork_handler = [] {

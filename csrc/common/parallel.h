@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 
 namespace xmodal {
 
@@ -59,7 +60,7 @@ class AtenOnThisThread {
 
  private:
   struct Held;
-  Held* held_;
+  std::unique_ptr<Held> held_;
 };
 
 // Calls worker(i) for every i in [0, n), on up to `threads` threads that each make a worker (make_worker())

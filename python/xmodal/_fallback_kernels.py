@@ -191,14 +191,14 @@ def topk_int8(queries: Tensor, codes: Tensor, k: int, query_bias: Optional[Tenso
 def _rescore_int8(queries, codes, k, query_bias, row_scale, row_bias, mask, row_group, candidates):
     """topk_int8 over each query's own candidate rows (-1, repeats and masked-out rows skipped)."""
     nq, width = candidates.shape
-    # a repeat of a row earlier in the same query's list is skipped like a -1
-    order = candidates.sort(dim=1, stable=True)
-    repeat = torch.zeros_like(candidates, dtype=torch.bool)
-    repeat[:, 1:] = order.values[:, 1:] == order.values[:, :-1]
-    skip = torch.zeros_like(repeat).scatter_(1, order.indices, repeat) | (candidates < 0)
-    at = candidates.clamp(min=0)
+    # each query's candidates by row: a repeat sits right after its first, and the stable sort by key below
+    # then leaves ties in row order (to the smaller row)
+    rows = candidates.sort(dim=1).values
+    skip = rows < 0
+    skip[:, 1:] |= rows[:, 1:] == rows[:, :-1]
+    at = rows.clamp(min=0)
     if mask is not None:
-        skip |= ~mask.to(candidates.device)[at]
+        skip |= ~mask.to(rows.device)[at]
     keys = torch.einsum("qd,qwd->qw", queries.float(), codes[at].float())
     if query_bias is not None:
         keys = keys + (query_bias.gather(1, row_group[at].long()) if row_group is not None else query_bias[:, None])
@@ -207,15 +207,12 @@ def _rescore_int8(queries, codes, k, query_bias, row_scale, row_bias, mask, row_
     if row_bias is not None:
         keys = keys + row_bias[at]
     keys = keys.nan_to_num(nan=-torch.finfo(torch.float32).max).masked_fill(skip, float("-inf"))
-    # ties to the smaller row: rank by key, then by row index
-    rows_first = at.sort(dim=1, stable=True)
-    keys_by_row = keys.gather(1, rows_first.indices)
-    best = keys_by_row.sort(dim=1, descending=True, stable=True)
+    best = keys.sort(dim=1, descending=True, stable=True)
     take = min(k, width)
     best_keys = torch.full((nq, k), float("-inf"), device=keys.device)
     best_idx = torch.full((nq, k), -1, dtype=torch.int64, device=keys.device)
     best_keys[:, :take] = best.values[:, :take]
-    best_idx[:, :take] = rows_first.values.gather(1, best.indices[:, :take])
+    best_idx[:, :take] = rows.gather(1, best.indices[:, :take])
     return best_keys, torch.where(best_keys > float("-inf"), best_idx, -1)
 
 

@@ -61,11 +61,10 @@ class Encoding:
         if self.reduce_to is not None:
             self.pca = PCA(self.reduce_to).fit(rows[i: i + ADD_CHUNK_ROWS] for i in range(0, rows.shape[0], ADD_CHUNK_ROWS))
 
-    def fit(self, rows: Tensor, max_points: int, owner: str, learn_codec=None) -> Tensor:
+    def fit(self, rows: Tensor, max_points: int, owner: str, learn_codec=None) -> None:
         """Learn the PCA (if any) from every row and the codec from at most ``max_points`` of them, then estimate
         the recall a lossy encoding keeps (:meth:`estimate_recall`). ``learn_codec(prepared)``: how the codec
-        learns, when an index kind does more than ``codec.fit`` (IVF learns its lists first).
-        Returns the prepared rows learnt from."""
+        learns, when an index kind does more than ``codec.fit`` (IVF learns its lists first)."""
         self.fit_pca(rows)
         learn = self.sample(rows, max_points)
         prepared = self.prepare(learn)
@@ -73,7 +72,6 @@ class Encoding:
         self.estimated_recall = None
         if self.learns and learn.shape[0] >= RECALL_MIN_ROWS:
             self.estimate_recall(learn, prepared, owner)
-        return prepared
 
     @staticmethod
     def sample(rows: Tensor, max_points: int) -> Tensor:
