@@ -48,6 +48,23 @@ TORCH_LIBRARY(xmodal, m) {
   // Top-k by Hamming distance over packed bits: queries uint8 [Q, B], codes uint8 [N, B] (B a multiple of 8),
   // the k smallest distances first (int32, padded with INT32_MAX and index -1; ties to the smaller index).
   m.def("topk_hamming(Tensor queries, Tensor codes, int k, Tensor? mask=None) -> (Tensor distances, Tensor indices)");
+  // Proximity graph (csrc/graph/, CPU only; xmodal.GraphIndex holds the tensors). vectors float32/bfloat16
+  // [N, D], norms their squared norms float32 [N], graph int32 [N, R]: row p's out-neighbours, -1 after the last.
+  // graph_search: the k best rows for each float32 query by a best-first walk from `entry` keeping the ef best
+  // (ef >= k); metric "ip" (largest dot first), "cosine" (unit rows; values divided by the query's norm) or
+  // "l2" (smallest squared distance first); rows outside `mask` are walked through but never answered.
+  // Values and row indices, padded with -inf/+inf and -1; queries must be finite.
+  m.def("graph_search(Tensor queries, Tensor vectors, Tensor norms, Tensor graph, int entry, int k, int ef,"
+        " str metric=\"ip\", Tensor? mask=None) -> (Tensor values, Tensor indices)");
+  // Links rows [start, N) into the graph (rows before start are linked already; `entry`, where walks start,
+  // is skipped), in parallel; build_ef: the walk's breadth; alpha >= 1: how many longer edges pruning keeps.
+  m.def("graph_insert(Tensor vectors, Tensor norms, Tensor(a!) graph, int start, int entry, int build_ef,"
+        " float alpha) -> ()");
+  // Cross-modal links: neighbours int64 [S, K] holds, for each of S sample queries, the rows nearest it (best
+  // first, -1 padded); the first of each and the others gain edges to one another where lists have room.
+  m.def("graph_link(Tensor(a!) graph, Tensor neighbours) -> ()");
+  // The graph of the rows where keep (bool [N]) is True, renumbered in order, repaired around the others.
+  m.def("graph_repair(Tensor vectors, Tensor norms, Tensor graph, Tensor keep, float alpha) -> Tensor");
   // Bilinear pooling, torch.nn.functional.bilinear semantics; see xmodal.bilinear.
   m.def("bilinear(Tensor input1, Tensor input2, Tensor weight, Tensor? bias=None) -> Tensor");
   // Gradients for input1, input2, weight (empty where output_mask is False); the bias gradient is grad's sum.

@@ -14,7 +14,7 @@ from . import _C  # noqa: F401
 from . import _registrations  # noqa: F401
 from . import _fallback_kernels  # noqa: F401
 from . import graph, metrics, nn, rerank
-from .index import FlatIndex, IVFIndex, ShardedIndex
+from .index import FlatIndex, GraphIndex, IVFIndex, ShardedIndex
 from . import _deprecated, settings
 from .ops import SEARCH_METRICS, bilinear, factorized_bilinear, search_plan, topk_search
 from .pca import PCA
@@ -33,6 +33,7 @@ __all__ = [
     "rerank",
     "recommend",
     "FlatIndex",
+    "GraphIndex",
     "IVFIndex",
     "ShardedIndex",
     "PCA",

@@ -205,3 +205,29 @@ def _topk_hamming_fake(queries, codes, k, mask=None):
     torch._check(k > 0, lambda: f"k must be positive, got {k}")
     shape = (queries.shape[0], k)
     return queries.new_empty(shape, dtype=torch.int32), queries.new_empty(shape, dtype=torch.int64)
+
+
+# --- proximity graph --------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("xmodal::graph_search")
+def _graph_search_fake(queries, vectors, norms, graph, entry, k, ef, metric="ip", mask=None):
+    torch._check(k > 0, lambda: f"k must be positive, got {k}")
+    shape = (queries.shape[0], k)
+    return queries.new_empty(shape, dtype=torch.float32), queries.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.register_fake("xmodal::graph_insert")
+def _graph_insert_fake(vectors, norms, graph, start, entry, build_ef, alpha):
+    return None
+
+
+@torch.library.register_fake("xmodal::graph_link")
+def _graph_link_fake(graph, neighbours):
+    return None
+
+
+@torch.library.register_fake("xmodal::graph_repair")
+def _graph_repair_fake(vectors, norms, graph, keep, alpha):
+    kept = torch.library.get_ctx().new_dynamic_size()
+    return graph.new_empty((kept, graph.shape[1]))

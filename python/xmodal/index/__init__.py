@@ -1,4 +1,5 @@
-"""Indexes over :func:`xmodal.topk_search`: FlatIndex (exact), IVFIndex (inverted lists), ShardedIndex
+"""Indexes over :func:`xmodal.topk_search`: FlatIndex (exact), IVFIndex (inverted lists), GraphIndex
+(proximity graph), ShardedIndex
 (one shard per torch.distributed rank).
 
 Conventions shared by every index (they live in :class:`base.Index`):
@@ -17,13 +18,14 @@ Conventions shared by every index (they live in :class:`base.Index`):
   - ``save`` writes a safetensors file (tensors + JSON metadata, no pickle) atomically, with a checksum that
     ``load`` verifies (see :mod:`.io`).
 
-Layout: ``base`` (the Index class), ``flat``, ``ivf`` (with ``kmeans`` and the ``inverted_lists`` store),
+Layout: ``base`` (the Index class), ``flat``, ``graph``, ``ivf`` (with ``kmeans`` and the ``inverted_lists`` store),
 ``sharded``, ``io`` (files), ``arrays`` (torch / NumPy / CuPy interop).
 """
 from .base import Index
 from .encoding import LossyEncodingWarning
 from .flat import FlatIndex
+from .graph import GraphIndex
 from .ivf import IVFIndex
 from .sharded import ShardedIndex
 
-__all__ = ["Index", "FlatIndex", "IVFIndex", "ShardedIndex", "LossyEncodingWarning"]
+__all__ = ["Index", "FlatIndex", "GraphIndex", "IVFIndex", "ShardedIndex", "LossyEncodingWarning"]

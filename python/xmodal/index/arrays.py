@@ -19,9 +19,12 @@ def to_torch(x, name: str) -> Tuple[Tensor, str]:
     if module == "numpy":
         import numpy as np
 
+        x = np.ascontiguousarray(x)
+        if x.flags.writeable:
+            return torch.from_numpy(x), "numpy"
         with warnings.catch_warnings():  # read-only arrays (np.load(mmap_mode="r")) are welcome: inputs are only read
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(np.ascontiguousarray(x)), "numpy"
+            return torch.from_numpy(x), "numpy"
     if module == "cupy":
         return torch.from_dlpack(x), "cupy"
     raise TypeError(f"{name} must be a torch tensor, NumPy array or CuPy array, got {type(x).__name__}")
@@ -34,7 +37,7 @@ def from_torch(t: Tensor, kind: str):
     if t.dtype == torch.bfloat16:  # neither NumPy nor CuPy has bfloat16
         t = t.float()
     if kind == "numpy":
-        return t.detach().cpu().numpy()
+        return t.numpy() if t.device.type == "cpu" and not t.requires_grad else t.detach().cpu().numpy()
     import cupy
 
     return cupy.from_dlpack(t.detach().contiguous())

@@ -310,9 +310,8 @@ class Index(abc.ABC):
                 self._mapped = None
         if len(self) == 0:
             ids = torch.full_like(positions, -1)
-        else:
-            ids = torch.where(positions >= 0, self._position_ids()[positions.clamp(min=0)],
-                              torch.full_like(positions, -1))
+        else:  # (take + fill: half the per-call cost of where() on a one-query search)
+            ids = torch.take(self._position_ids(), positions.clamp(min=0)).masked_fill_(positions < 0, -1)
         if squeeze:
             values, ids = values[0], ids[0]
         return from_torch(values, kind), from_torch(ids, kind)

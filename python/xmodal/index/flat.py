@@ -70,9 +70,13 @@ class FlatIndex(Index):
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self._columns.values()) + self._ids.nbytes + self._encoding.nbytes()
 
+    def _column_specs(self) -> Dict[str, Tuple[torch.dtype, int]]:
+        """The stored columns: name -> (dtype, width; 0 for one value per row). The codec's, first."""
+        return self._encoding.codec.columns()
+
     def _new_columns(self, capacity: int) -> Dict[str, Tensor]:
         return {name: torch.empty((capacity, width) if width else (capacity,), dtype=dtype, device=self.device)
-                for name, (dtype, width) in self._encoding.codec.columns().items()}
+                for name, (dtype, width) in self._column_specs().items()}
 
     def _resize(self, capacity: int) -> None:
         """Move the rows to new storage of ``capacity`` rows."""
@@ -98,8 +102,8 @@ class FlatIndex(Index):
         encoded = self._encoding.codec.encode(rows)
         need = self._size + rows.shape[0]
         self._reserve(need)
-        for name, col in self._columns.items():
-            col[self._size: need] = encoded[name]
+        for name, values in encoded.items():
+            self._columns[name][self._size: need] = values
         self._ids[self._size: need] = ids
         self._size = need
 
@@ -139,7 +143,7 @@ class FlatIndex(Index):
     def _restore(self, tensors: dict, path: str, meta: dict) -> None:
         ids = tensors["ids"]
         n = ids.shape[0] if ids.dim() == 1 else -1
-        expected = self._encoding.codec.columns()
+        expected = self._column_specs()
         cols = {name: tensors[name] for name in expected}
         for name, (dtype, width) in expected.items():
             shape = (n, width) if width else (n,)
