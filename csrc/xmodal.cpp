@@ -54,8 +54,9 @@ TORCH_LIBRARY(xmodal, m) {
   // (ef >= k); metric "ip" (largest dot first), "cosine" (unit rows; values divided by the query's norm) or
   // "l2" (smallest squared distance first); rows outside `mask` are walked through but never answered.
   // Values and row indices, padded with -inf/+inf and -1; queries must be finite.
+  // ids (int64, at least N): answer ids[row] instead of row (an index's one-query searches map nothing after).
   m.def("graph_search(Tensor queries, Tensor vectors, Tensor norms, Tensor graph, int entry, int k, int ef,"
-        " str metric=\"ip\", Tensor? mask=None) -> (Tensor values, Tensor indices)");
+        " str metric=\"ip\", Tensor? mask=None, Tensor? ids=None) -> (Tensor values, Tensor indices)");
   // Links rows [start, N) into the graph (rows before start are linked already; `entry`, where walks start,
   // is skipped), in parallel; build_ef: the walk's breadth; alpha >= 1: how many longer edges pruning keeps.
   m.def("graph_insert(Tensor vectors, Tensor norms, Tensor(a!) graph, int start, int entry, int build_ef,"

@@ -275,7 +275,8 @@ enum class GraphMetric { IP, Cosine, L2 };
 
 template <typename T>
 void search_rows(const Rows<T>& g, const int32_t* adj, int64_t R, const float* q, int64_t Q, int64_t entry,
-                 int64_t k, int64_t ef, GraphMetric metric, const bool* allowed, float* values, int64_t* indices) {
+                 int64_t k, int64_t ef, GraphMetric metric, const bool* allowed, const int64_t* ids, float* values,
+                 int64_t* indices) {
   const bool l2 = metric == GraphMetric::L2;
   const float pad = l2 ? std::numeric_limits<float>::infinity() : -std::numeric_limits<float>::infinity();
   const auto make_worker = [&] {
@@ -295,7 +296,7 @@ void search_rows(const Rows<T>& g, const int32_t* adj, int64_t R, const float* q
         found = std::min<int64_t>(k, int64_t(s.best.size()));
         for (int64_t j = 0; j < found; ++j) {
           v[j] = l2 ? std::max(s.best[j].first + qn, 0.f) : -s.best[j].first * scale;
-          ix[j] = s.best[j].second;
+          ix[j] = ids ? ids[s.best[j].second] : s.best[j].second;
         }
       }
       for (int64_t j = found; j < k; ++j) v[j] = pad, ix[j] = -1;
@@ -309,7 +310,8 @@ void search_rows(const Rows<T>& g, const int32_t* adj, int64_t R, const float* q
 std::tuple<at::Tensor, at::Tensor> graph_search_cpu(const at::Tensor& queries, const at::Tensor& vectors,
                                                     const at::Tensor& norms, const at::Tensor& graph, int64_t entry,
                                                     int64_t k, int64_t ef, c10::string_view metric,
-                                                    const std::optional<at::Tensor>& mask) {
+                                                    const std::optional<at::Tensor>& mask,
+                                                    const std::optional<at::Tensor>& ids) {
   check_graph(vectors, norms, graph);
   check_dim(queries, 2, "queries", "[Q, D]");
   TORCH_CHECK(queries.scalar_type() == at::kFloat, "queries must be float32, got ", queries.scalar_type());
@@ -330,6 +332,14 @@ std::tuple<at::Tensor, at::Tensor> graph_search_cpu(const at::Tensor& queries, c
                 "mask must be a bool [N] tensor (N = ", N, "), got ", m.scalar_type(), " ", m.sizes());
     allowed = m.data_ptr<bool>();
   }
+  const int64_t* id_of = nullptr;
+  if (ids.has_value()) {
+    TORCH_CHECK(ids->scalar_type() == at::kLong && ids->dim() == 1 && ids->size(0) >= N && ids->is_contiguous() &&
+                    ids->device().is_cpu(),
+                "ids must be a contiguous int64 CPU tensor of at least N = ", N, " entries, got ", ids->scalar_type(),
+                " ", ids->sizes());
+    id_of = ids->data_ptr<int64_t>();
+  }
   const at::Tensor q = queries.contiguous();
   const int64_t Q = q.size(0);
   const float* qp = q.data_ptr<float>();
@@ -339,10 +349,10 @@ std::tuple<at::Tensor, at::Tensor> graph_search_cpu(const at::Tensor& queries, c
   const int32_t* adj = graph.data_ptr<int32_t>();
   if (vectors.scalar_type() == at::kFloat)
     search_rows(rows_of<float>(vectors, norms), adj, graph.size(1), q.data_ptr<float>(), Q, entry, k, ef,
-                gm, allowed, values.data_ptr<float>(), indices.data_ptr<int64_t>());
+                gm, allowed, id_of, values.data_ptr<float>(), indices.data_ptr<int64_t>());
   else
     search_rows(rows_of<c10::BFloat16>(vectors, norms), adj, graph.size(1), q.data_ptr<float>(), Q, entry, k, ef,
-                gm, allowed, values.data_ptr<float>(), indices.data_ptr<int64_t>());
+                gm, allowed, id_of, values.data_ptr<float>(), indices.data_ptr<int64_t>());
   return {values, indices};
 }
 

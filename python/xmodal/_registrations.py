@@ -211,7 +211,7 @@ def _topk_hamming_fake(queries, codes, k, mask=None):
 
 
 @torch.library.register_fake("xmodal::graph_search")
-def _graph_search_fake(queries, vectors, norms, graph, entry, k, ef, metric="ip", mask=None):
+def _graph_search_fake(queries, vectors, norms, graph, entry, k, ef, metric="ip", mask=None, ids=None):
     torch._check(k > 0, lambda: f"k must be positive, got {k}")
     shape = (queries.shape[0], k)
     return queries.new_empty(shape, dtype=torch.float32), queries.new_empty(shape, dtype=torch.int64)

@@ -37,7 +37,7 @@ def from_torch(t: Tensor, kind: str):
     if t.dtype == torch.bfloat16:  # neither NumPy nor CuPy has bfloat16
         t = t.float()
     if kind == "numpy":
-        return t.numpy() if t.device.type == "cpu" and not t.requires_grad else t.detach().cpu().numpy()
+        return t.numpy() if t.is_cpu and not t.requires_grad else t.detach().cpu().numpy()
     import cupy
 
     return cupy.from_dlpack(t.detach().contiguous())

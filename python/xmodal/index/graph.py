@@ -9,7 +9,7 @@ from torch import Tensor
 from .._checks import check_positive
 from ..ops import topk_search
 from ._rows import ADD_CHUNK_ROWS, cosine_to_distance, non_finite_rows
-from .arrays import as_rows
+from .arrays import as_rows, from_torch
 from .codecs import FlatScan
 from .flat import FlatIndex
 
@@ -177,8 +177,27 @@ class GraphIndex(FlatIndex):
         many rows the walk keeps (default ``self.ef``; raised to k when smaller): higher finds more of the
         true k best, in proportionally more time. A ``mask`` restricts the answers; where it lets few rows
         through the search scores them all instead (exact; see :meth:`search_plan`)."""
-        self._require_trained("search")
+        if mask is None and self._mapped is None:
+            # the common case in a few Python steps: the walk answers ids itself (a one-query search spent as
+            # long in the general path's tensor steps as in the walk)
+            q, kind, squeeze = as_rows(queries, self.dim, "queries")
+            k = check_positive(k, "k")
+            ef = self._ef(k, ef)
+            if q.device.type == "cpu" and graph_plan(self._size, self._size, ef, self.degree) == "graph":
+                vectors, norms, graph = self._graph_columns()
+                values, ids = torch.ops.xmodal.graph_search(q.float(), vectors, norms, graph, self._entry, k, ef,
+                                                            _OP_METRIC[self.metric], None, self._ids)
+                values, ids = from_torch(self._metric_values(values, ids), kind), from_torch(ids, kind)
+                return (values[0], ids[0]) if squeeze else (values, ids)
         return self._search(queries, k, mask, ef=ef)
+
+    def _metric_values(self, values: Tensor, answers: Tensor) -> Tensor:
+        """graph_search's values (inner products, cosines or squared l2) in the index's metric."""
+        if self.metric == "l2":
+            return values.sqrt()
+        if self.metric == "cosine_distance":
+            return cosine_to_distance(values, answers)
+        return values
 
     def _ef(self, k: int, ef: Optional[int]) -> int:
         return max(check_positive(self.ef if ef is None else ef, "ef"), k)
@@ -205,11 +224,7 @@ class GraphIndex(FlatIndex):
         # the op normalises cosine queries itself (a walk ranks alike for any positive scale of the query)
         values, positions = torch.ops.xmodal.graph_search(q.float(), vectors, norms, graph, self._entry, k, ef,
                                                           _OP_METRIC[self.metric], mask)
-        if self.metric == "l2":
-            values = values.sqrt()
-        elif self.metric == "cosine_distance":
-            values = cosine_to_distance(values, positions)
-        return values, positions
+        return self._metric_values(values, positions), positions
 
     def _exact(self, q: Tensor, k: int, mask: Optional[Tensor], vectors: Tensor):
         """Score every allowed row (gathered first when a mask leaves some out)."""
