@@ -52,14 +52,24 @@ Rows<T> rows_of(const at::Tensor& vectors, const at::Tensor& norms) {
           norms.data_ptr<float>(), cpu_isa()};
 }
 
+// Writes to out[0..R) x's neighbours pruned from the rows `ids` (no repeats, not x): what insertion, re-pruning
+// and repair share. Uses s.vec, s.keys and cands.
+template <typename T>
+void prune_from(const Rows<T>& g, int32_t x, const std::vector<int32_t>& ids, float alpha, int64_t R, int32_t* out,
+                Scratch& s, std::vector<Scored>& cands) {
+  const int64_t n = int64_t(ids.size());
+  s.keys.resize(std::max<size_t>(s.keys.size(), size_t(n)));
+  gather_dots(g.isa, graph::row_as_float(g, x, s), g.x, g.ld, ids.data(), n, g.D, s.keys.data());
+  cands.resize(n);
+  for (int64_t j = 0; j < n; ++j) cands[j] = {g.norms[x] + g.norms[ids[j]] - 2.f * s.keys[j], ids[j]};
+  std::sort(cands.begin(), cands.end());
+  graph::prune(g, cands, alpha, R, out, s);
+}
+
 // Sets x's neighbours to the pruned union of its current ones and `extra` (rows other than x), under x's lock.
 template <typename T>
 void relink(const Rows<T>& g, int32_t* adj, int64_t R, int32_t x, const int32_t* extra, int64_t n_extra,
-            float alpha, ListLocks& locks, Scratch& s, std::vector<float>& xv, std::vector<int32_t>& ids,
-            std::vector<Scored>& cands) {
-  xv.resize(g.D);
-  const T* r = g.x + int64_t(x) * g.ld;
-  for (int64_t d = 0; d < g.D; ++d) xv[d] = static_cast<float>(r[d]);
+            float alpha, ListLocks& locks, Scratch& s, std::vector<int32_t>& ids, std::vector<Scored>& cands) {
   int32_t* list = adj + int64_t(x) * R;
   locks.lock(x);
   s.start_walk(g.N);  // marks used to drop repeats
@@ -69,27 +79,21 @@ void relink(const Rows<T>& g, int32_t* adj, int64_t R, int32_t x, const int32_t*
     if (s.visit(list[j])) ids.push_back(list[j]);
   for (int64_t j = 0; j < n_extra; ++j)
     if (s.visit(extra[j])) ids.push_back(extra[j]);
-  const int64_t n = int64_t(ids.size());
-  s.keys.resize(std::max<size_t>(s.keys.size(), size_t(n)));
-  gather_dots(g.isa, xv.data(), g.x, g.ld, ids.data(), n, g.D, s.keys.data());
-  cands.resize(n);
-  for (int64_t j = 0; j < n; ++j) cands[j] = {g.norms[x] + g.norms[ids[j]] - 2.f * s.keys[j], ids[j]};
-  std::sort(cands.begin(), cands.end());
-  graph::prune(g, cands, alpha, R, list, s);
+  prune_from(g, x, ids, alpha, R, list, s, cands);
   locks.unlock(x);
 }
 
 // Adds the edge n -> p: appended where n's list has room, else n's list is re-pruned with p among the candidates.
 template <typename T>
 void add_edge(const Rows<T>& g, int32_t* adj, int64_t R, int32_t n, int32_t p, float alpha, ListLocks& locks,
-              Scratch& s, std::vector<float>& xv, std::vector<int32_t>& ids, std::vector<Scored>& cands) {
+              Scratch& s, std::vector<int32_t>& ids, std::vector<Scored>& cands) {
   int32_t* list = adj + int64_t(n) * R;
   locks.lock(n);
   const int64_t deg = graph::degree_of(list, R);
   const bool present = std::find(list, list + deg, p) != list + deg;
   if (!present && deg < R) list[deg] = p;
   locks.unlock(n);
-  if (!present && deg == R) relink(g, adj, R, n, &p, 1, alpha, locks, s, xv, ids, cands);
+  if (!present && deg == R) relink(g, adj, R, n, &p, 1, alpha, locks, s, ids, cands);
 }
 
 // Adds the edge n -> p where n's list has room (and lacks p); a full list stays as it is.
@@ -117,24 +121,22 @@ void insert_rows(const Rows<T>& g, int32_t* adj, int64_t R, int64_t start, int64
   const int64_t stride = scatter_stride(m);
   ListLocks locks;
   const auto make_worker = [&] {
-    return [&, pv = std::vector<float>(), xv = std::vector<float>(), ids = std::vector<int32_t>(),
-            cands = std::vector<Scored>(), found = std::vector<int32_t>()](int64_t i) mutable {
+    return [&, ids = std::vector<int32_t>(), cands = std::vector<Scored>(),
+            found = std::vector<int32_t>()](int64_t i) mutable {
       const int32_t p = int32_t(start + (i * stride) % m);
       if (p == entry) return;
       Scratch& s = Scratch::mine();
-      pv.resize(g.D);
-      const T* r = g.x + int64_t(p) * g.ld;
-      for (int64_t d = 0; d < g.D; ++d) pv[d] = static_cast<float>(r[d]);
-      graph::walk(g, adj, R, pv.data(), true, build_ef, int32_t(entry), nullptr, s, &locks);
+      // (the walk leaves s.vec alone: p's row stays there until relink below reuses it)
+      graph::walk(g, adj, R, graph::row_as_float(g, p, s), true, build_ef, int32_t(entry), nullptr, s, &locks);
       found.clear();
       for (const Scored& v : s.best)
         if (v.second != p) found.push_back(v.second);
-      relink(g, adj, R, p, found.data(), int64_t(found.size()), alpha, locks, s, xv, ids, cands);
+      relink(g, adj, R, p, found.data(), int64_t(found.size()), alpha, locks, s, ids, cands);
       int32_t* list = adj + int64_t(p) * R;
       locks.lock(p);
       found.assign(list, list + graph::degree_of(list, R));
       locks.unlock(p);
-      for (const int32_t n : found) add_edge(g, adj, R, n, p, alpha, locks, s, xv, ids, cands);
+      for (const int32_t n : found) add_edge(g, adj, R, n, p, alpha, locks, s, ids, cands);
     };
   };
   parallel_take(m, xmodal_threads(), make_worker, /*blas=*/false);
@@ -210,7 +212,7 @@ at::Tensor repair_rows(const Rows<T>& g, const int32_t* adj, int64_t R, const bo
   at::Tensor out = at::empty({M, R}, at::kInt);
   int32_t* o = out.data_ptr<int32_t>();
   const auto make_worker = [&] {
-    return [&, xv = std::vector<float>(), ids = std::vector<int32_t>(), cands = std::vector<Scored>(),
+    return [&, ids = std::vector<int32_t>(), cands = std::vector<Scored>(),
             tmp = std::vector<int32_t>(R)](int64_t i) mutable {
       const int32_t p = kept_rows[i];
       const int32_t* list = adj + int64_t(p) * R;
@@ -236,16 +238,7 @@ at::Tensor repair_rows(const Rows<T>& g, const int32_t* adj, int64_t R, const bo
         for (int64_t t = 0; t < R && second[t] >= 0; ++t)
           if (keep[second[t]] && s.visit(second[t])) ids.push_back(second[t]);
       }
-      xv.resize(g.D);
-      const T* r = g.x + int64_t(p) * g.ld;
-      for (int64_t d = 0; d < g.D; ++d) xv[d] = static_cast<float>(r[d]);
-      const int64_t n = int64_t(ids.size());
-      s.keys.resize(std::max<size_t>(s.keys.size(), size_t(n)));
-      gather_dots(g.isa, xv.data(), g.x, g.ld, ids.data(), n, g.D, s.keys.data());
-      cands.resize(n);
-      for (int64_t j = 0; j < n; ++j) cands[j] = {g.norms[p] + g.norms[ids[j]] - 2.f * s.keys[j], ids[j]};
-      std::sort(cands.begin(), cands.end());
-      graph::prune(g, cands, alpha, R, tmp.data(), s);
+      prune_from(g, p, ids, alpha, R, tmp.data(), s, cands);
       for (int64_t j = 0; j < R; ++j) dst[j] = tmp[j] >= 0 ? renumber[tmp[j]] : -1;
     };
   };
