@@ -1,7 +1,7 @@
 """Load test of ``xmodal serve`` on this machine, loopback only, bounded in time and count.
 
     python benchmarks/serve_load.py [--n 1000000] [--dim 256] [--clients 64] [--seconds 15]
-                                    [--markdown out.md] [--json out.json]
+                                    [--parts throughput,overhead,restart,graph] [--markdown out.md] [--json out.json]
 
 1. Throughput: a collection of N random unit rows (float32, then the int8 codec), ``--clients`` concurrent
    clients (asyncio + httpx, one process) each sending single-vector searches with k = 10 back to back for
@@ -11,6 +11,9 @@
    the same search in-process (``Collection.search``, the function the service calls).
 3. Restart: N rows in a snapshot plus ``--log-rows`` added over HTTP (in the write-ahead log), SIGKILL, restart:
    seconds from process start to ``/ready``.
+4. Graph collection (``--parts graph``): N clustered unit rows (200 Gaussian centres) in a ``"graph"`` collection
+   (GraphIndex, degree 32), one client sending single-vector searches from the same distribution, k = 10, back to
+   back: p50 / p99 latency, and recall@10 of the service's answers against exact search.
 
 The server runs in a subprocess with torch's default threads; the load generator shares the machine with it
 (the figures include that cost, as they would for clients on the same host).
@@ -117,13 +120,13 @@ class Connection:
         self.writer.close()
 
 
-async def load(url: str, name: str, dim: int, clients: int, seconds: float, k: int = 10):
+async def load(url: str, name: str, dim: int, clients: int, seconds: float, k: int = 10, queries=None):
     """Closed loop: each client sends its next search when the last is answered; latency from the request
-    being written to the whole answer read."""
+    being written to the whole answer read. ``queries``: the vectors sent in turn (256 random ones if None)."""
     host, port = url.split("//")[1].split(":")
-    rng = np.random.default_rng(1)
-    bodies = [json.dumps({"vectors": [rng.standard_normal(dim).astype(np.float32).tolist()], "k": k}).encode()
-              for _ in range(256)]
+    if queries is None:
+        queries = np.random.default_rng(1).standard_normal((256, dim)).astype(np.float32)
+    bodies = [json.dumps({"vectors": [q.tolist()], "k": k}).encode() for q in np.asarray(queries, np.float32)]
     path = f"/collections/{name}/search"
     latencies, errors = [], 0
     connections = [Connection(host, int(port)) for _ in range(clients)]
@@ -245,31 +248,78 @@ def restart(folder: str, n: int, dim: int, log_rows: int, batch: int = 1000):
             "first_start_seconds": first_start}
 
 
+def clustered_rows(n: int, dim: int, seed: int) -> torch.Tensor:
+    """Unit rows around 200 Gaussian centres (the same centres for every seed: queries and rows alike)."""
+    centres = torch.randn(200, dim, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(seed)
+    z = centres[torch.randint(0, 200, (n,), generator=g)] + 0.7 * torch.randn(n, dim, generator=g)
+    return torch.nn.functional.normalize(z, dim=1)
+
+
+def graph_collection(folder: str, n: int, dim: int, seconds: float, ef: int = 64, nq: int = 1000):
+    import httpx
+
+    name = "graph"
+    x = clustered_rows(n, dim, seed=1)
+    index = xmodal.GraphIndex(dim, "cosine", degree=32, build_ef=200, ef=ef)
+    start = time.perf_counter()
+    index.add(x)
+    build_seconds = time.perf_counter() - start
+    write_collection(folder, name, index)
+    del index
+    queries = clustered_rows(nq, dim, seed=2)
+    exact = xmodal.topk_search(queries, x, 10, metric="ip")[1]
+    del x
+    proc, url, ready = start_server(folder)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            r = http.post(f"/collections/{name}/search", json={"vectors": queries.tolist(), "k": 10})
+            found = [[hit["id"] for hit in hits] for hits in r.json()["results"]]
+        recall = sum(len(set(f) & set(e)) for f, e in zip(found, exact.tolist())) / exact.numel()
+        one = run_load(url, name, dim, 1, seconds, 10, queries.numpy())
+    finally:
+        stop(proc)
+    shutil.rmtree(os.path.join(folder, name))
+    return {"build_seconds": build_seconds, "ready_seconds": ready, "ef": ef, "recall_at_10": recall, **one}
+
+
 def markdown(report: dict) -> str:
     env, a = report["environment"], report["args"]
     lines = [f"# xmodal serve: load test ({env.get('date', '')})", "",
              f"Machine: {env.get('cpu')} ({env.get('threads')} threads); flags: {env.get('cpu_flags')}",
              f"torch {env.get('torch')}, xmodal {env.get('xmodal')}, Python {sys.version.split()[0]}; "
-             f"server and load generator on the same 2 cores, loopback.", "",
-             f"## Throughput: N = {a['n']:,}, D = {a['dim']}, {a['clients']} concurrent clients, single-vector "
-             f"searches, k = 10, {a['seconds']} s each; the service's default {report['search_threads']} search "
-             f"thread(s); the clients: one asyncio process, one keep-alive connection each", "",
-             "| rows | batching | QPS | p50 ms | p99 ms | p99 / p50 | requests |", "|---|---|---|---|---|---|---|"]
-    for codec, t in report["throughput"].items():
+             f"server and load generator on the same 2 cores, loopback."]
+    if report.get("throughput"):
+        lines += ["", f"## Throughput: N = {a['n']:,}, D = {a['dim']}, {a['clients']} concurrent clients, "
+                      f"single-vector searches, k = 10, {a['seconds']} s each; the service's default "
+                      f"{report['search_threads']} search thread(s); the clients: one asyncio process, one "
+                      f"keep-alive connection each", "",
+                  "| rows | batching | QPS | p50 ms | p99 ms | p99 / p50 | requests |", "|---|---|---|---|---|---|---|"]
+    for codec, t in report.get("throughput", {}).items():
         for label in ("batching on", "batching off"):
             r = t[label]
             lines.append(f"| {codec} | {label.split()[1]} | {r['qps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
                          f"{r['p99_ms'] / r['p50_ms']:.2f} | {r['requests']} |")
         lines.append(f"| {codec} | **on / off** | **{t['speedup']:.1f}x** | | | | |")
-    o = report["overhead"]
-    lines += ["", "## Service overhead: N = 10,000, one client, sequential", "",
-              f"p50 HTTP round trip {o['p50_http_ms']:.2f} ms (p99 {o['p99_http_ms']:.2f} ms); p50 of the same "
-              f"search in-process {o['p50_in_process_ms']:.2f} ms; **overhead {o['overhead_ms']:.2f} ms**."]
-    r = report["restart"]
-    lines += ["", "## Restart after SIGKILL", "",
-              f"{r['snapshot_rows']:,} rows in the snapshot + {r['log_rows']:,} in the write-ahead log "
-              f"({r['log_mib']:.0f} MiB): **ready {r['ready_seconds']:.1f} s** after the process started "
-              f"(first start, snapshot only: {r['first_start_seconds']:.1f} s)."]
+    if "overhead" in report:
+        o = report["overhead"]
+        lines += ["", "## Service overhead: N = 10,000, one client, sequential", "",
+                  f"p50 HTTP round trip {o['p50_http_ms']:.2f} ms (p99 {o['p99_http_ms']:.2f} ms); p50 of the same "
+                  f"search in-process {o['p50_in_process_ms']:.2f} ms; **overhead {o['overhead_ms']:.2f} ms**."]
+    if "restart" in report:
+        r = report["restart"]
+        lines += ["", "## Restart after SIGKILL", "",
+                  f"{r['snapshot_rows']:,} rows in the snapshot + {r['log_rows']:,} in the write-ahead log "
+                  f"({r['log_mib']:.0f} MiB): **ready {r['ready_seconds']:.1f} s** after the process started "
+                  f"(first start, snapshot only: {r['first_start_seconds']:.1f} s)."]
+    if "graph" in report:
+        g = report["graph"]
+        lines += ["", f"## Graph collection: N = {a['n']:,} clustered rows, D = {a['dim']}, degree 32, ef {g['ef']}, "
+                      f"one client, sequential, {a['seconds']} s", "",
+                  f"p50 **{g['p50_ms']:.2f} ms**, p99 **{g['p99_ms']:.2f} ms**, {g['qps']:.0f} queries/s "
+                  f"({g['requests']} requests, {g['errors']} errors); recall@10 of the answers against exact "
+                  f"search {g['recall_at_10']:.3f}. Build {g['build_seconds']:.0f} s (2 threads); the server was "
+                  f"ready {g['ready_seconds']:.1f} s after it started."]
     return "\n".join(lines) + "\n"
 
 
@@ -281,6 +331,7 @@ def main():
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--log-rows", type=int, default=100_000)
     parser.add_argument("--codecs", default="float32,int8")
+    parser.add_argument("--parts", default="throughput,overhead,restart", help="any of these and graph")
     parser.add_argument("--markdown")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -288,13 +339,19 @@ def main():
     try:
         report = {"environment": environment("cpu", faiss=False), "args": vars(args), "throughput": {},
                   "search_threads": default_search_threads()}
-        for codec in args.codecs.split(","):
+        parts = args.parts.split(",")
+        for codec in args.codecs.split(",") if "throughput" in parts else ():
             report["throughput"][codec] = throughput(folder, args.n, args.dim, args.clients, args.seconds,
                                                      None if codec == "float32" else codec)
-        report["overhead"] = overhead(folder, args.dim)
-        print(f"  overhead: {report['overhead']}", flush=True)
-        report["restart"] = restart(folder, args.n, args.dim, args.log_rows)
-        print(f"  restart: {report['restart']}", flush=True)
+        if "overhead" in parts:
+            report["overhead"] = overhead(folder, args.dim)
+            print(f"  overhead: {report['overhead']}", flush=True)
+        if "restart" in parts:
+            report["restart"] = restart(folder, args.n, args.dim, args.log_rows)
+            print(f"  restart: {report['restart']}", flush=True)
+        if "graph" in parts:
+            report["graph"] = graph_collection(folder, args.n, args.dim, args.seconds)
+            print(f"  graph: {report['graph']}", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     publish(markdown(report), report, args.markdown, args.json)

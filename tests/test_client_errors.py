@@ -146,3 +146,8 @@ def test_create_collection_exist_ok(tmp_path):
         assert c.create_collection("w", 4, index="ivf", exist_ok=True) == ivf  # nlist not asked: not compared
         with pytest.raises(ServiceError, match="nlist 2"):
             c.create_collection("w", 4, index="ivf", nlist=3, exist_ok=True)
+        graph = c.create_collection("g", 4, index="graph", degree=8, exist_ok=True)
+        assert graph["degree"] == 8 and graph["ef"] == 64
+        assert c.create_collection("g", 4, index="graph", ef=64, exist_ok=True) == graph
+        with pytest.raises(ServiceError, match="degree 8"):
+            c.create_collection("g", 4, index="graph", degree=16, exist_ok=True)

@@ -161,18 +161,21 @@ class Client:
     # -- collections
     def create_collection(self, name: str, dim: int, metric: str = "cosine", *, index: str = "flat",
                           codec: Optional[str] = None, nlist: Optional[int] = None,
-                          nprobe: Optional[int] = None, exist_ok: bool = False) -> dict:
-        """Create a collection and return its description. A collection of that name that exists already is
+                          nprobe: Optional[int] = None, degree: Optional[int] = None, ef: Optional[int] = None,
+                          exist_ok: bool = False) -> dict:
+        """Create a collection and return its description. ``index``: ``"flat"``, ``"ivf"`` (options ``nlist``,
+        ``nprobe``) or ``"graph"`` (options ``degree``, ``ef``). A collection of that name that exists already is
         ServiceError 409, or with ``exist_ok=True`` is returned as it is when it has the settings asked for
-        (an IVF collection's ``nlist`` / ``nprobe`` compared only where given); one with other settings is still 409."""
-        body = {"dim": dim, "metric": metric, "index": index, "codec": codec, "nlist": nlist, "nprobe": nprobe}
+        (an index's options compared only where given); one with other settings is still 409."""
+        options = {"nlist": nlist, "nprobe": nprobe, "degree": degree, "ef": ef}
+        body = {"dim": dim, "metric": metric, "index": index, "codec": codec, **options}
         try:
             return self._call("PUT", f"/collections/{name}", json={k: v for k, v in body.items() if v is not None})
         except ServiceError as e:
             if not (exist_ok and e.status == 409):
                 raise
         found = self.collection(name)
-        asked = {k: v for k, v in body.items() if k not in ("nlist", "nprobe") or (index == "ivf" and v is not None)}
+        asked = {k: v for k, v in body.items() if k not in options or v is not None}
         differ = {k: v for k, v in asked.items() if found.get(k) != v}
         if differ:
             have = ", ".join(f"{k} {found.get(k)!r}" for k in differ)

@@ -3,7 +3,8 @@ of :mod:`.routes` (collections, vectors, search, health and Prometheus metrics).
 
 Paths and fields (clients depend on them; FastAPI serves the OpenAPI schema at ``/docs``):
 
-    PUT    /collections/{name}                 {"dim", "metric", "index": "flat"|"ivf", "codec", "nlist", "nprobe"}
+    PUT    /collections/{name}                 {"dim", "metric", "index": "flat"|"ivf"|"graph", "codec", "nlist",
+                                                "nprobe", "degree", "ef"}
     GET    /collections                        {"collections": [{"name", "size", ...config}]}
     GET    /collections/{name}
     DELETE /collections/{name}

@@ -10,8 +10,8 @@ import threading
 import uuid
 from typing import Dict, Optional
 
-from .. import FlatIndex, IVFIndex
-from .collection import DEFAULT_SNAPSHOT_BYTES, Collection, save_snapshot, write_manifest
+from .. import FlatIndex, GraphIndex, IVFIndex
+from .collection import DEFAULT_SNAPSHOT_BYTES, KIND_OPTIONS, Collection, save_snapshot, write_manifest
 from .payloads import Payloads
 from .storage import fsync_folder, write_file
 
@@ -95,19 +95,19 @@ class Catalog:
 
 def write_collection(folder: str, name: str, index, payloads: Optional[Dict[int, dict]] = None,
                      encryption_key: Optional[bytes] = None, media: Optional[str] = None) -> None:
-    """Put an index built in Python (a :class:`FlatIndex` or :class:`IVFIndex`) into a service folder as
+    """Put an index built in Python (a :class:`FlatIndex`, :class:`IVFIndex` or
+    :class:`GraphIndex`) into a service folder as
     collection ``name``, with optional ``{id: payload}``; ``xmodal serve folder`` then serves it. The service
     must not be running on the folder. ``media``: a folder copied into the collection as its ``media/``, which
     payloads' ``"image"`` paths are relative to (the search page shows them; not encrypted)."""
     check_name(name)
     if media is not None and not os.path.isdir(media):
         raise ValueError(f"media must be a folder, got {media!r}")
-    kind = {FlatIndex: "flat", IVFIndex: "ivf"}.get(type(index))
+    kind = {FlatIndex: "flat", IVFIndex: "ivf", GraphIndex: "graph"}.get(type(index))
     if kind is None:
-        raise TypeError(f"index must be a FlatIndex or IVFIndex, got {type(index).__name__}")
+        raise TypeError(f"index must be a FlatIndex, IVFIndex or GraphIndex, got {type(index).__name__}")
     config = {"dim": index.dim, "metric": index.metric, "index": kind, "codec": index.codec}
-    if kind == "ivf":
-        config.update(nlist=index.nlist, nprobe=index.nprobe)
+    config.update({field: getattr(index, field) for field in KIND_OPTIONS[kind]})
     os.makedirs(folder, exist_ok=True)
     final = os.path.join(folder, name)
     if os.path.exists(final):

@@ -28,14 +28,17 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .. import FlatIndex, IVFIndex
+from .. import FlatIndex, GraphIndex, IVFIndex
 from ..index.base import check_metric
 from ..index.codecs import check_codec
+from ..index.graph import GRAPH_METRICS
 from ..index.ivf import DEFAULT_NPROBE
 from .payloads import Payloads
 from .storage import Record, WriteAheadLog, read_file, write_file
 
-INDEX_KINDS = {"flat": FlatIndex, "ivf": IVFIndex}
+INDEX_KINDS = {"flat": FlatIndex, "ivf": IVFIndex, "graph": GraphIndex}
+# each index kind's own options and their defaults
+KIND_OPTIONS = {"flat": {}, "ivf": {"nlist": 1024, "nprobe": DEFAULT_NPROBE}, "graph": {"degree": 32, "ef": 64}}
 # a snapshot is taken (in the background) once the log holds this many bytes
 DEFAULT_SNAPSHOT_BYTES = 256 << 20
 
@@ -128,22 +131,29 @@ class Collection:
         codec = config.get("codec")
         check_codec(codec, metric)
         out = {"dim": dim, "metric": metric, "index": kind, "codec": codec}
-        if kind == "ivf":
-            nlist = config.get("nlist", 1024)
-            nprobe = config.get("nprobe", DEFAULT_NPROBE)
-            for field, value in (("nlist", nlist), ("nprobe", nprobe)):
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise ValueError(f"{field} must be a positive int, got {value!r}")
-            out.update(nlist=nlist, nprobe=nprobe)
-        unknown = set(config) - {"dim", "metric", "index", "codec", "nlist", "nprobe"}
+        if kind == "graph" and metric not in GRAPH_METRICS:
+            raise ValueError(f"metric must be one of {list(GRAPH_METRICS)} with index 'graph', got {metric!r}")
+        if kind == "graph" and codec is not None:
+            raise ValueError(f"codec must be null with index 'graph' (it stores float32 rows), got {codec!r}")
+        for field, default in KIND_OPTIONS[kind].items():
+            value = config.get(field, default)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{field} must be a positive int, got {value!r}")
+            out[field] = value
+        if kind == "graph" and out["degree"] > 1024:
+            raise ValueError(f"degree must be at most 1024, got {out['degree']}")
+        unknown = set(config) - {"dim", "metric", "index", "codec"} - set(KIND_OPTIONS[kind])
         if unknown:
-            raise ValueError(f"unknown collection options {sorted(unknown)}")
+            raise ValueError(f"{sorted(unknown)[0]} is not an option of index {kind!r} (its options: "
+                             f"{list(KIND_OPTIONS[kind])})")
         return out
 
     def _new_index(self):
         c = self.config
         if c["index"] == "ivf":
             return IVFIndex(c["dim"], c["nlist"], c["metric"], nprobe=c["nprobe"], codec=c["codec"])
+        if c["index"] == "graph":
+            return GraphIndex(c["dim"], c["metric"], degree=c["degree"], ef=c["ef"])
         return FlatIndex(c["dim"], c["metric"], codec=c["codec"])
 
     # -- opening

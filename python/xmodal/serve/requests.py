@@ -59,10 +59,12 @@ class Body(BaseModel):
 class CreateCollection(Body):
     dim: int = Field(description="vector dimension")
     metric: Literal[tuple(SEARCH_METRICS)] = "cosine"
-    index: Literal["flat", "ivf"] = "flat"
+    index: Literal["flat", "ivf", "graph"] = "flat"
     codec: Optional[Literal[tuple(CODECS)]] = None
     nlist: Optional[int] = Field(None, description="ivf: number of lists")
     nprobe: Optional[int] = Field(None, description="ivf: lists searched per query")
+    degree: Optional[int] = Field(None, description="graph: neighbours per row")
+    ef: Optional[int] = Field(None, description="graph: rows a search walk keeps (more: higher recall, slower)")
 
 
 class AddVectors(Body):
