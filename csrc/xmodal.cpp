@@ -63,7 +63,7 @@ TORCH_LIBRARY(xmodal, m) {
         " float alpha) -> ()");
   // Cross-modal links: neighbours int64 [S, K] holds, for each of S sample queries, the rows nearest it (best
   // first, -1 padded); the first of each and the others gain edges to one another where lists have room.
-  m.def("graph_link(Tensor(a!) graph, Tensor neighbours) -> ()");
+  m.def("graph_project(Tensor vectors, Tensor norms, Tensor(a!) graph, Tensor neighbours, int hubs, float alpha) -> ()");
   // The graph of the rows where keep (bool [N]) is True, renumbered in order, repaired around the others.
   m.def("graph_repair(Tensor vectors, Tensor norms, Tensor graph, Tensor keep, float alpha) -> Tensor");
   // Bilinear pooling, torch.nn.functional.bilinear semantics; see xmodal.bilinear.

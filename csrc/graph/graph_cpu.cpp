@@ -1,7 +1,7 @@
 // The proximity graph's ops on the CPU (schemas in csrc/xmodal.cpp): build by inserting rows one at a time
 // into the graph in parallel (DiskANN's incremental Vamana: walk to the new row, prune the walk's nodes to
-// its neighbours, add the reverse edges, re-pruning lists that overflow), link rows that a sample of queries
-// finds together (cross-modal construction), repair the graph around removed rows, and search.
+// its neighbours, add the reverse edges, re-pruning lists that overflow), re-link rows around what a sample of
+// queries finds (cross-modal projection), repair the graph around removed rows, and search.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -158,34 +158,63 @@ void graph_insert_cpu(const at::Tensor& vectors, const at::Tensor& norms, const 
     insert_rows(rows_of<c10::BFloat16>(vectors, norms), adj, graph.size(1), start, entry, build_ef, float(alpha));
 }
 
-// Cross-modal links: neighbours[s] lists the rows a sample query s finds nearest (best first, -1 padded). The
-// first of them and each of the others gain an edge to one another where their lists have room (the pruned
-// lists keep about 40% of their slots free), so that a walk for a query of that modality, once near one of
-// its answers, reaches the rest in one step even when they lie far apart among the rows (the modality gap).
-// Only added: the geometric edges stay (re-pruning them to make room lost recall in measurements).
-void link_rows(int32_t* adj, int64_t R, const int64_t* neighbours, int64_t S, int64_t K) {
+// Cross-modal projection (after RoarGraph's projected bipartite graph): the rows a sample query finds nearest
+// are what a walk for a query like it must reach together, though the rows' own geometry may put them far
+// apart (the modality gap). neighbours[s] lists sample query s's nearest rows, best first, -1 padded. Each row
+// among a query's first `hubs` ones is re-linked: its candidates are its current neighbours plus every row its
+// queries list, pruned as in insertion (so the list keeps the query-found directions no nearer neighbour
+// covers); each row it newly points to gains the reverse edge where that list has room.
+template <typename T>
+void project_rows(const Rows<T>& g, int32_t* adj, int64_t R, const int64_t* neighbours, int64_t S, int64_t K,
+                  int64_t hubs, float alpha) {
+  // (hub row, query) pairs grouped by hub, so that one worker re-links each list
+  std::vector<std::pair<int32_t, int32_t>> by_hub;
+  by_hub.reserve(S * std::min(hubs, K));
+  for (int64_t q = 0; q < S; ++q)
+    for (int64_t h = 0; h < std::min(hubs, K) && neighbours[q * K + h] >= 0; ++h)
+      by_hub.push_back({int32_t(neighbours[q * K + h]), int32_t(q)});
+  std::sort(by_hub.begin(), by_hub.end());
+  std::vector<int64_t> group_start;
+  for (int64_t i = 0; i < int64_t(by_hub.size()); ++i)
+    if (i == 0 || by_hub[i].first != by_hub[i - 1].first) group_start.push_back(i);
+  const int64_t groups = int64_t(group_start.size());
+  group_start.push_back(int64_t(by_hub.size()));
   ListLocks locks;
   const auto make_worker = [&] {
-    return [&](int64_t q) {
-      const int64_t* nb = neighbours + q * K;
-      if (K < 2 || nb[0] < 0) return;
-      const int32_t hub = int32_t(nb[0]);
-      for (int64_t j = 1; j < K && nb[j] >= 0; ++j) {
-        append_edge(adj, R, hub, int32_t(nb[j]), locks);
-        append_edge(adj, R, int32_t(nb[j]), hub, locks);
+    return [&, ids = std::vector<int32_t>(), cands = std::vector<Scored>(), extra = std::vector<int32_t>(),
+            before = std::vector<int32_t>()](int64_t gi) mutable {
+      const int32_t t = by_hub[group_start[gi]].first;
+      Scratch& s = Scratch::mine();
+      extra.clear();
+      for (int64_t i = group_start[gi]; i < group_start[gi + 1]; ++i) {
+        const int64_t* nb = neighbours + int64_t(by_hub[i].second) * K;
+        for (int64_t j = 0; j < K && nb[j] >= 0; ++j)
+          if (nb[j] != t) extra.push_back(int32_t(nb[j]));
       }
+      int32_t* list = adj + int64_t(t) * R;
+      locks.lock(t);
+      before.assign(list, list + graph::degree_of(list, R));
+      locks.unlock(t);
+      relink(g, adj, R, t, extra.data(), int64_t(extra.size()), alpha, locks, s, ids, cands);
+      std::sort(before.begin(), before.end());
+      locks.lock(t);
+      extra.assign(list, list + graph::degree_of(list, R));
+      locks.unlock(t);
+      for (const int32_t n : extra)
+        if (!std::binary_search(before.begin(), before.end(), n)) append_edge(adj, R, n, t, locks);
     };
   };
-  parallel_take(S, xmodal_threads(), make_worker, /*blas=*/false);
+  parallel_take(groups, xmodal_threads(), make_worker, /*blas=*/false);
 }
 
-void graph_link_cpu(const at::Tensor& graph, const at::Tensor& neighbours) {
-  check_dim(graph, 2, "graph", "[N, R]");
-  TORCH_CHECK(graph.scalar_type() == at::kInt && graph.is_contiguous() && graph.device().is_cpu(),
-              "graph must be a contiguous int32 [N, R] CPU tensor, got ", graph.scalar_type(), " ", graph.sizes());
+void graph_project_cpu(const at::Tensor& vectors, const at::Tensor& norms, const at::Tensor& graph,
+                       const at::Tensor& neighbours, int64_t hubs, double alpha) {
+  check_graph(vectors, norms, graph);
   check_dim(neighbours, 2, "neighbours", "[S, K]");
   TORCH_CHECK(neighbours.scalar_type() == at::kLong && neighbours.device().is_cpu(),
               "neighbours must be an int64 CPU tensor, got ", neighbours.scalar_type(), " on ", neighbours.device());
+  TORCH_CHECK(hubs > 0, "hubs must be positive, got ", hubs);
+  TORCH_CHECK(alpha >= 1.0, "alpha must be at least 1, got ", alpha);
   const at::Tensor nb = neighbours.contiguous();
   const int64_t N = graph.size(0);
   if (nb.numel()) {
@@ -193,7 +222,13 @@ void graph_link_cpu(const at::Tensor& graph, const at::Tensor& neighbours) {
     TORCH_CHECK(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < N, "neighbours must be rows in [0, ", N,
                 ") or -1, got values in [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
   }
-  link_rows(graph.data_ptr<int32_t>(), graph.size(1), nb.data_ptr<int64_t>(), nb.size(0), nb.size(1));
+  int32_t* adj = graph.data_ptr<int32_t>();
+  if (vectors.scalar_type() == at::kFloat)
+    project_rows(rows_of<float>(vectors, norms), adj, graph.size(1), nb.data_ptr<int64_t>(), nb.size(0), nb.size(1),
+                 hubs, float(alpha));
+  else
+    project_rows(rows_of<c10::BFloat16>(vectors, norms), adj, graph.size(1), nb.data_ptr<int64_t>(), nb.size(0),
+                 nb.size(1), hubs, float(alpha));
 }
 
 // The graph of the kept rows, renumbered: a kept row whose neighbours were all kept keeps its list; one that
@@ -354,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor> graph_search_cpu(const at::Tensor& queries, c
 TORCH_LIBRARY_IMPL(xmodal, CPU, m) {
   m.impl("graph_search", &graph_search_cpu);
   m.impl("graph_insert", &graph_insert_cpu);
-  m.impl("graph_link", &graph_link_cpu);
+  m.impl("graph_project", &graph_project_cpu);
   m.impl("graph_repair", &graph_repair_cpu);
 }
 

@@ -50,11 +50,11 @@ class ListLocks {
 };
 
 // Per-thread working memory, kept between calls so a search allocates nothing per query: the visited marks
-// (one word per node, "visited" = equal to the current epoch, so clearing is one increment), the two heaps,
-// and buffers for a node's neighbours and their keys.
+// (16 bits per node, "visited" = equal to the current epoch, so clearing is one increment; half the bytes of
+// a word keeps more of them in cache), the two heaps, and buffers for a node's neighbours and their keys.
 struct Scratch {
-  std::vector<uint32_t> seen;
-  uint32_t epoch = 0;
+  std::vector<uint16_t> seen;
+  uint16_t epoch = 0;
   std::vector<Scored> frontier, best, pool;
   std::vector<int32_t> ids;
   std::vector<float> keys, vec;
@@ -63,7 +63,7 @@ struct Scratch {
   void start_walk(int64_t N) {
     if (int64_t(seen.size()) < N) seen.resize(N, 0);
     if (++epoch == 0) {  // wrapped: forget every mark
-      std::fill(seen.begin(), seen.end(), 0u);
+      std::fill(seen.begin(), seen.end(), uint16_t(0));
       epoch = 1;
     }
   }
@@ -131,10 +131,14 @@ void walk(const Rows<T>& g, const int32_t* adj, int64_t R, const float* q, bool 
     if (c.first > bound && int64_t(s.best.size()) >= ef) break;
     std::pop_heap(s.frontier.begin(), s.frontier.end(), farther);
     s.frontier.pop_back();
+    // the list most likely expanded next: its cache lines load while this step scores
+    if (!s.frontier.empty()) __builtin_prefetch(adj + int64_t(s.frontier.front().second) * R);
     const int32_t* list = adj + int64_t(c.second) * R;
     int64_t n = 0;
     if (locks) locks->lock(c.second);
-    for (int64_t j = 0; j < R && list[j] >= 0; ++j)
+    const int64_t deg = degree_of(list, R);
+    for (int64_t j = 0; j < deg; ++j) __builtin_prefetch(&s.seen[list[j]]);
+    for (int64_t j = 0; j < deg; ++j)
       if (s.visit(list[j])) s.ids[n++] = list[j];
     if (locks) locks->unlock(c.second);
     prefetch_rows(g, s.ids.data(), n);

@@ -222,8 +222,8 @@ def _graph_insert_fake(vectors, norms, graph, start, entry, build_ef, alpha):
     return None
 
 
-@torch.library.register_fake("xmodal::graph_link")
-def _graph_link_fake(graph, neighbours):
+@torch.library.register_fake("xmodal::graph_project")
+def _graph_project_fake(vectors, norms, graph, neighbours, hubs, alpha):
     return None
 
 

@@ -19,12 +19,20 @@ GRAPH_METRICS = ("cosine", "cosine_distance", "ip", "l2", "sqeuclidean")
 # graph_search's metric for each of GRAPH_METRICS (values converted after)
 _OP_METRIC = {"cosine": "cosine", "cosine_distance": "cosine", "ip": "ip", "l2": "l2", "sqeuclidean": "l2"}
 
-# removal re-prunes with at least this alpha: a repaired list draws on few candidates, and keeping the longer
-# ones among them held recall@10 after removing 30% of the rows (0.966 at alpha 1, 0.997 at 1.2, 0.972 at 1.5)
+# removal and projection re-prune with at least this alpha: a repaired list draws on few candidates, and
+# keeping the longer ones among them held recall@10 after removing 30% of the rows (0.966 at alpha 1, 0.997 at
+# 1.2, 0.972 at 1.5); projected lists: recall@10 at ef 64 0.95 at 1.2 against 0.92 at 1
 _REPAIR_ALPHA = 1.2
 
-# queries whose exact neighbours one linking step computes at once (a [chunk, N] score tile at most)
-_LINK_CHUNK = 1024
+# cross-modal projection: each sample query's nearest rows that re-link (hubs) and the rows they draw on
+# (neighbours). On a two-cone set (100,000 rows and sample queries) hubs 1 / 4 / 16 gave recall@10 at ef 64
+# 0.90 / 0.94 / 0.93 (0.88 without a sample), and 50 / 100 / 200 neighbours 0.93 / 0.95 / 0.92.
+_PROJECT_HUBS = 4
+_PROJECT_NEIGHBOURS = 100
+# sample queries whose exact neighbours are computed at once (a [chunk, N] score tile at most), and that one
+# projection step re-links from (a hub's candidates are those of its queries in one step: 52 MB of lists)
+_SEARCH_CHUNK = 1024
+_PROJECT_QUERIES = 65536
 
 
 def graph_plan(rows: int, allowed: int, ef: int, degree: int) -> str:
@@ -48,12 +56,12 @@ class GraphIndex(FlatIndex):
     ones, as DiskANN's Vamana), then the neighbours link back, re-pruning full lists. ``build_ef``: the
     insertion walk's breadth. Adding never rebuilds: rows join the graph as they come, also after ``load``.
 
-    **Cross-modal construction**: ``add(rows, queries=sample)`` also links, for each sample query of the
-    modality that will search (captions for image rows), its nearest row to the others nearest it (exact
-    search), in the room pruning leaves in the lists, so that walks for such queries, which lie outside the
-    rows' distribution (the modality gap), reach the rest of an answer from any part of it. On a synthetic
-    two-cone set (100,000 rows, 100,000 sample queries) this raised recall@10 at ef 16 from 0.51 to 0.56 and
-    left it unchanged from ef 64 on.
+    **Cross-modal construction**: ``add(rows, queries=sample)`` also re-links the graph around a sample of the
+    modality that will search (captions for image rows), after RoarGraph (VLDB 2024): each sample query's
+    nearest rows (exact search) are the candidates of its first few, pruned as in insertion, so that walks for
+    such queries, which lie outside the rows' distribution (the modality gap), find edges towards the rest of
+    an answer. On a synthetic two-cone set (100,000 rows and sample queries) this raised recall@10 at ef 64
+    from 0.88 to 0.95 and at ef 128 from 0.96 to 0.98, at the same cost per step.
 
     **Filters**: a ``mask`` is applied inside the walk (rows outside it are walked through, never answered);
     where few rows pass, an exact scan of them is faster, and the search takes it (:meth:`search_plan`).
@@ -137,26 +145,28 @@ class GraphIndex(FlatIndex):
 
     def add(self, vectors, ids=None, *, queries=None) -> Tensor:
         """Add rows (see :meth:`xmodal.index.Index.add`). ``queries``: a sample of the modality that will
-        search (e.g. 10,000 caption embeddings for image rows): after the rows are added, each sample query's
-        nearest rows (``degree`` of them, by exact search over every row) are linked to each other, which
-        shortens walks for queries like them. Costs an exact search of the sample."""
+        search (e.g. 10,000 caption embeddings for image rows): after the rows are added, the graph is re-linked
+        around each sample query's 100 nearest rows (exact search over every row, so it costs about as much as
+        that search). Edges already there stay where the pruning keeps them."""
         sample = None
         if queries is not None:
             sample, _, _ = as_rows(queries, self.dim, "queries")
             self._check_rows(sample, "queries")
         new_ids = super().add(vectors, ids)
         if sample is not None and sample.shape[0] and len(self) > 1:
-            self._link(self._prepare(sample))
+            self._project(self._prepare(sample))
         return new_ids
 
-    def _link(self, sample: Tensor) -> None:
-        vectors, _, graph = self._graph_columns()
-        k = min(self.degree, vectors.shape[0])
+    def _project(self, sample: Tensor) -> None:
+        vectors, norms, graph = self._graph_columns()
+        k = min(_PROJECT_NEIGHBOURS, vectors.shape[0])
         metric = "l2" if self.metric in ("l2", "sqeuclidean") else "ip"
-        for start in range(0, sample.shape[0], _LINK_CHUNK):
-            q = sample[start: start + _LINK_CHUNK].to(vectors.dtype)
-            neighbours = topk_search(q, vectors, k, metric=metric)[1]
-            torch.ops.xmodal.graph_link(graph, neighbours)
+        alpha = max(self.alpha, _REPAIR_ALPHA)
+        for start in range(0, sample.shape[0], _PROJECT_QUERIES):
+            part = sample[start: start + _PROJECT_QUERIES].to(vectors.dtype)
+            neighbours = torch.cat([topk_search(part[i: i + _SEARCH_CHUNK], vectors, k, metric=metric)[1]
+                                    for i in range(0, part.shape[0], _SEARCH_CHUNK)])
+            torch.ops.xmodal.graph_project(vectors, norms, graph, neighbours, _PROJECT_HUBS, alpha)
 
     def _keep(self, keep: Tensor) -> None:
         vectors, norms, graph = self._graph_columns()
