@@ -107,25 +107,45 @@ inline void prefetch_rows(const Rows<T>& g, const int32_t* ids, int64_t n) {
   }
 }
 
-// Best-first walk for q from `entry`, as in HNSW's bottom layer: expand the closest unexpanded node until it is
-// farther than the ef-th best found. Only rows where allowed[row] (all if null) enter the answer; the others
-// are still walked through, so a filter does not cut the graph. On return s.best holds the up to ef best
-// allowed rows as a max-heap. `locks`: lists may change under a concurrent build (read each under its lock).
+// Best-first walk for q, as in HNSW's bottom layer: expand the closest unexpanded node until it is farther than
+// the ef-th best found. It starts from `entry` and `pivots` rows spread evenly over the row numbers (rows i N /
+// pivots): scoring a few dozen rows costs less than the hops a walk from one far entry takes to reach the
+// query's region, which HNSW's upper layers shorten instead. Only rows where allowed[row] (all if null) enter
+// the answer; the others are still walked through, so a filter does not cut the graph. On return s.best holds
+// the up to ef best allowed rows as a max-heap. `locks`: lists may change under a concurrent build (read each
+// under its lock).
 template <typename T>
 void walk(const Rows<T>& g, const int32_t* adj, int64_t R, const float* q, bool l2, int64_t ef, int32_t entry,
-          const bool* allowed, Scratch& s, ListLocks* locks = nullptr) {
+          int64_t pivots, const bool* allowed, Scratch& s, ListLocks* locks = nullptr) {
   const auto farther = [](const Scored& a, const Scored& b) { return a.first > b.first; };  // min-heap order
   const auto nearer = [](const Scored& a, const Scored& b) { return a.first < b.first; };   // max-heap order
   s.start_walk(g.N);
   s.frontier.clear();
   s.best.clear();
-  if (s.ids.size() < size_t(R)) s.ids.resize(R), s.keys.resize(R);
-  float key;
-  keys_of(g, q, l2, &entry, 1, &key);
+  pivots = std::min(pivots, g.N);
+  const size_t room = size_t(std::max(R, pivots + 1));
+  if (s.ids.size() < room) s.ids.resize(room), s.keys.resize(room);
+  int64_t n = 0;
   s.visit(entry);
-  s.frontier.push_back({key, entry});
-  if (!allowed || allowed[entry]) s.best.push_back({key, entry});
-  float bound = s.best.empty() ? std::numeric_limits<float>::infinity() : key;
+  s.ids[n++] = entry;
+  for (int64_t i = 0; i < pivots; ++i) {
+    const int32_t p = int32_t(i * g.N / pivots);
+    if (s.visit(p)) s.ids[n++] = p;
+  }
+  prefetch_rows(g, s.ids.data(), n);
+  keys_of(g, q, l2, s.ids.data(), n, s.keys.data());
+  for (int64_t j = 0; j < n; ++j) {
+    const Scored v{s.keys[j], s.ids[j]};
+    s.frontier.push_back(v);
+    if (!allowed || allowed[v.second]) s.best.push_back(v);
+  }
+  std::make_heap(s.frontier.begin(), s.frontier.end(), farther);
+  std::make_heap(s.best.begin(), s.best.end(), nearer);
+  while (int64_t(s.best.size()) > ef) {
+    std::pop_heap(s.best.begin(), s.best.end(), nearer);
+    s.best.pop_back();
+  }
+  float bound = s.best.empty() ? std::numeric_limits<float>::infinity() : s.best.front().first;
   while (!s.frontier.empty()) {
     const Scored c = s.frontier.front();
     if (c.first > bound && int64_t(s.best.size()) >= ef) break;
@@ -134,7 +154,7 @@ void walk(const Rows<T>& g, const int32_t* adj, int64_t R, const float* q, bool 
     // the list most likely expanded next: its cache lines load while this step scores
     if (!s.frontier.empty()) __builtin_prefetch(adj + int64_t(s.frontier.front().second) * R);
     const int32_t* list = adj + int64_t(c.second) * R;
-    int64_t n = 0;
+    n = 0;
     if (locks) locks->lock(c.second);
     const int64_t deg = degree_of(list, R);
     for (int64_t j = 0; j < deg; ++j) __builtin_prefetch(&s.seen[list[j]]);

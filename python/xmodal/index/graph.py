@@ -1,4 +1,4 @@
-"""GraphIndex: a proximity graph over the rows; a search walks it from one entry row (``csrc/graph/``)."""
+"""GraphIndex: a proximity graph over the rows; a search walks it from a few entry rows (``csrc/graph/``)."""
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
@@ -47,8 +47,9 @@ def graph_plan(rows: int, allowed: int, ef: int, degree: int) -> str:
 
 
 class GraphIndex(FlatIndex):
-    """A proximity graph: each row lists up to ``degree`` neighbours, and a search walks from one entry row
-    (near the rows' mean) towards the query, keeping the ``ef`` best rows found (more: higher recall, slower).
+    """A proximity graph: each row lists up to ``degree`` neighbours, and a search walks from the best of a few
+    entry rows (the one nearest the rows' mean, and 64 spread over the rows) towards the query, keeping the
+    ``ef`` best rows found (more: higher recall, slower).
 
     Built by inserting rows one at a time, in parallel over the cores: a walk to the new row finds candidates,
     pruned to its neighbours (a candidate is dropped when a neighbour already picked is closer to it than the
