@@ -213,6 +213,50 @@ def measure(lib, x, q, sample, exact, one_query_calls: int):
             "resident_bytes_per_vector": added / len(x), "sweep": sweep}
 
 
+def filters_and_removal(x, q, exact, ef: int = 64):
+    """xmodal only: filtered searches (a random 1% / 10% of the rows allowed; recall against exact search over
+    the allowed rows, the path the planner took and both paths' queries/s) and recall at ``ef`` before and after
+    removing a random 30% of the rows (against exact search over the rows kept)."""
+    torch.set_num_threads(2)
+    index = xmodal.GraphIndex(x.shape[1], "cosine", degree=32, build_ef=200)
+    index.add(x)
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(7)
+    out = {"filters": []}
+    for share in (0.01, 0.1):
+        mask = torch.rand(len(x), generator=g) < share
+        allowed = torch.nonzero(mask).flatten()
+        truth = allowed[xmodal.topk_search(q, x[allowed], K, metric="ip")[1]]
+        row = {"share": share, "allowed": int(mask.sum()), "path": index.search_plan(K, mask, ef=ef)["path"]}
+        for path in ("graph", "exact"):
+            plan = xmodal.index.graph.graph_plan
+            forced = (lambda *a: path)  # time each path whatever the planner says
+            xmodal.index.graph.graph_plan = forced
+            try:
+                start = time.perf_counter()
+                got = index.search(q, K, mask, ef=ef)[1]
+                row[f"{path}_qps"] = len(q) / (time.perf_counter() - start)
+                row[f"{path}_recall"] = recall(got, truth)
+            finally:
+                xmodal.index.graph.graph_plan = plan
+        out["filters"].append(row)
+    out["recall_before_removal"] = recall(index.search(q, K, ef=ef)[1], exact)
+    gone = torch.randperm(len(x), generator=g)[: int(0.3 * len(x))]
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    index.remove(gone)
+    out["removal_s"] = time.perf_counter() - start
+    torch.set_num_threads(1)
+    kept = torch.ones(len(x), dtype=torch.bool)
+    kept[gone] = False
+    rows = torch.nonzero(kept).flatten()
+    truth = rows[xmodal.topk_search(q, x[rows], K, metric="ip")[1]]
+    out["recall_after_removal"] = recall(index.search(q, K, ef=ef)[1], truth)
+    out["ef"] = ef
+    torch.set_num_threads(2)
+    return out
+
+
 def best_at(result, target, key):
     """The best value of key (larger queries/s, smaller latency) among settings reaching the target recall."""
     hits = [s for s in result["sweep"] if s["recall"] >= target]
@@ -221,7 +265,7 @@ def best_at(result, target, key):
     return max(s[key] for s in hits) if key == "batch_qps" else min(s[key] for s in hits)
 
 
-def report(results: dict, header: list) -> str:
+def report(results: dict, header: list, extras: dict) -> str:
     lines = ["# Graph indexes: xmodal GraphIndex against hnswlib, faiss HNSW and usearch", "", *header, ""]
     for set_name, rows in results.items():
         lines += [f"## {set_name}", "", "| index | build s (2 threads) | file B/vector | resident B/vector |",
@@ -247,6 +291,16 @@ def report(results: dict, header: list) -> str:
                         ratios.append("-" if m is None else f"{m / v if key == 'batch_qps' else v / m:.2f}x")
                     cells.append(f"{v:,.0f}" + (f" ({' / '.join(ratios)})" if ratios else ""))
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        extra = extras.get(set_name)
+        if extra:
+            lines += ["", f"xmodal GraphIndex (no sample), ef {extra['ef']}: filtered searches (a random share of the rows "
+                          "allowed; recall against exact search over them; queries/s of each path, batch, one thread):", "",
+                      "| allowed | planner's path | walk: recall, QPS | exact scan: recall, QPS |", "|---|---|---|---|"]
+            lines += [f"| {f['share']:.0%} ({f['allowed']:,} rows) | {f['path']} | {f['graph_recall']:.3f}, "
+                      f"{f['graph_qps']:,.0f} | {f['exact_recall']:.3f}, {f['exact_qps']:,.0f} |" for f in extra["filters"]]
+            lines += ["", f"Removing a random 30% of the rows ({extra['removal_s']:.1f} s, 2 threads): recall@10 at ef "
+                          f"{extra['ef']} {extra['recall_before_removal']:.3f} before, {extra['recall_after_removal']:.3f} "
+                          "after (against exact search over the rows kept)."]
         lines += ["", "Sweep (ef: recall@10, batch queries/s, one-query median us):", ""]
         for r in rows:
             lines.append(f"- {r['name']}: " + "; ".join(
@@ -266,7 +320,7 @@ def main():
     p.add_argument("--write", action="store_true")
     p.add_argument("--kind", default=None, help="CPU kind for the file name (e.g. amd_zen4)")
     args = p.parse_args()
-    results = {}
+    results, extras = {}, {}
     for set_name in args.sets.split(","):
         x, queries = make_set(set_name, args.n, args.queries + args.sample, args.d)
         q, sample = queries[: args.queries], queries[args.queries:]
@@ -277,19 +331,21 @@ def main():
             results[set_name].append(measure(lib, x, q, sample, exact, args.one_query_calls))
             print(f"  build {results[set_name][-1]['build_s']:.1f} s", flush=True)
             del lib
+        extras[set_name] = filters_and_removal(x, q, exact)
+        print(f"  filters and removal: {extras[set_name]}", flush=True)
     env = environment("cpu")
     header = [*[f"- {a}: {b}" for a, b in env.items()],
               f"- data: N = {args.n:,} rows, D = {args.d}, {args.queries} queries, k = {K}, query sample "
               f"{args.sample:,} (for the '+ query sample' build); sets: {args.sets} "
               "(see benchmarks/graph_anchors.py); metric: inner product of unit rows (cosine)",
               f"- xmodal {xmodal.__version__}, torch {torch.__version__}"]
-    text = report(results, header)
+    text = report(results, header, extras)
     print(text)
     if args.write:
         kind = f"_{args.kind}" if args.kind else ""
         stem = Path(__file__).parent / "results" / f"{datetime.date.today()}_graph_anchors_cpu{kind}"
         stem.with_suffix(".md").write_text(text)
-        stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": results}, indent=2))
+        stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": results, "extras": extras}, indent=2))
 
 
 if __name__ == "__main__":
