@@ -84,10 +84,10 @@ def test_mask_inside_the_walk_and_the_exact_switch():
     index.add(rows)
     flat.add(rows)
     g = torch.Generator().manual_seed(2)
-    for share, path in ((0.3, "graph"), (0.01, "exact")):
+    for share, path, batch in ((0.3, "graph", 1), (0.01, "exact", 100), (0.3, "exact", 100)):
         mask = torch.rand(len(index), generator=g) < share
-        assert index.search_plan(10, mask)["path"] == path
-        got = index.search(queries, 10, mask)[1]
+        assert index.search_plan(10, mask, queries=batch)["path"] == path
+        got = torch.cat([index.search(queries[i: i + batch], 10, mask)[1] for i in range(0, len(queries), batch)])
         allowed = set(index.ids[mask].tolist())
         assert set(got.flatten().tolist()) - {-1} <= allowed
         assert _recall(got, flat.search(queries, 10, mask)[1]) >= 0.9
@@ -100,6 +100,10 @@ def test_plan_is_a_pure_function_of_sizes():
     assert graph_plan(1_000_000, 10_000, 64, 32) == "exact"
     assert graph_plan(500, 500, 64, 32) == "exact"  # a tiny index: scanning it is cheaper than walking
     assert graph_plan(10, 0, 64, 32) == "exact"
+    # a filter that lets 10% through: one query walks, a batch scans the allowed rows once for all
+    assert graph_plan(200_000, 20_000, 64, 32, queries=1) == "graph"
+    assert graph_plan(200_000, 20_000, 64, 32, queries=1000) == "exact"
+    assert graph_plan(200_000, 60_000, 64, 32, queries=1000) == "graph"  # 30%: the walk again
 
 
 def test_removing_30_percent_keeps_recall_and_never_answers_removed_rows():
