@@ -88,26 +88,31 @@ void relink(const Rows<T>& g, int32_t* adj, int64_t R, int32_t x, const int32_t*
   locks.unlock(x);
 }
 
-// Adds the edge n -> p: appended where n's list has room, else n's list is re-pruned with p among the candidates.
-template <typename T>
-void add_edge(const Rows<T>& g, int32_t* adj, int64_t R, int32_t n, int32_t p, float alpha, ListLocks& locks,
-              Scratch& s, std::vector<int32_t>& ids, std::vector<Scored>& cands) {
+// Adds the edge n -> p where n's list has room (and lacks p); a full list stays as it is. Returns false only
+// then (n's list is full and lacks p).
+inline bool append_edge(int32_t* adj, int64_t R, int32_t n, int32_t p, ListLocks& locks) {
   int32_t* list = adj + int64_t(n) * R;
   locks.lock(n);
   const int64_t deg = graph::degree_of(list, R);
   const bool present = std::find(list, list + deg, p) != list + deg;
   if (!present && deg < R) list[deg] = p;
   locks.unlock(n);
-  if (!present && deg == R) relink(g, adj, R, n, &p, 1, alpha, locks, s, ids, cands);
+  return present || deg < R;
 }
 
-// Adds the edge n -> p where n's list has room (and lacks p); a full list stays as it is.
-inline void append_edge(int32_t* adj, int64_t R, int32_t n, int32_t p, ListLocks& locks) {
-  int32_t* list = adj + int64_t(n) * R;
-  locks.lock(n);
-  const int64_t deg = graph::degree_of(list, R);
-  if (deg < R && std::find(list, list + deg, p) == list + deg) list[deg] = p;
-  locks.unlock(n);
+// Adds the edge n -> p: appended where n's list has room, else n's list is re-pruned with p among the candidates.
+template <typename T>
+void add_edge(const Rows<T>& g, int32_t* adj, int64_t R, int32_t n, int32_t p, float alpha, ListLocks& locks,
+              Scratch& s, std::vector<int32_t>& ids, std::vector<Scored>& cands) {
+  if (!append_edge(adj, R, n, p, locks)) relink(g, adj, R, n, &p, 1, alpha, locks, s, ids, cands);
+}
+
+// out = x's neighbours, read under x's lock.
+inline void read_list(const int32_t* adj, int64_t R, int32_t x, ListLocks& locks, std::vector<int32_t>& out) {
+  const int32_t* list = adj + int64_t(x) * R;
+  locks.lock(x);
+  out.assign(list, list + graph::degree_of(list, R));
+  locks.unlock(x);
 }
 
 // A scattered order of [0, m): consecutive rows of an add often come from one cluster, and inserting a
@@ -138,10 +143,7 @@ void insert_rows(const Rows<T>& g, int32_t* adj, int64_t R, int64_t start, int64
       for (const Scored& v : s.best)
         if (v.second != p) found.push_back(v.second);
       relink(g, adj, R, p, found.data(), int64_t(found.size()), alpha, locks, s, ids, cands);
-      int32_t* list = adj + int64_t(p) * R;
-      locks.lock(p);
-      found.assign(list, list + graph::degree_of(list, R));
-      locks.unlock(p);
+      read_list(adj, R, p, locks, found);
       for (const int32_t n : found) add_edge(g, adj, R, n, p, alpha, locks, s, ids, cands);
     };
   };
@@ -197,15 +199,10 @@ void project_rows(const Rows<T>& g, int32_t* adj, int64_t R, const int64_t* neig
         for (int64_t j = 0; j < K && nb[j] >= 0; ++j)
           if (nb[j] != t) extra.push_back(int32_t(nb[j]));
       }
-      int32_t* list = adj + int64_t(t) * R;
-      locks.lock(t);
-      before.assign(list, list + graph::degree_of(list, R));
-      locks.unlock(t);
+      read_list(adj, R, t, locks, before);
       relink(g, adj, R, t, extra.data(), int64_t(extra.size()), alpha, locks, s, ids, cands);
       std::sort(before.begin(), before.end());
-      locks.lock(t);
-      extra.assign(list, list + graph::degree_of(list, R));
-      locks.unlock(t);
+      read_list(adj, R, t, locks, extra);
       for (const int32_t n : extra)
         if (!std::binary_search(before.begin(), before.end(), n)) append_edge(adj, R, n, t, locks);
     };

@@ -55,7 +55,7 @@ class ListLocks {
 struct Scratch {
   std::vector<uint16_t> seen;
   uint16_t epoch = 0;
-  std::vector<Scored> frontier, best, pool;
+  std::vector<Scored> frontier, best;
   std::vector<int32_t> ids;
   std::vector<float> keys, vec;
   std::vector<char> dropped;
