@@ -15,6 +15,8 @@ from .flat import FlatIndex
 
 #: the metrics a graph searches (the rows' geometry is l2 or, for unit rows, cosine)
 GRAPH_METRICS = ("cosine", "cosine_distance", "ip", "l2", "sqeuclidean")
+#: the most neighbours a row may list
+MAX_DEGREE = 1024
 
 # graph_search's metric for each of GRAPH_METRICS (values converted after)
 _OP_METRIC = {"cosine": "cosine", "cosine_distance": "cosine", "ip": "ip", "l2": "l2", "sqeuclidean": "l2"}
@@ -100,8 +102,8 @@ class GraphIndex(FlatIndex):
         if torch.device(device).type != "cpu":
             raise ValueError(f"GraphIndex runs on the CPU, got device={device!r}")
         self.degree = check_positive(degree, "degree")
-        if degree > 1024:
-            raise ValueError(f"degree must be at most 1024, got {degree}")
+        if degree > MAX_DEGREE:
+            raise ValueError(f"degree must be at most {MAX_DEGREE}, got {degree}")
         self.build_ef = check_positive(build_ef, "build_ef")
         self.ef = check_positive(ef, "ef")
         if not float(alpha) >= 1.0:

@@ -31,7 +31,8 @@ import torch
 from .. import FlatIndex, GraphIndex, IVFIndex
 from ..index.base import check_metric
 from ..index.codecs import check_codec
-from ..index.graph import GRAPH_METRICS
+from .._checks import check_positive
+from ..index.graph import GRAPH_METRICS, MAX_DEGREE
 from ..index.ivf import DEFAULT_NPROBE
 from .payloads import Payloads
 from .storage import Record, WriteAheadLog, read_file, write_file
@@ -136,12 +137,9 @@ class Collection:
         if kind == "graph" and codec is not None:
             raise ValueError(f"codec must be null with index 'graph' (it stores float32 rows), got {codec!r}")
         for field, default in KIND_OPTIONS[kind].items():
-            value = config.get(field, default)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{field} must be a positive int, got {value!r}")
-            out[field] = value
-        if kind == "graph" and out["degree"] > 1024:
-            raise ValueError(f"degree must be at most 1024, got {out['degree']}")
+            out[field] = check_positive(config.get(field, default), field)
+        if kind == "graph" and out["degree"] > MAX_DEGREE:
+            raise ValueError(f"degree must be at most {MAX_DEGREE}, got {out['degree']}")
         unknown = set(config) - {"dim", "metric", "index", "codec"} - set(KIND_OPTIONS[kind])
         if unknown:
             raise ValueError(f"{sorted(unknown)[0]} is not an option of index {kind!r} (its options: "
