@@ -211,12 +211,18 @@ class GraphIndex(FlatIndex):
             k = check_positive(k, "k")
             ef = self._ef(k, ef)
             if q.device.type == "cpu" and graph_plan(self._size, self._size, ef, self.degree, q.shape[0]) == "graph":
-                vectors, norms, graph = self._graph_columns()
-                values, ids = torch.ops.xmodal.graph_search(q.float(), vectors, norms, graph, self._entry, k, ef,
-                                                            _OP_METRIC[self.metric], None, self._ids)
-                values, ids = from_torch(self._metric_values(values, ids), kind), from_torch(ids, kind)
+                values, ids = self._walk(q, k, ef, None, self._ids)
+                values, ids = from_torch(values, kind), from_torch(ids, kind)
                 return (values[0], ids[0]) if squeeze else (values, ids)
         return self._search(queries, k, mask, ef=ef)
+
+    def _walk(self, q: Tensor, k: int, ef: int, mask: Optional[Tensor], ids: Optional[Tensor] = None):
+        """(values in the index's metric, answers) of graph_search: row positions, or ``ids[position]`` with
+        ``ids``. The op normalises cosine queries itself (a walk ranks alike for any positive scale of q)."""
+        vectors, norms, graph = self._graph_columns()
+        values, answers = torch.ops.xmodal.graph_search(q.float(), vectors, norms, graph, self._entry, k, ef,
+                                                        _OP_METRIC[self.metric], mask, ids)
+        return self._metric_values(values, answers), answers
 
     def _metric_values(self, values: Tensor, answers: Tensor) -> Tensor:
         """graph_search's values (inner products, cosines or squared l2) in the index's metric."""
@@ -243,17 +249,13 @@ class GraphIndex(FlatIndex):
     def _search_rows(self, q: Tensor, k: int, mask: Optional[Tensor], ef: Optional[int] = None):
         self._check_file()
         ef = self._ef(k, ef)
-        vectors, norms, graph = self._graph_columns()
         allowed = self._size if mask is None else int(mask.sum())
         if graph_plan(self._size, allowed, ef, self.degree, q.shape[0]) == "exact":
             bad = non_finite_rows(q)  # (the walk checks its queries itself)
             if bad.numel():
                 raise ValueError(f"queries must be finite, found NaN or inf in row {int(bad[0])}")
-            return self._exact(self._prepare(q).float(), k, mask, vectors)
-        # the op normalises cosine queries itself (a walk ranks alike for any positive scale of the query)
-        values, positions = torch.ops.xmodal.graph_search(q.float(), vectors, norms, graph, self._entry, k, ef,
-                                                          _OP_METRIC[self.metric], mask)
-        return self._metric_values(values, positions), positions
+            return self._exact(self._prepare(q).float(), k, mask, self._graph_columns()[0])
+        return self._walk(q, k, ef, mask)
 
     def _exact(self, q: Tensor, k: int, mask: Optional[Tensor], vectors: Tensor):
         """Score every allowed row (gathered first when a mask leaves some out)."""
