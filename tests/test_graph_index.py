@@ -127,6 +127,31 @@ def test_removing_30_percent_keeps_recall_and_never_answers_removed_rows():
     assert len(index) == 0 and bool((index.search(queries[:1], 2)[1] == -1).all())
 
 
+def test_small_removals_repair_until_a_tenth_is_gone_then_the_graph_is_built_afresh(tmp_path):
+    rows, queries = _clustered(6000, d=32, q=200, seed=5)
+    index = GraphIndex(32, "cosine", degree=24, build_ef=64)
+    index.add(rows)
+    flat = FlatIndex(32, "cosine")
+    flat.add(rows)
+    before = _recall(index.search(queries, 10, ef=32)[1], flat.search(queries, 10)[1])
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(6))
+    gone = []
+    # 240 rows (4%) at a time: repaired twice (480 <= a tenth of 5,760), then built afresh (720 > 552)
+    for step, removed_since_build in enumerate((240, 480, 0)):
+        part = order[step * 240: (step + 1) * 240]
+        index.remove(part)
+        flat.remove(part)
+        gone += part.tolist()
+        assert index._removed_since_build == removed_since_build
+        got = index.search(queries, 10, ef=32)[1]
+        assert not set(got.flatten().tolist()) & set(gone)
+        assert _recall(got, flat.search(queries, 10)[1]) >= before - 0.02
+        if step == 1:  # the count of removed rows survives a reload
+            index.save(tmp_path / "g.xmodal")
+            index = GraphIndex.load(tmp_path / "g.xmodal")
+            assert index._removed_since_build == 480
+
+
 def test_save_load_add_more_and_search_alike(tmp_path, clustered):
     rows, queries = clustered
     index = GraphIndex(32, "l2", degree=16, build_ef=50, ef=40, dtype=torch.bfloat16)
