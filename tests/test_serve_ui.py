@@ -123,7 +123,7 @@ def test_payload_keys_list_values_for_filters(tmp_path):
     with client(folder) as c:
         keys = {k["key"]: k for k in c.get("/collections/pics/payload_keys").json()["keys"]}
         assert keys["colour"] == {"key": "colour", "types": ["string"], "distinct": 2,
-                                  "values": ["red", "green"]}  # most common first
+                                  "values": ["red", "green"], "counts": [2, 1]}  # most common first
         assert keys["tags"]["values"] == ["x", "y"] and keys["n"]["values"] == [3] and keys["n"]["types"] == ["number"]
         # a whole number is one value whether written 3 or 3.0
         hits = c.post("/collections/pics/search", json={"vectors": rows(1).tolist(), "k": 3,
@@ -132,7 +132,8 @@ def test_payload_keys_list_values_for_filters(tmp_path):
         assert set(keys) == {"caption", "colour", "image", "n", "tags"}
         add(c, "pics", [10 + i for i in range(60)], rows(60, seed=1), [{"serial": i} for i in range(60)])
         serial = next(k for k in c.get("/collections/pics/payload_keys").json()["keys"] if k["key"] == "serial")
-        assert serial == {"key": "serial", "types": ["number"], "distinct": 60, "values": None}  # too many to list
+        assert serial == {"key": "serial", "types": ["number"], "distinct": 60, "values": None,
+                          "counts": None}  # too many to list
 
 
 def test_the_demo_writes_a_collection_the_page_can_show(tmp_path):

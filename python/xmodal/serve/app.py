@@ -15,7 +15,7 @@ Paths and fields (clients depend on them; FastAPI serves the OpenAPI schema at `
     POST   /collections/{name}/search/text     {"text", ...}            (with a model)
     POST   /collections/{name}/search/image    multipart: image, k, ...  (with a model)
     POST   /collections/{name}/search/composed multipart: image, text, k, ... (with a model)
-    GET    /collections/{name}/payload_keys     {"keys": [{"key", "types", "distinct", "values": [...] or null}]}
+    GET    /collections/{name}/payload_keys     {"keys": [{"key", "types", "distinct", "values", "counts"}]}
     GET    /collections/{name}/media/{path}    an image a payload names; ?size=N: a PNG thumbnail
     GET    /health, /ready, /metrics
     GET    /ui/                                the search page (with ui=True; no API key needed for the page)

@@ -62,20 +62,22 @@ class Payloads:
         return result
 
     def key_summaries(self, most_values: int = 50) -> List[dict]:
-        """``[{"key", "types", "distinct", "values"}]``: every key with scalar values, the JSON types of those
-        values, how many distinct values it has, and the values themselves (the most common first), or None
-        when there are more than ``most_values`` (only listed keys have their values sorted and decoded)."""
+        """``[{"key", "types", "distinct", "values", "counts"}]``: every key with scalar values, the JSON types of
+        those values, how many distinct values it has, and the values themselves (the most common first) with how
+        many rows hold each, or None when there are more than ``most_values`` (only listed keys have their values
+        sorted and decoded)."""
         counts: Dict[str, Dict[str, int]] = {}
         for (key, value), ids in self._postings.items():
             counts.setdefault(key, {})[value] = len(ids)
         out = []
         for key in sorted(counts):
             values = counts[key]
-            listed = None
+            listed = counted = None
             if len(values) <= most_values:
-                listed = [json.loads(v) for v in sorted(values, key=lambda v: (-values[v], v))]
+                order = sorted(values, key=lambda v: (-values[v], v))
+                listed, counted = [json.loads(v) for v in order], [values[v] for v in order]
             out.append({"key": key, "types": sorted({_json_type(v) for v in values}), "distinct": len(values),
-                        "values": listed})
+                        "values": listed, "counts": counted})
         return out
 
     def to_json(self) -> bytes:
