@@ -82,11 +82,33 @@ def _serve(args) -> int:
         if not value >= 0:
             raise SystemExit(f"xmodal serve: {flag} must be >= 0, got {value}")
     limits = Limits(max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000)
+    if args.ray is not None:
+        return _serve_on_ray(args, limits)
+    if args.shards != 1:
+        raise SystemExit("xmodal serve: --shards needs --ray ADDRESS|local (one process serves one shard)")
     try:
         run(args.dir, host=args.host, port=args.port, api_key_file=args.api_key_file,
             encryption_key_file=args.encryption_key_file, model=args.model, limits=limits,
             snapshot_bytes=int(args.snapshot_mb * (1 << 20)), search_threads=args.search_threads, ui=args.ui,
             media=args.media)
+    except (ValueError, OSError) as e:
+        print(f"xmodal serve: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _serve_on_ray(args, limits) -> int:
+    if args.ui:
+        raise SystemExit("xmodal serve: --ui is not served by the Ray service yet; serve the page from one process")
+    try:
+        from .serve import ray_app
+    except ImportError as e:
+        raise SystemExit(f"xmodal serve --ray needs Ray: pip install 'xmodal[ray]' ({e})") from None
+    try:
+        ray_app.run(args.dir, args.shards, address=args.ray, host=args.host, port=args.port,
+                    api_key_file=args.api_key_file, encryption_key_file=args.encryption_key_file, model=args.model,
+                    limits=limits, snapshot_bytes=int(args.snapshot_mb * (1 << 20)),
+                    search_threads=args.search_threads or 1, media=args.media)
     except (ValueError, OSError) as e:
         print(f"xmodal serve: {e}", file=sys.stderr)
         return 2
@@ -160,6 +182,12 @@ def main(argv=None) -> int:
     p_serve.add_argument("--media", metavar="DIR",
                          help="folder the payloads' \"image\" paths are relative to, served read-only (a collection "
                               "written with its own media/ folder uses that instead)")
+    p_serve.add_argument("--ray", metavar="ADDRESS",
+                         help="serve on a Ray cluster (Ray Serve) at ADDRESS, or 'local' to start one here: one "
+                              "deployment per shard and an ingress answering the same API (needs xmodal[ray])")
+    p_serve.add_argument("--shards", type=positive_int, default=1,
+                         help="with --ray: shards to split every collection over, by id (default: 1; a folder "
+                              "keeps the count it was written with)")
     p_serve.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,0 +1,104 @@
+"""``xmodal serve --ray``: the service on Ray Serve, sharded (needs the ``ray`` extra: ``pip install
+"xmodal[ray]"``).
+
+One deployment per shard, each an ``xmodal serve`` app over its own folder (``DIR/shard-000``, ...: its
+write-ahead log and snapshots on the disk of the node it runs on), and one ingress deployment that answers the
+REST API of :mod:`.app` by routing writes to the shard that owns each id and fanning searches out
+(:mod:`.fanout`). Ray restarts a shard replica that dies; it comes back from its snapshot and log, and until it
+answers, requests that need it get 503 with Retry-After.
+
+A shard's data lives on one node's disk: on a cluster of several machines, give ``DIR`` on storage every node
+mounts at the same path, or keep each shard on its node, so that a restarted replica finds its files.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+from ray import serve
+
+from .fanout import ShardUnavailable, create_fanout_app, shard_folders
+from .requests import Limits
+
+__all__ = ["build_app", "run"]
+
+
+@serve.deployment(name="shard", max_ongoing_requests=256)
+class Shard:
+    """One shard: the single service's app over ``folder``, called by the ingress through a Ray handle."""
+
+    def __init__(self, folder: str, options: dict, search_threads: int, encryption_key_file: Optional[str]):
+        import torch
+
+        from ..encryption import read_key
+        from .fanout import LocalShard
+
+        torch.set_num_threads(search_threads)
+        key = read_key(encryption_key_file) if encryption_key_file else None
+        self.shard = LocalShard(folder, encryption_key=key, **options)
+
+    async def request(self, method: str, path: str, body: bytes, content_type: Optional[str]):
+        return await self.shard(method, path, body, content_type)
+
+    def __del__(self):
+        self.shard.close()
+
+
+def _caller(handle, timeout: float):
+    """A shard call (:data:`.fanout.ShardCall`) through a Ray handle: ShardUnavailable when the replica died, or
+    gave no answer within ``timeout`` seconds (Ray is restarting it)."""
+    import ray
+
+    async def call(method: str, path: str, body: bytes, content_type: Optional[str]):
+        try:
+            return await asyncio.wait_for(handle.request.remote(method, path, body, content_type), timeout)
+        except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
+            raise ShardUnavailable(str(e)) from None
+
+    return call
+
+
+@serve.deployment(name="ingress", max_ongoing_requests=1024)
+@serve.ingress()
+class Ingress:
+    """The REST API over the shards' handles."""
+
+    def __init__(self, shards: list, api_key_file: Optional[str], limits: Limits, shard_timeout: float):
+        from . import read_api_key
+
+        self.shards = shards
+        self.api_key = read_api_key(api_key_file) if api_key_file else None
+        self.limits = limits
+        self.shard_timeout = shard_timeout
+
+    def __serve_build_asgi_app__(self):
+        calls = [_caller(h, self.shard_timeout) for h in self.shards]
+        return create_fanout_app(calls, api_key=self.api_key, limits=self.limits)
+
+
+def build_app(folder: str, shards: int, *, api_key_file: Optional[str] = None,
+              encryption_key_file: Optional[str] = None, model: Optional[str] = None,
+              limits: Optional[Limits] = None, snapshot_bytes: Optional[int] = None, search_threads: int = 1,
+              media: Optional[str] = None, shard_cpus: float = 1.0, shard_timeout: float = 10.0):
+    """The Ray Serve application: ``shards`` shard deployments over ``folder``'s shard folders and the ingress.
+    ``shard_cpus``: the CPUs Ray reserves for each shard replica (0 lets them share); ``shard_timeout``: seconds
+    the ingress waits for a shard before answering 503."""
+    limits = limits or Limits()
+    options = {"model_path": model, "limits": limits, "media": media}
+    if snapshot_bytes is not None:
+        options["snapshot_bytes"] = snapshot_bytes
+    handles = [Shard.options(name=f"shard-{i}", ray_actor_options={"num_cpus": shard_cpus})
+               .bind(path, options, search_threads, encryption_key_file)
+               for i, path in enumerate(shard_folders(folder, shards))]
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(handles, api_key_file, limits, shard_timeout)
+
+
+def run(folder: str, shards: int, *, address: str = "local", host: str = "127.0.0.1", port: int = 8000,
+        blocking: bool = True, **options) -> None:
+    """Serve ``folder`` sharded ``shards`` ways on the Ray cluster at ``address`` (``"local"``: start one on
+    this machine) at http://host:port, until interrupted when ``blocking``. ``options``: :func:`build_app`'s."""
+    import ray
+
+    ray.init(address=None if address == "local" else address, ignore_reinit_error=True)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(folder, shards, **options), name="xmodal", route_prefix="/", blocking=blocking)

@@ -1,0 +1,180 @@
+"""The sharded front (xmodal.serve.fanout) over shards in this process: the same answers as one service and one
+FlatIndex, writes routed by id and durable, the same errors, and what a shard that cannot answer does. The Ray
+deployment of the same front: test_serve_ray.py."""
+
+import numpy as np
+import pytest
+import torch
+
+import xmodal
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from xmodal.serve.fanout import LocalShard, ShardUnavailable, create_fanout_app, shard_folders, shard_of  # noqa: E402
+
+from serve_helpers import AUTH, KEY, add, client, rows  # noqa: E402
+
+
+def sharded(folder, shards=3, down=(), **kwargs):
+    """A TestClient over the front and its LocalShards; shards in ``down`` raise ShardUnavailable."""
+    locals_ = [LocalShard(path) for path in shard_folders(str(folder), shards)]
+
+    def caller(i):
+        async def call(method, path, body, content_type):
+            if i in down:
+                raise ShardUnavailable(f"shard {i} is down")
+            return await locals_[i](method, path, body, content_type)
+        return call
+
+    c = TestClient(create_fanout_app([caller(i) for i in range(shards)], **kwargs))
+    c.shards = locals_
+    return c
+
+
+def close(*clients):
+    for c in clients:
+        if hasattr(c, "shards"):
+            for s in c.shards:
+                s.close()
+        else:
+            c.__exit__(None, None, None)
+
+
+def test_shard_of_is_fixed_and_spreads_ids():
+    # (fixed forever: a restarted service, or a later version, must look for an id where it was written)
+    assert shard_of(np.array([0, 1, 2, 3, 4, 5, 1 << 40]), 4).tolist() == shard_of(
+        np.array([0, 1, 2, 3, 4, 5, 1 << 40]), 4).tolist()
+    counts = np.bincount(shard_of(np.arange(100_000), 4), minlength=4)
+    assert counts.min() > 24_000, counts
+    assert set(shard_of(np.arange(1000), 1).tolist()) == {0}
+
+
+def test_the_shard_count_of_a_folder_is_kept(tmp_path):
+    shard_folders(str(tmp_path), 3)
+    with pytest.raises(ValueError, match="holds 3 shards, got shards=2"):
+        shard_folders(str(tmp_path), 2)
+    with pytest.raises(ValueError, match="at least 1"):
+        shard_folders(str(tmp_path / "b"), 0)
+
+
+@pytest.mark.parametrize("config", [{"dim": 8, "metric": "cosine"}, {"dim": 8, "metric": "l2"},
+                                    {"dim": 8, "metric": "ip"}])
+def test_answers_equal_one_service_and_one_flat_index(tmp_path, config):
+    x, q = rows(600, seed=1), rows(7, seed=2)
+    payloads = [{"colour": ["red", "green", "blue"][i % 3], "i": i} for i in range(600)]
+    single, fan = client(tmp_path / "one").__enter__(), sharded(tmp_path / "many")
+    try:
+        for c in (single, fan):
+            assert c.put("/collections/v", json=config).status_code == 201
+            for part in (slice(0, 350), slice(350, 600)):
+                ids = np.arange(600)[part]
+                assert add(c, "v", ids, x[part], payloads[part]).status_code == 200
+        for body in ({"k": 10}, {"k": 5, "filter": {"colour": "red"}}, {"k": 4, "ids": [3, 99, 140, 512, 7, 8]},
+                     {"k": 3, "with_payload": True}, {"k": 2000}):
+            body = {**body, "vectors": q.tolist()}
+            one, many = (c.post("/collections/v/search", json=body).json()["results"] for c in (single, fan))
+            assert [[h["id"] for h in r] for r in one] == [[h["id"] for h in r] for r in many], body
+            for a, b in zip(one, many):
+                assert np.allclose([h["score"] for h in a], [h["score"] for h in b], atol=1e-5)
+                assert [h.get("payload") for h in a] == [h.get("payload") for h in b]
+        flat = xmodal.FlatIndex(8, config["metric"])
+        flat.add(torch.from_numpy(x))
+        want = flat.search(torch.from_numpy(q), 10)[1].tolist()
+        got = fan.post("/collections/v/search", json={"vectors": q.tolist(), "k": 10}).json()["results"]
+        assert [[h["id"] for h in r] for r in got] == want
+        assert fan.get("/collections/v").json() == single.get("/collections/v").json()
+        assert fan.get("/collections").json() == single.get("/collections").json()
+        one, many = (c.get("/collections/v/payload_keys").json()["keys"] for c in (single, fan))
+        assert many[0] == one[0] and one[0]["counts"] == [200, 200, 200]  # colour: every value listed
+        assert many[1]["values"] is None and 200 <= many[1]["distinct"] <= one[1]["distinct"] == 600  # i: too many
+        assert fan.get("/collections/v/vectors/77").json() == single.get("/collections/v/vectors/77").json()
+    finally:
+        close(fan, single)
+
+
+def test_writes_go_to_the_owner_and_survive_a_restart(tmp_path):
+    x = rows(400, seed=3)
+    c = sharded(tmp_path, shards=3)
+    try:
+        c.put("/collections/v", json={"dim": 8, "metric": "l2"})
+        assert add(c, "v", np.arange(400), x).json() == {"upserted": 400, "replaced": 0}
+        assert add(c, "v", [5, 6, 1000], x[:3]).json() == {"upserted": 3, "replaced": 2}
+        assert c.request("DELETE", "/collections/v/vectors", json={"ids": [1, 2, 3, 5000]}).json() == {"deleted": 3}
+        owners = shard_of(np.array(sorted(set(range(400)) - {1, 2, 3} | {1000})), 3)
+        sizes = [len(s.service.catalog.get("v")) for s in c.shards]
+        assert sizes == np.bincount(owners, minlength=3).tolist()
+        assert c.get("/collections/v").json()["size"] == 398
+        before = c.post("/collections/v/search", json={"vectors": x[:5].tolist(), "k": 8}).json()
+    finally:
+        close(c)
+    c = sharded(tmp_path, shards=3)
+    try:
+        assert c.get("/collections/v").json()["size"] == 398
+        assert c.post("/collections/v/search", json={"vectors": x[:5].tolist(), "k": 8}).json() == before
+        assert np.allclose(c.get("/collections/v/vectors/1000").json()["vector"], x[2])
+        assert c.get("/collections/v/vectors/2").status_code == 404
+    finally:
+        close(c)
+
+
+def test_errors_are_those_of_one_service(tmp_path):
+    single, fan = client(tmp_path / "one", api_key=KEY).__enter__(), sharded(tmp_path / "many", api_key=KEY)
+    try:
+        for c in (single, fan):
+            assert c.put("/collections/v", json={"dim": 4}, headers=AUTH).status_code == 201
+        requests = [("PUT", "/collections/v", {"dim": 4}), ("PUT", "/collections/w", {"dim": 0}),
+                    ("PUT", "/collections/w", {"dim": 4, "index": "tree"}),
+                    ("POST", "/collections/v/vectors", {"ids": [1, 1], "vectors": [[0] * 4, [1] * 4]}),
+                    ("POST", "/collections/v/vectors", {"ids": [1], "vectors": [[0] * 3]}),
+                    ("POST", "/collections/v/vectors", {"ids": [1, 2], "vectors": [[0] * 4]}),
+                    ("POST", "/collections/nope/vectors", {"ids": [1], "vectors": [[0] * 4]}),
+                    ("POST", "/collections/v/search", {"vectors": [[0] * 4], "k": 0}),
+                    ("POST", "/collections/v/search", {"vectors": [[0] * 5], "k": 3}),
+                    ("POST", "/collections/v/search", {"vectors": [[0] * 4], "k": 3, "filter": {"a": {"b": 1}}}),
+                    ("POST", "/collections/v/search", {"vectors": [[0] * 4], "colour": "red"}),
+                    ("POST", "/collections/nope/search", {"vectors": [[0] * 4]}),
+                    ("GET", "/collections/nope", None), ("DELETE", "/collections/nope", None)]
+        for method, path, body in requests:
+            one, many = (c.request(method, path, json=body, headers=AUTH) for c in (single, fan))
+            assert (one.status_code, one.json()) == (many.status_code, many.json()), (method, path, body)
+            assert one.status_code >= 400
+        for c in (single, fan):
+            assert c.get("/collections").status_code == 401
+    finally:
+        close(fan, single)
+
+
+def test_a_shard_that_cannot_answer_gives_503_unless_a_partial_answer_is_asked_for(tmp_path):
+    x = rows(300, seed=4)
+    c = sharded(tmp_path, shards=3)
+    try:
+        c.put("/collections/v", json={"dim": 8})
+        add(c, "v", np.arange(300), x)
+    finally:
+        close(c)
+    c = sharded(tmp_path, shards=3, down={1})
+    try:
+        r = c.post("/collections/v/search", json={"vectors": x[:2].tolist(), "k": 5})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "shard 1" in r.json()["detail"]
+        r = c.post("/collections/v/search", json={"vectors": x[:2].tolist(), "k": 5, "allow_partial": True})
+        assert r.status_code == 200 and r.json()["missing_shards"] == [1]
+        got = {h["id"] for hits in r.json()["results"] for h in hits}
+        assert got and not set(shard_of(np.array(sorted(got)), 3).tolist()) & {1}
+        owned_by_1 = [i for i in range(300, 400) if shard_of(np.array([i]), 3)[0] == 1][:2]
+        owned_by_0 = [i for i in range(300, 400) if shard_of(np.array([i]), 3)[0] == 0][:2]
+        assert add(c, "v", owned_by_1, x[:2]).status_code == 503
+        assert add(c, "v", owned_by_0, x[:2]).status_code == 200
+        assert c.get("/ready").status_code == 503
+        assert c.get(f"/collections/v/vectors/{owned_by_1[0]}").status_code == 503
+    finally:
+        close(c)
+
+
+def test_the_command_line_asks_for_ray_before_sharding(tmp_path, capsys):
+    from xmodal.cli import main
+
+    with pytest.raises(SystemExit, match="--shards needs --ray"):
+        main(["serve", str(tmp_path), "--shards", "2"])
