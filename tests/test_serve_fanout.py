@@ -169,6 +169,13 @@ def test_a_shard_that_cannot_answer_gives_503_unless_a_partial_answer_is_asked_f
         assert add(c, "v", owned_by_0, x[:2]).status_code == 200
         assert c.get("/ready").status_code == 503
         assert c.get(f"/collections/v/vectors/{owned_by_1[0]}").status_code == 503
+        assert c.delete("/collections/v").status_code == 503  # (done on shards 0 and 2 only)
+    finally:
+        close(c)
+    c = sharded(tmp_path, shards=3)
+    try:  # sent again once every shard answers, the delete completes
+        assert c.delete("/collections/v").json() == {"deleted": "v"}
+        assert c.get("/collections/v").status_code == 404
     finally:
         close(c)
 
