@@ -31,7 +31,7 @@ fi
 .venv/bin/python -m pip install -q "$TORCH_SPEC" numpy tqdm safetensors pillow "cmake>=3.26" ninja "scikit-build-core>=0.10" \
   pytest hypothesis pytest-benchmark faiss-cpu torch_geometric \
   fastapi uvicorn httptools uvloop prometheus_client httpx cryptography python-multipart \
-  mkdocs mkdocs-material "mkdocstrings[python]" selenium "ray[serve]"
+  mkdocs mkdocs-material "mkdocstrings[python]" selenium "ray[serve,data]"
 # MovieLens-100k ships inside RecBole's wheel; xmodal.recommend reads its files and never imports RecBole (whose
 # own dependencies do not resolve with current torch), hence --no-deps
 .venv/bin/python -m pip install -q --no-deps recbole==1.2.1

@@ -2,6 +2,7 @@
 CPU count: answers equal to one FlatIndex, writes routed and durable, and a shard replica killed in the middle
 of a stream of writes: Ray restarts it, it recovers from its snapshot and log, and no acknowledged write is lost.
 The routing and merging themselves are tested without Ray in test_serve_fanout.py."""
+import functools
 import socket
 import time
 
@@ -107,3 +108,38 @@ def test_a_killed_shard_restarts_from_its_snapshot_and_log_without_losing_acknow
     assert acknowledged <= stored, sorted(acknowledged - stored)[:10]
     owned_by_1 = [i for i in sorted(acknowledged) if shard_of(np.array([i]), SHARDS)[0] == 1]
     assert owned_by_1 and all(service.get(f"/collections/k/vectors/{i}").status_code == 200 for i in owned_by_1[:20])
+
+
+def test_a_dataset_embedded_and_indexed_into_shards_answers_as_one_ivf_index(service, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from xmodal.serve.fanout import LocalShard, create_fanout_app, shard_folders
+    from xmodal.serve.ray_build import build_collection
+
+    x, q = rows(3000, dim=16, seed=8), rows(5, dim=16, seed=9)
+    colours = ["red", "green", "blue"]
+    dataset = ray.data.from_items([{"id": i, "text": x[i], "colour": colours[i % 3]} for i in range(3000)])
+    index = xmodal.IVFIndex(16, 32, "cosine", nprobe=4, codec="int8")
+    double = functools.partial(np.multiply, 2.0)  # the stand-in for a model (importable where Ray runs it)
+    built = build_collection(dataset, str(tmp_path), "b", SHARDS, index, embed=double, payload_columns=("colour",),
+                             batch_size=500, sample_rows=2000, writer_cpus=0, progress=False)
+    owners = shard_of(np.arange(3000), SHARDS)
+    assert built["rows"] == np.bincount(owners, minlength=SHARDS).tolist()
+    # one index with the same quantizer and codec, holding every row, is the reference
+    reference = xmodal.IVFIndex.load(built["trained"])
+    reference.add(torch.from_numpy(2 * x))
+    red = torch.isin(reference.ids, torch.arange(0, 3000, 3))  # (a mask follows the index's row order)
+    shards = [LocalShard(path) for path in shard_folders(str(tmp_path), SHARDS)]
+    try:
+        c = TestClient(create_fanout_app(shards))
+        for body, mask in (({"k": 10}, None), ({"k": 5, "filter": {"colour": "red"}}, red)):
+            want_scores, want_ids = reference.search(torch.from_numpy(q), body["k"], mask)
+            got = c.post("/collections/b/search", json={**body, "vectors": q.tolist()}).json()["results"]
+            assert [[h["id"] for h in hits] for hits in got] == want_ids.tolist(), body
+            assert np.allclose([[h["score"] for h in hits] for hits in got], want_scores.numpy(), atol=1e-5)
+        assert c.get("/collections/b/vectors/4").json()["payload"] == {"colour": "green"}
+    finally:
+        for s in shards:
+            s.close()
+    with pytest.raises(FileExistsError, match="already exists"):
+        build_collection(dataset, str(tmp_path), "b", SHARDS, xmodal.IVFIndex(16, 32, "cosine"), embed=double)

@@ -84,7 +84,7 @@ def _serve(args) -> int:
     limits = Limits(max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000)
     if args.ray is not None:
         return _serve_on_ray(args, limits)
-    if args.shards != 1:
+    if args.shards is not None:
         raise SystemExit("xmodal serve: --shards needs --ray ADDRESS|local (one process serves one shard)")
     try:
         run(args.dir, host=args.host, port=args.port, api_key_file=args.api_key_file,
@@ -104,8 +104,11 @@ def _serve_on_ray(args, limits) -> int:
         from .serve import ray_app
     except ImportError as e:
         raise SystemExit(f"xmodal serve --ray needs Ray: pip install 'xmodal[ray]' ({e})") from None
+    from .serve.fanout import written_shards
+
+    shards = args.shards or written_shards(args.dir) or 1
     try:
-        ray_app.run(args.dir, args.shards, address=args.ray, host=args.host, port=args.port,
+        ray_app.run(args.dir, shards, address=args.ray, host=args.host, port=args.port,
                     api_key_file=args.api_key_file, encryption_key_file=args.encryption_key_file, model=args.model,
                     limits=limits, snapshot_bytes=int(args.snapshot_mb * (1 << 20)),
                     search_threads=args.search_threads or 1, media=args.media)
@@ -185,9 +188,9 @@ def main(argv=None) -> int:
     p_serve.add_argument("--ray", metavar="ADDRESS",
                          help="serve on a Ray cluster (Ray Serve) at ADDRESS, or 'local' to start one here: one "
                               "deployment per shard and an ingress answering the same API (needs xmodal[ray])")
-    p_serve.add_argument("--shards", type=positive_int, default=1,
-                         help="with --ray: shards to split every collection over, by id (default: 1; a folder "
-                              "keeps the count it was written with)")
+    p_serve.add_argument("--shards", type=positive_int,
+                         help="with --ray: shards to split every collection over, by id (default: the count the "
+                              "folder was written with, else 1; a folder keeps its count)")
     p_serve.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     return args.func(args)

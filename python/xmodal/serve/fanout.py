@@ -27,7 +27,7 @@ from .middleware import Guard
 from .requests import (AddVectors, DeleteVectors, Limits, Search, Unprocessable, check_filter, check_ids, check_k,
                        check_vectors, error)
 
-__all__ = ["LocalShard", "ShardUnavailable", "create_fanout_app", "shard_of", "shard_folders"]
+__all__ = ["LocalShard", "ShardUnavailable", "create_fanout_app", "shard_of", "shard_folders", "written_shards"]
 
 #: (status, headers, body) of one shard's answer
 Answer = Tuple[int, Dict[str, str], bytes]
@@ -55,22 +55,29 @@ def shard_of(ids: np.ndarray, shards: int) -> np.ndarray:
     return (z % np.uint64(shards)).astype(np.int64)
 
 
+def written_shards(folder: str) -> Optional[int]:
+    """The shard count ``folder`` was written with (its ``shards.json``), or None for a folder without one."""
+    path = os.path.join(folder, "shards.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("shards")
+
+
 def shard_folders(folder: str, shards: int) -> List[str]:
     """The shards' folders under ``folder`` (created if missing), after checking that ``folder`` was not written
     with another shard count (ids would then be looked for on the wrong shards)."""
     if shards < 1:
         raise ValueError(f"shards must be at least 1, got {shards}")
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "shards.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            written = json.load(f).get("shards")
-        if written != shards:
-            raise ValueError(f"{folder!r} holds {written} shards, got shards={shards} (ids are routed by the count)")
-    else:
+    written = written_shards(folder)
+    if written is None:
         from .storage import write_file
 
-        write_file(path, json.dumps({"shards": shards, "routing": "splitmix64(id) % shards"}).encode())
+        write_file(os.path.join(folder, "shards.json"),
+                   json.dumps({"shards": shards, "routing": "splitmix64(id) % shards"}).encode())
+    elif written != shards:
+        raise ValueError(f"{folder!r} holds {written} shards, got shards={shards} (ids are routed by the count)")
     return [os.path.join(folder, f"shard-{i:03d}") for i in range(shards)]
 
 
