@@ -4,7 +4,8 @@
                                    [--markdown out.md] [--json out.json]
 
 The same N random unit rows (float32, cosine, flat: exact answers whatever the sharding) are served by one
-``xmodal serve`` process and by ``xmodal.serve.ray_app`` with 1, 2 and 4 shards (a local Ray cluster; one search
+``xmodal serve`` process and by ``xmodal.serve.ray_app`` with 1, 2 and 4 shards, with Ray Serve's default and
+its throughput-optimised data path (``RAY_SERVE_THROUGHPUT_OPTIMIZED``) (a local Ray cluster each time; one search
 thread per shard, as ``xmodal serve`` takes one on 2 cores), each shard's rows written by the service's own
 routing. Clients send single-vector searches (k = 10) back to back (the closed loop of serve_load.py): queries/s
 and p50 / p99 latency. The same at 10,000 rows, one client, gives the cost of the Ray hop and of the fan-out and
@@ -42,8 +43,9 @@ def write_shards(folder: str, x: torch.Tensor, shards: int) -> None:
         write_collection(path, NAME, index)
 
 
-def ray_service(folder: str, shards: int):
-    """(url, stop) of the sharded service over ``folder`` on a local Ray cluster."""
+def ray_service(folder: str, shards: int, optimized: bool):
+    """(url, stop) of the sharded service over ``folder`` on a local Ray cluster; ``optimized``: with Ray Serve's
+    throughput-optimised data path (what ``xmodal serve --ray local`` starts)."""
     import httpx
     import ray
     from ray import serve
@@ -51,6 +53,10 @@ def ray_service(folder: str, shards: int):
     from xmodal.serve.ray_app import build_app
 
     port = free_port()
+    if optimized:
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # (read by the processes ray.init starts)
+    else:
+        os.environ.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED", None)
     ray.init(num_cpus=max(4, shards + 1), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(folder, shards, shard_cpus=0, search_threads=1), name="xmodal", route_prefix="/")
@@ -86,13 +92,15 @@ def measure(n: int, dim: int, shard_counts, clients, seconds: float, root: str) 
     for shards in shard_counts:
         folder = os.path.join(root, f"ray-{n}-{shards}")
         write_shards(folder, x, shards)
-        url, stop_ray = ray_service(folder, shards)
-        try:
-            label = f"Ray Serve, {shards} shard{'s' if shards > 1 else ''}"
-            out[label] = {c: run_load(url, NAME, dim, c, seconds, 10, queries) for c in clients}
-        finally:
-            stop_ray()
-        print(f"  {n:,} rows, {label}: {out[label]}", flush=True)
+        for optimized in (False, True):
+            url, stop_ray = ray_service(folder, shards, optimized)
+            try:
+                label = (f"Ray Serve, {shards} shard{'s' if shards > 1 else ''}"
+                         + (", throughput-optimised" if optimized else ""))
+                out[label] = {c: run_load(url, NAME, dim, c, seconds, 10, queries) for c in clients}
+            finally:
+                stop_ray()
+            print(f"  {n:,} rows, {label}: {out[label]}", flush=True)
     return out
 
 
