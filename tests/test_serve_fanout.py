@@ -169,6 +169,8 @@ def test_a_shard_that_cannot_answer_gives_503_unless_a_partial_answer_is_asked_f
         assert add(c, "v", owned_by_0, x[:2]).status_code == 200
         assert c.get("/ready").status_code == 503
         assert c.get(f"/collections/v/vectors/{owned_by_1[0]}").status_code == 503
+        metrics = c.get("/metrics").text
+        assert 'xmodal_shard_unavailable_total{shard="1"}' in metrics and "xmodal_requests_total" in metrics
         assert c.delete("/collections/v").status_code == 503  # (done on shards 0 and 2 only)
     finally:
         close(c)

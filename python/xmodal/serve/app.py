@@ -26,7 +26,6 @@ Errors are JSON: 401 (API key), 404, 409, 413 (body too large), 422 ``{"detail":
 from __future__ import annotations
 
 import threading
-import time
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -35,7 +34,7 @@ from fastapi.responses import JSONResponse
 
 from .catalog import Catalog
 from .media import Media
-from .middleware import Guard
+from .middleware import Guard, count_requests
 from .requests import Limits, NotFound, NotReady, Unprocessable, error, short
 from .routes import ROUTERS, UI_ROUTER
 from .service import Service
@@ -69,16 +68,7 @@ def create_app(folder: str, *, api_key: Optional[str] = None, encryption_key: Op
     app.state.status = svc.status
     _add_error_handlers(app)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        svc.metrics.requests.labels(request.method, path, str(response.status_code)).inc()
-        svc.metrics.latency.labels(path).observe(time.perf_counter() - start)
-        return response
-
+    count_requests(app, svc.metrics)
     for router in ROUTERS + ((UI_ROUTER,) if ui else ()):
         app.include_router(router)
     return Guard(app, api_key, limits.max_body_bytes, open_prefix="/ui" if ui else None)

@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from .middleware import Guard
+from .middleware import Guard, Metrics, count_requests
 from .requests import (AddVectors, DeleteVectors, Limits, Search, Unprocessable, check_filter, check_ids, check_k,
                        check_vectors, error)
 
@@ -119,9 +119,14 @@ class _Front:
     """The shards and what the routes share: calling some or all of them, and each collection's config."""
 
     def __init__(self, shards: Sequence[ShardCall], limits: Limits):
+        from prometheus_client import Counter
+
         self.shards = list(shards)
         self.limits = limits
         self.configs: Dict[str, dict] = {}
+        self.metrics = Metrics(lambda: None)  # (the shards count their own collections)
+        self.unavailable = Counter("xmodal_shard_unavailable_total", "shard calls that got no answer", ["shard"],
+                                   registry=self.metrics.registry)
 
     async def call(self, which: Sequence[int], method: str, path: str, body: bytes = b"",
                    content_type: Optional[str] = "application/json") -> Dict[int, Optional[Answer]]:
@@ -130,6 +135,7 @@ class _Front:
             try:
                 return await self.shards[i](method, path, body, content_type)
             except ShardUnavailable:
+                self.unavailable.labels(str(i)).inc()
                 return None
 
         answers = await asyncio.gather(*(one(i) for i in which))
@@ -228,6 +234,7 @@ def _routes(app: FastAPI, front: _Front) -> None:
     from .app import _add_error_handlers
 
     _add_error_handlers(app)
+    count_requests(app, front.metrics)
 
     @app.exception_handler(_Relayed)
     async def _relayed(request: Request, exc: _Relayed):
@@ -240,6 +247,13 @@ def _routes(app: FastAPI, front: _Front) -> None:
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        """The front's own: requests, latency, shard calls that got no answer (each shard counts its own)."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(front.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/ready")
     async def ready():

@@ -87,3 +87,19 @@ class Metrics:
                 yield g
 
         self.registry.register(_Vectors())
+
+
+def count_requests(app, metrics: Metrics) -> None:
+    """Count every request of ``app`` (a FastAPI app) by method, route and status, and time it by route."""
+    import time
+
+    from fastapi import Request
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        path = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - start)
+        return response
