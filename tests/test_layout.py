@@ -25,7 +25,7 @@ PACKAGE = os.path.join(ROOT, "python", "xmodal")
 APPLICATIONS = ("xmodal.demo", "xmodal.recommend", "xmodal.serve", "xmodal.client", "xmodal.bench", "xmodal.cli",
                 "xmodal.__main__")
 #: third-party modules only an application may load
-APPLICATION_DEPENDENCIES = ("fastapi", "uvicorn", "starlette")
+APPLICATION_DEPENDENCIES = ("fastapi", "uvicorn", "starlette", "ray")
 
 MAX_LINES = 450
 REASON = "Longer than 450 lines because"
