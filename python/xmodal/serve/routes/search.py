@@ -87,7 +87,9 @@ def image_tensor(data: bytes, field: str = "image"):
     try:
         im = Image.open(io.BytesIO(data)).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise Unprocessable(field, f"not a readable image ({e})", f"{len(data)} bytes") from None
+        # (PIL's own message for an unknown format names a Python object's address: not for a client)
+        reason = "not an image format this service reads" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise Unprocessable(field, f"not a readable image ({reason})", f"{len(data)} bytes") from None
     pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
     return pixels.view(IMAGE_SIZE, IMAGE_SIZE, 3).permute(2, 0, 1).float().div(255).unsqueeze(0)
 
