@@ -20,7 +20,12 @@ from serve_helpers import AUTH, KEY, add, client, rows  # noqa: E402
 
 def sharded(folder, shards=3, down=(), **kwargs):
     """A TestClient over the front and its LocalShards; shards in ``down`` raise ShardUnavailable."""
-    locals_ = [LocalShard(path) for path in shard_folders(str(folder), shards)]
+    return sharded_over([LocalShard(path) for path in shard_folders(str(folder), shards)], down, **kwargs)
+
+
+def sharded_over(locals_, down=(), **kwargs):
+    """A TestClient over the front and these LocalShards."""
+    shards = len(locals_)
 
     def caller(i):
         async def call(method, path, body, content_type):
@@ -187,3 +192,44 @@ def test_the_command_line_asks_for_ray_before_sharding(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="--shards needs --ray"):
         main(["serve", str(tmp_path), "--shards", "2"])
+
+
+def test_search_by_text_and_image_answers_as_one_service(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from xmodal.data import IMAGE_SIZE
+    from xmodal.demo.training import build_model
+
+    model_folder = str(tmp_path / "model")
+    model = build_model(0)
+    model.save(model_folder)
+    with torch.inference_mode():
+        gallery = model.encode_image(torch.rand(40, 3, IMAGE_SIZE, IMAGE_SIZE,
+                                                generator=torch.Generator().manual_seed(1))).numpy()
+    picture = io.BytesIO()
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(picture, format="PNG")
+    single = client(tmp_path / "one", model_path=model_folder).__enter__()
+    fan = sharded_over([LocalShard(path, model_path=model_folder) for path in shard_folders(str(tmp_path / "many"), 2)])
+    try:
+        for c in (single, fan):
+            c.put("/collections/g", json={"dim": model.embed_dim})
+            add(c, "g", range(40), gallery, [{"n": i % 4} for i in range(40)])
+        requests = [("text", {"json": {"text": ["a red circle", "blue"], "k": 5}}),
+                    ("text", {"json": {"text": "red", "k": 3, "filter": {"n": 1}}}),
+                    ("image", {"files": {"image": ("a.png", picture.getvalue())}, "data": {"k": "4"}}),
+                    ("composed", {"files": {"image": ("a.png", picture.getvalue())},
+                                  "data": {"text": "make it blue", "k": "6", "ids": "[1, 2, 3, 30, 31]"}}),
+                    ("image", {"files": {"image": ("a.png", b"not an image")}})]
+        for by, kwargs in requests:
+            one, many = (c.post(f"/collections/g/search/{by}", **kwargs) for c in (single, fan))
+            assert one.status_code == many.status_code, (by, one.text, many.text)
+            if one.status_code != 200:
+                assert one.json() == many.json()
+                continue
+            for a, b in zip(one.json()["results"], many.json()["results"]):
+                assert [h["id"] for h in a] == [h["id"] for h in b], by
+                assert np.allclose([h["score"] for h in a], [h["score"] for h in b], atol=1e-5)
+    finally:
+        close(fan, single)
