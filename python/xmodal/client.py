@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .ops import SEARCH_METRICS
+
 
 class ServiceError(RuntimeError):
     """The service answered with an error: ``status`` (HTTP) and ``detail`` (its JSON explanation)."""
@@ -267,7 +269,7 @@ class Client:
             if len(hits) < k:  # padding as the indexes pad: -inf for similarities, +inf for distances
                 if metric is None:
                     metric = self.collection(name)["metric"]
-                scores[row, len(hits):] = -np.inf if metric in ("ip", "cosine") else np.inf
+                scores[row, len(hits):] = -np.inf if SEARCH_METRICS[metric] else np.inf
         if squeeze:
             scores, ids, payloads = scores[0], ids[0], payloads[0]
         if kind == "torch":

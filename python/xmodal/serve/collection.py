@@ -34,6 +34,7 @@ from ..index.codecs import check_codec
 from .._checks import check_positive
 from ..index.graph import GRAPH_METRICS, MAX_DEGREE
 from ..index.ivf import DEFAULT_NPROBE
+from ..ops import SEARCH_METRICS
 from .payloads import Payloads
 from .storage import Record, WriteAheadLog, read_file, write_file
 
@@ -302,7 +303,7 @@ class Collection:
         with self.lock.read():
             if not self.index.is_trained:  # (nothing written yet to learn the codec from)
                 n = queries.shape[0]
-                pad = -np.inf if self.index.metric in ("ip", "cosine") else np.inf
+                pad = -np.inf if SEARCH_METRICS[self.index.metric] else np.inf
                 return np.full((n, k), pad, np.float32), np.full((n, k), -1, np.int64)
             mask = self.allow_mask(allow_ids, filter_)
             scores, ids = self.index.search(torch.from_numpy(queries), k, mask)

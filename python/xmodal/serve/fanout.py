@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from ..ops import SEARCH_METRICS
 from .middleware import Guard, Metrics, count_requests
 from .requests import (AddVectors, DeleteVectors, Limits, Search, Unprocessable, check_filter, check_ids, check_k,
                        check_vectors, error)
@@ -181,7 +182,7 @@ def _sum_sizes(descriptions: List[dict]) -> dict:
 
 def _merge_hits(shard_results: List[List[List[dict]]], k: int, metric: str) -> List[List[dict]]:
     """The k best hits of each query over the shards' answers (a missing score ranks last)."""
-    larger = metric in ("ip", "cosine")
+    larger = SEARCH_METRICS[metric]
     worst = -math.inf if larger else math.inf
     merged = []
     for per_query in zip(*shard_results):
