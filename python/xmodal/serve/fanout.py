@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..ops import SEARCH_METRICS
 from .middleware import Guard, Metrics, count_requests
-from .requests import (AddVectors, DeleteVectors, Limits, Search, Unprocessable, check_filter, check_ids, check_k,
+from .requests import (AddVectors, DeleteVectors, Limits, Search, check_add, check_ids, check_search_options,
                        check_vectors, error)
 
 __all__ = ["LocalShard", "ShardUnavailable", "create_fanout_app", "shard_of", "shard_folders", "written_shards"]
@@ -311,13 +311,7 @@ def _routes(app: FastAPI, front: _Front) -> None:
     @app.post("/collections/{name}/vectors")
     async def add_vectors(name: str, body: AddVectors):
         config = await front.config(name)
-        ids = check_ids(body.ids)
-        vectors = check_vectors(body.vectors, config["dim"], "vectors", front.limits.max_vectors)
-        if len(ids) != len(vectors):
-            raise Unprocessable("ids", f"one id per vector: {len(vectors)} vectors", f"{len(ids)} ids")
-        if body.payloads is not None and len(body.payloads) != len(ids):
-            raise Unprocessable("payloads", f"one payload (or null) per vector: {len(ids)} vectors",
-                                f"{len(body.payloads)} payloads")
+        ids, _ = check_add(body, config["dim"], front.limits)
         owners = front.owners(ids)
         parts = {}
         for s in np.unique(owners).tolist():
@@ -361,15 +355,13 @@ def _routes(app: FastAPI, front: _Front) -> None:
             raise RequestValidationError(e.errors()) from None
         config = await front.config(name)
         check_vectors(body.vectors, config["dim"], "vectors", front.limits.max_queries)
-        check_k(body.k, front.limits)
+        _, ids, _ = check_search_options(body, front.limits)
         which = list(range(len(front.shards)))
         bodies = {s: json.dumps(fields).encode() for s in which}
-        if body.ids is not None:  # each shard is asked only for the ids it holds
-            ids = check_ids(body.ids)
+        if ids is not None:  # each shard is asked only for the ids it holds
             owners = front.owners(ids)
             which = np.unique(owners).tolist() or [0]
             bodies = {s: json.dumps({**fields, "ids": ids[owners == s].tolist()}).encode() for s in which}
-        check_filter(body.filter)
         return await fan_out(f"/collections/{name}/search", which, bodies, "application/json", body.k,
                              config["metric"], allow_partial)
 

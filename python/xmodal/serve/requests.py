@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import numpy as np
 from fastapi.responses import JSONResponse
@@ -126,6 +126,25 @@ def check_k(k: int, limits: Limits) -> int:
     if not 1 <= k <= limits.max_k:
         raise Unprocessable("k", f"k must be in [1, {limits.max_k}]", k)
     return k
+
+
+def check_add(body: AddVectors, dim: int, limits: Limits) -> Tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of an add request, checked: unique ids, one per vector, one payload (or null) per vector."""
+    ids = check_ids(body.ids)
+    vectors = check_vectors(body.vectors, dim, "vectors", limits.max_vectors)
+    if len(ids) != len(vectors):
+        raise Unprocessable("ids", f"one id per vector: {len(vectors)} vectors", f"{len(ids)} ids")
+    if body.payloads is not None and len(body.payloads) != len(ids):
+        raise Unprocessable("payloads", f"one payload (or null) per vector: {len(ids)} vectors",
+                            f"{len(body.payloads)} payloads")
+    return ids, vectors
+
+
+def check_search_options(options: SearchOptions, limits: Limits) -> Tuple[int, Optional[np.ndarray], Optional[dict]]:
+    """(k, allow-list ids or None, filter or None) of a search, checked in that order."""
+    k = check_k(options.k, limits)
+    allow = None if options.ids is None else check_ids(options.ids)
+    return k, allow, check_filter(options.filter)
 
 
 def check_filter(filter_: Optional[dict]) -> Optional[dict]:

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..batcher import Closed, Overloaded
 from ..collection import Collection
-from ..requests import (NotFound, Search, SearchOptions, TextSearch, Unprocessable, check_filter, check_ids, check_k,
+from ..requests import (NotFound, Search, SearchOptions, TextSearch, Unprocessable, check_search_options,
                         check_vectors, error)
 from ..service import Service, service
 
@@ -22,9 +22,8 @@ router = APIRouter()
 
 
 async def answer(svc: Service, col: Collection, queries: np.ndarray, options: SearchOptions) -> Response:
-    k = check_k(options.k, svc.limits)
-    allow = None if options.ids is None else check_ids(options.ids).tolist()
-    filter_ = check_filter(options.filter)
+    k, allow, filter_ = check_search_options(options, svc.limits)
+    allow = None if allow is None else allow.tolist()
     run_alone = None
     if allow is not None or filter_ is not None:
         def run_alone():

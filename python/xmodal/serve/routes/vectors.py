@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from ..requests import AddVectors, DeleteVectors, Unprocessable, check_ids, check_vectors, error
+from ..requests import AddVectors, DeleteVectors, Unprocessable, check_add, check_ids, error
 from ..service import Service, service
 
 router = APIRouter()
@@ -12,13 +12,7 @@ router = APIRouter()
 @router.post("/collections/{name}/vectors")
 def add_vectors(name: str, body: AddVectors, svc: Service = Depends(service)):
     col = svc.collection(name)
-    ids = check_ids(body.ids)
-    vectors = check_vectors(body.vectors, col.config["dim"], "vectors", svc.limits.max_vectors)
-    if len(ids) != len(vectors):
-        raise Unprocessable("ids", f"one id per vector: {len(vectors)} vectors", f"{len(ids)} ids")
-    if body.payloads is not None and len(body.payloads) != len(ids):
-        raise Unprocessable("payloads", f"one payload (or null) per vector: {len(ids)} vectors",
-                            f"{len(body.payloads)} payloads")
+    ids, vectors = check_add(body, col.config["dim"], svc.limits)
     try:
         replaced = col.upsert(ids, vectors, body.payloads)
     except ValueError as e:  # what the index cannot take (e.g. too few rows to learn a codec from)
