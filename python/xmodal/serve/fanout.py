@@ -35,7 +35,6 @@ Answer = Tuple[int, Dict[str, str], bytes]
 #: a shard: (method, path with query, body, content type) -> its answer; raises ShardUnavailable when it cannot
 ShardCall = Callable[[str, str, bytes, Optional[str]], Awaitable[Answer]]
 
-_MASK64 = (1 << 64) - 1
 # payload_keys lists a key's values up to this many (as one service does)
 _MOST_VALUES = 50
 
@@ -116,6 +115,18 @@ def _unavailable(missing: List[int]) -> Response:
                  {"Retry-After": "1"})
 
 
+def _failure(answers: Dict[int, Optional[Answer]], allow_missing: bool = False) -> Optional[Response]:
+    """What to answer instead of merging the shards' answers, or None: 503 naming the shards that could not
+    answer (unless ``allow_missing`` and some did), else the first answer of 400 or more."""
+    missing = sorted(s for s, a in answers.items() if a is None)
+    if missing and (not allow_missing or len(missing) == len(answers)):
+        return _unavailable(missing)
+    for a in answers.values():
+        if a is not None and a[0] >= 400:
+            return _relay(a)
+    return None
+
+
 class _Front:
     """The shards and what the routes share: calling some or all of them, and each collection's config."""
 
@@ -129,30 +140,28 @@ class _Front:
         self.unavailable = Counter("xmodal_shard_unavailable_total", "shard calls that got no answer", ["shard"],
                                    registry=self.metrics.registry)
 
-    async def call(self, which: Sequence[int], method: str, path: str, body: bytes = b"",
-                   content_type: Optional[str] = "application/json") -> Dict[int, Optional[Answer]]:
-        """Each shard's answer, None where it could not answer."""
+    async def call_each(self, method: str, path: str, bodies: Dict[int, bytes],
+                        content_type: Optional[str] = "application/json") -> Dict[int, Optional[Answer]]:
+        """Each shard in ``bodies`` sent its body at once: its answer, None where it could not answer."""
         async def one(i):
             try:
-                return await self.shards[i](method, path, body, content_type)
+                return await self.shards[i](method, path, bodies[i], content_type)
             except ShardUnavailable:
                 self.unavailable.labels(str(i)).inc()
                 return None
 
-        answers = await asyncio.gather(*(one(i) for i in which))
-        return dict(zip(which, answers))
+        answers = await asyncio.gather(*(one(i) for i in bodies))
+        return dict(zip(bodies, answers))
+
+    async def call(self, which: Sequence[int], method: str, path: str, body: bytes = b"",
+                   content_type: Optional[str] = "application/json") -> Dict[int, Optional[Answer]]:
+        """The shards in ``which`` sent the same body (see :meth:`call_each`)."""
+        return await self.call_each(method, path, dict.fromkeys(which, body), content_type)
 
     async def all(self, method: str, path: str, body: bytes = b"", content_type: Optional[str] = "application/json"):
-        """(answers, first failure as a Response or None): 503 when a shard could not answer, else the first
-        answer of 400 or more."""
+        """(every shard's answer, :func:`_failure` of them)."""
         answers = await self.call(range(len(self.shards)), method, path, body, content_type)
-        missing = [i for i, a in answers.items() if a is None]
-        if missing:
-            return answers, _unavailable(missing)
-        for a in answers.values():
-            if a[0] >= 400:
-                return answers, _relay(a)
-        return answers, None
+        return answers, _failure(answers)
 
     async def config(self, name: str) -> dict:
         """The collection's config (dim, metric, ...), asked of shard 0 once; KeyError (404) if there is none."""
@@ -320,20 +329,15 @@ def _routes(app: FastAPI, front: _Front) -> None:
             if body.payloads is not None:
                 part["payloads"] = [body.payloads[r] for r in rows]
             parts[s] = json.dumps(part).encode()
-        answers = await asyncio.gather(*(front.call([s], "POST", f"/collections/{name}/vectors", b)
-                                         for s, b in parts.items()))
-        return _summed([a for d in answers for a in d.items()], ("upserted", "replaced"))
+        return _summed(await front.call_each("POST", f"/collections/{name}/vectors", parts), ("upserted", "replaced"))
 
     @app.delete("/collections/{name}/vectors")
     async def delete_vectors(name: str, body: DeleteVectors):
         await front.config(name)  # (404 for a missing collection even when no shard is asked)
         ids = check_ids(body.ids)
         owners = front.owners(ids)
-        answers = await asyncio.gather(*(
-            front.call([s], "DELETE", f"/collections/{name}/vectors",
-                       json.dumps({"ids": ids[owners == s].tolist()}).encode())
-            for s in np.unique(owners).tolist()))
-        return _summed([a for d in answers for a in d.items()], ("deleted",))
+        parts = {s: json.dumps({"ids": ids[owners == s].tolist()}).encode() for s in np.unique(owners).tolist()}
+        return _summed(await front.call_each("DELETE", f"/collections/{name}/vectors", parts), ("deleted",))
 
     @app.get("/collections/{name}/vectors/{id}")
     async def get_vector(name: str, id: int):
@@ -362,8 +366,8 @@ def _routes(app: FastAPI, front: _Front) -> None:
             owners = front.owners(ids)
             which = np.unique(owners).tolist() or [0]
             bodies = {s: json.dumps({**fields, "ids": ids[owners == s].tolist()}).encode() for s in which}
-        return await fan_out(f"/collections/{name}/search", which, bodies, "application/json", body.k,
-                             config["metric"], allow_partial)
+        return await fan_out(f"/collections/{name}/search", bodies, "application/json", body.k, config["metric"],
+                             allow_partial)
 
     @app.post("/collections/{name}/search/{by}")
     async def search_by_model(name: str, by: str, request: Request):
@@ -379,9 +383,8 @@ def _routes(app: FastAPI, front: _Front) -> None:
         except (ValueError, TypeError, AttributeError):
             pass
         config = await front.config(name)
-        which = list(range(len(front.shards)))
-        return await fan_out(f"/collections/{name}/search/{by}", which, {s: raw for s in which}, content_type, k,
-                             config["metric"], False)
+        bodies = dict.fromkeys(range(len(front.shards)), raw)
+        return await fan_out(f"/collections/{name}/search/{by}", bodies, content_type, k, config["metric"], False)
 
     @app.get("/collections/{name}/media/{path:path}")
     async def media(name: str, path: str, request: Request):
@@ -389,32 +392,25 @@ def _routes(app: FastAPI, front: _Front) -> None:
         answer = (await front.call([0], "GET", f"/collections/{name}/media/{path}{query}", b"", None))[0]
         return _unavailable([0]) if answer is None else _relay(answer)
 
-    async def fan_out(path: str, which: List[int], bodies: Dict[int, bytes], content_type: Optional[str], k: int,
-                      metric: str, allow_partial: bool) -> Response:
-        """Send each shard in ``which`` its body, then merge the k best of their results."""
-        answers = await asyncio.gather(*(front.call([s], "POST", path, bodies[s], content_type) for s in which))
-        answered = {s: a for d in answers for s, a in d.items()}
-        missing = sorted(s for s, a in answered.items() if a is None)
-        if missing and (not allow_partial or len(missing) == len(answered)):
-            return _unavailable(missing)
-        for a in answered.values():
-            if a is not None and a[0] >= 400:
-                return _relay(a)
+    async def fan_out(path: str, bodies: Dict[int, bytes], content_type: Optional[str], k: int, metric: str,
+                      allow_partial: bool) -> Response:
+        """Send each shard in ``bodies`` its body, then merge the k best of their results."""
+        answered = await front.call_each("POST", path, bodies, content_type)
+        failed = _failure(answered, allow_missing=allow_partial)
+        if failed is not None:
+            return failed
         results = [json.loads(a[2])["results"] for a in answered.values() if a is not None]
         out = {"results": _merge_hits(results, k, metric)}
         if allow_partial:
-            out["missing_shards"] = missing
+            out["missing_shards"] = sorted(s for s, a in answered.items() if a is None)
         return out
 
 
-def _summed(answers: List[Tuple[int, Optional[Answer]]], fields: Sequence[str]) -> Response:
+def _summed(answers: Dict[int, Optional[Answer]], fields: Sequence[str]) -> Response:
     """The counts of a write split over shards, summed; the first failure instead if one failed (the parts
     other shards acknowledged are durable there; the whole request may be sent again)."""
-    missing = [s for s, a in answers if a is None]
-    if missing:
-        return _unavailable(missing)
-    for _, a in answers:
-        if a[0] >= 400:
-            return _relay(a)
-    parts = [json.loads(a[2]) for _, a in answers]
+    failed = _failure(answers)
+    if failed is not None:
+        return failed
+    parts = [json.loads(a[2]) for a in answers.values()]
     return JSONResponse({f: sum(p[f] for p in parts) for f in fields})
