@@ -35,8 +35,6 @@ Answer = Tuple[int, Dict[str, str], bytes]
 #: a shard: (method, path with query, body, content type) -> its answer; raises ShardUnavailable when it cannot
 ShardCall = Callable[[str, str, bytes, Optional[str]], Awaitable[Answer]]
 
-# payload_keys lists a key's values up to this many (as one service does)
-_MOST_VALUES = 50
 
 
 class ShardUnavailable(Exception):
@@ -202,10 +200,10 @@ def _merge_hits(shard_results: List[List[List[dict]]], k: int, metric: str) -> L
 
 
 def _merge_keys(parts: List[List[dict]]) -> List[dict]:
-    """payload_keys over the shards, as one service lists them where every shard lists a key's values (counts
-    summed, up to 50 values); else ``values`` and ``counts`` are null and ``distinct`` is the largest shard's
-    count (a lower bound: the shards' value sets are not sent)."""
-    from .payloads import _filter_key
+    """payload_keys over the shards: where every shard lists a key's values, the counts summed and summarised as
+    one service does (:func:`.payloads.key_summary`); else ``values`` and ``counts`` are null and ``distinct`` is
+    the largest shard's count (a lower bound: the shards' value sets are not sent)."""
+    from .payloads import _filter_key, key_summary
 
     keys: Dict[str, List[dict]] = {}
     for part in parts:
@@ -214,18 +212,15 @@ def _merge_keys(parts: List[List[dict]]) -> List[dict]:
     out = []
     for key in sorted(keys):
         entries = keys[key]
-        merged = {"key": key, "types": sorted({t for e in entries for t in e["types"]}),
-                  "distinct": max(e["distinct"] for e in entries), "values": None, "counts": None}
         if all(e["values"] is not None for e in entries):
             counts: Dict[str, int] = {}
             for e in entries:
                 for v, n in zip(e["values"], e["counts"]):
                     counts[_filter_key(v)] = counts.get(_filter_key(v), 0) + n
-            merged["distinct"] = len(counts)
-            if len(counts) <= _MOST_VALUES:
-                order = sorted(counts, key=lambda v: (-counts[v], v))
-                merged["values"], merged["counts"] = [json.loads(v) for v in order], [counts[v] for v in order]
-        out.append(merged)
+            out.append(key_summary(key, counts))
+        else:
+            out.append({"key": key, "types": sorted({t for e in entries for t in e["types"]}),
+                        "distinct": max(e["distinct"] for e in entries), "values": None, "counts": None})
     return out
 
 

@@ -17,6 +17,23 @@ def _json_type(filter_key: str) -> str:
     return {'"': "string", "t": "boolean", "f": "boolean", "n": "null"}.get(filter_key[0], "number")
 
 
+#: payload_keys lists a key's values while it has at most this many
+MOST_VALUES = 50
+
+
+def key_summary(key: str, counts: Dict[str, int]) -> dict:
+    """``{"key", "types", "distinct", "values", "counts"}`` of a key from ``counts`` ({filter key of a value: rows
+    holding it}): the JSON types of its values, how many distinct values it has, and the values themselves (the
+    most common first) with how many rows hold each, or None when there are more than MOST_VALUES (only listed
+    keys have their values sorted and decoded)."""
+    listed = counted = None
+    if len(counts) <= MOST_VALUES:
+        order = sorted(counts, key=lambda v: (-counts[v], v))
+        listed, counted = [json.loads(v) for v in order], [counts[v] for v in order]
+    return {"key": key, "types": sorted({_json_type(v) for v in counts}), "distinct": len(counts),
+            "values": listed, "counts": counted}
+
+
 class Payloads:
     """Each id's JSON payload, and for payload filters an inverted index of (key, scalar value) -> ids."""
 
@@ -61,24 +78,12 @@ class Payloads:
                 return set()
         return result
 
-    def key_summaries(self, most_values: int = 50) -> List[dict]:
-        """``[{"key", "types", "distinct", "values", "counts"}]``: every key with scalar values, the JSON types of
-        those values, how many distinct values it has, and the values themselves (the most common first) with how
-        many rows hold each, or None when there are more than ``most_values`` (only listed keys have their values
-        sorted and decoded)."""
+    def key_summaries(self) -> List[dict]:
+        """:func:`key_summary` of every key with scalar values."""
         counts: Dict[str, Dict[str, int]] = {}
         for (key, value), ids in self._postings.items():
             counts.setdefault(key, {})[value] = len(ids)
-        out = []
-        for key in sorted(counts):
-            values = counts[key]
-            listed = counted = None
-            if len(values) <= most_values:
-                order = sorted(values, key=lambda v: (-values[v], v))
-                listed, counted = [json.loads(v) for v in order], [values[v] for v in order]
-            out.append({"key": key, "types": sorted({_json_type(v) for v in values}), "distinct": len(values),
-                        "values": listed, "counts": counted})
-        return out
+        return [key_summary(key, counts[key]) for key in sorted(counts)]
 
     def to_json(self) -> bytes:
         return json.dumps({str(k): v for k, v in self.by_id.items()}, separators=(",", ":")).encode()
