@@ -151,3 +151,18 @@ def test_create_collection_exist_ok(tmp_path):
         assert c.create_collection("g", 4, index="graph", ef=64, exist_ok=True) == graph
         with pytest.raises(ServiceError, match="degree 8"):
             c.create_collection("g", 4, index="graph", degree=16, exist_ok=True)
+
+
+def test_train_before_the_first_add(tmp_path):
+    tc, c = in_process(tmp_path, KEY)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(3))
+    with tc:
+        assert c.create_collection("w", 4, index="ivf", nlist=4)["trained"] is False
+        assert c.train("w", x)["trained"] is True
+        with pytest.raises(ServiceError, match="has learnt already") as e:
+            c.train("w", x)
+        assert e.value.status == 409
+        with pytest.raises(ValueError, match="vectors"):
+            c.train("w", x.masked_fill(x > 1, float("nan")))
+        c.add("w", x[:10], range(10))
+        assert c.search("w", x[:1], k=1)[1].tolist() == [[0]]

@@ -26,7 +26,8 @@ def test_collections_are_created_listed_described_and_deleted(tmp_path):
     with client(tmp_path) as c:
         r = c.put("/collections/images", json={"dim": 8, "metric": "l2"})
         assert r.status_code == 201
-        assert r.json() == {"name": "images", "size": 0, "dim": 8, "metric": "l2", "index": "flat", "codec": None}
+        assert r.json() == {"name": "images", "size": 0, "dim": 8, "metric": "l2", "index": "flat", "codec": None,
+                            "trained": True}
         assert c.put("/collections/codes", json={"dim": 8, "codec": "int8"}).status_code == 201
         assert c.put("/collections/images", json={"dim": 8}).status_code == 409
         add(c, "images", [1, 2], rows(2))

@@ -134,7 +134,8 @@ def test_write_collection_serves_an_index_built_in_python(tmp_path):
         write_collection(str(tmp_path), "prebuilt", index)
     with client(tmp_path) as c:
         assert c.get("/collections/prebuilt").json() == {"name": "prebuilt", "size": 300, "dim": 8,
-                                                         "metric": "cosine", "index": "flat", "codec": "int8"}
+                                                         "metric": "cosine", "index": "flat", "codec": "int8",
+                                                         "trained": True}
         hits = c.post("/collections/prebuilt/search", json={"vectors": x[:1].tolist(), "k": 1,
                                                             "with_payload": True}).json()["results"][0]
         assert hits[0]["id"] == 0 and hits[0]["payload"] == {"first": True}
@@ -143,7 +144,8 @@ def test_write_collection_serves_an_index_built_in_python(tmp_path):
     write_collection(str(tmp_path), "graph", graph)
     with client(tmp_path) as c:
         assert c.get("/collections/graph").json() == {"name": "graph", "size": 300, "dim": 8, "metric": "l2",
-                                                      "index": "graph", "codec": None, "degree": 8, "ef": 20}
+                                                      "index": "graph", "codec": None, "degree": 8, "ef": 20,
+                                                      "trained": True}
         hits = c.post("/collections/graph/search", json={"vectors": x[5:6].tolist(), "k": 1}).json()["results"][0]
         assert hits[0]["id"] == 12
 
@@ -170,7 +172,7 @@ def test_graph_collections_search_filter_delete_and_survive_restarts(tmp_path):
     with client(tmp_path, snapshot_bytes=40_000) as c:
         r = c.put("/collections/g", json={"dim": 16, "index": "graph", "degree": 12, "ef": 48})
         assert r.json() == {"name": "g", "size": 0, "dim": 16, "metric": "cosine", "index": "graph",
-                            "codec": None, "degree": 12, "ef": 48}
+                            "codec": None, "degree": 12, "ef": 48, "trained": True}
         for start in range(0, 600, 100):
             ids = range(start, start + 100)
             assert add(c, "g", ids, x[start: start + 100], [{"colour": colours[i]} for i in ids]).status_code == 200

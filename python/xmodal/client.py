@@ -195,6 +195,12 @@ class Client:
     def delete_collection(self, name: str) -> None:
         self._call("DELETE", f"/collections/{name}")
 
+    def train(self, name: str, vectors) -> dict:
+        """Have an IVF or codec collection learn its lists and codec from ``vectors`` (not stored) rather than
+        from its first add; returns its description. ServiceError 409 once it has learnt."""
+        rows, _, _ = _rows(vectors, "vectors")
+        return self._call("POST", f"/collections/{name}/train", json={"vectors": rows})
+
     # -- vectors
     def add(self, name: str, vectors, ids, payloads: Optional[Sequence[Optional[dict]]] = None) -> dict:
         """Add or replace rows (durable when this returns): ``{"upserted": n, "replaced": r}``."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 from contextlib import contextmanager
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -46,6 +47,11 @@ DEFAULT_SNAPSHOT_BYTES = 256 << 20
 
 
 SNAPSHOT_FILES = (".index", ".payloads.json")
+
+
+def learns(config: dict) -> bool:
+    """Whether a collection of this config learns from data before it holds rows (IVF lists, a codec)."""
+    return config["index"] == "ivf" or config.get("codec") is not None
 
 
 def save_snapshot(folder: str, seq: int, index, payloads: Payloads, key: Optional[bytes]) -> str:
@@ -268,6 +274,76 @@ class Collection:
         self._maybe_snapshot()
         return int(present.numel())
 
+    # -- training: an index with lists or a codec learns them once, before it holds rows
+    def train(self, vectors: np.ndarray) -> None:
+        """Learn the index's lists and codec from ``vectors`` (rows it does not store), instead of from the
+        first rows written. FileExistsError if it has learnt already (or needs nothing); ValueError if it cannot
+        learn from these. Durable when it returns: the learnt state is saved as a snapshot."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.check_rows(vectors)
+        if self.index.is_trained:
+            raise FileExistsError(self._trained_message())
+        index = self._new_index()
+        index.train(torch.from_numpy(vectors))  # (no lock held: searches and writes go on meanwhile)
+        self._install(index)
+
+    def trained_state(self) -> bytes:
+        """What the index has learnt, as the file of an empty index (:meth:`Index.save`, unencrypted: the same
+        bytes for every collection that learnt the same); ValueError if it has learnt nothing yet."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trained.xmodal")
+            with self.lock.read():
+                if not self.index.is_trained:
+                    raise ValueError(f"collection {self.name!r} has learnt nothing yet (no rows or training)")
+                self.index.save(path)
+            empty = INDEX_KINDS[self.config["index"]].load(path)
+            empty.reset()  # (rows and id counter gone, what it learnt kept)
+            empty.save(path)
+            return read_file(path)
+
+    def install_trained(self, state: bytes) -> bool:
+        """Take what another collection learnt (its :meth:`trained_state`); returns False when this one holds
+        the same already. ValueError if ``state`` is not an empty index of this collection's kind and settings;
+        FileExistsError if this one learnt something else."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trained.xmodal")
+            with open(path, "wb") as f:
+                f.write(state)
+            try:
+                index = INDEX_KINDS[self.config["index"]].load(path)
+            except ValueError as e:
+                raise ValueError(str(e).replace(repr(path), "the trained state")) from None
+        expected = self._new_index()
+        settings = ("dim", "metric", "codec", *KIND_OPTIONS[self.config["index"]])
+        differ = [f for f in settings if getattr(index, f) != getattr(expected, f)]
+        if differ or len(index) or not index.is_trained:
+            what = f"{differ[0]} {getattr(index, differ[0])!r}" if differ else "rows or no training"
+            raise ValueError(f"the trained state must be an empty trained {self.config['index']} index with this "
+                             f"collection's settings, got one with {what}")
+        try:
+            self._install(index)
+            return True
+        except FileExistsError:
+            if self.trained_state() == state:
+                return False
+            raise FileExistsError(f"collection {self.name!r} learnt from other rows already") from None
+
+    def _install(self, index) -> None:
+        with self.snapshotting, self.writer:
+            self._check_open()
+            if self.index.is_trained:
+                raise FileExistsError(self._trained_message())
+            with self.lock.write():
+                self.index = index
+            seq = self.log.rotate()
+            base = save_snapshot(self.folder, seq, self.index, self.payloads, self.key)
+            self._switch_snapshot(base, seq)
+
+    def _trained_message(self) -> str:
+        if not learns(self.config):
+            return f"collection {self.name!r} needs no training ({self.config['index']} index without a codec)"
+        return f"collection {self.name!r} has learnt already (from its training or first rows)"
+
     def _check_open(self) -> None:
         if self.removed:
             raise KeyError(f"collection {self.name!r} was deleted")
@@ -327,17 +403,21 @@ class Collection:
                     return None
                 seq = self.log.rotate()
                 base = save_snapshot(self.folder, seq, self.index, self.payloads, self.key)
-            old = self._manifest_snapshot()
-            write_manifest(self.folder, base, seq)
-            if old and old != base:
-                for suffix in SNAPSHOT_FILES:
-                    path = os.path.join(self.folder, old + suffix)
-                    if os.path.exists(path):
-                        os.remove(path)
-            self.log.drop_through(seq)
-            return seq
+            return self._switch_snapshot(base, seq)
         finally:
             self.snapshotting.release()
+
+    def _switch_snapshot(self, base: str, seq: int) -> int:
+        """Make the saved snapshot ``base`` current, then delete the one before it and the log it covers."""
+        old = self._manifest_snapshot()
+        write_manifest(self.folder, base, seq)
+        if old and old != base:
+            for suffix in SNAPSHOT_FILES:
+                path = os.path.join(self.folder, old + suffix)
+                if os.path.exists(path):
+                    os.remove(path)
+        self.log.drop_through(seq)
+        return seq
 
     def _manifest_snapshot(self) -> Optional[str]:
         path = os.path.join(self.folder, "manifest.json")

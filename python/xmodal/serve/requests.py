@@ -73,6 +73,10 @@ class AddVectors(Body):
     payloads: Optional[List[Optional[Dict[str, Any]]]] = None
 
 
+class TrainCollection(Body):
+    vectors: List[List[float]] = Field(description="rows to learn the lists and codec from (not stored)")
+
+
 class DeleteVectors(Body):
     ids: List[int]
 

@@ -73,7 +73,7 @@ class Service:
 
     @staticmethod
     def describe(col: Collection) -> dict:
-        return {"name": col.name, "size": len(col), **col.config}
+        return {"name": col.name, "size": len(col), **col.config, "trained": col.index.is_trained}
 
 
 async def service(request: Request) -> Service:

@@ -1,10 +1,12 @@
-"""Collections: create, list, describe and delete (``/collections``, ``/collections/{name}``)."""
+"""Collections: create, list, describe, train and delete (``/collections``, ``/collections/{name}``)."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+import asyncio
 
-from ..requests import CreateCollection, Unprocessable, error
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from ..requests import CreateCollection, TrainCollection, Unprocessable, check_vectors, error
 from ..service import Service, service
 
 router = APIRouter()
@@ -50,3 +52,43 @@ def delete_collection(name: str, svc: Service = Depends(service)):
     svc.catalog.delete(name)
     svc.drop_batcher(col)
     return {"deleted": name}
+
+
+@router.post("/collections/{name}/train")
+def train(name: str, body: TrainCollection, svc: Service = Depends(service)):
+    """Learn an IVF index's lists (and a codec) from these rows, which are not stored; without it the first
+    rows added are learnt from. Once per collection (409 after)."""
+    col = svc.collection(name)
+    vectors = check_vectors(body.vectors, col.config["dim"], "vectors", svc.limits.max_vectors)
+    try:
+        col.train(vectors)
+    except FileExistsError as e:
+        return error(409, str(e))
+    except ValueError as e:
+        raise Unprocessable("vectors", str(e), f"{len(vectors)} vectors") from None
+    return svc.describe(col)
+
+
+@router.get("/collections/{name}/trained")
+def trained_state(name: str, svc: Service = Depends(service)):
+    """What the collection learnt, as an empty index file (what ``PUT`` takes, e.g. on another shard)."""
+    col = svc.collection(name)
+    try:
+        return Response(col.trained_state(), media_type="application/octet-stream")
+    except ValueError as e:
+        return error(409, str(e))
+
+
+@router.put("/collections/{name}/trained")
+async def install_trained(name: str, request: Request, svc: Service = Depends(service)):
+    """Take what another collection learnt (its ``GET .../trained``) before any row is added; the same state
+    again is a no-op (200), another one 409."""
+    col = svc.collection(name)
+    state = await request.body()
+    try:
+        await asyncio.to_thread(col.install_trained, state)
+    except FileExistsError as e:
+        return error(409, str(e))
+    except ValueError as e:
+        raise Unprocessable("body", str(e), f"{len(state)} bytes") from None
+    return svc.describe(col)
