@@ -25,7 +25,7 @@ import torch
 import xmodal
 from xmodal.bench import environment, publish
 from xmodal.serve import write_collection
-from xmodal.serve.fanout import shard_folders, shard_of
+from xmodal.serve.shards import shard_folders, shard_of
 
 sys.path.insert(0, os.path.dirname(__file__))
 from serve_load import free_port, run_load, start_server, stop, unit_rows  # noqa: E402

@@ -13,7 +13,8 @@ pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from xmodal.serve.fanout import LocalShard, ShardUnavailable, create_fanout_app, shard_folders, shard_of  # noqa: E402
+from xmodal.serve.fanout import create_fanout_app  # noqa: E402
+from xmodal.serve.shards import LocalShard, Replicas, ShardUnavailable, replica_folders, shard_folders, shard_of  # noqa: E402,E501
 
 from serve_helpers import AUTH, KEY, add, client, rows  # noqa: E402
 
@@ -192,6 +193,8 @@ def test_the_command_line_asks_for_ray_before_sharding(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="--shards needs --ray"):
         main(["serve", str(tmp_path), "--shards", "2"])
+    with pytest.raises(SystemExit, match="--replicas needs --ray"):
+        main(["serve", str(tmp_path), "--replicas", "2"])
 
 
 def test_search_by_text_and_image_answers_as_one_service(tmp_path):
@@ -233,3 +236,156 @@ def test_search_by_text_and_image_answers_as_one_service(tmp_path):
                 assert np.allclose([h["score"] for h in a], [h["score"] for h in b], atol=1e-5)
     finally:
         close(fan, single)
+
+
+@pytest.mark.parametrize("config", [{"dim": 8, "metric": "l2", "index": "ivf", "nlist": 8, "nprobe": 3,
+                                     "codec": "int8"},
+                                    {"dim": 8, "metric": "cosine", "index": "ivf", "nlist": 6, "nprobe": 2},
+                                    {"dim": 8, "metric": "ip", "codec": "int8"}])
+def test_collections_that_learn_answer_as_one_service(tmp_path, config):
+    # every shard takes what shard 0 learnt from the whole first add (not its own part of it), so the sharded
+    # service searches with one index's lists and codec: the same answers as one service, scores included
+    x, q = rows(500, seed=11), rows(6, seed=12)
+    single, fan = client(tmp_path / "one").__enter__(), sharded(tmp_path / "many", shards=3)
+    try:
+        for c in (single, fan):
+            assert c.put("/collections/v", json=config).json()["trained"] is False
+            assert c.get("/collections/v/trained").status_code == 409
+            assert add(c, "v", np.arange(300), x[:300]).status_code == 200
+            assert add(c, "v", np.arange(300, 500), x[300:]).status_code == 200
+        state = single.get("/collections/v/trained").content
+        assert fan.get("/collections/v/trained").content == state
+        assert all(s.service.catalog.get("v").trained_state() == state for s in fan.shards)
+        body = {"vectors": q.tolist(), "k": 9}
+        one = single.post("/collections/v/search", json=body).json()
+        assert fan.post("/collections/v/search", json=body).json() == one
+        assert fan.get("/collections/v").json() == single.get("/collections/v").json()
+        r = fan.post("/collections/v/train", json={"vectors": x[:50].tolist()})
+        assert r.status_code == 409 and r.json() == single.post("/collections/v/train",
+                                                                json={"vectors": x[:50].tolist()}).json()
+    finally:
+        close(fan, single)
+    fan = sharded(tmp_path / "many", shards=3)
+    try:  # (what the shards learnt is in their snapshots)
+        assert fan.post("/collections/v/search", json=body).json() == one
+    finally:
+        close(fan)
+
+
+def test_training_through_the_front_reaches_every_shard_and_completes_when_sent_again(tmp_path):
+    x = rows(400, seed=13)
+    config = {"dim": 8, "metric": "l2", "index": "ivf", "nlist": 4, "nprobe": 4}
+    c = sharded(tmp_path, shards=3, down={2})
+    try:
+        c.put("/collections/v", json=config)  # (shard 2 is down: created on 0 and 1, 503)
+        assert c.post("/collections/v/train", json={"vectors": x[:3].tolist()}).status_code == 503
+    finally:
+        close(c)
+    c = sharded(tmp_path, shards=3)
+    try:
+        assert c.put("/collections/v", json=config).status_code == 201
+        r = c.post("/collections/v/train", json={"vectors": x[:3].tolist()})
+        assert r.status_code == 422 and r.json()["detail"][0]["field"] == "vectors"  # (fewer rows than lists)
+        assert c.put("/collections/v/trained", content=b"not an index").json()["detail"][0]["field"] == "body"
+        assert c.post("/collections/v/train", json={"vectors": x[:100].tolist()}).json()["trained"] is True
+        states = {s.service.catalog.get("v").trained_state() for s in c.shards}
+        assert len(states) == 1
+        other = xmodal.IVFIndex(8, 5, "l2")
+        other.train(torch.from_numpy(x[:100]))
+        other.save(str(tmp_path / "other.xmodal"))
+        r = c.put("/collections/v/trained", content=(tmp_path / "other.xmodal").read_bytes())
+        assert r.status_code == 422 and "nlist 5" in r.json()["detail"][0]["message"]
+        assert add(c, "v", np.arange(400), x).json() == {"upserted": 400, "replaced": 0}
+        assert {s.service.catalog.get("v").trained_state() for s in c.shards} == states
+    finally:
+        close(c)
+
+
+def replicated(folder, shards, replicas, down):
+    """A TestClient over the front and ``shards`` x ``replicas`` LocalShards; a (shard, replica) in the set
+    ``down`` (which the test changes as it goes) raises ShardUnavailable."""
+    locals_ = [[LocalShard(path) for path in paths] for paths in replica_folders(str(folder), shards, replicas)]
+
+    def caller(i, j):
+        async def call(method, path, body, content_type):
+            if (i, j) in down:
+                raise ShardUnavailable(f"replica {j} of shard {i} is down")
+            return await locals_[i][j](method, path, body, content_type)
+        return call
+
+    c = TestClient(create_fanout_app([Replicas([caller(i, j) for j in range(replicas)]) for i in range(shards)]))
+    c.shards = [s for row in locals_ for s in row]
+    return c
+
+
+def test_replicas_share_searches_answer_while_one_is_down_and_take_every_write(tmp_path):
+    x, q = rows(300, seed=14), rows(5, seed=15)
+    down = set()
+    c = replicated(tmp_path, 2, 2, down)
+    try:
+        c.put("/collections/v", json={"dim": 8, "metric": "l2"})
+        add(c, "v", np.arange(200), x[:200])
+        exact = xmodal.FlatIndex(8, "l2")
+        exact.add(torch.from_numpy(x[:200]), torch.arange(200))
+        scores, ids = exact.search(torch.from_numpy(q), 7)
+        body = {"vectors": q.tolist(), "k": 7}
+        down.update({(0, 1), (1, 0)})  # (one replica of each shard)
+        for _ in range(3):  # (each search starts at the next replica, and skips the one that is down)
+            got = c.post("/collections/v/search", json=body).json()["results"]
+            assert [[h["id"] for h in hits] for hits in got] == ids.tolist()
+        r = add(c, "v", np.arange(200, 300), x[200:])
+        assert r.status_code == 503  # (no replica may miss an acknowledged write)
+        down.clear()
+        assert add(c, "v", np.arange(200, 300), x[200:]).json()["upserted"] == 100  # (sent again: now on all)
+        sizes = [len(s.service.catalog.get("v")) for s in c.shards]
+        assert sizes[0] == sizes[1] and sizes[2] == sizes[3] and sizes[0] + sizes[2] == 300
+        assert c.get("/ui/").status_code == 404  # (the page only when asked for)
+    finally:
+        close(c)
+    for alone in (0, 1):  # each replica, alone, answers as all rows would
+        down = {(0, 1 - alone), (1, 1 - alone)}
+        c = replicated(tmp_path, 2, 2, down)
+        try:
+            exact.add(torch.from_numpy(x[200:]), torch.arange(200, 300)) if alone == 0 else None
+            _, ids = exact.search(torch.from_numpy(q), 7)
+            got = c.post("/collections/v/search", json=body).json()["results"]
+            assert [[h["id"] for h in hits] for hits in got] == ids.tolist()
+        finally:
+            close(c)
+
+
+def test_a_new_replica_starts_as_a_copy_of_the_first(tmp_path):
+    x = rows(100, seed=16)
+    c = replicated(tmp_path, 1, 1, set())
+    try:
+        c.put("/collections/v", json={"dim": 8})
+        add(c, "v", np.arange(50), x[:50])
+    finally:
+        close(c)
+    c = replicated(tmp_path, 1, 2, set())  # (replica 1 copied from replica 0)
+    try:
+        assert [len(s.service.catalog.get("v")) for s in c.shards] == [50, 50]
+    finally:
+        close(c)
+    c = replicated(tmp_path, 1, 1, set())
+    try:
+        add(c, "v", np.arange(50, 100), x[50:])
+    finally:
+        close(c)
+    c = replicated(tmp_path, 1, 2, set())  # (replica 1 missed those writes: copied afresh, not served stale)
+    try:
+        assert [len(s.service.catalog.get("v")) for s in c.shards] == [100, 100]
+    finally:
+        close(c)
+    with pytest.raises(ValueError, match="replicas must be at least 1"):
+        replica_folders(str(tmp_path), 1, 0)
+
+
+def test_the_front_serves_the_search_page_when_asked(tmp_path):
+    c = sharded(tmp_path, shards=2, api_key=KEY, ui=True)
+    try:
+        r = c.get("/ui/")  # (the page's files hold no data: no key needed)
+        assert r.status_code == 200 and "Content-Security-Policy" in r.headers and "<html" in r.text.lower()
+        assert c.get("/collections").status_code == 401
+    finally:
+        close(c)

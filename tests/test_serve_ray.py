@@ -1,6 +1,7 @@
 """The sharded service on Ray Serve (xmodal.serve.ray_app) on a local Ray cluster bound to 127.0.0.1 with a fixed
 CPU count: answers equal to one FlatIndex, writes routed and durable, and a shard replica killed in the middle
-of a stream of writes: Ray restarts it, it recovers from its snapshot and log, and no acknowledged write is lost.
+of a stream of writes: Ray restarts it, it recovers from its snapshot and log, no acknowledged write is lost,
+and searches go on from its other replica meanwhile.
 The routing and merging themselves are tested without Ray in test_serve_fanout.py."""
 import functools
 import socket
@@ -16,11 +17,12 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'xmod
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from xmodal.serve.fanout import shard_of  # noqa: E402
+from xmodal.serve.shards import shard_of  # noqa: E402
 
 from serve_helpers import rows  # noqa: E402
 
 SHARDS = 2
+REPLICAS = 2  # (each shard kept twice: searches go on while one replica is down)
 
 
 def free_port():
@@ -39,7 +41,7 @@ def service(tmp_path_factory):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # snapshots every few writes, so that a restarted shard has a snapshot and a log to recover from
-        serve.run(build_app(str(folder), SHARDS, shard_cpus=0, snapshot_bytes=4096, shard_timeout=5.0),
+        serve.run(build_app(str(folder), SHARDS, replicas=REPLICAS, shard_cpus=0, snapshot_bytes=4096, shard_timeout=5.0),
                   name="xmodal", route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
             deadline = time.monotonic() + 60
@@ -68,7 +70,7 @@ def test_answers_equal_one_flat_index_and_sizes_follow_the_owners(service):
 
 
 def _shard_replica(i):
-    """(name, actor) of shard i's live replica."""
+    """(name, actor) of shard i's first replica's live Ray actor."""
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if actor["name"].startswith("SERVE_REPLICA::") and f"#shard-{i}#" in actor["name"]:
             try:
@@ -98,6 +100,9 @@ def test_a_killed_shard_restarts_from_its_snapshot_and_log_without_losing_acknow
         else:
             assert r.status_code == 503 and "retry-after" in r.headers, (r.status_code, r.text)
             refused += 1
+            # searches go on: shard 1's other replica answers them
+            found = service.post("/collections/k/search", json={"vectors": x[:1].tolist(), "k": 5})
+            assert found.status_code == 200 and len(found.json()["results"][0]) == 5, found.text
             time.sleep(0.2)
         step += 1
     assert service.get("/ready").status_code == 200
@@ -113,7 +118,8 @@ def test_a_killed_shard_restarts_from_its_snapshot_and_log_without_losing_acknow
 def test_a_dataset_embedded_and_indexed_into_shards_answers_as_one_ivf_index(service, tmp_path):
     from fastapi.testclient import TestClient
 
-    from xmodal.serve.fanout import LocalShard, create_fanout_app, shard_folders
+    from xmodal.serve.fanout import create_fanout_app
+    from xmodal.serve.shards import LocalShard, shard_folders
     from xmodal.serve.ray_build import build_collection
 
     x, q = rows(3000, dim=16, seed=8), rows(5, dim=16, seed=9)

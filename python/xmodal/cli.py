@@ -84,8 +84,9 @@ def _serve(args) -> int:
     limits = Limits(max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000)
     if args.ray is not None:
         return _serve_on_ray(args, limits)
-    if args.shards is not None:
-        raise SystemExit("xmodal serve: --shards needs --ray ADDRESS|local (one process serves one shard)")
+    for flag, value in (("--shards", args.shards), ("--replicas", args.replicas)):
+        if value is not None:
+            raise SystemExit(f"xmodal serve: {flag} needs --ray ADDRESS|local (one process serves one shard)")
     try:
         run(args.dir, host=args.host, port=args.port, api_key_file=args.api_key_file,
             encryption_key_file=args.encryption_key_file, model=args.model, limits=limits,
@@ -98,17 +99,17 @@ def _serve(args) -> int:
 
 
 def _serve_on_ray(args, limits) -> int:
-    if args.ui:
-        raise SystemExit("xmodal serve: --ui is not served by the Ray service yet; serve the page from one process")
     try:
         from .serve import ray_app
     except ImportError as e:
         raise SystemExit(f"xmodal serve --ray needs Ray: pip install 'xmodal[ray]' ({e})") from None
-    from .serve.fanout import written_shards
+    from .serve.shards import written_layout
 
-    shards = args.shards or written_shards(args.dir) or 1
+    written = written_layout(args.dir)
+    shards = args.shards or written["shards"] or 1
     try:
         ray_app.run(args.dir, shards, address=args.ray, host=args.host, port=args.port,
+                    replicas=args.replicas or written["replicas"], ui=args.ui,
                     api_key_file=args.api_key_file, encryption_key_file=args.encryption_key_file, model=args.model,
                     limits=limits, snapshot_bytes=int(args.snapshot_mb * (1 << 20)),
                     search_threads=args.search_threads or 1, media=args.media)
@@ -191,6 +192,9 @@ def main(argv=None) -> int:
     p_serve.add_argument("--shards", type=positive_int,
                          help="with --ray: shards to split every collection over, by id (default: the count the "
                               "folder was written with, else 1; a folder keeps its count)")
+    p_serve.add_argument("--replicas", type=positive_int,
+                         help="with --ray: copies of each shard, searches shared among them and answered while one "
+                              "is down, writes sent to all (default: the folder's count, else 1)")
     p_serve.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     return args.func(args)

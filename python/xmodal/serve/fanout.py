@@ -1,8 +1,8 @@
 """One REST API over several shards: the same paths, fields, errors, API key and limits as one ``xmodal serve``
 (see :mod:`.app`), answered by shards that each serve a part of every collection.
 
-A shard is anything that answers a request as the single service would (:class:`LocalShard`: an app in this
-process; the Ray service: a deployment). Collections exist on every shard; a vector lives on the shard its id
+A shard is anything that answers a request as the single service would (:mod:`.shards`: an app in this
+process, a shard kept by several replicas; the Ray service: a deployment). Collections exist on every shard; a vector lives on the shard its id
 hashes to (:func:`shard_of`, fixed, so a restarted service routes alike). Writes are split by owner and
 acknowledged when every shard holding a part has made it durable; reads of one id go to its owner; searches go
 to every shard and the best k of their answers are returned. While a shard cannot answer, requests that need
@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
-from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from pydantic import ValidationError
@@ -24,82 +23,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from ..ops import SEARCH_METRICS
+from .collection import learns
 from .middleware import Guard, Metrics, count_requests
-from .requests import (AddVectors, DeleteVectors, Limits, Search, check_add, check_ids, check_search_options,
+from .shards import Answer, ShardCall, ShardUnavailable, shard_of
+from .requests import (AddVectors, DeleteVectors, Limits, Search, TrainCollection, check_add, check_ids, check_search_options,
                        check_vectors, error)
 
-__all__ = ["LocalShard", "ShardUnavailable", "create_fanout_app", "shard_of", "shard_folders", "written_shards"]
-
-#: (status, headers, body) of one shard's answer
-Answer = Tuple[int, Dict[str, str], bytes]
-#: a shard: (method, path with query, body, content type) -> its answer; raises ShardUnavailable when it cannot
-ShardCall = Callable[[str, str, bytes, Optional[str]], Awaitable[Answer]]
-
-
-
-class ShardUnavailable(Exception):
-    """A shard did not answer (down, restarting or unreachable)."""
-
-
-def shard_of(ids: np.ndarray, shards: int) -> np.ndarray:
-    """The shard that owns each id: splitmix64 of the id, modulo ``shards``. Fixed forever: files written by one
-    version are routed alike by every later one."""
-    z = np.asarray(ids, dtype=np.int64).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        z = z + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z % np.uint64(shards)).astype(np.int64)
-
-
-def written_shards(folder: str) -> Optional[int]:
-    """The shard count ``folder`` was written with (its ``shards.json``), or None for a folder without one."""
-    path = os.path.join(folder, "shards.json")
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f).get("shards")
-
-
-def shard_folders(folder: str, shards: int) -> List[str]:
-    """The shards' folders under ``folder`` (created if missing), after checking that ``folder`` was not written
-    with another shard count (ids would then be looked for on the wrong shards)."""
-    if shards < 1:
-        raise ValueError(f"shards must be at least 1, got {shards}")
-    os.makedirs(folder, exist_ok=True)
-    written = written_shards(folder)
-    if written is None:
-        from .storage import write_file
-
-        write_file(os.path.join(folder, "shards.json"),
-                   json.dumps({"shards": shards, "routing": "splitmix64(id) % shards"}).encode())
-    elif written != shards:
-        raise ValueError(f"{folder!r} holds {written} shards, got shards={shards} (ids are routed by the count)")
-    return [os.path.join(folder, f"shard-{i:03d}") for i in range(shards)]
-
-
-class LocalShard:
-    """A shard served in this process: an ``xmodal serve`` app over ``folder``, called without an HTTP hop.
-    ``options``: :func:`.app.create_app`'s keyword arguments."""
-
-    def __init__(self, folder: str, **options):
-        import httpx
-
-        from .app import create_app
-
-        guarded = create_app(folder, load_in_background=False, **options)
-        self.service = guarded.app.state.service
-        self.service.load(raise_errors=True)
-        self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=guarded), base_url="http://shard")
-
-    async def __call__(self, method: str, path: str, body: bytes = b"", content_type: Optional[str] = None) -> Answer:
-        headers = {"content-type": content_type} if content_type else {}
-        r = await self._client.request(method, path, content=body, headers=headers)
-        return r.status_code, {k: v for k, v in r.headers.items() if k in ("retry-after", "content-type")}, r.content
-
-    def close(self) -> None:
-        self.service.close()
+__all__ = ["create_fanout_app"]
 
 
 def _relay(answer: Answer) -> Response:
@@ -134,6 +64,8 @@ class _Front:
         self.shards = list(shards)
         self.limits = limits
         self.configs: Dict[str, dict] = {}
+        self.trained: Dict[str, set] = {}  # each collection's shards known to have learnt (see ensure_trained)
+        self._training: Dict[str, asyncio.Lock] = {}
         self.metrics = Metrics(lambda: None)  # (the shards count their own collections)
         self.unavailable = Counter("xmodal_shard_unavailable_total", "shard calls that got no answer", ["shard"],
                                    registry=self.metrics.registry)
@@ -168,23 +100,78 @@ class _Front:
             if answer is None:
                 raise ShardUnavailable()
             if answer[0] != 200:
-                raise _Relayed(answer)
+                raise _Relayed(_relay(answer))
             self.configs[name] = json.loads(answer[2])
         return self.configs[name]
+
+    def forget(self, name: str) -> None:
+        """Drop what is known of collection ``name`` (it is being created or deleted)."""
+        self.configs.pop(name, None)
+        self.trained.pop(name, None)
+
+    async def learnt(self, name: str, which: Sequence[int]) -> Dict[int, bool]:
+        """Whether each shard in ``which`` has learnt its lists and codec (from training or rows)."""
+        answers = await self.call(which, "GET", f"/collections/{name}")
+        failed = _failure(answers)
+        if failed is not None:
+            raise _Relayed(failed)
+        return {i: json.loads(a[2]).get("trained", True) for i, a in answers.items()}
+
+    async def train(self, name: str, train_body: Optional[bytes], which: Sequence[int]) -> None:
+        """Make the shards in ``which`` hold what shard 0 learnt, after shard 0 learnt from ``train_body`` (a
+        train request; None when it has learnt already): every shard then searches with one index's lists and
+        codec. _Relayed with the answer to give if a shard refused or could not answer."""
+        async with self._training.setdefault(name, asyncio.Lock()):
+            if train_body is not None:
+                self._check((await self.call([0], "POST", f"/collections/{name}/train", train_body))[0], (200, 409))
+            state = (await self.call([0], "GET", f"/collections/{name}/trained", b"", None))[0]
+            self._check(state, (200,))
+            rest = await self.call([s for s in which if s != 0], "PUT", f"/collections/{name}/trained", state[2],
+                                   "application/octet-stream")
+            failed = _failure(rest)
+            if failed is not None:
+                raise _Relayed(failed)
+            self.trained.setdefault(name, set()).update([0, *which])
+
+    async def ensure_trained(self, name: str, train_body: bytes, which: Sequence[int]) -> None:
+        """Before the shards in ``which`` take rows: any of them (or shard 0) that learnt nothing takes what shard
+        0 learnt (:meth:`train`; shard 0 from ``train_body``, the whole add, if it too learnt nothing), so that
+        no shard learns from its part alone."""
+        known = self.trained.setdefault(name, set())
+        needed = sorted({0, *which} - known)
+        if not needed:
+            return
+        if not learns(await self.config(name)):
+            known.update(range(len(self.shards)))
+            return
+        learnt = await self.learnt(name, needed)
+        untrained = [i for i in needed if not learnt[i]]
+        if untrained:
+            await self.train(name, train_body if 0 in untrained else None, untrained)
+        known.update(needed)
+
+    @staticmethod
+    def _check(answer: Optional[Answer], ok: Sequence[int]) -> None:
+        if answer is None:
+            raise _Relayed(_unavailable([0]))
+        if answer[0] not in ok:
+            raise _Relayed(_relay(answer))
 
     def owners(self, ids: np.ndarray) -> np.ndarray:
         return shard_of(ids, len(self.shards))
 
 
 class _Relayed(Exception):
-    """A shard's error answer, passed on as it is."""
+    """What to answer instead (a shard's error, or 503 for shards that could not answer)."""
 
-    def __init__(self, answer: Answer):
-        self.answer = answer
+    def __init__(self, response: Response):
+        self.response = response
 
 
 def _sum_sizes(descriptions: List[dict]) -> dict:
-    return {**descriptions[0], "size": sum(d["size"] for d in descriptions)}
+    """One collection's description over the shards': the sizes summed, trained when every shard is."""
+    return {**descriptions[0], "size": sum(d["size"] for d in descriptions),
+            "trained": all(d.get("trained", True) for d in descriptions)}
 
 
 def _merge_hits(shard_results: List[List[List[dict]]], k: int, metric: str) -> List[List[dict]]:
@@ -225,14 +212,19 @@ def _merge_keys(parts: List[List[dict]]) -> List[dict]:
 
 
 def create_fanout_app(shards: Sequence[ShardCall], *, api_key: Optional[str] = None,
-                      limits: Optional[Limits] = None):
+                      limits: Optional[Limits] = None, ui: bool = False):
     """The ASGI app answering the REST API of :mod:`.app` over ``shards`` (see the module's docstring).
-    ``api_key`` and ``limits`` apply here, in front of the shards."""
+    ``api_key`` and ``limits`` apply here, in front of the shards; ``ui``: serve the search page at ``/ui``
+    (it calls only the API, which this app answers)."""
+    from .routes import UI_ROUTER
+
     limits = limits or Limits()
     front = _Front(shards, limits)
     app = FastAPI(title="xmodal (sharded)", description="Cross-modal vector search over sharded xmodal indexes")
     _routes(app, front)
-    return Guard(app, api_key, limits.max_body_bytes)
+    if ui:
+        app.include_router(UI_ROUTER)
+    return Guard(app, api_key, limits.max_body_bytes, open_prefix="/ui" if ui else None)
 
 
 def _routes(app: FastAPI, front: _Front) -> None:
@@ -243,7 +235,7 @@ def _routes(app: FastAPI, front: _Front) -> None:
 
     @app.exception_handler(_Relayed)
     async def _relayed(request: Request, exc: _Relayed):
-        return _relay(exc.answer)
+        return exc.response
 
     @app.exception_handler(ShardUnavailable)
     async def _down(request: Request, exc: ShardUnavailable):
@@ -271,7 +263,7 @@ def _routes(app: FastAPI, front: _Front) -> None:
 
     @app.put("/collections/{name}", status_code=201)
     async def create(name: str, request: Request):
-        front.configs.pop(name, None)
+        front.forget(name)
         answers, failed = await front.all("PUT", f"/collections/{name}", await request.body())
         if failed is not None:
             if {a[0] for a in answers.values() if a is not None} != {201, 409}:
@@ -300,7 +292,7 @@ def _routes(app: FastAPI, front: _Front) -> None:
 
     @app.delete("/collections/{name}")
     async def delete_collection(name: str):
-        front.configs.pop(name, None)
+        front.forget(name)
         answers, failed = await front.all("DELETE", f"/collections/{name}")
         # (200 and 404 together: a delete that had stopped part way, now done on every shard)
         if failed is not None and {a[0] for a in answers.values() if a is not None} != {200, 404}:
@@ -312,11 +304,36 @@ def _routes(app: FastAPI, front: _Front) -> None:
         answers, failed = await front.all("GET", f"/collections/{name}/payload_keys")
         return failed or {"keys": _merge_keys([json.loads(a[2])["keys"] for a in answers.values()])}
 
+    @app.post("/collections/{name}/train")
+    async def train(name: str, body: TrainCollection):
+        """Shard 0 learns from the rows, every other shard takes what it learnt (see :meth:`_Front.train`)."""
+        config = await front.config(name)
+        check_vectors(body.vectors, config["dim"], "vectors", front.limits.max_vectors)
+        raw = json.dumps({"vectors": body.vectors}).encode()
+        learnt = await front.learnt(name, range(len(front.shards)))
+        if all(learnt.values()):  # (shard 0's 409, as one service's)
+            answer = (await front.call([0], "POST", f"/collections/{name}/train", raw))[0]
+            return _unavailable([0]) if answer is None else _relay(answer)
+        await front.train(name, None if learnt[0] else raw, [s for s, done in learnt.items() if not done])
+        return await describe(name)
+
+    @app.get("/collections/{name}/trained")
+    async def trained_state(name: str):
+        answer = (await front.call([0], "GET", f"/collections/{name}/trained", b"", None))[0]
+        return _unavailable([0]) if answer is None else _relay(answer)
+
+    @app.put("/collections/{name}/trained")
+    async def install_trained(name: str, request: Request):
+        answers, failed = await front.all("PUT", f"/collections/{name}/trained", await request.body(),
+                                          "application/octet-stream")
+        return failed or _sum_sizes([json.loads(a[2]) for a in answers.values()])
+
     @app.post("/collections/{name}/vectors")
     async def add_vectors(name: str, body: AddVectors):
         config = await front.config(name)
         ids, _ = check_add(body, config["dim"], front.limits)
         owners = front.owners(ids)
+        await front.ensure_trained(name, json.dumps({"vectors": body.vectors}).encode(), np.unique(owners).tolist())
         parts = {}
         for s in np.unique(owners).tolist():
             rows = np.flatnonzero(owners == s)

@@ -17,7 +17,8 @@ from typing import Optional
 
 from ray import serve
 
-from .fanout import ShardUnavailable, create_fanout_app, shard_folders
+from .fanout import create_fanout_app
+from .shards import Replicas, ShardUnavailable, replica_folders
 from .requests import Limits
 
 __all__ = ["build_app", "run"]
@@ -31,7 +32,7 @@ class Shard:
         import torch
 
         from ..encryption import read_key
-        from .fanout import LocalShard
+        from .shards import LocalShard
 
         torch.set_num_threads(search_threads)
         key = read_key(encryption_key_file) if encryption_key_file else None
@@ -45,7 +46,7 @@ class Shard:
 
 
 def _caller(handle, timeout: float):
-    """A shard call (:data:`.fanout.ShardCall`) through a Ray handle: ShardUnavailable when the replica died, or
+    """A shard call (:data:`.shards.ShardCall`) through a Ray handle: ShardUnavailable when the replica died, or
     gave no answer within ``timeout`` seconds (Ray is restarting it)."""
     import ray
 
@@ -63,34 +64,40 @@ def _caller(handle, timeout: float):
 class Ingress:
     """The REST API over the shards' handles."""
 
-    def __init__(self, shards: list, api_key_file: Optional[str], limits: Limits, shard_timeout: float):
+    def __init__(self, shards: list, api_key_file: Optional[str], limits: Limits, shard_timeout: float, ui: bool):
         from . import read_api_key
 
         self.shards = shards
         self.api_key = read_api_key(api_key_file) if api_key_file else None
         self.limits = limits
         self.shard_timeout = shard_timeout
+        self.ui = ui
 
     def __serve_build_asgi_app__(self):
-        calls = [_caller(h, self.shard_timeout) for h in self.shards]
-        return create_fanout_app(calls, api_key=self.api_key, limits=self.limits)
+        calls = [[_caller(h, self.shard_timeout) for h in replicas] for replicas in self.shards]
+        calls = [replicas[0] if len(replicas) == 1 else Replicas(replicas) for replicas in calls]
+        return create_fanout_app(calls, api_key=self.api_key, limits=self.limits, ui=self.ui)
 
 
 def build_app(folder: str, shards: int, *, api_key_file: Optional[str] = None,
               encryption_key_file: Optional[str] = None, model: Optional[str] = None,
               limits: Optional[Limits] = None, snapshot_bytes: Optional[int] = None, search_threads: int = 1,
-              media: Optional[str] = None, shard_cpus: float = 1.0, shard_timeout: float = 10.0):
+              media: Optional[str] = None, shard_cpus: float = 1.0, shard_timeout: float = 10.0,
+              replicas: int = 1, ui: bool = False):
     """The Ray Serve application: ``shards`` shard deployments over ``folder``'s shard folders and the ingress.
-    ``shard_cpus``: the CPUs Ray reserves for each shard replica (0 lets them share); ``shard_timeout``: seconds
-    the ingress waits for a shard before answering 503."""
+    ``replicas``: deployments per shard, each over its own copy of the shard (:class:`.shards.Replicas`:
+    searches share them and go on while one is down; writes reach all). ``shard_cpus``: the CPUs Ray reserves
+    for each of them (0 lets them share); ``shard_timeout``: seconds the ingress waits for one before taking it
+    for down; ``ui``: serve the search page at ``/ui``."""
     limits = limits or Limits()
     options = {"model_path": model, "limits": limits, "media": media}
     if snapshot_bytes is not None:
         options["snapshot_bytes"] = snapshot_bytes
-    handles = [Shard.options(name=f"shard-{i}", ray_actor_options={"num_cpus": shard_cpus})
-               .bind(path, options, search_threads, encryption_key_file)
-               for i, path in enumerate(shard_folders(folder, shards))]
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(handles, api_key_file, limits, shard_timeout)
+    handles = [[Shard.options(name=f"shard-{i}" + (f"-replica-{j}" if j else ""),
+                              ray_actor_options={"num_cpus": shard_cpus})
+                .bind(path, options, search_threads, encryption_key_file) for j, path in enumerate(paths)]
+               for i, paths in enumerate(replica_folders(folder, shards, replicas))]
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(handles, api_key_file, limits, shard_timeout, ui)
 
 
 def run(folder: str, shards: int, *, address: str = "local", host: str = "127.0.0.1", port: int = 8000,

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-from .fanout import shard_folders, shard_of
+from .shards import shard_folders, shard_of
 
 __all__ = ["build_collection"]
 
