@@ -1,5 +1,6 @@
 """A real ``xmodal serve`` in a subprocess on 127.0.0.1: concurrent clients, SIGKILL during a stream of writes
-and restart, a torn log tail, the API key. Every loop here is bounded in count and time."""
+and restart, a torn log tail, the API key, a sharded folder served whole. Every loop here is bounded in count
+and time."""
 import os
 import subprocess
 import sys
@@ -153,3 +154,34 @@ def test_bad_service_arguments_are_clear_errors(tmp_path):
         r = subprocess.run([sys.executable, "-m", "xmodal", "serve", str(tmp_path / "d"), *args],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+
+
+def test_a_sharded_folder_is_served_whole_by_one_process(tmp_path, servers):
+    # what build_collection or the Ray service wrote, served by one `xmodal serve` through the same front
+    from fastapi.testclient import TestClient
+
+    from xmodal.serve import create_app
+    from xmodal.serve.fanout import create_fanout_app
+    from xmodal.serve.shards import LocalShard, replica_folders, written_layout
+
+    folder = tmp_path / "sharded"
+    x = np.stack([vector_of(i) for i in range(300)])
+    body = {"vectors": x[:3].tolist(), "k": 5}
+    shards = [LocalShard(paths[0]) for paths in replica_folders(str(folder), 3, 2)]
+    try:
+        with TestClient(create_fanout_app(shards)) as c:
+            c.put("/collections/v", json={"dim": DIM, "metric": "l2", "index": "ivf", "nlist": 4, "nprobe": 4})
+            r = c.post("/collections/v/vectors", json={"ids": list(range(300)), "vectors": x.tolist()})
+            assert r.status_code == 200
+            want = c.post("/collections/v/search", json=body).json()
+    finally:
+        for s in shards:
+            s.close()
+    server = servers(folder)
+    with Client(server.url) as c:
+        assert c.collection("v")["size"] == 300
+        assert c._http.post("/collections/v/search", json=body).json() == want
+    assert written_layout(str(folder)) == {"shards": 3, "replicas": 1}  # (replicas served later: copied afresh)
+    with pytest.raises(ValueError, match="holds the shards of a sharded service"):
+        with TestClient(create_app(str(folder), load_in_background=False)):
+            pass

@@ -52,6 +52,10 @@ class Catalog:
 
     def open_all(self) -> None:
         os.makedirs(self.folder, exist_ok=True)
+        if os.path.exists(os.path.join(self.folder, "shards.json")):
+            raise ValueError(f"{self.folder!r} holds the shards of a sharded service (shards.json): serve it with "
+                             f"xmodal serve (every shard in one process) or xmodal serve --ray, or open one shard's "
+                             f"folder")
         for name in sorted(os.listdir(self.folder)):
             path = os.path.join(self.folder, name)
             if name.startswith(".deleted-") or name.startswith(".new-"):
