@@ -197,8 +197,10 @@ def test_the_command_line_asks_for_ray_before_sharding(tmp_path, capsys):
         main(["serve", str(tmp_path), "--replicas", "2"])
 
 
-def test_search_by_text_and_image_answers_as_one_service(tmp_path):
+def test_search_by_text_and_image_answers_as_one_service(tmp_path, monkeypatch):
     import io
+
+    from xmodal.serve.routes import search as search_routes
 
     from PIL import Image
 
@@ -225,8 +227,14 @@ def test_search_by_text_and_image_answers_as_one_service(tmp_path):
                     ("composed", {"files": {"image": ("a.png", picture.getvalue())},
                                   "data": {"text": "make it blue", "k": "6", "ids": "[1, 2, 3, 30, 31]"}}),
                     ("image", {"files": {"image": ("a.png", b"not an image")}})]
+        encoded = []  # (the model runs once per search through the front, not once per shard)
+        encode = search_routes.encode
+        monkeypatch.setattr(search_routes, "encode", lambda *args: encoded.append(1) or encode(*args))
         for by, kwargs in requests:
-            one, many = (c.post(f"/collections/g/search/{by}", **kwargs) for c in (single, fan))
+            one = single.post(f"/collections/g/search/{by}", **kwargs)
+            before = len(encoded)
+            many = fan.post(f"/collections/g/search/{by}", **kwargs)
+            assert len(encoded) - before == (one.status_code == 200), by
             assert one.status_code == many.status_code, (by, one.text, many.text)
             if one.status_code != 200:
                 assert one.json() == many.json()
@@ -234,6 +242,10 @@ def test_search_by_text_and_image_answers_as_one_service(tmp_path):
             for a, b in zip(one.json()["results"], many.json()["results"]):
                 assert [h["id"] for h in a] == [h["id"] for h in b], by
                 assert np.allclose([h["score"] for h in a], [h["score"] for h in b], atol=1e-5)
+        embedded = single.post("/collections/g/search/text?embed_only=true", json={"text": "red", "k": 3}).json()
+        assert embedded["options"] == {"k": 3, "ids": None, "filter": None, "with_payload": False}
+        with torch.inference_mode():
+            assert np.allclose(embedded["vectors"], model.encode_text(["red"]).numpy(), atol=1e-6)
     finally:
         close(fan, single)
 

@@ -12,6 +12,7 @@ shards that can and names the ones that did not (``"missing_shards"``).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 from typing import Dict, List, Optional, Sequence
@@ -66,6 +67,7 @@ class _Front:
         self.configs: Dict[str, dict] = {}
         self.trained: Dict[str, set] = {}  # each collection's shards known to have learnt (see ensure_trained)
         self._training: Dict[str, asyncio.Lock] = {}
+        self.turn = itertools.count()  # (which shard embeds the next search by the model)
         self.metrics = Metrics(lambda: None)  # (the shards count their own collections)
         self.unavailable = Counter("xmodal_shard_unavailable_total", "shard calls that got no answer", ["shard"],
                                    registry=self.metrics.registry)
@@ -371,32 +373,27 @@ def _routes(app: FastAPI, front: _Front) -> None:
             raise RequestValidationError(e.errors()) from None
         config = await front.config(name)
         check_vectors(body.vectors, config["dim"], "vectors", front.limits.max_queries)
-        _, ids, _ = check_search_options(body, front.limits)
-        which = list(range(len(front.shards)))
-        bodies = {s: json.dumps(fields).encode() for s in which}
-        if ids is not None:  # each shard is asked only for the ids it holds
-            owners = front.owners(ids)
-            which = np.unique(owners).tolist() or [0]
-            bodies = {s: json.dumps({**fields, "ids": ids[owners == s].tolist()}).encode() for s in which}
-        return await fan_out(f"/collections/{name}/search", bodies, "application/json", body.k, config["metric"],
-                             allow_partial)
+        check_search_options(body, front.limits)
+        return await fan_out(name, {**fields, "k": body.k}, config, allow_partial)
 
     @app.post("/collections/{name}/search/{by}")
     async def search_by_model(name: str, by: str, request: Request):
-        """By text, image or image and text: every shard embeds the query (with the same model) and searches."""
-        raw = await request.body()
-        content_type = request.headers.get("content-type")
-        k = 10
-        try:  # (only to merge: each shard checks the request itself)
-            if content_type and content_type.startswith("multipart/"):
-                k = int((await request.form()).get("k", 10))
-            else:
-                k = int(json.loads(raw).get("k", 10))
-        except (ValueError, TypeError, AttributeError):
-            pass
-        config = await front.config(name)
-        bodies = dict.fromkeys(range(len(front.shards)), raw)
-        return await fan_out(f"/collections/{name}/search/{by}", bodies, content_type, k, config["metric"], False)
+        """By text, image or image and text: one shard (each in turn) embeds the query and checks the request
+        as one service would, then every shard searches with its vectors."""
+        path = f"/collections/{name}/search/{by}?embed_only=true"
+        raw, content_type = await request.body(), request.headers.get("content-type")
+        first = next(front.turn) % len(front.shards)
+        for s in [*range(first, len(front.shards)), *range(first)]:
+            embedded = (await front.call([s], "POST", path, raw, content_type))[s]
+            if embedded is not None:
+                break
+        else:
+            return _unavailable(list(range(len(front.shards))))
+        if embedded[0] != 200:
+            return _relay(embedded)
+        got = json.loads(embedded[2])
+        fields = {"vectors": got["vectors"], **got["options"]}
+        return await fan_out(name, fields, await front.config(name), False)
 
     @app.get("/collections/{name}/media/{path:path}")
     async def media(name: str, path: str, request: Request):
@@ -404,15 +401,22 @@ def _routes(app: FastAPI, front: _Front) -> None:
         answer = (await front.call([0], "GET", f"/collections/{name}/media/{path}{query}", b"", None))[0]
         return _unavailable([0]) if answer is None else _relay(answer)
 
-    async def fan_out(path: str, bodies: Dict[int, bytes], content_type: Optional[str], k: int, metric: str,
-                      allow_partial: bool) -> Response:
-        """Send each shard in ``bodies`` its body, then merge the k best of their results."""
-        answered = await front.call_each("POST", path, bodies, content_type)
+    async def fan_out(name: str, fields: dict, config: dict, allow_partial: bool) -> Response:
+        """Send every shard the search ``fields`` (an ``ids`` allow-list only to the shards that own them),
+        then merge the k best of their results."""
+        path, which, ids = f"/collections/{name}/search", range(len(front.shards)), fields.get("ids")
+        bodies = {s: json.dumps(fields).encode() for s in which}
+        if ids is not None:  # each shard is asked only for the ids it holds
+            ids = np.asarray(ids, dtype=np.int64)
+            owners = front.owners(ids)
+            bodies = {s: json.dumps({**fields, "ids": ids[owners == s].tolist()}).encode()
+                      for s in np.unique(owners).tolist() or [0]}
+        answered = await front.call_each("POST", path, bodies)
         failed = _failure(answered, allow_missing=allow_partial)
         if failed is not None:
             return failed
         results = [json.loads(a[2])["results"] for a in answered.values() if a is not None]
-        out = {"results": _merge_hits(results, k, metric)}
+        out = {"results": _merge_hits(results, fields["k"], config["metric"])}
         if allow_partial:
             out["missing_shards"] = sorted(s for s, a in answered.items() if a is None)
         return out

@@ -1,5 +1,9 @@
 """Search: by vectors, and with a model by text, image, or image and text composed; every form answers
-through the collection's micro-batcher, alone when an allow-list or filter makes its mask its own."""
+through the collection's micro-batcher, alone when an allow-list or filter makes its mask its own.
+
+A search by the model with ``?embed_only=true`` answers ``{"vectors", "options"}`` (the query vectors and the
+checked search options) instead of searching: the sharded front (:mod:`..fanout`) embeds a query once this way
+and sends its shards a search by vectors."""
 from __future__ import annotations
 
 import io
@@ -50,6 +54,15 @@ async def answer(svc: Service, col: Collection, queries: np.ndarray, options: Se
     return JSONResponse({"results": results})
 
 
+async def answer_or_embed(svc: Service, col: Collection, queries: np.ndarray, options: SearchOptions,
+                          embed_only: bool):
+    if not embed_only:
+        return await answer(svc, col, queries, options)
+    k, allow, filter_ = check_search_options(options, svc.limits)
+    return {"vectors": queries.tolist(), "options": {"k": k, "ids": None if allow is None else allow.tolist(),
+                                                     "filter": filter_, "with_payload": options.with_payload}}
+
+
 @router.post("/collections/{name}/search")
 async def search(name: str, body: Search, svc: Service = Depends(service)):
     col = svc.collection(name)
@@ -94,13 +107,13 @@ def image_tensor(data: bytes, field: str = "image"):
 
 
 @router.post("/collections/{name}/search/text")
-async def search_text(name: str, body: TextSearch, svc: Service = Depends(service)):
+async def search_text(name: str, body: TextSearch, embed_only: bool = False, svc: Service = Depends(service)):
     col = svc.collection(name)
     model = model_for(svc, col)
     texts = [body.text] if isinstance(body.text, str) else body.text
     if not texts or len(texts) > svc.limits.max_queries:
         raise Unprocessable("text", f"1 to {svc.limits.max_queries} texts", len(texts))
-    return await answer(svc, col, await encode(model.encode_text, texts), body)
+    return await answer_or_embed(svc, col, await encode(model.encode_text, texts), body, embed_only)
 
 
 def form_options(k: int, ids: Optional[str], filter: Optional[str], with_payload: bool) -> SearchOptions:
@@ -120,20 +133,22 @@ def form_options(k: int, ids: Optional[str], filter: Optional[str], with_payload
 @router.post("/collections/{name}/search/image")
 async def search_image(name: str, image: UploadFile = File(...), k: int = Form(10), ids: Optional[str] = Form(None),
                        filter: Optional[str] = Form(None), with_payload: bool = Form(False),
-                       svc: Service = Depends(service)):
+                       embed_only: bool = False, svc: Service = Depends(service)):
     col = svc.collection(name)
     model = model_for(svc, col)
     options = form_options(k, ids, filter, with_payload)
     pixels = image_tensor(await image.read())
-    return await answer(svc, col, await encode(model.encode_image, pixels), options)
+    return await answer_or_embed(svc, col, await encode(model.encode_image, pixels), options, embed_only)
 
 
 @router.post("/collections/{name}/search/composed")
 async def search_composed(name: str, image: UploadFile = File(...), text: str = Form(...), k: int = Form(10),
                           ids: Optional[str] = Form(None), filter: Optional[str] = Form(None),
-                          with_payload: bool = Form(False), svc: Service = Depends(service)):
+                          with_payload: bool = Form(False), embed_only: bool = False,
+                          svc: Service = Depends(service)):
     col = svc.collection(name)
     model = model_for(svc, col)
     options = form_options(k, ids, filter, with_payload)
     pixels = image_tensor(await image.read())
-    return await answer(svc, col, await encode(model.encode_composed, pixels, [text]), options)
+    return await answer_or_embed(svc, col, await encode(model.encode_composed, pixels, [text]), options,
+                                 embed_only)
