@@ -14,7 +14,8 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from xmodal.serve.fanout import create_fanout_app  # noqa: E402
-from xmodal.serve.shards import LocalShard, Replicas, ShardUnavailable, replica_folders, shard_folders, shard_of  # noqa: E402,E501
+from xmodal.serve.shards import (LocalShard, Replicas, ShardUnavailable, replica_folders, shard_folders,  # noqa: E402
+                                 shard_of)
 
 from serve_helpers import AUTH, KEY, add, client, rows  # noqa: E402
 

@@ -41,7 +41,8 @@ def service(tmp_path_factory):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # snapshots every few writes, so that a restarted shard has a snapshot and a log to recover from
-        serve.run(build_app(str(folder), SHARDS, replicas=REPLICAS, shard_cpus=0, snapshot_bytes=4096, shard_timeout=5.0),
+        serve.run(build_app(str(folder), SHARDS, replicas=REPLICAS, shard_cpus=0, snapshot_bytes=4096,
+                            shard_timeout=5.0),
                   name="xmodal", route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
             deadline = time.monotonic() + 60
@@ -67,6 +68,29 @@ def test_answers_equal_one_flat_index_and_sizes_follow_the_owners(service):
     assert np.allclose([[h["score"] for h in hits] for hits in got], want_scores.numpy(), atol=1e-5)
     assert service.get("/collections/c").json()["size"] == 500
     assert service.get("/collections/c/vectors/123").json()["id"] == 123
+
+
+def test_an_ivf_collection_made_through_the_api_answers_as_one_ivf_index(service):
+    # shard 0 learns from the whole first add, the others take what it learnt (through the Ray handles)
+    x, q = rows(600, dim=16, seed=8), rows(5, dim=16, seed=9)
+    config = {"dim": 16, "metric": "l2", "index": "ivf", "nlist": 8, "nprobe": 3, "codec": "int8"}
+    assert service.put("/collections/ivf", json=config).status_code == 201
+    for part in (slice(0, 350), slice(350, 600)):
+        ids = list(range(600))[part]
+        r = service.post("/collections/ivf/vectors", json={"ids": ids, "vectors": x[part].tolist()})
+        assert r.status_code == 200, r.text
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (as the shards learn: one thread each)
+    try:
+        one = xmodal.IVFIndex(16, 8, "l2", nprobe=3, codec="int8")
+        one.train(torch.from_numpy(x[:350]))
+    finally:
+        torch.set_num_threads(threads)
+    one.add(torch.from_numpy(x), torch.arange(600))
+    want_scores, want_ids = one.search(torch.from_numpy(q), 10)
+    got = service.post("/collections/ivf/search", json={"vectors": q.tolist(), "k": 10}).json()["results"]
+    assert [[h["id"] for h in hits] for hits in got] == want_ids.tolist()
+    assert np.allclose([[h["score"] for h in hits] for hits in got], want_scores.numpy(), atol=1e-5)
 
 
 def _shard_replica(i):

@@ -2,12 +2,13 @@
 (see :mod:`.app`), answered by shards that each serve a part of every collection.
 
 A shard is anything that answers a request as the single service would (:mod:`.shards`: an app in this
-process, a shard kept by several replicas; the Ray service: a deployment). Collections exist on every shard; a vector lives on the shard its id
-hashes to (:func:`shard_of`, fixed, so a restarted service routes alike). Writes are split by owner and
-acknowledged when every shard holding a part has made it durable; reads of one id go to its owner; searches go
-to every shard and the best k of their answers are returned. While a shard cannot answer, requests that need
-it get 503 with Retry-After, unless a search asks for ``"allow_partial": true``: then it is answered from the
-shards that can and names the ones that did not (``"missing_shards"``).
+process, a shard kept by several replicas; the Ray service: a deployment). Collections exist on every shard;
+a vector lives on the shard its id hashes to (:func:`.shards.shard_of`, fixed, so a restarted service routes
+alike). Writes are split by owner and acknowledged when every shard holding a part has made it durable; reads
+of one id go to its owner; searches go to every shard and the best k of their answers are returned. While a
+shard cannot answer, requests that need it get 503 with Retry-After, unless a search asks for
+``"allow_partial": true``: then it is answered from the shards that can and names the ones that did not
+(``"missing_shards"``).
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ from fastapi.responses import JSONResponse, Response
 from ..ops import SEARCH_METRICS
 from .collection import learns
 from .middleware import Guard, Metrics, count_requests
+from .requests import (AddVectors, DeleteVectors, Limits, Search, TrainCollection, check_add, check_ids,
+                       check_search_options, check_vectors, error)
 from .shards import Answer, ShardCall, ShardUnavailable, shard_of
-from .requests import (AddVectors, DeleteVectors, Limits, Search, TrainCollection, check_add, check_ids, check_search_options,
-                       check_vectors, error)
 
 __all__ = ["create_fanout_app"]
 
