@@ -402,3 +402,32 @@ def test_the_front_serves_the_search_page_when_asked(tmp_path):
         assert c.get("/collections").status_code == 401
     finally:
         close(c)
+
+
+def test_encrypted_shards_hand_on_what_they_learnt_sealed(tmp_path):
+    import os
+
+    from xmodal.encryption import is_sealed
+
+    key = os.urandom(32)
+    x, q = rows(300, seed=17), rows(4, seed=18)
+    c = sharded_over([LocalShard(p, encryption_key=key) for p in shard_folders(str(tmp_path / "sealed"), 2)])
+    try:
+        c.put("/collections/v", json={"dim": 8, "metric": "l2", "index": "ivf", "nlist": 4, "nprobe": 4,
+                                      "codec": "int8"})
+        assert add(c, "v", np.arange(300), x).status_code == 200
+        state = c.get("/collections/v/trained").content
+        assert is_sealed(state)  # (what the shards learnt is never in the clear, on a disk or the wire)
+        assert c.put("/collections/v/trained", content=state).status_code == 200  # (the same: nothing to do)
+        exact = xmodal.IVFIndex(8, 4, "l2", nprobe=4, codec="int8")
+        exact.train(torch.from_numpy(x))
+        exact.add(torch.from_numpy(x), torch.arange(300))
+        _, want = exact.search(torch.from_numpy(q), 5)
+        got = c.post("/collections/v/search", json={"vectors": q.tolist(), "k": 5}).json()["results"]
+        assert [[h["id"] for h in hits] for hits in got] == want.tolist()
+        exact.reset()
+        exact.save(str(tmp_path / "plain.xmodal"))
+        r = c.put("/collections/v/trained", content=(tmp_path / "plain.xmodal").read_bytes())
+        assert r.status_code == 422 and r.json()["detail"][0]["field"] == "body"
+    finally:
+        close(c)

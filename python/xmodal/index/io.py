@@ -225,6 +225,14 @@ def save(tensors: dict, metadata: dict, path, encryption_key=None) -> None:
         raise path_error(e, problem) from e
 
 
+def plain_bytes(data: bytes, encryption_key=None) -> bytes:
+    """An index file's bytes as :func:`save` writes them unencrypted: ``data`` itself, or, under
+    ``encryption_key``, ``data`` opened in memory (the same contents give the same bytes either way)."""
+    if encryption_key is None:
+        return data
+    return encryption.open_sealed(encryption_key, data, _SEAL_CONTEXT, "an index file")
+
+
 def _from_bytes(data: bytes) -> Tuple[dict, dict]:
     """Tensors and metadata of safetensors bytes (the format: 8-byte little-endian header size, JSON header)."""
     from safetensors.torch import load

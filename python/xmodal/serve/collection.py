@@ -34,6 +34,7 @@ from ..index.base import check_metric
 from ..index.codecs import check_codec
 from .._checks import check_positive
 from ..index.graph import GRAPH_METRICS, MAX_DEGREE
+from ..index.io import plain_bytes
 from ..index.ivf import DEFAULT_NPROBE
 from ..ops import SEARCH_METRICS
 from .payloads import Payloads
@@ -288,18 +289,20 @@ class Collection:
         self._install(index)
 
     def trained_state(self) -> bytes:
-        """What the index has learnt, as the file of an empty index (:meth:`Index.save`, unencrypted: the same
-        bytes for every collection that learnt the same); ValueError if it has learnt nothing yet."""
+        """What the index has learnt, as the file of an empty index (:meth:`Index.save`; sealed under the
+        collection's encryption key when it has one, so that it is never on a disk in the clear); ValueError if
+        it has learnt nothing yet."""
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "trained.xmodal")
             with self.lock.read():
                 if not self.index.is_trained:
                     raise ValueError(f"collection {self.name!r} has learnt nothing yet (no rows or training)")
-                self.index.save(path)
-            empty = INDEX_KINDS[self.config["index"]].load(path)
+                self.index.save(path, encryption_key=self.key)
+            empty = INDEX_KINDS[self.config["index"]].load(path, encryption_key=self.key)
             empty.reset()  # (rows and id counter gone, what it learnt kept)
-            empty.save(path)
-            return read_file(path)
+            empty.save(path, encryption_key=self.key)
+            with open(path, "rb") as f:
+                return f.read()
 
     def install_trained(self, state: bytes) -> bool:
         """Take what another collection learnt (its :meth:`trained_state`); returns False when this one holds
@@ -310,7 +313,7 @@ class Collection:
             with open(path, "wb") as f:
                 f.write(state)
             try:
-                index = INDEX_KINDS[self.config["index"]].load(path)
+                index = INDEX_KINDS[self.config["index"]].load(path, encryption_key=self.key)
             except ValueError as e:
                 raise ValueError(str(e).replace(repr(path), "the trained state")) from None
         expected = self._new_index()
@@ -324,7 +327,7 @@ class Collection:
             self._install(index)
             return True
         except FileExistsError:
-            if self.trained_state() == state:
+            if plain_bytes(self.trained_state(), self.key) == plain_bytes(state, self.key):
                 return False
             raise FileExistsError(f"collection {self.name!r} learnt from other rows already") from None
 

@@ -136,10 +136,10 @@ class _Front:
                 raise _Relayed(failed)
             self.trained.setdefault(name, set()).update([0, *which])
 
-    async def ensure_trained(self, name: str, train_body: bytes, which: Sequence[int]) -> None:
+    async def ensure_trained(self, name: str, vectors: List[List[float]], which: Sequence[int]) -> None:
         """Before the shards in ``which`` take rows: any of them (or shard 0) that learnt nothing takes what shard
-        0 learnt (:meth:`train`; shard 0 from ``train_body``, the whole add, if it too learnt nothing), so that
-        no shard learns from its part alone."""
+        0 learnt (:meth:`train`; shard 0 from ``vectors``, the whole add, if it too learnt nothing), so that no
+        shard learns from its part alone."""
         known = self.trained.setdefault(name, set())
         needed = sorted({0, *which} - known)
         if not needed:
@@ -150,7 +150,7 @@ class _Front:
         learnt = await self.learnt(name, needed)
         untrained = [i for i in needed if not learnt[i]]
         if untrained:
-            await self.train(name, train_body if 0 in untrained else None, untrained)
+            await self.train(name, json.dumps({"vectors": vectors}).encode() if 0 in untrained else None, untrained)
         known.update(needed)
 
     @staticmethod
@@ -336,7 +336,7 @@ def _routes(app: FastAPI, front: _Front) -> None:
         config = await front.config(name)
         ids, _ = check_add(body, config["dim"], front.limits)
         owners = front.owners(ids)
-        await front.ensure_trained(name, json.dumps({"vectors": body.vectors}).encode(), np.unique(owners).tolist())
+        await front.ensure_trained(name, body.vectors, np.unique(owners).tolist())
         parts = {}
         for s in np.unique(owners).tolist():
             rows = np.flatnonzero(owners == s)
@@ -405,9 +405,10 @@ def _routes(app: FastAPI, front: _Front) -> None:
     async def fan_out(name: str, fields: dict, config: dict, allow_partial: bool) -> Response:
         """Send every shard the search ``fields`` (an ``ids`` allow-list only to the shards that own them),
         then merge the k best of their results."""
-        path, which, ids = f"/collections/{name}/search", range(len(front.shards)), fields.get("ids")
-        bodies = {s: json.dumps(fields).encode() for s in which}
-        if ids is not None:  # each shard is asked only for the ids it holds
+        path, ids = f"/collections/{name}/search", fields.get("ids")
+        if ids is None:
+            bodies = dict.fromkeys(range(len(front.shards)), json.dumps(fields).encode())
+        else:  # each shard is asked only for the ids it holds
             ids = np.asarray(ids, dtype=np.int64)
             owners = front.owners(ids)
             bodies = {s: json.dumps({**fields, "ids": ids[owners == s].tolist()}).encode()

@@ -71,7 +71,8 @@ def train(name: str, body: TrainCollection, svc: Service = Depends(service)):
 
 @router.get("/collections/{name}/trained")
 def trained_state(name: str, svc: Service = Depends(service)):
-    """What the collection learnt, as an empty index file (what ``PUT`` takes, e.g. on another shard)."""
+    """What the collection learnt, as an empty index file (what ``PUT`` takes, e.g. on another shard), sealed
+    under the service's encryption key when it has one."""
     col = svc.collection(name)
     try:
         return Response(col.trained_state(), media_type="application/octet-stream")
