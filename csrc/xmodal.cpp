@@ -5,6 +5,7 @@
 #include "common/cpu_block_cache.h"
 #include "common/parallel.h"
 #include "common/settings.h"
+#include "graph/graph_search.h"
 #include "search/planner.h"
 #include "search/topk_common.h"
 
@@ -127,6 +128,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         held.guard.emplace();
       })
       .def("__exit__", [](HeldAten& held, const pybind11::args&) { held.guard.reset(); });
+  m.def("graph_search", &xmodal::graph_search_cpu, "torch.ops.xmodal.graph_search's CPU kernel without the dispatcher "
+        "(graph/graph_search.h): GraphIndex's searches", pybind11::arg("queries"), pybind11::arg("vectors"),
+        pybind11::arg("norms"), pybind11::arg("graph"), pybind11::arg("entry"), pybind11::arg("k"), pybind11::arg("ef"),
+        pybind11::arg("metric"), pybind11::arg("mask"), pybind11::arg("ids"));
   m.def("xmodal_threads", &xmodal::xmodal_threads, "The threads xmodal's parallel CPU work may use on this thread");
   m.def("get_settings", &xmodal::get_settings, "Every tuning setting's current value, by name");
   m.def("set_setting", &xmodal::set_setting, "Set one tuning setting (checked)");

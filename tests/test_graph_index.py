@@ -292,3 +292,14 @@ def test_ops_check_their_arguments_and_pass_opcheck():
                           (rows, norms, graph.clone(), torch.tensor([[0, 1, 2], [3, -1, -1]]), 2, 1.2))
     with pytest.raises(RuntimeError, match="norms"):
         torch.ops.xmodal.graph_search(q, rows, norms[:5], graph, 0, 4, 8, "ip")
+    # the kernel bound without the dispatcher (GraphIndex's searches): the same answers, and it refuses tensors
+    # that are not on the CPU itself, where the dispatcher would have routed them elsewhere
+    from xmodal import _C
+
+    direct = _C.graph_search(q, rows, norms, graph, 0, 4, 8, "l2", None, None)
+    assert all(torch.equal(a, b) for a, b in zip(direct, torch.ops.xmodal.graph_search(q, rows, norms, graph, 0, 4,
+                                                                                        8, "l2")))
+    with pytest.raises(RuntimeError, match="queries must be float32 on the CPU"):
+        _C.graph_search(q.to("meta"), rows, norms, graph, 0, 4, 8, "ip", None, None)
+    with pytest.raises(RuntimeError, match="mask must be a bool"):
+        _C.graph_search(q, rows, norms, graph, 0, 4, 8, "ip", torch.ones(100, dtype=torch.bool, device="meta"), None)

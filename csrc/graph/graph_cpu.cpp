@@ -10,6 +10,7 @@
 
 #include "common/checks.h"
 #include "common/parallel.h"
+#include "graph/graph_search.h"
 #include "graph/graph_walk.h"
 #include "search/planner.h"
 
@@ -338,6 +339,8 @@ void search_rows(const Rows<T>& g, const int32_t* adj, int64_t R, const float* q
   parallel_take(Q, threads_for_ns(ns), make_worker, /*blas=*/false);
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> graph_search_cpu(const at::Tensor& queries, const at::Tensor& vectors,
                                                     const at::Tensor& norms, const at::Tensor& graph, int64_t entry,
                                                     int64_t k, int64_t ef, c10::string_view metric,
@@ -345,7 +348,8 @@ std::tuple<at::Tensor, at::Tensor> graph_search_cpu(const at::Tensor& queries, c
                                                     const std::optional<at::Tensor>& ids) {
   check_graph(vectors, norms, graph);
   check_dim(queries, 2, "queries", "[Q, D]");
-  TORCH_CHECK(queries.scalar_type() == at::kFloat, "queries must be float32, got ", queries.scalar_type());
+  TORCH_CHECK(queries.scalar_type() == at::kFloat && queries.device().is_cpu(),
+              "queries must be float32 on the CPU, got ", queries.scalar_type(), " on ", queries.device());
   TORCH_CHECK(queries.size(1) == vectors.size(1), "queries must have D = ", vectors.size(1),
               " columns (the rows' dimension), got ", queries.size(1));
   TORCH_CHECK(k > 0, "k must be positive, got ", k);
@@ -359,8 +363,9 @@ std::tuple<at::Tensor, at::Tensor> graph_search_cpu(const at::Tensor& queries, c
   at::Tensor m;
   if (mask.has_value()) {
     m = mask->contiguous();
-    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 1 && m.size(0) == N,
-                "mask must be a bool [N] tensor (N = ", N, "), got ", m.scalar_type(), " ", m.sizes());
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 1 && m.size(0) == N && m.device().is_cpu(),
+                "mask must be a bool [N] CPU tensor (N = ", N, "), got ", m.scalar_type(), " ", m.sizes(), " on ",
+                m.device());
     allowed = m.data_ptr<bool>();
   }
   const int64_t* id_of = nullptr;
@@ -386,8 +391,6 @@ std::tuple<at::Tensor, at::Tensor> graph_search_cpu(const at::Tensor& queries, c
                 gm, allowed, id_of, values.data_ptr<float>(), indices.data_ptr<int64_t>());
   return {values, indices};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(xmodal, CPU, m) {
   m.impl("graph_search", &graph_search_cpu);
