@@ -49,6 +49,10 @@ TORCH_LIBRARY(xmodal, m) {
   // Top-k by Hamming distance over packed bits: queries uint8 [Q, B], codes uint8 [N, B] (B a multiple of 8),
   // the k smallest distances first (int32, padded with INT32_MAX and index -1; ties to the smaller index).
   m.def("topk_hamming(Tensor queries, Tensor codes, int k, Tensor? mask=None) -> (Tensor distances, Tensor indices)");
+  // candidate_dots: out[i, j] = queries[i] · rows[candidates[i, j]] in float32, each query against its own
+  // candidate rows (the exact rescoring of a shortlist; -1 candidates give -inf). queries float32 [Q, D], rows
+  // float32 or bfloat16 [N, D] with unit stride in a row, candidates int64 [Q, W]. CPU only.
+  m.def("candidate_dots(Tensor queries, Tensor rows, Tensor candidates) -> Tensor");
   // Proximity graph (csrc/graph/, CPU only; xmodal.GraphIndex holds the tensors). vectors float32/bfloat16
   // [N, D], norms their squared norms float32 [N], graph int32 [N, R]: row p's out-neighbours, -1 after the last.
   // graph_search: the k best rows for each float32 query by a best-first walk from `entry` keeping the ef best

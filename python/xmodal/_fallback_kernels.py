@@ -240,6 +240,29 @@ def topk_hamming(queries: Tensor, codes: Tensor, k: int, mask: Optional[Tensor] 
     return dist, torch.where(found, best_idx, -1)
 
 
+def candidate_dots(queries: Tensor, rows: Tensor, candidates: Tensor) -> Tensor:
+    """As the CPU kernel (csrc/search/candidate_dots_cpu.cpp): each query's float32 dot products with its own
+    candidate rows, -inf for -1 candidates."""
+    if queries.dtype != torch.float32:
+        raise RuntimeError(f"queries must be float32, got {queries.dtype}")
+    if rows.shape[1] != queries.shape[1]:
+        raise RuntimeError(f"rows must have D = {queries.shape[1]} columns (the queries' dimension), got "
+                           f"{rows.shape[1]}")
+    if candidates.dtype != torch.int64 or candidates.shape[0] != queries.shape[0]:
+        raise RuntimeError(f"candidates must be an int64 [Q, W] tensor with Q = {queries.shape[0]} rows, got "
+                           f"{candidates.dtype} {list(candidates.shape)}")
+    if candidates.numel() and (int(candidates.min()) < -1 or int(candidates.max()) >= rows.shape[0]):
+        raise IndexError(f"candidates must be rows in [0, {rows.shape[0]}) or -1")
+    out = torch.empty(candidates.shape, dtype=torch.float32, device=queries.device)
+    step = max(1, _SCORE_ELEMENTS // max(1, candidates.shape[1] * queries.shape[1]))
+    for start in range(0, queries.shape[0], step):
+        c = candidates[start: start + step]
+        dots = (queries[start: start + step, None, :] * rows[c.clamp(min=0)].float()).sum(-1)
+        out[start: start + step] = dots.masked_fill(c < 0, float("-inf"))
+    return out
+
+
+torch.library.register_kernel("xmodal::candidate_dots", None, candidate_dots)
 torch.library.register_kernel("xmodal::topk_int8", None, topk_int8)
 torch.library.register_kernel("xmodal::topk_hamming", None, topk_hamming)
 torch.library.register_kernel("xmodal::ivf_scan", None, ivf_scan)

@@ -188,6 +188,12 @@ def _ivf_scan_fake(queries, vectors, list_offsets, probes, k, metric="ip", mask=
     return queries.new_empty(shape, dtype=dtype), queries.new_empty(shape, dtype=torch.int64)
 
 
+@torch.library.register_fake("xmodal::candidate_dots")
+def _candidate_dots_fake(queries, rows, candidates):
+    torch._check(queries.dim() == 2 and candidates.dim() == 2, lambda: "queries and candidates must be 2-D")
+    return queries.new_empty((queries.shape[0], candidates.shape[1]), dtype=torch.float32)
+
+
 # --- compressed search ------------------------------------------------------------------------------------
 
 
