@@ -243,6 +243,32 @@ def test_a_query_sample_reshapes_the_graph_for_its_modality():
     assert (found == torch.arange(10**6, 10**6 + 200)).float().mean() >= 0.95
 
 
+def test_a_fresh_build_after_removal_relinks_around_the_kept_sample(tmp_path):
+    rows, queries = _two_cones(20_000, 2_200)
+    sample, test = queries[:2_000], queries[2_000:]
+    index = GraphIndex(32, degree=16, build_ef=64)
+    index.add(rows, queries=sample)
+    assert index.nbytes >= 20_000 * 32 * 4 + 2_000 * 32 * 2  # (the rows, and the sample kept in bf16)
+    index.save(tmp_path / "g.xmodal")
+    index = GraphIndex.load(tmp_path / "g.xmodal", mmap=True)  # (the sample travels with the file)
+    gone = torch.arange(0, 20_000, 3)  # a third: past a tenth, so the graph is built afresh
+    index.remove(gone)
+    kept = torch.ones(20_000, dtype=torch.bool)
+    kept[gone] = False
+    flat = FlatIndex(32)
+    flat.add(rows[kept], torch.nonzero(kept).flatten())
+    exact = flat.search(test, 10)[1]
+    plain = GraphIndex(32, degree=16, build_ef=64)
+    plain.add(rows[kept], torch.nonzero(kept).flatten())
+    without, with_sample = (_recall(g.search(test, 10, ef=24)[1], exact) for g in (plain, index))
+    assert with_sample >= without + 0.2, (without, with_sample)  # the cross-modal edges are back
+    bad = tmp_path / "bad.xmodal"
+    index._sample = torch.zeros(3, 5, dtype=torch.bfloat16)  # (a file whose sample does not fit the rows)
+    index.save(bad)
+    with pytest.raises(ValueError, match=r"query_sample must be bfloat16 \[n, 32\]"):
+        GraphIndex.load(bad)
+
+
 def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="metrics"):
         GraphIndex(8, "kl")

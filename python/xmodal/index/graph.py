@@ -43,6 +43,9 @@ _PROJECT_NEIGHBOURS = 100
 # projection step re-links from (a hub's candidates are those of its queries in one step: 52 MB of lists)
 _SEARCH_CHUNK = 1024
 _PROJECT_QUERIES = 65536
+# the sample queries an index keeps (bf16: 16 MiB at D = 128), to re-link around them when remove() builds
+# the graph afresh
+_KEPT_QUERIES = 65536
 
 
 # what graph_plan weighs, in nanoseconds per row (measured on 2 cores of an AMD EPYC Zen 4, 200,000 x 128; only
@@ -95,9 +98,11 @@ class GraphIndex(FlatIndex):
     neighbours as candidates (FreshDiskANN's consolidation), and the rows are renumbered; nothing is left
     behind as a tombstone. Repairs lose a little recall each, so once the rows removed since the graph was
     built pass a tenth of the rows, ``remove`` links the kept rows afresh instead (the time of a build; a
-    service replacing rows pays it once for every tenth of the rows replaced). A repair keeps only some of
-    the cross-modal edges of an earlier ``queries`` sample and a fresh build none: pass the sample again
-    (``add`` of no rows with ``queries=`` re-links alone).
+    service replacing rows pays it once for every tenth of the rows replaced). The index keeps the last
+    ``queries`` sample (bfloat16, up to 65,536 of its queries, saved in its file: 256 bytes a query at D = 128)
+    and a fresh build re-links around it again, at the cost of the sample's exact search; a repair keeps the
+    cross-modal edges that do not point at removed rows. ``add`` of no rows with ``queries=`` re-links alone
+    (and keeps that sample instead).
 
     Rows are float32 or bfloat16 (``dtype``), on the CPU; metrics :data:`GRAPH_METRICS` (cosine rows are
     stored unit-normalised). Memory: the rows, 4 bytes per neighbour slot (``degree``), 4 for each row's
@@ -123,6 +128,7 @@ class GraphIndex(FlatIndex):
         self.alpha = float(alpha)
         self._entry = 0
         self._removed_since_build = 0  # rows removed by repair since the graph was last built
+        self._sample: Optional[Tensor] = None  # the last add's query sample (bf16), for a fresh build's re-linking
         # _graph_columns' views and the (row count, columns dict) they belong to
         self._views: Optional[Tuple[Tensor, Tensor, Tensor]] = None
         self._views_of: Optional[tuple] = None
@@ -183,8 +189,12 @@ class GraphIndex(FlatIndex):
             sample, _, _ = as_rows(queries, self.dim, "queries")
             self._check_rows(sample, "queries")
         new_ids = super().add(vectors, ids)
-        if sample is not None and sample.shape[0] and len(self) > 1:
-            self._project(self._prepare(sample))
+        if sample is not None and sample.shape[0]:
+            prepared = self._prepare(sample)
+            if len(self) > 1:
+                self._project(prepared)
+            step = -(-prepared.shape[0] // _KEPT_QUERIES)  # (every step-th query, at most _KEPT_QUERIES)
+            self._sample = prepared[::step].to(torch.bfloat16).contiguous()
         return new_ids
 
     def _project(self, sample: Tensor) -> None:
@@ -214,12 +224,15 @@ class GraphIndex(FlatIndex):
         else:
             graph.fill_(-1)
             torch.ops.xmodal.graph_insert(vectors, norms, graph, 0, self._entry, self.build_ef, self.alpha)
+            if self._sample is not None and self._size > 1:  # (the cross-modal edges, re-linked)
+                self._project(self._sample.float())
             self._removed_since_build = 0
 
     def _clear(self) -> None:
         super()._clear()
         self._views_of = self._views = None
         self._entry = 0
+        self._sample = None
         self._removed_since_build = 0
 
     # -- search
@@ -299,6 +312,13 @@ class GraphIndex(FlatIndex):
         return {**super()._metadata(), "degree": self.degree, "build_ef": self.build_ef, "ef": self.ef,
                 "alpha": self.alpha, "entry": self._entry, "removed_since_build": self._removed_since_build}
 
+    def _tensors(self) -> dict:
+        return {**super()._tensors(), **({} if self._sample is None else {"query_sample": self._sample})}
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + (0 if self._sample is None else self._sample.nbytes)
+
     @classmethod
     def _from_metadata(cls, meta: dict, device) -> "GraphIndex":
         return cls(int(meta["dim"]), meta["metric"], degree=int(meta["degree"]), build_ef=int(meta["build_ef"]),
@@ -320,3 +340,9 @@ class GraphIndex(FlatIndex):
             raise self._invalid(path, f"removed_since_build must not be negative, got {removed}")
         self._entry = entry
         self._removed_since_build = removed
+        sample = tensors.get("query_sample")  # (absent from files written before indexes kept it)
+        width = self._cols()["vectors"].shape[1]
+        if sample is not None and (sample.dim() != 2 or sample.shape[1] != width or sample.dtype != torch.bfloat16):
+            raise self._invalid(path, f"query_sample must be bfloat16 [n, {width}], got {sample.dtype} "
+                                      f"{list(sample.shape)}")
+        self._sample = sample
