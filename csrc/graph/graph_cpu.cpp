@@ -27,11 +27,6 @@ using graph::Scratch;
 // 256 0.993 / 29k; on a two-cone set 64 kept recall and raised queries/s by a quarter.
 constexpr int64_t kPivots = 64;
 
-ScanIsa cpu_isa() {
-  static const ScanIsa isa = scan_isa_for(device_facts(at::Device(at::kCPU)).cpu);
-  return isa;
-}
-
 // Checks shared by the ops: rows float32 or bfloat16 [N, D] with unit stride in a row, norms float32 [N],
 // graph int32 [N, R] contiguous, all on the CPU.
 void check_graph(const at::Tensor& vectors, const at::Tensor& norms, const at::Tensor& graph) {
@@ -55,7 +50,7 @@ void check_graph(const at::Tensor& vectors, const at::Tensor& norms, const at::T
 template <typename T>
 Rows<T> rows_of(const at::Tensor& vectors, const at::Tensor& norms) {
   return {vectors.data_ptr<T>(), vectors.size(0) ? vectors.stride(0) : 0, vectors.size(1), vectors.size(0),
-          norms.data_ptr<float>(), cpu_isa()};
+          norms.data_ptr<float>(), cpu_scan_isa()};
 }
 
 // Writes to out[0..R) x's neighbours pruned from the rows `ids` (no repeats, not x): what insertion, re-pruning

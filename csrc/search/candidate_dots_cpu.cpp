@@ -19,7 +19,7 @@ namespace {
 template <typename T>
 void dots_of_candidates(const float* q, int64_t Q, int64_t D, const T* x, int64_t ld, const int64_t* cand, int64_t W,
                         float* out) {
-  static const ScanIsa isa = scan_isa_for(device_facts(at::Device(at::kCPU)).cpu);
+  const ScanIsa isa = cpu_scan_isa();
   constexpr int64_t kBlock = 256;  // queries an item takes
   const double ns = double(Q) * double(W) * double(D) * 0.5;  // ~0.5 ns a gathered element
   parallel_take((Q + kBlock - 1) / kBlock, threads_for_ns(ns), [&] {

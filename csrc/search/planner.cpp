@@ -262,6 +262,11 @@ ScanIsa scan_isa_for(CpuKind cpu) {
   }
 }
 
+ScanIsa cpu_scan_isa() {
+  static const ScanIsa isa = scan_isa_for(device_facts(at::Device(at::kCPU)).cpu);
+  return isa;
+}
+
 CodesPlan plan_codes_search(const DeviceFacts& dev, int64_t Q, int64_t D, int64_t bytes_per_row, bool binary) {
   CodesPlan plan;
   const ScanIsa isa = scan_isa_for(dev.cpu);

@@ -42,6 +42,10 @@ struct DeviceFacts {
 // The scan's instructions for a CPU kind (ScanIsa::Avx512Bf16 where the CPU multiplies bf16 natively).
 ScanIsa scan_isa_for(CpuKind cpu);
 
+// scan_isa_for this process's CPU, decided once: the instructions of kernels the planner does not plan (the
+// graph walk, candidate_dots).
+ScanIsa cpu_scan_isa();
+
 // This process's facts for a device (the CPU's kind honours ATEN_CPU_CAPABILITY, as ATen's own kernels do).
 DeviceFacts device_facts(const at::Device& device);
 
