@@ -21,6 +21,7 @@
 #include "common/parallel.h"
 #include "search/codes_cpu.h"
 #include "search/planner.h"
+#include "search/search_cpu.h"
 #include "search/tiled_topk.h"
 #include "search/topk_common.h"
 #include "search/topk_select.h"
@@ -140,6 +141,8 @@ void code_keys(const at::Tensor& vectors, const float* qrows, const Int16Queries
   const auto* xp = reinterpret_cast<const uint64_t*>(vectors.data_ptr<uint8_t>());
   for (int64_t i = 0; i < np; ++i) hamming_keys(plan.vpopcnt, qbits + i * words, xp + r0 * words, nr, words, keys + i * nr);
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const at::Tensor& vectors,
                                                const at::Tensor& list_offsets, const at::Tensor& probes, int64_t k,
@@ -335,7 +338,6 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
   return {values.to(vectors.scalar_type()), indices};
 }
 
-}  // namespace
 
 TORCH_LIBRARY_IMPL(xmodal, CPU, m) { m.impl("ivf_scan", &ivf_scan_cpu); }
 

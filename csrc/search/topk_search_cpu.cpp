@@ -7,6 +7,7 @@
 #include "common/parallel.h"
 #include "search/cpu_scan.h"
 #include "search/planner.h"
+#include "search/search_cpu.h"
 #include "search/topk_common.h"
 #include "search/tiled_topk.h"
 #include "search/topk_select.h"
@@ -321,6 +322,8 @@ std::tuple<at::Tensor, at::Tensor> search_cpu(const SearchArgs& args, const Plan
   return finish_results(args, values.to(args.queries.scalar_type()), indices);
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> topk_search_cpu(const at::Tensor& queries, const at::Tensor& database, int64_t k,
                                                    c10::string_view metric, const std::optional<at::Tensor>& mask,
                                                    bool /*tf32: the CPU has no TF32; fp32 stays exact*/,
@@ -338,7 +341,6 @@ std::tuple<at::Tensor, at::Tensor> topk_search_cpu(const at::Tensor& queries, co
                                          [&] { return search_cpu<scalar_t>(args, plan); });
 }
 
-}  // namespace
 
 TORCH_LIBRARY_IMPL(xmodal, CPU, m) {
   m.impl("topk_search", &topk_search_cpu);

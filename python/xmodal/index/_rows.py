@@ -3,6 +3,7 @@
 so that none of them imports another for these."""
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
@@ -16,13 +17,13 @@ ADD_CHUNK_ROWS = 65536
 
 def non_finite_rows(rows: Tensor) -> Tensor:
     """The positions (int64, ascending, on the CPU) of the rows of ``rows`` holding NaN or inf, a chunk at a
-    time. A NaN or inf shows in a chunk's least or greatest value: one vectorised pass finds that there is none
-    (``torch.isfinite`` over the chunk is ~30x slower on the CPU); only a chunk that has one is looked at row by
-    row."""
+    time. A NaN or inf makes a chunk's sum NaN or inf: one vectorised op finds that there is none (2 us for one
+    query, where aminmax and isfinite took 14; ``torch.isfinite`` over a large chunk is ~30x slower); only a
+    chunk whose sum is not finite (a NaN or inf, or finite values too large to sum) is looked at row by row."""
     found = []
     for start in range(0, rows.shape[0], ADD_CHUNK_ROWS):
         chunk = rows[start: start + ADD_CHUNK_ROWS]
-        if chunk.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(chunk))).all()):
+        if chunk.numel() == 0 or math.isfinite(float(chunk.sum())):
             continue
         found.append(start + torch.nonzero(~torch.isfinite(chunk).all(1)).flatten().cpu())
     return torch.cat(found) if found else torch.empty(0, dtype=torch.int64)

@@ -65,6 +65,7 @@ class InvertedLists:
         self.capacities = torch.zeros(self.nlist, dtype=torch.int64)
         self.end = 0  # slots handed out to lists (in use or left behind)
         self.count = 0
+        self._ranges = None  # (starts, sizes, their versions, ranges())
 
     def __len__(self) -> int:
         return self.count
@@ -79,8 +80,13 @@ class InvertedLists:
         return sum(t.nbytes for t in self.data.values()) + self.ids.nbytes
 
     def ranges(self) -> Tensor:
-        """``[nlist, 2]`` (begin, end) slot of each list: the scan op's list layout."""
-        return torch.stack([self.starts, self.starts + self.sizes], dim=1)
+        """``[nlist, 2]`` (begin, end) slot of each list: the scan op's list layout. Kept while ``starts`` and
+        ``sizes`` stay the same tensors, unchanged in place (their versions): two ops, 7 us of a 130 us query."""
+        made = (self.starts, self.sizes, self.starts._version, self.sizes._version)
+        held = self._ranges
+        if held is None or held[0] is not made[0] or held[1] is not made[1] or held[2:4] != made[2:]:
+            held = self._ranges = made + (torch.stack([self.starts, self.starts + self.sizes], dim=1),)
+        return held[4]
 
     def lists(self) -> Tensor:
         """The list of each row, in list order (CPU)."""

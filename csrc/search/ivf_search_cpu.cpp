@@ -1,0 +1,72 @@
+// IVF search of int8 codes in one call (search_cpu.h): the composition IVFIndex makes of topk_search,
+// the codec's query terms, ivf_scan and the metric's values, made here in C++.
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "common/checks.h"
+#include "search/search_cpu.h"
+
+namespace xmodal {
+
+std::tuple<at::Tensor, at::Tensor> ivf_int8_search_cpu(
+    const at::Tensor& queries, const at::Tensor& centroids, int64_t nprobe, const std::optional<at::Tensor>& probes,
+    const at::Tensor& list_ranges,
+    const at::Tensor& codes, const at::Tensor& groups, const std::optional<at::Tensor>& row_terms,
+    const at::Tensor& scale, const at::Tensor& bases, int64_t k, const std::string& metric,
+    const std::optional<at::Tensor>& mask) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const bool l2 = metric == "l2" || metric == "sqeuclidean";
+  const bool unit = metric == "cosine" || metric == "cosine_distance";
+  TORCH_CHECK(l2 || unit || metric == "ip",
+              "metric must be one of 'ip', 'cosine', 'cosine_distance', 'l2', 'sqeuclidean', got '", metric, "'");
+  TORCH_CHECK(nprobe > 0, "nprobe must be positive, got ", nprobe);
+  TORCH_CHECK(l2 || unit ? row_terms.has_value() : !row_terms.has_value(), "row_terms must be given for metric '",
+              metric, "' ", l2 || unit ? "(|row| terms of the l2 and cosine metrics)" : "only with l2 or cosine metrics");
+  check_dim(queries, 2, "queries", "[Q, D]");
+  check_dim(centroids, 2, "centroids", "[nlist, D]");
+  TORCH_CHECK(queries.scalar_type() == at::kFloat && centroids.scalar_type() == at::kFloat &&
+                  scale.scalar_type() == at::kFloat && bases.scalar_type() == at::kFloat,
+              "queries, centroids, scale and bases must be float32, got ", queries.scalar_type(), ", ",
+              centroids.scalar_type(), ", ", scale.scalar_type(), " and ", bases.scalar_type());
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == queries.size(1) && bases.dim() == 2 &&
+                  bases.size(1) == queries.size(1),
+              "scale must be [D] and bases [G, D] with D = ", queries.size(1), ", got shapes ", scale.sizes(), " and ",
+              bases.sizes());
+  const float two = l2 ? 2.0f : 1.0f;
+  const at::Tensor probed =
+      probes ? *probes
+             : std::get<1>(topk_search_cpu(queries, centroids, std::min(nprobe, centroids.size(0)), l2 ? "l2" : "ip",
+                                           std::nullopt, false, "auto"));
+  // q . decoded row = (q * scale) . code + q . bases[group]: the second a bias per query and group; l2 ranks
+  // by 2 q . x - |x|^2 and adds |q|^2 back below
+  const at::Tensor scaled = (queries * (scale * two)).contiguous();
+  const at::Tensor bias = at::mm(queries, bases.t()) * two;
+  auto [keys, slots] = ivf_scan_cpu(scaled, codes, list_ranges, probed, k, "ip", mask, bias,
+                                    unit ? row_terms : std::nullopt, l2 ? row_terms : std::nullopt, groups);
+  const int64_t Q = keys.size(0), width = keys.size(1);
+  const at::Tensor query_sq = l2 ? queries.square().sum(1) : at::Tensor();
+  float* v = keys.data_ptr<float>();
+  const int64_t* s = slots.data_ptr<int64_t>();
+  const bool root = metric == "l2", cosine_distance = metric == "cosine_distance";
+  const float pad = l2 || cosine_distance ? std::numeric_limits<float>::infinity()
+                                          : -std::numeric_limits<float>::infinity();
+  for (int64_t q = 0; q < Q; ++q) {
+    const float qq = l2 ? query_sq.data_ptr<float>()[q] : 0.0f;
+    for (int64_t j = q * width; j < (q + 1) * width; ++j) {
+      if (s[j] < 0) {
+        v[j] = pad;
+      } else if (l2) {
+        const float sq = std::max(qq - v[j], 0.0f);
+        v[j] = root ? std::sqrt(sq) : sq;
+      } else if (cosine_distance) {
+        v[j] = std::sqrt(std::max(2.0f * (1.0f - v[j]), 0.0f));
+      }
+    }
+  }
+  return {keys, slots};
+}
+
+}  // namespace xmodal
