@@ -137,11 +137,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(graph/graph_search.h): GraphIndex's searches", pybind11::arg("queries"), pybind11::arg("vectors"),
         pybind11::arg("norms"), pybind11::arg("graph"), pybind11::arg("entry"), pybind11::arg("k"), pybind11::arg("ef"),
         pybind11::arg("metric"), pybind11::arg("mask"), pybind11::arg("ids"));
-  m.def("ivf_int8_search", &xmodal::ivf_int8_search_cpu, "One IVF search of int8 codes on the CPU (search/search_cpu.h): "
-        "IVFIndex's searches", pybind11::arg("queries"), pybind11::arg("centroids"), pybind11::arg("nprobe"),
-        pybind11::arg("probes"), pybind11::arg("list_ranges"), pybind11::arg("codes"), pybind11::arg("groups"),
-        pybind11::arg("row_terms"), pybind11::arg("scale"), pybind11::arg("bases"), pybind11::arg("k"),
-        pybind11::arg("metric"), pybind11::arg("mask"));
+  m.def("ivf_search", &xmodal::ivf_search_cpu, "One IVF search on the CPU (search/search_cpu.h): IVFIndex's "
+        "searches of float rows and int8 codes", pybind11::arg("queries"), pybind11::arg("centroids"),
+        pybind11::arg("nprobe"), pybind11::arg("probes"), pybind11::arg("list_ranges"), pybind11::arg("rows"),
+        pybind11::arg("groups"), pybind11::arg("row_terms"), pybind11::arg("scale"), pybind11::arg("bases"),
+        pybind11::arg("k"), pybind11::arg("metric"), pybind11::arg("mask"));
   m.def("xmodal_threads", &xmodal::xmodal_threads, "The threads xmodal's parallel CPU work may use on this thread");
   m.def("get_settings", &xmodal::get_settings, "Every tuning setting's current value, by name");
   m.def("set_setting", &xmodal::set_setting, "Set one tuning setting (checked)");

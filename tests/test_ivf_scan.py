@@ -276,8 +276,8 @@ def test_row_groups_are_checked_on_the_probed_lists_rows_only():
         plain_ivf_scan(queries, rows.float(), ranges, probes, 3, "ip", query_bias=bias, row_group=groups)
 
 
-def _composed_int8_search(index, queries, k, nprobe, mask):
-    """IVFIndex's int8 search composed from the ops in Python: the path of devices other than the CPU."""
+def _composed_search(index, queries, k, nprobe, mask):
+    """IVFIndex's search composed from the ops in Python: the path of devices other than the CPU."""
     from xmodal.index.codecs import ListScan
 
     q = index._prepare(queries)
@@ -290,35 +290,39 @@ def _composed_int8_search(index, queries, k, nprobe, mask):
 
 
 @pytest.mark.parametrize("metric", ["ip", "cosine", "cosine_distance", "l2", "sqeuclidean"])
+@pytest.mark.parametrize("rows", ["int8", "float32", "bfloat16", "float64"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_int8_search_in_one_call_matches_the_composed_ops(metric, masked):
-    """The CPU's one-call IVF int8 search (xmodal._C.ivf_int8_search) answers as the composed ops, bit for bit
-    (square roots to the last bit: torch.sqrt's vectorised one can be one unit off the correctly rounded one):
-    one query and many, k past the probed rows, nprobe past nlist, lists with gaps and an empty one."""
+def test_search_in_one_call_matches_the_composed_ops(metric, rows, masked):
+    """The CPU's one-call IVF search (xmodal._C.ivf_search) answers as the composed ops, bit for bit (square
+    roots to the last bit: torch.sqrt's vectorised one can be one unit off the correctly rounded one): int8
+    codes and float rows, one query and many, k past the probed rows, nprobe past nlist, lists with gaps and an
+    empty one."""
     import xmodal
 
     g = torch.Generator().manual_seed(3)
-    rows = torch.randn(3000, 24, generator=g) + 2 * torch.randn(6, 24, generator=g).repeat(500, 1)
-    index = xmodal.IVFIndex(24, 12, metric, codec="int8", nprobe=3)
-    index.train(rows)
-    index.add(rows)
+    data = torch.randn(3000, 24, generator=g) + 2 * torch.randn(6, 24, generator=g).repeat(500, 1)
+    codec, dtype = (rows, torch.float32) if rows == "int8" else (None, getattr(torch, rows))
+    index = xmodal.IVFIndex(24, 12, metric, codec=codec, nprobe=3, dtype=dtype)
+    index.train(data)
+    index.add(data)
     index.remove(torch.arange(0, 3000, 7))  # gaps between the lists' kept rows
     index.remove(index.ids[index._lists.lists() == 5])  # an empty list
-    index.add(rows[:50] + 0.01)  # appended after the removal
+    index.add(data[:50] + 0.01)  # appended after the removal
     mask = torch.rand(len(index), generator=g) < 0.3 if masked else None
-    queries = torch.randn(17, 24, generator=g) + rows[:17]
+    queries = torch.randn(17, 24, generator=g) + data[:17]
     for q, k, nprobe in ((queries[:1], 10, 1), (queries, 10, 3), (queries, 800, 2), (queries[:3], 5, 40)):
         values, slots = index._search_rows(q, k, mask, nprobe=nprobe)
-        want_values, want_slots = _composed_int8_search(index, q, k, nprobe, mask)
-        assert torch.equal(slots, want_slots)
+        want_values, want_slots = _composed_search(index, q, k, nprobe, mask)
+        assert torch.equal(slots, want_slots) and values.dtype == want_values.dtype
         if metric in ("l2", "cosine_distance"):
-            torch.testing.assert_close(values, want_values, rtol=1.2e-7, atol=0)
+            torch.testing.assert_close(values, want_values, rtol=1.2e-7 if values.dtype != torch.bfloat16 else 8e-3,
+                                       atol=0)
         else:
             assert torch.equal(values, want_values), (values - want_values).abs().max()
         assert (slots == -1).any() == (k == 800)  # k = 800 over 2 of 12 lists: padded
 
 
-def test_int8_search_in_one_call_errors():
+def test_search_in_one_call_errors():
     from xmodal import _C
 
     q, cents, ranges = torch.randn(1, 8), torch.randn(4, 8), torch.tensor([[0, 2], [2, 4], [4, 6], [6, 8]])
@@ -326,19 +330,26 @@ def test_int8_search_in_one_call_errors():
     scale, bases = torch.ones(8), torch.zeros(1, 8)
 
     def call(**changes):
-        args = dict(queries=q, centroids=cents, nprobe=2, probes=None, list_ranges=ranges, codes=codes,
+        args = dict(queries=q, centroids=cents, nprobe=2, probes=None, list_ranges=ranges, rows=codes,
                     groups=groups, row_terms=None, scale=scale, bases=bases, k=3, metric="ip", mask=None)
-        return _C.ivf_int8_search(**{**args, **changes})
+        return _C.ivf_search(**{**args, **changes})
 
     assert call()[1].shape == (1, 3)
+    assert call(rows=torch.randn(8, 8), groups=None, scale=None, bases=None)[1].shape == (1, 3)
     for changes, match in (({"metric": "kl"}, "metric must be one of 'ip', 'cosine'.*got 'kl'"),
                            ({"nprobe": 0}, "nprobe must be positive, got 0"),
                            ({"metric": "l2"}, "row_terms must be given for metric 'l2'"),
                            ({"row_terms": torch.ones(8)}, "row_terms must be given .* only with l2 or cosine"),
-                           ({"queries": q.double()}, "queries, centroids, scale and bases must be float32, got Double"),
+                           ({"queries": q.int()}, "queries must be float32, float64, float16 or bfloat16, got Int"),
+                           ({"centroids": cents.double()}, "centroids must be float32, got Double"),
                            ({"scale": torch.ones(7)}, r"scale must be \[D\] and bases \[G, D\] with D = 8"),
+                           ({"scale": None}, "groups, scale and bases must be given with int8 rows"),
+                           ({"rows": torch.randn(8, 8)}, "groups, scale and bases must be given with int8 rows .* "
+                                                         "and only then, got rows of Float"),
                            ({"queries": torch.randn(8)}, r"queries must be 2-D \[Q, D\]"),
                            ({"probes": torch.tensor([[0, 9]])}, r"probes must hold list ids in \[0, 4\) or -1, got 9"),
                            ({"groups": torch.full((8,), 3, dtype=torch.uint8)}, "row_group values must be below G = 1")):
         with pytest.raises(RuntimeError, match=match):
             call(**changes)
+    with pytest.raises(RuntimeError, match="row_terms apply to int8 rows"):
+        call(rows=torch.randn(8, 8), groups=None, scale=None, bases=None, metric="l2", row_terms=torch.ones(8))

@@ -21,20 +21,22 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_cpu(const at::Tensor& queries, const
                                                const std::optional<at::Tensor>& row_bias,
                                                const std::optional<at::Tensor>& row_group);
 
-// One search of an IVF index of int8 codes (IVFIndex, codec "int8") in one call: the nprobe nearest
-// `centroids` (topk_search; "l2" for the l2 metrics, else "ip"), the codec's query terms (codes decode as
-// bases[groups] + scale * code; bases = centres + offset), ivf_scan over the probed `list_ranges` ([nlist, 2]
-// slots), and the `metric`'s values from the scan's keys, as index/codecs.py's Int8Codes composes them from
-// Python: the same answers bit for bit, without the ~15 small ops' per-call cost (about half of a one-query
-// search at 1M rows). queries: float32 [Q, D], prepared as the index stores rows (unit rows for cosine);
-// probes: the lists to scan ([Q, nprobe] list ids, -1 none) where the caller chose them (a memory-mapped index
-// checks them before they are read), else found here; row_terms: 1 / |row| for cosine, -|row|^2 for l2,
-// absent for ip; mask: one per slot. Returns values [Q, k] and slots [Q, k] (-1: none).
-std::tuple<at::Tensor, at::Tensor> ivf_int8_search_cpu(
+// One search of an IVF index (IVFIndex) on the CPU in one call: the nprobe nearest `centroids` (topk_search;
+// "l2" for the l2 metrics, else "ip"), ivf_scan over the probed `list_ranges` ([nlist, 2] slots) and the
+// `metric`'s values, as index/ivf.py and index/codecs.py compose them from Python: the same answers (square
+// roots correctly rounded), without the per-call cost of a dozen small ops (about half of a one-query search
+// at 1M rows). `rows`: float rows in the index's dtype, or int8 codes with their `groups` (uint8), `scale`
+// and `bases` (a code decodes as bases[group] + scale * code; bases = centres + offset) and `row_terms`
+// (1 / |row| for cosine, -|row|^2 for l2, absent for ip). queries: [Q, D], prepared as the index stores rows
+// (unit rows for cosine); float32 against the centroids and codes, in the rows' dtype against rows. probes:
+// the lists to scan ([Q, nprobe] list ids, -1 none) where the caller chose them (a memory-mapped index checks
+// them before they are read), else found here. mask: one per slot. Returns values [Q, k] and slots [Q, k]
+// (-1: none).
+std::tuple<at::Tensor, at::Tensor> ivf_search_cpu(
     const at::Tensor& queries, const at::Tensor& centroids, int64_t nprobe, const std::optional<at::Tensor>& probes,
-    const at::Tensor& list_ranges,
-    const at::Tensor& codes, const at::Tensor& groups, const std::optional<at::Tensor>& row_terms,
-    const at::Tensor& scale, const at::Tensor& bases, int64_t k, const std::string& metric,
+    const at::Tensor& list_ranges, const at::Tensor& rows, const std::optional<at::Tensor>& groups,
+    const std::optional<at::Tensor>& row_terms, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& bases, int64_t k, const std::string& metric,
     const std::optional<at::Tensor>& mask);
 
 }  // namespace xmodal

@@ -191,10 +191,12 @@ class IVFIndex(Index):
             slot_mask = torch.zeros(self._lists.slots, dtype=torch.bool, device=self.device)
             slot_mask[self._lists.positions().to(self.device)] = mask
         codec, cols = self._encoding.codec, self._lists.data
-        if codec.name == "int8" and self.device.type == "cpu":  # what the lines below compose, in one C++ call
-            return _C.ivf_int8_search(q.float(), self.centroids, nprobe, probes, self._lists.ranges(), cols["codes"],
-                                      cols["groups"], cols.get("row_terms"), codec.scale, codec.bases(), k,
-                                      self.metric, slot_mask)
+        if codec.name in (None, "int8") and self.device.type == "cpu":  # the lines below in one C++ call
+            int8 = codec.name == "int8"
+            return _C.ivf_search(q, self.centroids, nprobe, probes, self._lists.ranges(),
+                                 cols["codes" if int8 else "vectors"], cols.get("groups"), cols.get("row_terms"),
+                                 codec.scale if int8 else None, codec.bases() if int8 else None, k, self.metric,
+                                 slot_mask)
         if probes is None:
             probes = self._probes(q, nprobe)
         return codec.search(ListScan(self._lists.ranges(), probes), q, cols, k, slot_mask, rescore=rescore)
