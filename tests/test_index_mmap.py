@@ -77,6 +77,26 @@ def test_an_ivf_search_checks_only_the_lists_it_reads(tmp_path, small_blocks):
     assert unchecked() == 0
 
 
+def test_an_ivf_search_checks_each_list_once(tmp_path, small_blocks, monkeypatch):
+    """A list's rows and ids are checked the first time a search probes it, never again; once every block is
+    checked the index owes nothing (and searches take the unchecked path)."""
+    x = _data(40000)
+    index = _ivf(x, nlist=64)
+    index.save(tmp_path / "index.xm")
+    m = IVFIndex.load(tmp_path / "index.xm", mmap=True)
+    read = []
+    check_rows = mapped.MappedFile.check_rows
+    monkeypatch.setattr(mapped.MappedFile, "check_rows",
+                        lambda self, name, begins, ends: read.append(name) or check_rows(self, name, begins, ends))
+    want = index.search(x[:20], 5, nprobe=2)
+    assert torch.equal(m.search(x[:20], 5, nprobe=2)[1], want[1])
+    assert sorted(read) == ["codes", "groups", "ids", "row_terms"]  # (cosine: each row's 1 / |row|)
+    assert torch.equal(m.search(x[:20], 5, nprobe=2)[1], want[1]) and len(read) == 4  # the same lists: no checks
+    m.search(x[20:40], 5, nprobe=64)
+    assert m._mapped is None and len(read) == 8
+    assert torch.equal(m.search(x[:20], 5, nprobe=2)[1], want[1]) and len(read) == 8
+
+
 def _damage(path, tensor, offset_in_tensor, out):
     """A copy of the index file at ``path`` with one byte of ``tensor`` flipped."""
     data = bytearray(path.read_bytes())

@@ -303,11 +303,8 @@ class Index(abc.ABC):
                                  f"{int(bad[0])}")
         with _C.AtenOnThisThread():  # the tensor work around the ops starts no OpenMP threads (parallel.h)
             values, positions = self._search_rows(q.to(self.device), k, m, **options)
-        if self._mapped is not None:  # the ids of the answers
-            found = positions[positions >= 0].cpu()
-            self._mapped.check_rows("ids", found, found + 1)
-            if self._mapped.done:  # every block checked: later searches owe nothing
-                self._mapped = None
+        if self._mapped is not None:
+            self._check_answers(positions)
         if len(self) == 0:
             ids = torch.full_like(positions, -1)
         else:  # (take + fill: half the per-call cost of where() on a one-query search)
@@ -315,6 +312,13 @@ class Index(abc.ABC):
         if squeeze:
             values, ids = values[0], ids[0]
         return from_torch(values, kind), from_torch(ids, kind)
+
+    def _check_answers(self, positions: Tensor) -> None:
+        """Check the file blocks of the ids of a search's answers (``positions``) on a memory-mapped index."""
+        found = positions[positions >= 0].cpu()
+        self._mapped.check_rows("ids", found, found + 1)
+        if self._mapped.done:  # every block checked: later searches owe nothing
+            self._mapped = None
 
     # -- persistence
     def _metadata(self) -> dict:
