@@ -44,6 +44,27 @@ def test_flat_searches_same_on_one_and_two_threads(every_thread, q):
         assert_same(*on_threads(fn))
 
 
+@pytest.mark.parametrize("q", [1, 16])
+def test_later_parts_skip_what_earlier_parts_beat_and_keep_ties(every_thread, q):
+    """With 8 parts on 2 threads, a part that starts after others takes only keys at or above their k-th best
+    (tiled_topk.h); rows tied with it, in a later part or an earlier one, are answered as on one thread (the
+    smaller index first): rows of 5 patterns, so every key is tied thousands of times."""
+    from xmodal import reference
+
+    g = torch.Generator().manual_seed(4)
+    n = 40_000
+    which = torch.randint(0, 5, (n,), generator=g)
+    bits = torch.randint(0, 256, (5, 16), dtype=torch.uint8, generator=g)[which]
+    codes = torch.randint(-127, 128, (5, 24), dtype=torch.int8, generator=g)[which]
+    qbits = torch.randint(0, 256, (q, 16), dtype=torch.uint8, generator=g)
+    queries = torch.randn(q, 24, generator=g)
+    one, two = on_threads(lambda: torch.ops.xmodal.topk_hamming(qbits, bits, 20))
+    assert_same(one, two)
+    want = reference.topk_from_scores(reference.hamming(qbits, bits).double(), 20, "l2")
+    assert torch.equal(two[1], want[1]) and torch.equal(two[0].double(), want[0])
+    assert_same(*on_threads(lambda: torch.ops.xmodal.topk_int8(queries, codes, 20)))
+
+
 @pytest.mark.parametrize("codes", ["float", "int8", "bits"])
 @pytest.mark.parametrize("q", [1, 29])
 def test_ivf_scan_same_on_one_and_two_threads(every_thread, codes, q):

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
 #include <vector>
 
@@ -85,9 +86,20 @@ void tiled_topk(int64_t Q, int64_t N, int64_t k, int64_t tile_rows, int64_t quer
         };
       }, blas);
     } else {
-      // a part is scanned by one thread, into its own buffers
+      // A part is scanned by one thread, into its own buffers. Each query's k-th best key in a finished part
+      // bounds its answer from below (its floor), so a part starting later takes only keys at or above the
+      // best floor so far: its buffers skip the warm-up every part otherwise repeats (with 8 parts for 2
+      // threads, a 16-query Hamming scan spent 14% more CPU time than on one thread, which showed as that much
+      // more time when another process held the second core). Keys equal to a floor are kept, so the answer
+      // does not depend on which parts finished first.
+      std::vector<std::atomic<ord_t>> floors(size_t(s1 - s0));
+      for (auto& f : floors) f.store(kSkipOrd<ord_t>, std::memory_order_relaxed);
       parallel_take(parts, threads, [&] {
         return [&, score = make_scorer()](int64_t p) mutable {
+          for (int64_t i = 0; i < s1 - s0; ++i) {
+            const ord_t floor = floors[i].load(std::memory_order_relaxed);
+            if (floor != kSkipOrd<ord_t>) buffers[p * super_block + i].threshold = ord_t(floor - 1);
+          }
           const int64_t end = part_start(p + 1);
           for (int64_t n0 = part_start(p); n0 < end; n0 += tile_rows) {
             const int64_t nt = std::min(end, n0 + tile_rows) - n0;
@@ -96,6 +108,16 @@ void tiled_topk(int64_t Q, int64_t N, int64_t k, int64_t tile_rows, int64_t quer
               score(n0, nt, q0, qn, [&](int64_t i, const ord_t* keys) {
                 buffers[p * super_block + (q0 - s0 + i)].scan(keys, nt, n0, k, capacity);
               });
+            }
+          }
+          if (parts == 1) return;
+          for (int64_t i = 0; i < s1 - s0; ++i) {
+            TopKBuffer<ord_t>& b = buffers[p * super_block + i];
+            if (b.count < k) continue;
+            b.compact(k);  // the part's k best, its k-th best last (the merge wants no more of a part)
+            const ord_t kth = b.threshold;
+            for (ord_t f = floors[i].load(std::memory_order_relaxed);
+                 kth > f && !floors[i].compare_exchange_weak(f, kth, std::memory_order_relaxed);) {
             }
           }
         };
