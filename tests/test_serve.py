@@ -265,10 +265,14 @@ def test_health_ready_and_metrics(tmp_path):
         add(c, "v", [1, 2, 3], [[1, 0], [0, 1], [1, 1]])
         for _ in range(3):
             c.post("/collections/v/search", json={"vectors": [[1, 0]], "k": 2})
+        assert c.post("/collections/nope/search", json={"vectors": [[1, 0]], "k": 2}).status_code == 404
+        assert c.get("/no/such/route").status_code == 404
         text = c.get("/metrics").text
     assert 'xmodal_collection_vectors{collection="v"} 3.0' in text
     assert 'xmodal_requests_total{method="POST",route="/collections/{name}/search",status="200"} 3.0' in text
-    assert 'xmodal_request_seconds_count{route="/collections/{name}/search"} 3.0' in text
+    assert 'xmodal_requests_total{method="POST",route="/collections/{name}/search",status="404"} 1.0' in text
+    assert 'xmodal_requests_total{method="GET",route="unmatched",status="404"} 1.0' in text
+    assert 'xmodal_request_seconds_count{route="/collections/{name}/search"} 4.0' in text
     assert 'xmodal_search_batch_queries_count{collection="v"} 3.0' in text
 
 

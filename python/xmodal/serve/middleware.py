@@ -3,6 +3,7 @@ and the Prometheus metrics the app counts requests and search batches in."""
 from __future__ import annotations
 
 import hmac
+import time
 from typing import Optional
 
 from .requests import error
@@ -89,17 +90,35 @@ class Metrics:
         self.registry.register(_Vectors())
 
 
+class CountRequests:
+    """Counts every request by method, route and status, and times it by route. Plain ASGI: Starlette's
+    BaseHTTPMiddleware (what ``@app.middleware("http")`` makes) added 0.3-0.5 ms to every request, a quarter of
+    the service's own time for a one-query search on 2 cores. A request whose handler raises counts as 500,
+    the status the server answers it with."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")  # (the router sets it in this scope)
+            self.metrics.requests.labels(scope["method"], path, str(status)).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+
 def count_requests(app, metrics: Metrics) -> None:
     """Count every request of ``app`` (a FastAPI app) by method, route and status, and time it by route."""
-    import time
-
-    from fastapi import Request
-
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        path = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(CountRequests, metrics=metrics)
