@@ -349,3 +349,16 @@ def test_ids_must_be_non_negative_and_rows_finite(make):
     index.add(x, ids=list(range(100, 108)))
     scores, ids = index.search(x[:1], 10)  # k > N: the answer holds every row, then the padding
     assert sorted(ids[0, :8].tolist()) == list(range(100, 108)) and ids[0, 8:].tolist() == [-1, -1]
+
+
+def test_non_finite_rows_finds_nan_and_inf_in_every_dtype():
+    """The add and search checks' finder: a chunk's sum (least and greatest value for float16, whose sums
+    overflow) says whether to look row by row; finite rows too large to sum are not reported."""
+    from xmodal.index._rows import non_finite_rows
+
+    x = torch.randn(70_000, 8)
+    x[3, 1], x[69_999, 0] = float("nan"), float("-inf")  # one in each chunk of 65,536 rows
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        assert non_finite_rows(x.to(dtype)).tolist() == [3, 69_999], dtype
+    assert non_finite_rows(torch.full((1000, 64), 60000.0, dtype=torch.float16)).numel() == 0
+    assert non_finite_rows(torch.full((1000, 64), 3e38)).numel() == 0
