@@ -8,9 +8,16 @@
 
 #include "common/checks.h"
 #include "search/search_cpu.h"
+#include "search/topk_common.h"
 
 namespace xmodal {
 namespace {
+
+bool is_l2(Metric m) { return m == Metric::L2 || m == Metric::SqEuclidean; }
+bool is_unit(Metric m) { return m == Metric::Cosine || m == Metric::CosineDistance; }
+
+// sqrt(2 (1 - cos)), as index/_rows.py's cosine_to_distance
+float distance_of_cosine(float c) { return std::sqrt(std::max(2.0f * (1.0f - c), 0.0f)); }
 
 // int8 codes: the codec's query terms, the scan, and the metric's values from its keys (index/codecs.py,
 // Int8Codes.search)
@@ -18,9 +25,9 @@ std::tuple<at::Tensor, at::Tensor> int8_lists(const at::Tensor& queries, const a
                                               const at::Tensor& list_ranges, const at::Tensor& codes,
                                               const at::Tensor& groups, const std::optional<at::Tensor>& row_terms,
                                               const at::Tensor& scale, const at::Tensor& bases, int64_t k,
-                                              const std::string& metric, const std::optional<at::Tensor>& mask) {
-  const bool l2 = metric == "l2" || metric == "sqeuclidean";
-  const bool unit = metric == "cosine" || metric == "cosine_distance";
+                                              const std::string& metric, Metric m,
+                                              const std::optional<at::Tensor>& mask) {
+  const bool l2 = is_l2(m), unit = is_unit(m);
   TORCH_CHECK(l2 || unit ? row_terms.has_value() : !row_terms.has_value(), "row_terms must be given for metric '",
               metric, "' ", l2 || unit ? "(|row| terms of the l2 and cosine metrics)" : "only with l2 or cosine metrics");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && bases.scalar_type() == at::kFloat,
@@ -40,9 +47,9 @@ std::tuple<at::Tensor, at::Tensor> int8_lists(const at::Tensor& queries, const a
   const at::Tensor query_sq = l2 ? queries.square().sum(1) : at::Tensor();
   float* v = keys.data_ptr<float>();
   const int64_t* s = slots.data_ptr<int64_t>();
-  const bool root = metric == "l2", cosine_distance = metric == "cosine_distance";
-  const float pad = l2 || cosine_distance ? std::numeric_limits<float>::infinity()
-                                          : -std::numeric_limits<float>::infinity();
+  const bool root = m == Metric::L2, cosine_distance = m == Metric::CosineDistance;
+  const float pad = larger_is_better(m) ? -std::numeric_limits<float>::infinity()
+                                        : std::numeric_limits<float>::infinity();
   for (int64_t q = 0; q < Q; ++q) {
     const float qq = l2 ? query_sq.data_ptr<float>()[q] : 0.0f;
     for (int64_t j = q * width; j < (q + 1) * width; ++j) {
@@ -52,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> int8_lists(const at::Tensor& queries, const a
         const float sq = std::max(qq - v[j], 0.0f);
         v[j] = root ? std::sqrt(sq) : sq;
       } else if (cosine_distance) {
-        v[j] = std::sqrt(std::max(2.0f * (1.0f - v[j]), 0.0f));
+        v[j] = distance_of_cosine(v[j]);
       }
     }
   }
@@ -62,19 +69,19 @@ std::tuple<at::Tensor, at::Tensor> int8_lists(const at::Tensor& queries, const a
 // rows as they are (FloatRows.search): cosine as the inner product of unit rows, cosine distance from it
 std::tuple<at::Tensor, at::Tensor> float_lists(const at::Tensor& queries, const at::Tensor& probes,
                                                const at::Tensor& list_ranges, const at::Tensor& rows, int64_t k,
-                                               const std::string& metric, const std::optional<at::Tensor>& mask) {
-  const bool unit = metric == "cosine" || metric == "cosine_distance";
+                                               const std::string& metric, Metric m,
+                                               const std::optional<at::Tensor>& mask) {
   auto [values, slots] = ivf_scan_cpu(queries.to(rows.scalar_type()), rows, list_ranges, probes, k,
-                                      unit ? "ip" : metric, mask, std::nullopt, std::nullopt, std::nullopt,
+                                      is_unit(m) ? "ip" : metric, mask, std::nullopt, std::nullopt, std::nullopt,
                                       std::nullopt);
-  if (metric == "cosine_distance") {
+  if (m == Metric::CosineDistance) {
     const at::Tensor cos = values.to(at::kFloat);
     const float* c = cos.data_ptr<float>();
     at::Tensor dist = at::empty_like(cos);
     float* d = dist.data_ptr<float>();
     const int64_t* s = slots.data_ptr<int64_t>();
     for (int64_t j = 0; j < cos.numel(); ++j)
-      d[j] = s[j] < 0 ? std::numeric_limits<float>::infinity() : std::sqrt(std::max(2.0f * (1.0f - c[j]), 0.0f));
+      d[j] = s[j] < 0 ? std::numeric_limits<float>::infinity() : distance_of_cosine(c[j]);
     values = dist.to(values.scalar_type());
   }
   return {values, slots};
@@ -89,9 +96,8 @@ std::tuple<at::Tensor, at::Tensor> ivf_search_cpu(
     const std::optional<at::Tensor>& bases, int64_t k, const std::string& metric,
     const std::optional<at::Tensor>& mask) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const bool l2 = metric == "l2" || metric == "sqeuclidean";
-  TORCH_CHECK(l2 || metric == "ip" || metric == "cosine" || metric == "cosine_distance",
-              "metric must be one of 'ip', 'cosine', 'cosine_distance', 'l2', 'sqeuclidean', got '", metric, "'");
+  const Metric m = parse_metric(
+      metric, {Metric::IP, Metric::Cosine, Metric::CosineDistance, Metric::L2, Metric::SqEuclidean}, "ivf_search");
   TORCH_CHECK(nprobe > 0, "nprobe must be positive, got ", nprobe);
   check_dim(queries, 2, "queries", "[Q, D]");
   check_dim(centroids, 2, "centroids", "[nlist, D]");
@@ -103,11 +109,11 @@ std::tuple<at::Tensor, at::Tensor> ivf_search_cpu(
   const at::Tensor q = queries.to(at::kFloat);  // (the coarse search and the codes take float32 queries)
   const at::Tensor probed =
       probes ? *probes
-             : std::get<1>(topk_search_cpu(q, centroids, std::min(nprobe, centroids.size(0)), l2 ? "l2" : "ip",
-                                           std::nullopt, false, "auto"));
-  if (int8) return int8_lists(q, probed, list_ranges, rows, *groups, row_terms, *scale, *bases, k, metric, mask);
+             : std::get<1>(topk_search_cpu(q, centroids, std::min(nprobe, centroids.size(0)),
+                                           is_l2(m) ? "l2" : "ip", std::nullopt, false, "auto"));
+  if (int8) return int8_lists(q, probed, list_ranges, rows, *groups, row_terms, *scale, *bases, k, metric, m, mask);
   TORCH_CHECK(!row_terms, "row_terms apply to int8 rows (codes) only");
-  return float_lists(queries, probed, list_ranges, rows, k, metric, mask);
+  return float_lists(queries, probed, list_ranges, rows, k, metric, m, mask);
 }
 
 }  // namespace xmodal
