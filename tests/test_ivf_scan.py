@@ -281,12 +281,8 @@ def _composed_search(index, queries, k, nprobe, mask):
     from xmodal.index.codecs import ListScan
 
     q = index._prepare(queries)
-    slot_mask = None
-    if mask is not None:
-        slot_mask = torch.zeros(index._lists.slots, dtype=torch.bool)
-        slot_mask[index._lists.positions()] = mask
     scan = ListScan(index._lists.ranges(), index._probes(q, min(nprobe, index.nlist)))
-    return index._encoding.codec.search(scan, q, index._lists.data, k, slot_mask)
+    return index._encoding.codec.search(scan, q, index._lists.data, k, index._slot_mask(mask))
 
 
 @pytest.mark.parametrize("metric", ["ip", "cosine", "cosine_distance", "l2", "sqeuclidean"])

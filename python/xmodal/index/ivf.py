@@ -184,10 +184,7 @@ class IVFIndex(Index):
         if self._mapped is not None:  # check the lists this search reads before it reads them
             probes = self._probes(q, nprobe)
             self._check_lists(probes)
-        slot_mask = None
-        if mask is not None:  # masks follow list order; the scan wants one per buffer slot
-            slot_mask = torch.zeros(self._lists.slots, dtype=torch.bool, device=self.device)
-            slot_mask[self._lists.positions().to(self.device)] = mask
+        slot_mask = self._slot_mask(mask)
         codec, cols = self._encoding.codec, self._lists.data
         if codec.name in (None, "int8") and self.device.type == "cpu":  # the lines below in one C++ call
             int8 = codec.name == "int8"
@@ -198,6 +195,14 @@ class IVFIndex(Index):
         if probes is None:
             probes = self._probes(q, nprobe)
         return codec.search(ListScan(self._lists.ranges(), probes), q, cols, k, slot_mask, rescore=rescore)
+
+    def _slot_mask(self, mask: Optional[Tensor]) -> Optional[Tensor]:
+        """A mask over the rows (in list order) as the scan wants it: one per buffer slot."""
+        if mask is None:
+            return None
+        slot_mask = torch.zeros(self._lists.slots, dtype=torch.bool, device=self.device)
+        slot_mask[self._lists.positions().to(self.device)] = mask
+        return slot_mask
 
     def _check_lists(self, probes: Tensor) -> None:
         """Check the file blocks of the probed lists' rows and ids (in list order in the file) the first time a
